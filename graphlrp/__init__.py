@@ -1,0 +1,20 @@
+"""graphlrp: compile PyTorch ResNets into explicit, stateless LRP explainers (Otsuki et al., ECCV 2024)."""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .errors import (ExportError, GraphLRPError, ModelSpecError, PresetError, TraceError,  # noqa: F401
+                     UnsupportedOpError, WeightsError)
+
+
+def __getattr__(name):
+    # heavy imports (torch) only when the compiler is used; `graphlrp.load` needs onnxruntime only
+    if name in ("compile", "inspect", "Explainer"):
+        from . import compiler
+
+        return getattr(compiler, name)
+    if name == "load":
+        from .runtime import load
+
+        return load
+    raise AttributeError(name)

@@ -1,0 +1,29 @@
+"""Errors a user can act on. The command line prints these without a traceback."""
+
+
+class GraphLRPError(Exception):
+    """Base class: a problem with the user's model, preset, input or file, explained in the message."""
+
+
+class TraceError(GraphLRPError):
+    """torch.fx could not trace the model, or traced something graphlrp cannot explain."""
+
+
+class UnsupportedOpError(GraphLRPError):
+    """An op on the relevance path has no rule. The message names the node, the op and the source line."""
+
+
+class PresetError(GraphLRPError):
+    """A rule preset (TOML) is unknown or malformed. The message names the offending key."""
+
+
+class ModelSpecError(GraphLRPError):
+    """A model name or factory path could not be resolved."""
+
+
+class WeightsError(GraphLRPError):
+    """Weights could not be loaded (offline, missing file, mismatched keys)."""
+
+
+class ExportError(GraphLRPError):
+    """ONNX export failed its checker or its onnxruntime parity check."""

@@ -1,0 +1,182 @@
+"""Resolve a model spec (torchvision name, `timm:NAME`, `path/to/file.py:factory`) and its weights.
+
+Used by every command that takes MODEL. Nothing here downloads silently forever: a failed download is a
+`WeightsError` that points to `--weights none` / `--weights PATH`.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import ModelSpecError, WeightsError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class ModelInfo:
+    """What the explainer's metadata needs to know about the model besides its graph."""
+
+    name: str
+    input_size: tuple[int, int] = (224, 224)
+    channels: int = 3
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    resize: int | None = 256
+    labels: list[str] | None = None
+    weights: str = "none"
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def preprocessing(self) -> dict:
+        return {"resize": self.resize, "crop": list(self.input_size), "mean": list(self.mean), "std": list(self.std)}
+
+
+def _torchvision_model_names() -> list[str]:
+    import torchvision
+
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def _load_factory(spec: str):
+    path, _, factory = spec.rpartition(":")
+    file = Path(path)
+    if not file.is_file():
+        raise ModelSpecError(f"model file not found: {path}")
+    mod_name = f"graphlrp_user_model_{abs(hash(str(file.resolve())))}"
+    spec_obj = importlib.util.spec_from_file_location(mod_name, file)
+    module = importlib.util.module_from_spec(spec_obj)
+    sys.modules[mod_name] = module
+    try:
+        spec_obj.loader.exec_module(module)
+    except Exception as e:  # the user's file failed to import: say where
+        raise ModelSpecError(f"could not import {path}: {type(e).__name__}: {e}") from e
+    fn = getattr(module, factory, None)
+    if fn is None or not callable(fn):
+        raise ModelSpecError(f"{path} has no callable named {factory!r}")
+    return fn
+
+
+def state_dict_from_file(path: str | os.PathLike) -> dict:
+    """Read a state dict from .pt/.pth (weights_only) or .safetensors; unwrap `state_dict`/`model` and `module.`."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"weights file not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            sd = load_file(str(path))
+        else:
+            sd = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise WeightsError(f"could not read weights from {path}: {type(e).__name__}: {e}") from e
+    for key in ("state_dict", "model_state_dict", "model"):
+        if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
+            sd = sd[key]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise WeightsError(f"{path} does not hold a state dict of tensors")
+    if sd and all(k.startswith("module.") for k in sd):
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    return sd
+
+
+def load_state_dict_into(model: torch.nn.Module, path: str | os.PathLike) -> None:
+    sd = state_dict_from_file(path)
+    try:
+        model.load_state_dict(sd, strict=True)
+    except RuntimeError as e:
+        first = str(e).splitlines()
+        raise WeightsError(f"weights in {path} do not fit the model: {' '.join(first[:3])[:600]}") from e
+
+
+def _download_error(name: str, e: Exception) -> WeightsError:
+    return WeightsError(
+        f"could not get pretrained weights for {name} ({type(e).__name__}: {str(e)[:200]}). "
+        "With no network and nothing in the cache, use `--weights none` (random weights) "
+        "or `--weights PATH` (a local state dict)."
+    )
+
+
+def load_model(spec: str, weights: str = "DEFAULT") -> tuple[torch.nn.Module, ModelInfo]:
+    """Build the model named by `spec` in eval mode. weights: "DEFAULT" (pretrained), "none" or a file path."""
+    weights = weights or "none"
+    use_pretrained = weights.upper() == "DEFAULT"
+    use_file = not use_pretrained and weights.lower() != "none"
+    if ".py:" in spec or spec.endswith(".py"):
+        if ":" not in spec or spec.endswith(".py"):
+            raise ModelSpecError(f"give the factory function too: {spec}:FACTORY")
+        model = _load_factory(spec)()
+        info = ModelInfo(name=spec)
+        if use_pretrained:
+            if not use_file:
+                # a user's own model has no pretrained registry; its factory decides its weights
+                pass
+        shape = getattr(model, "input_size", None)
+        if shape:
+            info.input_size = tuple(shape)[-2:]
+        for attr in ("mean", "std"):
+            if hasattr(model, attr):
+                setattr(info, attr, tuple(float(v) for v in torch.as_tensor(getattr(model, attr)).flatten()))
+        if getattr(model, "labels", None):
+            info.labels = list(model.labels)
+    elif spec.startswith("timm:"):
+        try:
+            import timm
+        except ImportError as e:
+            raise ModelSpecError("timm models need timm: pip install timm") from e
+        name = spec[len("timm:"):]
+        if name not in timm.list_models() and name.split(".")[0] not in timm.list_models():
+            raise ModelSpecError(f"timm has no model named {name!r}")
+        try:
+            model = timm.create_model(name, pretrained=use_pretrained)
+        except Exception as e:
+            if use_pretrained:
+                raise _download_error(spec, e) from e
+            raise ModelSpecError(f"timm could not build {name}: {e}") from e
+        cfg = getattr(model, "pretrained_cfg", {}) or {}
+        size = cfg.get("input_size", (3, 224, 224))
+        crop_pct = cfg.get("crop_pct", 0.875)
+        info = ModelInfo(name=spec, input_size=tuple(size[-2:]), channels=size[0],
+                         mean=tuple(cfg.get("mean", IMAGENET_MEAN)), std=tuple(cfg.get("std", IMAGENET_STD)),
+                         resize=int(round(size[-1] / crop_pct)))
+    else:
+        import torchvision
+
+        names = _torchvision_model_names()
+        if spec not in names:
+            close = [n for n in names if spec.lower() in n][:8]
+            hint = f" Did you mean one of: {', '.join(close)}?" if close else ""
+            raise ModelSpecError(
+                f"unknown model {spec!r}: not a torchvision classification model, `timm:NAME` or `file.py:factory`.{hint}"
+            )
+        info = ModelInfo(name=spec)
+        tv_weights = None
+        if use_pretrained:
+            tv_weights = torchvision.models.get_model_weights(spec).DEFAULT
+            meta = tv_weights.meta
+            info.labels = list(meta.get("categories") or []) or None
+            tr = tv_weights.transforms()
+            info.resize = int(tr.resize_size[0]) if getattr(tr, "resize_size", None) else info.resize
+            crop = getattr(tr, "crop_size", None)
+            if crop:
+                info.input_size = (int(crop[0]), int(crop[0]))
+            info.mean, info.std = tuple(tr.mean), tuple(tr.std)
+        try:
+            model = torchvision.models.get_model(spec, weights=tv_weights)
+        except Exception as e:
+            if use_pretrained:
+                raise _download_error(spec, e) from e
+            raise
+    if use_file:
+        load_state_dict_into(model, weights)
+        info.weights = str(weights)
+    elif use_pretrained and not spec.endswith(".py") and ".py:" not in spec:
+        info.weights = "DEFAULT"
+    return model.eval(), info
