@@ -27,3 +27,15 @@ class WeightsError(GraphLRPError):
 
 class ExportError(GraphLRPError):
     """ONNX export failed its checker or its onnxruntime parity check."""
+
+
+class ExplainerLoadError(GraphLRPError):
+    """An explainer ONNX file could not be opened: missing, not a graphlrp explainer, or the execution provider is absent."""
+
+
+class ImageError(GraphLRPError):
+    """An image could not be read or decoded. The message names the file."""
+
+
+class InputError(GraphLRPError):
+    """An input array or target class does not fit the explainer (wrong shape, non-finite values, unknown class)."""

@@ -1,0 +1,91 @@
+"""`graphlrp explain MODEL.onnx IMAGE... -o DIR`: heatmaps, overlays and raw relevance for image files.
+
+Unreadable images are reported by name and skipped so that one bad file does not cost a whole run; the exit
+code (1) still tells scripts that something was skipped."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from .. import heatmap
+from ..errors import ImageError
+from ._types import positive_int
+
+
+def register(sub) -> None:
+    p = sub.add_parser("explain", help="explain images with a compiled explainer (.onnx)",
+                       description="Write <stem>_heatmap.png, <stem>_overlay.png and <stem>_relevance.npy "
+                                   "(raw [C, H, W] relevance) for each image.")
+    p.add_argument("model", help="explainer ONNX file from `graphlrp compile`")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
+    p.add_argument("-o", "--output", required=True, metavar="DIR", help="output directory (created if missing)")
+    p.add_argument("--target", type=int, default=None, metavar="K",
+                   help="class to explain for every image (default: each image's predicted class)")
+    p.add_argument("--provider", choices=["cpu", "cuda"], default=None,
+                   help="onnxruntime execution provider (default: CUDA when available, else CPU)")
+    p.add_argument("--batch-size", type=positive_int, default=8, metavar="B", help="images per onnxruntime call (default 8)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..runtime import load
+
+    session = load(args.model, providers=args.provider)
+    session.prepare(np.zeros(session.input_size, np.float32), args.target)  # reject an unknown --target up front
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    stems = _unique_stems(args.images)
+    skipped = 0
+    with tqdm(total=len(args.images), unit="image", disable=True if len(args.images) < 2 else None) as bar:
+        for start in range(0, len(args.images), args.batch_size):
+            good, arrays = [], []
+            for path in args.images[start:start + args.batch_size]:
+                try:
+                    arrays.append(session.preprocess(path))
+                    good.append(path)
+                except ImageError as e:
+                    tqdm.write(f"skipped {e}", file=sys.stderr)
+                    skipped += 1
+            if arrays:
+                for path, exp in zip(good, session.explain(np.stack(arrays), args.target)):
+                    _write(out, stems[path], exp, session)
+                    tqdm.write(f"{path}: {_describe(session, exp)}")
+            bar.update(len(args.images[start:start + args.batch_size]))
+    if skipped:
+        print(f"{skipped} of {len(args.images)} image(s) skipped; outputs for the rest are in {out}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _write(out: Path, stem: str, exp, session) -> None:
+    (out / f"{stem}_heatmap.png").write_bytes(heatmap.png_bytes(heatmap.heatmap(exp.relevance)))
+    overlay = heatmap.overlay(exp.relevance, session.to_rgb(exp.input))
+    (out / f"{stem}_overlay.png").write_bytes(heatmap.png_bytes(overlay))
+    np.save(out / f"{stem}_relevance.npy", exp.relevance)
+
+
+def _describe(session, exp) -> str:
+    def name(k):
+        label = session.label(k)
+        return f"{k} ({label})" if label else str(k)
+
+    text = f"predicted {name(exp.predicted)} p={exp.probabilities[exp.predicted]:.3f}"
+    return text if exp.target == exp.predicted else f"{text}; explained target {name(exp.target)}"
+
+
+def _unique_stems(paths: list[str]) -> dict[str, str]:
+    """File stem per path; repeated stems (a/x.png, b/x.jpg) get -2, -3... so no output overwrites another."""
+    stems: dict[str, str] = {}
+    used: set[str] = set()
+    for path in paths:
+        if path in stems:
+            continue
+        stem, n = Path(path).stem, 1
+        while (candidate := stem if n == 1 else f"{stem}-{n}") in used:
+            n += 1
+        stems[path] = candidate
+        used.add(candidate)
+    return stems

@@ -1,0 +1,164 @@
+"""The public entry points: `compile` (trace → analyze → rewrite) and `inspect`, and the `Explainer` they return."""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from . import ops
+from .analyze import Merge, find_merges, merge_table
+from .canonize import fold_batchnorm
+from .errors import PresetError
+from .presets import CATEGORY_KINDS, Preset, RuleChoice, load_preset, parse_preset
+from .rewrite import Assignment, Plan, Rewriter
+from .rules import SPLITS
+from .trace import Traced, trace
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def inspect(model: torch.nn.Module, example_input: torch.Tensor) -> list[Merge]:
+    """The merge report: one `Merge` per residual add (node, skip_kind, skip_nodes, main_nodes, fork)."""
+    return find_merges(trace(model, example_input))
+
+
+def _category(op: ops.Op, first_layers: set) -> str:
+    if op.kind in (ops.CONV, ops.LINEAR) and op.node.name in first_layers:
+        return "first_layer"
+    for category, kinds in CATEGORY_KINDS.items():
+        if category != "first_layer" and op.kind in kinds:
+            return category
+    return ""
+
+
+def _first_layers(traced: Traced) -> set:
+    """Conv/linear nodes with no conv/linear between them and the input."""
+    behind: dict = {}
+    first = set()
+    for node in traced.graph.nodes:
+        if node.op == "placeholder":
+            behind[node] = False
+            continue
+        upstream = any(behind.get(a, False) for a in node.all_input_nodes)
+        op = ops.describe(node, traced) if node.meta.get("dynamic") and node.op != "output" else None
+        is_affine = op is not None and op.kind in (ops.CONV, ops.LINEAR)
+        if is_affine and not upstream:
+            first.add(node.name)
+        behind[node] = upstream or is_affine
+    return first
+
+
+def _module_path(node: fx.Node) -> str:
+    if node.op == "call_module":
+        return str(node.target)
+    stack = node.meta.get("nn_module_stack") or {}
+    return next(reversed(stack.values()))[0] if stack else ""
+
+
+def make_plan(traced: Traced, preset: Preset, split: str, include_identity: bool, box) -> Plan:
+    first = _first_layers(traced)
+    assignments = {}
+    for node in traced.graph.nodes:
+        if not node.meta.get("dynamic") or node.op in ("placeholder", "output"):
+            continue
+        op = ops.describe(node, traced)
+        if op is None:
+            continue  # only an error if relevance reaches it (the rewrite says so, naming the node)
+        category = _category(op, first)
+        if not category:
+            continue
+        names = (_module_path(node), node.name, str(node.meta.get("folded_from", ("",))[0]))
+        choice = preset.rule_for(category, op.kind, names)
+        if choice is None:
+            raise PresetError(f"preset {preset.name!r} has no rule for {category} layers (node {node.name})")
+        assignments[node.name] = Assignment(choice.rule, dict(choice.params))
+    low, high = box
+    return Plan(assignments, split, include_identity, preset.output, low, high)
+
+
+class Explainer(torch.nn.Module):
+    """A compiled LRP explainer: `logits, relevance = explainer(x[, target])`.
+
+    Stateless: the graph holds the model's forward ops and the relevance pass as explicit tensor ops with constant
+    rule weights; repeated calls give identical results. `graph_module` / `code` show the compiled graph.
+    """
+
+    def __init__(self, graph_module: fx.GraphModule, traced: Traced, merges: list[Merge], plan: Plan,
+                 preset: Preset, info: dict):
+        super().__init__()
+        self.graph_module = graph_module
+        self.merges = merges
+        self.preset = preset
+        self.plan = plan
+        self.info = info
+        self._traced = traced
+        self._tap_module = None
+
+    @property
+    def code(self) -> str:
+        return self.graph_module.code
+
+    def _target(self, x: torch.Tensor, target) -> torch.Tensor:
+        if target is None:
+            return torch.full((x.shape[0],), -1, dtype=torch.long, device=x.device)
+        target = torch.as_tensor(target, dtype=torch.long, device=x.device)
+        if target.dim() == 0:
+            target = target.expand(x.shape[0])
+        return target
+
+    def forward(self, x: torch.Tensor, target=None):
+        with torch.no_grad():
+            return self.graph_module(x, self._target(x, target))
+
+    def explain_with_taps(self, x: torch.Tensor, target=None):
+        """(logits, relevance, taps): taps maps names to per-sample relevance sums [N] in the same call —
+        "output", "input", "block_input:i" (input of residual block i, forward order), and for every merge
+        "merge:<add>.R", ".R_skip", ".R_main"."""
+        if self._tap_module is None:
+            self._tap_module = Rewriter(self._traced, self.merges, self.plan, taps=True).build()
+        with torch.no_grad():
+            return self._tap_module(x, self._target(x, target))
+
+    def merge_report(self) -> str:
+        return merge_table(self.merges)
+
+    def export_onnx(self, path, opset: int = 17, check: bool = True, metadata: dict | None = None,
+                    dynamic_spatial: bool = False, verbose: bool = False):
+        """Write one ONNX model (inputs `input`, `target`; outputs `logits`, `relevance`); then onnx.checker and
+        an onnxruntime parity check against this explainer. Returns the parity report."""
+        from .export import export_onnx
+
+        return export_onnx(self, path, opset=opset, check=check, metadata=metadata,
+                           dynamic_spatial=dynamic_spatial, verbose=verbose)
+
+
+def compile(model: torch.nn.Module, example_input: torch.Tensor, rules="otsuki2024", split: str | None = None,
+            include_identity: bool | None = None, overrides: dict | None = None, box=None,
+            model_name: str | None = None) -> Explainer:
+    """Compile `model` into an explainer. `rules`: preset name, TOML path, or dict; `split` and `include_identity`
+    default to the preset's; `overrides`: {glob: rule} per-layer choices on top of the preset (like Zennit name
+    maps); `box`: (low, high) input bounds for the zbox rule (default: the ImageNet-normalised range of [0, 1])."""
+    preset = load_preset(rules)
+    if overrides:
+        extra = parse_preset({"overrides": overrides}, "overrides")
+        preset = Preset(**{**preset.__dict__, "overrides": {**extra.overrides, **preset.overrides}})
+    split = split or preset.split
+    if split not in SPLITS:
+        raise PresetError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    include_identity = preset.include_identity if include_identity is None else bool(include_identity)
+    if box is None:
+        mean, std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
+        box = ((0 - mean) / std, (1 - mean) / std)
+    traced = trace(model, example_input)
+    if preset.batchnorm == "fold":
+        fold_batchnorm(traced)
+    merges = find_merges(traced)
+    plan = make_plan(traced, preset, split, include_identity, box)
+    gm = Rewriter(traced, merges, plan).build()
+    info = {"preset": preset.name, "split": split, "include_identity": include_identity,
+            "source_model": model_name or type(model).__name__,
+            "input_size": list(example_input.shape[1:]), "output_relevance": preset.output}
+    return Explainer(gm, traced, merges, plan, preset, info)
+
+
+__all__ = ["compile", "inspect", "Explainer", "RuleChoice"]

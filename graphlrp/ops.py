@@ -1,0 +1,360 @@
+"""What each traced node *is*, in LRP terms: a small registry of describers, one per op kind.
+
+A describer turns an fx node (module call, function call or method call — all spellings of the same op) into an
+`Op`: its kind, the tensor inputs that receive relevance, and normalised parameters with concrete values. Rules
+(`graphlrp.rules`) work on `Op`s only, so adding a spelling means adding one describer here.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .errors import UnsupportedOpError
+from .trace import Traced, describe_node
+
+# op kinds
+CONV, LINEAR, BATCHNORM, ACTIVATION, IDENTITY = "conv", "linear", "batchnorm", "activation", "identity"
+MERGE, BIAS_ADD, SCALE, GATE = "merge", "bias_add", "scale", "gate"
+MAXPOOL, AVGPOOL, RESHAPE, SLICE, PAD, CAT = "maxpool", "avgpool", "reshape", "slice", "pad", "cat"
+
+
+@dataclass
+class Op:
+    kind: str
+    node: fx.Node
+    inputs: tuple  # fx nodes that receive relevance, in the order the rule returns it
+    params: dict = field(default_factory=dict)
+
+    @property
+    def in_shape(self) -> tuple:
+        return self.inputs[0].meta["shape"]
+
+    @property
+    def out_shape(self) -> tuple:
+        return self.node.meta["shape"]
+
+
+Describer = Callable[[fx.Node, Traced], Op]
+_BY_MODULE: dict[type, Describer] = {}
+_BY_FUNCTION: dict[Any, Describer] = {}
+_BY_METHOD: dict[str, Describer] = {}
+
+
+def describes(modules=(), functions=(), methods=()):
+    """Register a describer for module types, functions and Tensor method names that mean the same op.
+    Functions may be given as names in `torch` ("torch.avg_pool2d") where a torch build may lack them."""
+
+    def deco(fn: Describer) -> Describer:
+        for m in modules:
+            _BY_MODULE[m] = fn
+        for f in functions:
+            if isinstance(f, str):
+                f = getattr(torch, f.split(".", 1)[1], None)
+                if f is None:
+                    continue
+            _BY_FUNCTION[f] = fn
+        for m in methods:
+            _BY_METHOD[m] = fn
+        return fn
+
+    return deco
+
+
+def describe(node: fx.Node, traced: Traced) -> Op | None:
+    """The Op for `node`, or None when graphlrp has no describer for it."""
+    if node.op == "call_module":
+        module = traced.module(node)
+        for cls in type(module).__mro__:
+            if cls in _BY_MODULE:
+                return _BY_MODULE[cls](node, traced)
+        return None
+    if node.op == "call_function":
+        fn = _BY_FUNCTION.get(node.target)
+        return fn(node, traced) if fn else None
+    if node.op == "call_method":
+        fn = _BY_METHOD.get(node.target)
+        return fn(node, traced) if fn else None
+    return None
+
+
+# ---------------------------------------------------------------- argument helpers
+def is_tensor(arg) -> bool:
+    return isinstance(arg, fx.Node) and "shape" in arg.meta
+
+
+def is_dynamic_tensor(arg) -> bool:
+    return is_tensor(arg) and arg.meta.get("dynamic", False)
+
+
+def value(arg, traced: Traced):
+    """Concrete compile-time value of an argument: literals as they are, sizes/ints from value propagation,
+    constant tensors (parameters, buffers, tensors computed from them) evaluated."""
+    if isinstance(arg, fx.Node):
+        if "value" in arg.meta:
+            return arg.meta["value"]
+        if arg.op == "get_attr":
+            return traced.attr(arg)
+        if is_tensor(arg) and not arg.meta.get("dynamic", True):
+            return _evaluate_constant(arg, traced)
+        raise UnsupportedOpError(f"{describe_node(arg)} must be a compile-time constant here")
+    if isinstance(arg, (list, tuple)):
+        return type(arg)(value(a, traced) for a in arg)
+    return arg
+
+
+def _evaluate_constant(node: fx.Node, traced: Traced) -> torch.Tensor:
+    """Evaluate a parameter-only subgraph (e.g. a standardised conv weight) once, at compile time."""
+    cache = traced.__dict__.setdefault("_constants", {})
+    if node in cache:
+        return cache[node]
+    args = fx.node.map_arg(node.args, lambda n: value(n, traced))
+    kwargs = fx.node.map_arg(node.kwargs, lambda n: value(n, traced))
+    with torch.no_grad():
+        if node.op == "call_function":
+            out = node.target(*args, **kwargs)
+        elif node.op == "call_method":
+            out = getattr(args[0], node.target)(*args[1:], **kwargs)
+        else:
+            out = traced.module(node)(*args, **kwargs)
+    cache[node] = out
+    return out
+
+
+def _arg(node: fx.Node, index: int, name: str, default=None):
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+def _pair(v) -> tuple:
+    return tuple(v) if isinstance(v, (list, tuple)) else (v, v)
+
+
+# ---------------------------------------------------------------- parametric layers
+def _conv_op(node, weight, bias, stride, padding, dilation, groups, padding_mode="zeros"):
+    if weight.dim() != 4:
+        raise UnsupportedOpError(f"{describe_node(node)}: only 2-d convolutions are supported")
+    if padding_mode != "zeros":
+        raise UnsupportedOpError(f"{describe_node(node)}: padding_mode={padding_mode!r} is not supported")
+    k = weight.shape[-2:]
+    dilation = _pair(dilation)
+    if isinstance(padding, str):
+        if padding == "valid":
+            padding = (0, 0)
+        elif padding == "same" and all(d * (kk - 1) % 2 == 0 for d, kk in zip(dilation, k)):
+            padding = tuple(d * (kk - 1) // 2 for d, kk in zip(dilation, k))
+        else:
+            raise UnsupportedOpError(f"{describe_node(node)}: asymmetric padding={padding!r} is not supported")
+    return dict(weight=weight.detach(), bias=None if bias is None else bias.detach(), stride=_pair(stride),
+                padding=_pair(padding), dilation=dilation, groups=int(groups))
+
+
+@describes(modules=[nn.Conv2d])
+def _conv_module(node, traced):
+    m = traced.module(node)
+    return Op(CONV, node, (node.args[0],),
+              _conv_op(node, m.weight, m.bias, m.stride, m.padding, m.dilation, m.groups, m.padding_mode))
+
+
+@describes(functions=[F.conv2d, "torch.conv2d"])
+def _conv_function(node, traced):
+    v = lambda i, name, d=None: value(_arg(node, i, name, d), traced)  # noqa: E731
+    return Op(CONV, node, (node.args[0],),
+              _conv_op(node, v(1, "weight"), v(2, "bias"), v(3, "stride", 1), v(4, "padding", 0),
+                       v(5, "dilation", 1), v(6, "groups", 1)))
+
+
+@describes(modules=[nn.Linear])
+def _linear_module(node, traced):
+    m = traced.module(node)
+    return Op(LINEAR, node, (node.args[0],),
+              dict(weight=m.weight.detach(), bias=None if m.bias is None else m.bias.detach()))
+
+
+@describes(functions=[F.linear])
+def _linear_function(node, traced):
+    bias = value(_arg(node, 2, "bias"), traced)
+    return Op(LINEAR, node, (node.args[0],),
+              dict(weight=value(node.args[1], traced).detach(), bias=None if bias is None else bias.detach()))
+
+
+def _bn_params(node, mean, var, weight, bias, eps):
+    if mean is None or var is None:
+        raise UnsupportedOpError(f"{describe_node(node)}: batch norm without running statistics")
+    scale = (weight if weight is not None else torch.ones_like(mean)) / torch.sqrt(var + eps)
+    shift = (bias if bias is not None else torch.zeros_like(mean)) - mean * scale
+    return dict(scale=scale.detach(), shift=shift.detach())
+
+
+@describes(modules=[nn.BatchNorm2d, nn.BatchNorm1d])
+def _bn_module(node, traced):
+    m = traced.module(node)
+    return Op(BATCHNORM, node, (node.args[0],),
+              _bn_params(node, m.running_mean, m.running_var, m.weight, m.bias, m.eps))
+
+
+@describes(functions=[F.batch_norm, "torch.batch_norm"])
+def _bn_function(node, traced):
+    v = lambda i, name, d=None: value(_arg(node, i, name, d), traced)  # noqa: E731
+    if v(5, "training", False):
+        raise UnsupportedOpError(f"{describe_node(node)}: batch norm in training mode; call model.eval()")
+    return Op(BATCHNORM, node, (node.args[0],),
+              _bn_params(node, v(1, "running_mean"), v(2, "running_var"), v(3, "weight"), v(4, "bias"),
+                         v(7, "eps", 1e-5)))
+
+
+# ---------------------------------------------------------------- elementwise
+@describes(modules=[nn.ReLU, nn.LeakyReLU, nn.SiLU, nn.GELU, nn.ELU, nn.ReLU6, nn.Hardswish],
+           functions=[F.relu, torch.relu, F.leaky_relu, F.silu, F.gelu, F.elu, F.relu6, F.hardswish],
+           methods=["relu"])
+def _activation(node, traced):
+    return Op(ACTIVATION, node, (node.args[0],))
+
+
+@describes(modules=[nn.Identity, nn.Dropout, nn.Dropout2d], functions=[F.dropout],
+           methods=["contiguous", "clone", "float", "detach"])
+def _identity(node, traced):
+    return Op(IDENTITY, node, (node.args[0],))
+
+
+@describes(functions=[operator.add, torch.add], methods=["add"])
+def _add(node, traced):
+    a, b = node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs["other"]
+    alpha = value(node.kwargs.get("alpha", 1), traced)
+    if is_dynamic_tensor(a) and is_dynamic_tensor(b):
+        return Op(MERGE, node, (a, b), dict(alpha=alpha))
+    tensor = a if is_dynamic_tensor(a) else b
+    return Op(BIAS_ADD, node, (tensor,))
+
+
+@describes(functions=[operator.mul, torch.mul], methods=["mul"])
+def _mul(node, traced):
+    a, b = node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs["other"]
+    if not (is_dynamic_tensor(a) and is_dynamic_tensor(b)):
+        return Op(SCALE, node, (a if is_dynamic_tensor(a) else b,))
+    full = [t for t in (a, b) if t.meta["shape"] == node.meta["shape"]]
+    if len(full) != 1:
+        raise UnsupportedOpError(
+            f"{describe_node(node)}: a product of two input-dependent tensors of the same shape has no LRP rule "
+            "(only gates that broadcast over the other operand, as in squeeze-excitation, are supported)")
+    main = full[0]
+    return Op(GATE, node, (main,), dict(gate=b if main is a else a))
+
+
+# ---------------------------------------------------------------- pooling
+@describes(modules=[nn.MaxPool2d])
+def _maxpool_module(node, traced):
+    m = traced.module(node)
+    return Op(MAXPOOL, node, (node.args[0],),
+              dict(kernel=_pair(m.kernel_size), stride=_pair(m.stride or m.kernel_size), padding=_pair(m.padding),
+                   dilation=_pair(m.dilation), ceil_mode=m.ceil_mode))
+
+
+@describes(functions=[F.max_pool2d, "torch.max_pool2d"])
+def _maxpool_function(node, traced):
+    v = lambda i, name, d=None: value(_arg(node, i, name, d), traced)  # noqa: E731
+    kernel = _pair(v(1, "kernel_size"))
+    stride = v(2, "stride", None)
+    return Op(MAXPOOL, node, (node.args[0],),
+              dict(kernel=kernel, stride=_pair(stride) if stride else kernel, padding=_pair(v(3, "padding", 0)),
+                   dilation=_pair(v(4, "dilation", 1)), ceil_mode=bool(v(5, "ceil_mode", False))))
+
+
+def _avgpool(node, kernel, stride, padding=(0, 0), ceil_mode=False, count_include_pad=True):
+    kernel, stride, padding = _pair(kernel), _pair(stride or kernel), _pair(padding)
+    if any(padding) and not count_include_pad:
+        raise UnsupportedOpError(f"{describe_node(node)}: average pooling with count_include_pad=False")
+    return Op(AVGPOOL, node, (node.args[0],), dict(kernel=kernel, stride=stride, padding=padding,
+                                                   ceil_mode=bool(ceil_mode)))
+
+
+@describes(modules=[nn.AvgPool2d])
+def _avgpool_module(node, traced):
+    m = traced.module(node)
+    return _avgpool(node, m.kernel_size, m.stride, m.padding, m.ceil_mode, m.count_include_pad)
+
+
+@describes(functions=[F.avg_pool2d, "torch.avg_pool2d"])
+def _avgpool_function(node, traced):
+    v = lambda i, name, d=None: value(_arg(node, i, name, d), traced)  # noqa: E731
+    return _avgpool(node, v(1, "kernel_size"), v(2, "stride", None), v(3, "padding", 0), v(4, "ceil_mode", False),
+                    v(5, "count_include_pad", True))
+
+
+def _adaptive(node, out_size):
+    h, w = node.args[0].meta["shape"][-2:]
+    out = tuple(s if o is None else o for o, s in zip(_pair(out_size), (h, w)))
+    if h % out[0] or w % out[1]:
+        raise UnsupportedOpError(f"{describe_node(node)}: adaptive pooling to {out} from {(h, w)} has unequal windows")
+    kernel = (h // out[0], w // out[1])
+    return kernel
+
+
+@describes(modules=[nn.AdaptiveAvgPool2d])
+def _adaptive_avg_module(node, traced):
+    k = _adaptive(node, traced.module(node).output_size)
+    return _avgpool(node, k, k)
+
+
+@describes(functions=[F.adaptive_avg_pool2d, "torch.adaptive_avg_pool2d"])
+def _adaptive_avg_function(node, traced):
+    k = _adaptive(node, value(_arg(node, 1, "output_size"), traced))
+    return _avgpool(node, k, k)
+
+
+@describes(modules=[nn.AdaptiveMaxPool2d])
+def _adaptive_max_module(node, traced):
+    k = _adaptive(node, traced.module(node).output_size)
+    return Op(MAXPOOL, node, (node.args[0],), dict(kernel=k, stride=k, padding=(0, 0), dilation=(1, 1),
+                                                   ceil_mode=False))
+
+
+@describes(functions=[torch.mean], methods=["mean"])
+def _mean(node, traced):
+    shape = node.args[0].meta["shape"]
+    dims = value(_arg(node, 1, "dim"), traced)
+    dims = tuple(d % len(shape) for d in ((dims,) if isinstance(dims, int) else dims))
+    if len(shape) != 4 or sorted(dims) != [2, 3]:
+        raise UnsupportedOpError(f"{describe_node(node)}: mean over dims {dims} (only spatial means are supported)")
+    op = _avgpool(node, shape[-2:], shape[-2:])
+    return op
+
+
+# ---------------------------------------------------------------- structure
+@describes(modules=[nn.Flatten], functions=[torch.flatten, torch.reshape],
+           methods=["flatten", "view", "reshape", "squeeze", "unsqueeze", "view_as", "reshape_as"])
+def _reshape(node, traced):
+    return Op(RESHAPE, node, (node.args[0],))
+
+
+@describes(functions=[operator.getitem])
+def _getitem(node, traced):
+    if not is_tensor(node.args[0]):
+        return None
+    index = value(node.args[1], traced)
+    return Op(SLICE, node, (node.args[0],), dict(index=index if isinstance(index, tuple) else (index,)))
+
+
+@describes(functions=[F.pad])
+def _pad(node, traced):
+    pad = tuple(value(_arg(node, 1, "pad"), traced))
+    mode = value(_arg(node, 2, "mode", "constant"), traced)
+    if mode != "constant" or any(p < 0 for p in pad):
+        raise UnsupportedOpError(f"{describe_node(node)}: only non-negative constant padding is supported")
+    return Op(PAD, node, (node.args[0],), dict(pad=pad))
+
+
+@describes(functions=[torch.cat, torch.concat])
+def _cat(node, traced):
+    tensors = list(node.args[0])
+    dim = value(_arg(node, 1, "dim", 0), traced)
+    if not all(is_tensor(t) for t in tensors):
+        raise UnsupportedOpError(f"{describe_node(node)}: concatenation of non-tensors")
+    return Op(CAT, node, tuple(t for t in tensors), dict(dim=dim % len(node.meta["shape"]),
+                                                         sizes=[t.meta["shape"][dim] for t in tensors]))

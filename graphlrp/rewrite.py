@@ -1,0 +1,383 @@
+"""Stage 3 — rewrite: emit the explainer as a new torch.fx GraphModule.
+
+The new graph holds the model's forward ops (made functional), then the relevance pass: the traced nodes in
+reverse topological order, each op's rule appending explicit tensor ops (conv / conv_transpose with precomputed
+rule weights, elementwise ops, scatter for max-pool winners). Relevance arriving from several consumers is summed.
+No autograd, no hooks, nothing stored between calls: every rule weight is a constant buffer of the graph.
+
+Graph signature: (input [N, C, H, W], target int64 [N], -1 = top-1) -> (logits, relevance[, taps]).
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from . import ops, rules
+from .analyze import Merge
+from .errors import UnsupportedOpError
+from .trace import Traced, describe_node
+
+
+@dataclass
+class Assignment:
+    """The rule chosen for one op and its parameters."""
+
+    rule: str
+    params: dict = field(default_factory=dict)
+
+
+@dataclass
+class Plan:
+    """Everything the rewrite needs besides the traced graph: a rule per node and the global choices."""
+
+    rules: dict  # node name -> Assignment
+    split: str
+    include_identity: bool
+    output: str  # "probability" | "logit"
+    box_low: torch.Tensor | None = None
+    box_high: torch.Tensor | None = None
+
+
+class Emitter:
+    """Appends nodes to the explainer graph and registers constants (rule weights) as buffers of its root."""
+
+    def __init__(self, graph: fx.Graph, root: torch.nn.Module):
+        self.graph, self.root, self._count = graph, root, 0
+
+    def call(self, fn, *args, **kwargs) -> fx.Node:
+        args = tuple(self.lift(a) for a in args)
+        return self.graph.call_function(fn, args, kwargs)
+
+    def lift(self, arg):
+        """Tensors become constant buffers of the graph; everything else is passed as it is."""
+        if isinstance(arg, torch.Tensor):
+            return self.const(arg)
+        return arg
+
+    def const(self, tensor: torch.Tensor, hint: str = "c") -> fx.Node:
+        name = f"_lrp_{hint}{self._count}"
+        self._count += 1
+        self.root.register_buffer(name, tensor.detach().clone().contiguous().float(), persistent=True)
+        return self.graph.get_attr(name)
+
+
+class RuleContext:
+    """What a rule sees: its op, the relevance R at the op's output, forward values, and emit helpers."""
+
+    def __init__(self, rw: "Rewriter", op: ops.Op, R: fx.Node):
+        self.rw, self.op, self.R = rw, op, R
+        self.merge: Merge | None = rw.merges.get(op.node.name)
+        self.split, self.include_identity = rw.plan.split, rw.plan.include_identity
+
+    # values -------------------------------------------------------------------------------------
+    def call(self, fn, *args, **kwargs) -> fx.Node:
+        return self.rw.em.call(fn, *args, **kwargs)
+
+    def call_multi(self, fn, n: int, *args, **kwargs) -> list:
+        node = self.call(fn, *args, **kwargs)
+        return [self.rw.em.graph.call_function(operator.getitem, (node, i)) for i in range(n)]
+
+    def fwd(self, node: fx.Node) -> fx.Node:
+        return self.rw.env[node]
+
+    @property
+    def a(self) -> fx.Node:
+        return self.fwd(self.op.inputs[0])
+
+    @property
+    def forward_output(self) -> fx.Node:
+        return self.fwd(self.op.node)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.op.params["weight"]
+
+    @property
+    def bias(self):
+        return self.op.params.get("bias")
+
+    @property
+    def nonnegative(self) -> bool:
+        return self.rw.nonnegative.get(self.op.inputs[0].name, False)
+
+    def tap(self, name: str, node) -> None:
+        if self.rw.taps is not None and node is not None:
+            self.rw.taps[name] = node
+
+    # layers ---------------------------------------------------------------------------------------
+    def _in_shape1(self) -> tuple:
+        return (1, *self.op.in_shape[1:])
+
+    def affine(self, x, weight: torch.Tensor, bias):
+        """layer(x; weight, bias) for this op's conv/linear geometry. `x` may be a node, "ones" or a constant
+        tensor; the latter two are evaluated now, at compile time."""
+        if isinstance(x, fx.Node):
+            return self.call(*self._affine_call(x, weight, bias))
+        x = torch.ones(self._in_shape1()) if isinstance(x, str) else x.expand(self._in_shape1())
+        fn, args = self._affine_call(x, weight, bias)[0], self._affine_call(x, weight, bias)[1:]
+        with torch.no_grad():
+            return self.rw.em.const(fn(*args), "z")
+
+    def _affine_call(self, x, weight, bias):
+        if self.op.kind == ops.LINEAR:
+            return (F.linear, x, weight, bias)
+        p = self.op.params
+        return (F.conv2d, x, weight, bias, p["stride"], p["padding"], p["dilation"], p["groups"])
+
+    def affine_transpose(self, s: fx.Node, weight: torch.Tensor) -> fx.Node:
+        """layerᵀ(s; weight): the input-side map of this op's linear part, shaped like the op's input."""
+        if self.op.kind == ops.LINEAR:
+            return self.call(F.linear, s, weight.t())
+        return self.rw.em_conv_transpose(s, weight, self.op)
+
+    def avgpool_transpose(self, s: fx.Node, kernel, stride, padding) -> fx.Node:
+        in_shape = self.op.in_shape
+        c, h, w = in_shape[1:]
+        kh, kw = kernel
+        if (kh, kw) == (h, w) and tuple(padding) == (0, 0):  # global pooling: spread evenly
+            return self.call(torch.mul, self.call(torch.Tensor.expand, s, -1, -1, h, w), 1.0 / (kh * kw))
+        kernel_t = torch.full((c, 1, kh, kw), 1.0 / (kh * kw))
+        geometry = dict(stride=tuple(stride), padding=tuple(padding), dilation=(1, 1), groups=c)
+        out_hw = self._out_hw(s)
+        return self.call(F.conv_transpose2d, s, kernel_t, None, geometry["stride"], geometry["padding"],
+                         conv_output_padding((h, w), out_hw, (kh, kw), geometry), c)
+
+    def _out_hw(self, s):
+        return tuple(self.op.out_shape[-2:])
+
+    def const_input(self, t: torch.Tensor) -> torch.Tensor:
+        return t.expand(self._in_shape1())
+
+    def box_bound(self, v, which: str) -> torch.Tensor:
+        if v is None:
+            v = self.rw.plan.box_low if which == "low" else self.rw.plan.box_high
+        if v is None:
+            raise UnsupportedOpError(f"{describe_node(self.op.node)}: zbox needs {which} bounds")
+        t = torch.as_tensor(v, dtype=torch.float32)
+        if t.dim() == 1:
+            t = t.view(1, -1, 1, 1) if len(self.op.in_shape) == 4 else t.view(1, -1)
+        return t
+
+    # structure --------------------------------------------------------------------------------------
+    def unpad(self, R: fx.Node, pad: tuple) -> fx.Node:
+        shape = self.op.out_shape
+        index = [slice(None)] * len(shape)
+        for i in range(len(pad) // 2):
+            d = len(shape) - 1 - i
+            index[d] = slice(pad[2 * i], shape[d] - pad[2 * i + 1])
+        return self.call(operator.getitem, R, tuple(index))
+
+    def unslice(self, R: fx.Node, index: tuple) -> fx.Node:
+        in_shape = self.op.in_shape
+        node = self.op.node
+        index = list(index)
+        if Ellipsis in index:
+            i = index.index(Ellipsis)
+            index[i:i + 1] = [slice(None)] * (len(in_shape) - (len(index) - 1))
+        index += [slice(None)] * (len(in_shape) - len(index))
+        if any(e is None or not isinstance(e, (int, slice)) for e in index) or len(index) != len(in_shape):
+            raise UnsupportedOpError(f"{describe_node(node)}: indexing {tuple(index)} has no relevance rule")
+        if index[0] != slice(None):
+            raise UnsupportedOpError(f"{describe_node(node)}: indexing the batch dimension")
+        out = R
+        for d in range(len(in_shape) - 1, 0, -1):
+            e, size = index[d], in_shape[d]
+            pos = sum(isinstance(x, slice) for x in index[:d])
+            if isinstance(e, int):
+                i = e % size
+                out = self.call(torch.unsqueeze, out, pos)
+                start, step, count = i, 1, 1
+            else:
+                start, stop, step = e.indices(size)
+                count = len(range(start, stop, step))
+                if step < 1:
+                    raise UnsupportedOpError(f"{describe_node(node)}: negative slice steps")
+                if (start, step, count) == (0, 1, size):
+                    continue
+            if step > 1:  # put step-1 zeros after every element
+                zeros = self.call(torch.zeros_like, out)
+                out = self.call(torch.stack, [out] + [zeros] * (step - 1), pos + 1)
+                out = self.call(torch.flatten, out, pos, pos + 1)
+                length = count * step
+            else:
+                length = count
+            right = size - start - length
+            if right < 0:
+                out = self.call(torch.narrow, out, pos, 0, length + right)
+                right = 0
+            pad = [0, 0] * (self.rank_of(out, in_shape, index, d) - 1 - pos) + [start, right]
+            out = self.call(F.pad, out, tuple(pad))
+        return out
+
+    @staticmethod
+    def rank_of(_out, in_shape, index, d) -> int:
+        """Rank of the partially restored tensor: dims before d still lack their int-indexed axes."""
+        return len(in_shape) - sum(isinstance(x, int) for x in index[:d])
+
+
+def conv_output_padding(in_hw, out_hw, kernel, geometry) -> tuple:
+    """output_padding that makes conv_transpose2d return exactly the conv's input size."""
+    res = []
+    for i in range(2):
+        full = (out_hw[i] - 1) * geometry["stride"][i] - 2 * geometry["padding"][i] + \
+            geometry["dilation"][i] * (kernel[i] - 1) + 1
+        res.append(in_hw[i] - full)
+    return tuple(res)
+
+
+def flipped_kernel(weight: torch.Tensor, groups: int) -> torch.Tensor:
+    """The conv weight whose stride-1 convolution equals conv_transpose2d with `weight`."""
+    cout, cin_g, kh, kw = weight.shape
+    w = weight.view(groups, cout // groups, cin_g, kh, kw).transpose(1, 2)
+    return w.reshape(groups * cin_g, cout // groups, kh, kw).flip(-1, -2).contiguous()
+
+
+class Rewriter:
+    """Builds the explainer GraphModule from a traced model, its merges and a rule plan."""
+
+    def __init__(self, traced: Traced, merges: list[Merge], plan: Plan, taps: bool = False):
+        self.traced, self.plan = traced, plan
+        self.merges = {m.node: m for m in merges}
+        self.block_inputs = [m.fork for m in merges]
+        self.taps: dict | None = {} if taps else None
+        self.env: dict[fx.Node, fx.Node] = {}
+        self.nonnegative: dict[str, bool] = {}
+
+    # forward ------------------------------------------------------------------------------------------
+    def _copy_forward(self, graph: fx.Graph):
+        x = graph.placeholder("input")
+        target = graph.placeholder("target")
+        logits = None
+        for node in self.traced.graph.nodes:
+            if node.op == "placeholder":
+                self.env[node] = x
+            elif node.op == "output":
+                logits = self.env[node.args[0]]
+            else:
+                self.env[node] = graph.node_copy(node, lambda n: self.env[n])
+            self.nonnegative[node.name] = self._is_nonnegative(node)
+        return x, target, logits
+
+    def _is_nonnegative(self, node: fx.Node) -> bool:
+        """Sign analysis: which forward values are known ≥ 0 (lets z⁺-type rules skip the negative-input terms)."""
+        if node.op in ("placeholder", "output", "get_attr") or "shape" not in node.meta:
+            return False
+        op = ops.describe(node, self.traced)
+        if op is None:
+            return False
+        nonneg = [self.nonnegative.get(i.name, False) for i in op.inputs]
+        if op.kind == ops.ACTIVATION:
+            name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+            if node.op == "call_module":
+                name = type(self.traced.module(node)).__name__.lower()
+            return "relu" in name and "leaky" not in name
+        if op.kind in (ops.MAXPOOL, ops.AVGPOOL, ops.RESHAPE, ops.SLICE, ops.PAD, ops.IDENTITY, ops.CAT, ops.MERGE):
+            return all(nonneg) and op.params.get("alpha", 1) >= 0
+        return False
+
+    # relevance ------------------------------------------------------------------------------------------
+    def build(self) -> fx.GraphModule:
+        graph = fx.Graph()
+        root = torch.nn.Module()
+        self.em = Emitter(graph, root)
+        x, target, logits = self._copy_forward(graph)
+        em = self.em
+        k = next(n for n in self.traced.graph.nodes if n.op == "output").args[0].meta["shape"][-1]
+        chosen = em.call(torch.where, em.call(torch.lt, target, 0), em.call(torch.argmax, logits, -1), target)
+        one_hot = em.call(torch.eq, em.call(torch.unsqueeze, chosen, 1), torch.arange(k).view(1, k).float())
+        one_hot = em.call(torch.Tensor.to, one_hot, torch.float32)
+        if self.plan.output == "probability":
+            start = em.call(torch.softmax, logits, -1)
+        else:
+            start = logits
+        R_out = em.call(torch.mul, one_hot, start)
+        if self.taps is not None:
+            self.taps["output"] = R_out
+
+        incoming: dict[fx.Node, list] = {}
+        output_src = next(n for n in self.traced.graph.nodes if n.op == "output").args[0]
+        incoming[output_src] = [R_out]
+        relevance = None
+        for node in reversed(list(self.traced.graph.nodes)):
+            parts = incoming.pop(node, None)
+            if not parts:
+                continue
+            R = parts[0]
+            for p in parts[1:]:
+                R = em.call(torch.add, R, p)
+            if node.op == "placeholder":
+                relevance = R
+                continue
+            if self.taps is not None and node.name in self.block_inputs:
+                self.taps[f"block_input:{self.block_inputs.index(node.name)}"] = R
+            for src, r in self._apply_rule(node, R):
+                if r is not None:
+                    incoming.setdefault(src, []).append(r)
+        if relevance is None:  # the output does not depend on the input
+            relevance = em.call(torch.zeros_like, x)
+        if self.taps is not None:
+            self.taps["input"] = relevance
+            sums = {name: em.call(torch.sum, em.call(torch.flatten, r, 1), 1) for name, r in self.taps.items()}
+            graph.output((logits, relevance, sums))
+        else:
+            graph.output((logits, relevance))
+        for name, mod in self.traced.graph_module.named_children():
+            root.add_module(name, mod)
+        for node in self.traced.graph.nodes:
+            if node.op == "get_attr":
+                _copy_attr(self.traced.graph_module, root, node.target)
+        gm = fx.GraphModule(root, graph, "Explainer")
+        gm.graph.eliminate_dead_code()  # e.g. forward values no rule needed
+        gm.graph.lint()
+        gm.recompile()
+        return gm
+
+    def _apply_rule(self, node: fx.Node, R: fx.Node):
+        op = ops.describe(node, self.traced)
+        if op is None:
+            raise UnsupportedOpError(f"no LRP rule for {describe_node(node)}; it lies on the relevance path "
+                                     "between the input and the logits")
+        ctx = RuleContext(self, op, R)
+        if op.kind in rules.STRUCTURAL:
+            out = rules.structural_relevance(ctx)
+        else:
+            assignment = self.plan.rules.get(node.name)
+            if assignment is None:
+                raise UnsupportedOpError(f"the preset assigns no rule to {describe_node(node)} (op kind {op.kind})")
+            spec = rules.RULES[assignment.rule]
+            out = spec.fn(ctx, **assignment.params)
+        return [(src, r) for src, r in zip(op.inputs, out) if isinstance(src, fx.Node)]
+
+    def em_conv_transpose(self, s: fx.Node, weight: torch.Tensor, op: ops.Op) -> fx.Node:
+        """conv's transposed map. Stride-1 convs become convs with flipped kernels (faster in every runtime);
+        strided ones use conv_transpose2d with the output_padding that restores the input size."""
+        p = op.params
+        kernel = tuple(weight.shape[-2:])
+        pad_t = tuple(d * (k - 1) - pp for d, k, pp in zip(p["dilation"], kernel, p["padding"]))
+        if p["stride"] == (1, 1) and all(v >= 0 for v in pad_t):
+            return self.em.call(F.conv2d, s, flipped_kernel(weight, p["groups"]), None, 1, pad_t, p["dilation"],
+                                p["groups"])
+        out_pad = conv_output_padding(op.in_shape[-2:], op.out_shape[-2:], kernel, p)
+        return self.em.call(F.conv_transpose2d, s, weight, None, p["stride"], p["padding"], out_pad, p["groups"],
+                            p["dilation"])
+
+
+def _copy_attr(src: torch.nn.Module, dst: torch.nn.Module, target: str) -> None:
+    *path, leaf = target.split(".")
+    s, d = src, dst
+    for part in path:
+        s = getattr(s, part)
+        if not hasattr(d, part):
+            d.add_module(part, torch.nn.Module())
+        d = getattr(d, part)
+    value = getattr(s, leaf)
+    if isinstance(value, torch.nn.Parameter):
+        d.register_parameter(leaf, value)
+    elif isinstance(value, torch.Tensor):
+        d.register_buffer(leaf, value)
+    else:
+        setattr(d, leaf, value)

@@ -1,0 +1,352 @@
+"""LRP rules: one small registered function per rule, composed from a few modifiers.
+
+A rule receives a `RuleContext` (the op, the relevance R arriving at its output, and an emitter that appends
+tensor ops to the explainer graph) and returns the relevance for each of the op's relevance inputs. Rules for
+conv/linear layers follow one pattern (Zennit's idea of a rule): for each term k, an input modifier a_k, a weight
+modifier W_k and a bias modifier b_k give z = Σ_k layer(a_k; W_k, b_k); the stabilised ratio s = R / stab(z) is
+sent back through the transposed layer, R_in = Σ_k c_k · a_k ⊙ layerᵀ(s; W_k). Weight modifiers are applied once,
+at compile time, so the explainer holds W⁺, W⁻, … as constants.
+"""
+from __future__ import annotations
+
+import inspect as _inspect
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from . import ops
+from .errors import PresetError, UnsupportedOpError
+from .trace import describe_node
+
+AFFINE = (ops.CONV, ops.LINEAR)
+
+
+@dataclass
+class RuleSpec:
+    name: str
+    fn: Callable
+    kinds: tuple
+    defaults: dict
+    doc: str
+
+
+RULES: dict[str, RuleSpec] = {}
+
+
+def rule(name: str, kinds: tuple):
+    """Register `fn(ctx, **params)` as rule `name` for the given op kinds; its keyword defaults are its params."""
+
+    def deco(fn):
+        params = {k: p.default for k, p in list(_inspect.signature(fn).parameters.items())[1:]}
+        RULES[name] = RuleSpec(name, fn, tuple(kinds), params, (fn.__doc__ or "").strip().splitlines()[0])
+        return fn
+
+    return deco
+
+
+def get_rule(name: str, where: str) -> RuleSpec:
+    if name not in RULES:
+        raise PresetError(f"{where}: unknown rule {name!r}; known rules: {', '.join(sorted(RULES))}")
+    return RULES[name]
+
+
+# ------------------------------------------------------------------------------------------ modifiers
+def stabilize(ctx, z, epsilon: float, stabilizer: str):
+    """'add': z + ε (the released otsuki2024 code); 'signed': z + ε·sign(z) with sign(0) = +1 (Zennit)."""
+    if epsilon == 0:
+        return z
+    if stabilizer == "add":
+        return ctx.call(torch.add, z, epsilon)
+    if stabilizer == "signed":
+        return ctx.call(torch.where, ctx.call(torch.ge, z, 0.0), ctx.call(torch.add, z, epsilon),
+                        ctx.call(torch.sub, z, epsilon))
+    raise PresetError(f"stabilizer must be 'add' or 'signed', got {stabilizer!r}")
+
+
+def positive(w):
+    return w.clamp(min=0)
+
+
+def negative(w):
+    return w.clamp(max=0)
+
+
+def bias_mode(b, mode: str, weight_part: str = "all"):
+    """The bias that goes with a weight modifier: 'keep', 'zero', or 'positive'/'negative' parts."""
+    if b is None or mode == "zero":
+        return None
+    if mode == "keep":
+        return b
+    if mode in ("positive", "negative"):
+        return positive(b) if mode == "positive" else negative(b)
+    raise PresetError(f"bias must be 'keep', 'zero', 'positive' or 'negative', got {mode!r}")
+
+
+@dataclass
+class Term:
+    """One summand of an affine rule: input a_k (a graph node or 'ones'), weight W_k, bias b_k, coefficient c_k."""
+
+    input: object
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    coefficient: float = 1.0
+
+
+def affine_rule(ctx, groups: list[list[Term]], epsilon: float, stabilizer: str, masks=None):
+    """R_in = Σ_groups Σ_terms c_k a_k ⊙ layerᵀ(mask_g ⊙ R / stab(Σ_terms layer(a_k; W_k, b_k)); W_k)."""
+    total = None
+    for gi, terms in enumerate(groups):
+        z = None
+        for t in terms:
+            zk = ctx.affine(t.input, t.weight, t.bias)
+            z = zk if z is None else ctx.call(torch.add, z, zk)
+        s = ctx.call(torch.div, ctx.R, stabilize(ctx, z, epsilon, stabilizer))
+        if masks is not None:
+            s = ctx.call(torch.mul, s, masks[gi])
+        for t in terms:
+            back = ctx.affine_transpose(s, t.weight)
+            if not (isinstance(t.input, str) and t.input == "ones"):
+                back = ctx.call(torch.mul, t.input, back)
+            if t.coefficient != 1.0:
+                back = ctx.call(torch.mul, back, t.coefficient)
+            total = back if total is None else ctx.call(torch.add, total, back)
+    return [total]
+
+
+def _input(ctx, input: str):
+    if input == "ones":
+        return "ones"
+    if input == "activation":
+        return ctx.a
+    raise PresetError(f"input must be 'activation' or 'ones', got {input!r}")
+
+
+def _signed_parts(ctx, a, weight, bias, bias_pos: str, bias_neg: str):
+    """z⁺-style terms: (a⁺, W⁺) and (a⁻, W⁻); the a⁻ term is dropped where the input is known non-negative."""
+    if isinstance(a, str) or ctx.nonnegative:
+        return [Term(a, positive(weight), bias_mode(ctx.bias, bias_pos))]
+    a_pos = ctx.call(torch.clamp, a, min=0)
+    a_neg = ctx.call(torch.clamp, a, max=0)
+    return [Term(a_pos, positive(weight), bias_mode(ctx.bias, bias_pos)),
+            Term(a_neg, negative(weight), bias_mode(ctx.bias, bias_neg))]
+
+
+# ------------------------------------------------------------------------------------------ affine rules
+@rule("epsilon", AFFINE)
+def epsilon_rule(ctx, epsilon=1e-6, stabilizer="signed", bias="keep", input="activation"):
+    """ε-rule: z = layer(a; W, b), R_in = a ⊙ layerᵀ(R / (z + ε·sign z)); reuses the forward output."""
+    a = _input(ctx, input)
+    if a is ctx.a and bias == "keep" and ctx.forward_output is not None:
+        s = ctx.call(torch.div, ctx.R, stabilize(ctx, ctx.forward_output, epsilon, stabilizer))
+        return [ctx.call(torch.mul, a, ctx.affine_transpose(s, ctx.weight))]
+    return affine_rule(ctx, [[Term(a, ctx.weight, bias_mode(ctx.bias, bias))]], epsilon, stabilizer)
+
+
+@rule("zero", AFFINE)
+def zero_rule(ctx, bias="keep", input="activation"):
+    """LRP-0: the ε-rule with ε = 0 (unstable where z = 0; for comparisons only)."""
+    return epsilon_rule(ctx, epsilon=0.0, bias=bias, input=input)
+
+
+@rule("zplus", AFFINE)
+def zplus_rule(ctx, epsilon=1e-6, stabilizer="signed", bias="positive", input="activation"):
+    """z⁺: positive weights on positive inputs (and negative on negative); bias 'positive', 'keep' or 'zero'."""
+    a = _input(ctx, input)
+    return affine_rule(ctx, [_signed_parts(ctx, a, ctx.weight, ctx.bias, bias, "zero")], epsilon, stabilizer)
+
+
+@rule("alpha_beta", AFFINE)
+def alpha_beta_rule(ctx, alpha=2.0, beta=1.0, epsilon=1e-6, stabilizer="signed"):
+    """αβ: α·(positive contributions) − β·(negative contributions), each normalised on its own; α − β = 1."""
+    if alpha < 0 or beta < 0 or abs(alpha - beta - 1) > 1e-9:
+        raise PresetError(f"alpha_beta needs alpha, beta >= 0 and alpha - beta = 1 (got {alpha}, {beta})")
+    a = ctx.a
+    if ctx.nonnegative:
+        pos = [Term(a, positive(ctx.weight), bias_mode(ctx.bias, "positive"), alpha)]
+        neg = [Term(a, negative(ctx.weight), bias_mode(ctx.bias, "negative"), -beta)]
+    else:
+        a_pos, a_neg = ctx.call(torch.clamp, a, min=0), ctx.call(torch.clamp, a, max=0)
+        pos = [Term(a_pos, positive(ctx.weight), bias_mode(ctx.bias, "positive"), alpha),
+               Term(a_neg, negative(ctx.weight), None, alpha)]
+        neg = [Term(a_pos, negative(ctx.weight), bias_mode(ctx.bias, "negative"), -beta),
+               Term(a_neg, positive(ctx.weight), None, -beta)]
+    groups = [pos] + ([neg] if beta else [])
+    return affine_rule(ctx, groups, epsilon, stabilizer)
+
+
+@rule("gamma", AFFINE)
+def gamma_rule(ctx, gamma=0.25, epsilon=1e-6, stabilizer="signed"):
+    """γ: W + γW⁺ where the output is positive, W + γW⁻ where it is negative (generalised to signed inputs)."""
+    w, b, a = ctx.weight, ctx.bias, ctx.a
+    up = lambda t: t + gamma * positive(t)  # noqa: E731
+    down = lambda t: t + gamma * negative(t)  # noqa: E731
+    z = ctx.forward_output if ctx.forward_output is not None else ctx.affine(a, w, b)
+    pos_mask = ctx.call(torch.gt, z, 0.0)
+    neg_mask = ctx.call(torch.lt, z, 0.0)
+    b_up = None if b is None else up(b)
+    b_down = None if b is None else down(b)
+    if ctx.nonnegative:
+        groups = [[Term(a, up(w), b_up)], [Term(a, down(w), b_down)]]
+    else:
+        a_pos, a_neg = ctx.call(torch.clamp, a, min=0), ctx.call(torch.clamp, a, max=0)
+        groups = [[Term(a_pos, up(w), b_up), Term(a_neg, down(w), None)],
+                  [Term(a_pos, down(w), b_down), Term(a_neg, up(w), None)]]
+    masks = [ctx.call(torch.Tensor.to, pos_mask, torch.float32), ctx.call(torch.Tensor.to, neg_mask, torch.float32)]
+    return affine_rule(ctx, groups, epsilon, stabilizer, masks)
+
+
+@rule("flat", AFFINE)
+def flat_rule(ctx, epsilon=1e-6, stabilizer="signed"):
+    """flat: inputs and weights set to one, no bias — relevance spread uniformly over each receptive field."""
+    return affine_rule(ctx, [[Term("ones", torch.ones_like(ctx.weight), None)]], epsilon, stabilizer)
+
+
+@rule("wsquare", AFFINE)
+def wsquare_rule(ctx, epsilon=1e-6, stabilizer="signed", bias="keep"):
+    """w²: inputs set to one, weights squared (and bias squared unless 'zero')."""
+    b = None if ctx.bias is None or bias == "zero" else ctx.bias ** 2
+    return affine_rule(ctx, [[Term("ones", ctx.weight ** 2, b)]], epsilon, stabilizer)
+
+
+@rule("zbox", AFFINE)
+def zbox_rule(ctx, low=None, high=None, epsilon=1e-6, stabilizer="signed"):
+    """zB: for inputs bounded by [low, high] (per channel); defaults: the normalised range of [0, 1] pixels."""
+    low = ctx.box_bound(low, "low")
+    high = ctx.box_bound(high, "high")
+    w, b = ctx.weight, ctx.bias
+    terms = [Term(ctx.a, w, b), Term(ctx.const_input(low), positive(w), bias_mode(b, "positive"), -1.0),
+             Term(ctx.const_input(high), negative(w), bias_mode(b, "negative"), -1.0)]
+    z = None
+    for t in terms:
+        zk = ctx.affine(t.input, t.weight, t.bias)
+        z = zk if z is None else ctx.call(torch.sub, z, zk)
+    s = ctx.call(torch.div, ctx.R, stabilize(ctx, z, epsilon, stabilizer))
+    out = None
+    for t in terms:
+        back = ctx.call(torch.mul, t.input, ctx.affine_transpose(s, t.weight))
+        out = back if out is None else ctx.call(torch.sub, out, back)
+    return [out]
+
+
+# ------------------------------------------------------------------------------------------ pass-through
+@rule("pass", (ops.CONV, ops.LINEAR, ops.BATCHNORM, ops.ACTIVATION, ops.IDENTITY, ops.BIAS_ADD, ops.SCALE, ops.GATE,
+               ops.MAXPOOL, ops.AVGPOOL))
+def pass_rule(ctx):
+    """pass-through: R_in = R (elementwise layers; x + constant; the un-gated operand of a gate)."""
+    if ctx.op.kind in (ops.MAXPOOL, ops.AVGPOOL, ops.CONV, ops.LINEAR) and ctx.op.in_shape != ctx.op.out_shape:
+        raise UnsupportedOpError(f"{describe_node(ctx.op.node)}: 'pass' needs equal input and output shapes")
+    return [ctx.R]
+
+
+# ------------------------------------------------------------------------------------------ pooling
+@rule("winner_take_all", (ops.MAXPOOL,))
+def winner_take_all_rule(ctx):
+    """Max-pool: all of a window's relevance goes to its maximum (ties: the first), summed where windows overlap."""
+    p = ctx.op.params
+    _, idx = ctx.call_multi(F.max_pool2d, 2, ctx.a, p["kernel"], p["stride"], p["padding"], p["dilation"],
+                            p["ceil_mode"], True)
+    n_in = ctx.op.in_shape
+    flat_r = ctx.call(torch.flatten, ctx.R, 2)
+    flat_idx = ctx.call(torch.flatten, idx, 2)
+    zeros = ctx.call(torch.zeros_like, ctx.call(torch.flatten, ctx.a, 2))
+    out = ctx.call(torch.scatter_add, zeros, 2, flat_idx, flat_r)
+    return [ctx.call(torch.reshape, out, (-1, *n_in[1:]))]
+
+
+def _pool_z_rule(ctx, kernel, stride, padding, ceil_mode, epsilon, stabilizer):
+    z = ctx.call(F.avg_pool2d, ctx.a, kernel, stride, padding, ceil_mode, True)
+    s = ctx.call(torch.div, ctx.R, stabilize(ctx, z, epsilon, stabilizer))
+    return [ctx.call(torch.mul, ctx.a, ctx.avgpool_transpose(s, kernel, stride, padding))]
+
+
+@rule("window_average", (ops.MAXPOOL,))
+def window_average_rule(ctx, epsilon=1e-6, stabilizer="signed"):
+    """Max-pool treated as an average pool over its real windows (z-rule): relevance ∝ activation in the window."""
+    p = ctx.op.params
+    if p["dilation"] != (1, 1):
+        raise UnsupportedOpError(f"{describe_node(ctx.op.node)}: window_average with dilation")
+    return _pool_z_rule(ctx, p["kernel"], p["stride"], p["padding"], p["ceil_mode"], epsilon, stabilizer)
+
+
+@rule("avg2x2", (ops.MAXPOOL,))
+def avg2x2_rule(ctx, epsilon=1e-5, stabilizer="add"):
+    """What the released otsuki2024 code does at ResNet's max-pool: a 2×2/stride-2 average pool (z-rule) stands in
+    for the real 3×3 windows. Kept for fidelity to the paper's numbers; it does not conserve relevance."""
+    in_hw, out_hw = ctx.op.in_shape[-2:], ctx.op.out_shape[-2:]
+    if tuple(s // 2 for s in in_hw) != tuple(out_hw):
+        raise UnsupportedOpError(f"{describe_node(ctx.op.node)}: the 2x2 stand-in needs the output to be half the "
+                                 f"input ({in_hw} -> {out_hw}); use winner_take_all")
+    return _pool_z_rule(ctx, (2, 2), (2, 2), (0, 0), False, epsilon, stabilizer)
+
+
+@rule("z", (ops.AVGPOOL,))
+def z_pool_rule(ctx, epsilon=1e-6, stabilizer="signed"):
+    """z-rule for average pooling: R_in = a ⊙ poolᵀ(R / stab(pool(a))); reuses the forward output."""
+    p = ctx.op.params
+    s = ctx.call(torch.div, ctx.R, stabilize(ctx, ctx.forward_output, epsilon, stabilizer))
+    return [ctx.call(torch.mul, ctx.a, ctx.avgpool_transpose(s, p["kernel"], p["stride"], p["padding"]))]
+
+
+# ------------------------------------------------------------------------------------------ merges
+SPLITS = ("ratio", "symmetric", "signed")
+
+
+@rule("split", (ops.MERGE,))
+def split_rule(ctx, epsilon=1e-6, stabilizer="signed"):
+    """Relevance splitting at a residual add h = h_s + h_m (Otsuki et al. 2024): ratio, symmetric or signed.
+
+    Returns [R for operand 0, R for operand 1]. With include_identity false an identity skip gets nothing.
+    """
+    merge, split = ctx.merge, ctx.split
+    a, b = ctx.fwd(ctx.op.inputs[0]), ctx.fwd(ctx.op.inputs[1])
+    alpha = ctx.op.params.get("alpha", 1)
+    if alpha != 1:
+        b = ctx.call(torch.mul, b, alpha)
+    h = [a, b]
+    skip_i = merge.skip_operand if merge is not None else 1
+    h_s, h_m = h[skip_i], h[1 - skip_i]
+    R = ctx.R
+    if merge is not None and merge.skip_kind == "identity" and not ctx.include_identity:
+        r_m, r_s = R, None
+    elif split == "symmetric":
+        r_m = ctx.call(torch.mul, R, 0.5)
+        r_s = ctx.call(torch.sub, R, r_m)
+    elif split == "ratio":
+        abs_m, abs_s = ctx.call(torch.abs, h_m), ctx.call(torch.abs, h_s)
+        den = ctx.call(torch.add, abs_m, abs_s)
+        share = ctx.call(torch.div, abs_m, ctx.call(torch.clamp, den, min=1e-30))
+        share = ctx.call(torch.where, ctx.call(torch.gt, den, 0.0), share, 0.5)  # |h_m|+|h_s| = 0: an even split
+        r_m = ctx.call(torch.mul, R, share)
+        r_s = ctx.call(torch.sub, R, r_m)
+    elif split == "signed":
+        s = ctx.call(torch.div, R, stabilize(ctx, ctx.forward_output, epsilon, stabilizer))
+        r_m, r_s = ctx.call(torch.mul, h_m, s), ctx.call(torch.mul, h_s, s)
+    else:
+        raise PresetError(f"split must be one of {SPLITS}, got {split!r}")
+    ctx.tap("merge:" + ctx.op.node.name + ".R", R)
+    ctx.tap("merge:" + ctx.op.node.name + ".R_skip", r_s)
+    ctx.tap("merge:" + ctx.op.node.name + ".R_main", r_m)
+    out = [None, None]
+    out[skip_i], out[1 - skip_i] = r_s, r_m
+    return out
+
+
+# ------------------------------------------------------------------------------------------ structure (fixed)
+def structural_relevance(ctx) -> list:
+    """Ops that only move values around pass relevance back along the same moves: exact and conserving."""
+    kind, p = ctx.op.kind, ctx.op.params
+    if kind == ops.RESHAPE:
+        return [ctx.call(torch.reshape, ctx.R, (-1, *ctx.op.in_shape[1:]))]
+    if kind == ops.PAD:
+        return [ctx.unpad(ctx.R, p["pad"])]
+    if kind == ops.SLICE:
+        return [ctx.unslice(ctx.R, p["index"])]
+    if kind == ops.CAT:
+        parts = ctx.call_multi(torch.split, len(p["sizes"]), ctx.R, p["sizes"], p["dim"])
+        return list(parts)
+    raise AssertionError(kind)
+
+
+STRUCTURAL = (ops.RESHAPE, ops.PAD, ops.SLICE, ops.CAT)

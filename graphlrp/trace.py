@@ -1,0 +1,139 @@
+"""Stage 1 — trace: torch.fx symbolic trace, in-place spellings made functional, values propagated.
+
+After `trace()`, every node of the returned GraphModule carries
+  node.meta["shape"]    the output shape (tensors only),
+  node.meta["value"]    the concrete compile-time value of non-tensor nodes (sizes, ints, tuples),
+  node.meta["dynamic"]  True when the value depends on the input (False for parameters, constants, sizes of
+                        fixed dims are still marked dynamic but resolved through "value").
+"""
+from __future__ import annotations
+
+import copy
+import operator
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from .errors import TraceError
+
+# in-place function spellings and their functional equivalents
+_FUNCTIONAL = {
+    operator.iadd: operator.add,
+    operator.isub: operator.sub,
+    operator.imul: operator.mul,
+    operator.itruediv: operator.truediv,
+    torch.relu_: torch.relu,
+}
+
+
+def source_line(node: fx.Node) -> str:
+    """The user's source line fx recorded for `node` ("file:line: code"), or "" when unknown."""
+    trace = node.stack_trace or ""
+    lines = [ln.strip() for ln in trace.strip().splitlines() if ln.strip()]
+    for i in range(len(lines) - 1, -1, -1):
+        if lines[i].startswith("File "):
+            code = lines[i + 1] if i + 1 < len(lines) and not lines[i + 1].startswith("File ") else ""
+            where = lines[i][len("File "):].replace('"', "")
+            return f"{where}: {code}".strip().rstrip(":")
+    return ""
+
+
+def describe_node(node: fx.Node) -> str:
+    """`name (op target)` plus the source line where fx knows it; used in every user-facing error."""
+    target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+    text = f"node '{node.name}' ({node.op} {target})"
+    where = source_line(node)
+    return f"{text} at {where}" if where else text
+
+
+class _Tracer(fx.Tracer):
+    def __init__(self):
+        super().__init__()
+        self.record_stack_traces = True
+
+
+def _functionalize(gm: fx.GraphModule) -> None:
+    """Rewrite in-place ops out of place: the explainer reuses forward values (e.g. h_m before `out += identity`),
+    which an in-place add or ReLU would overwrite."""
+    for module in gm.modules():
+        if getattr(module, "inplace", False) is True:
+            module.inplace = False
+    for node in gm.graph.nodes:
+        if node.op == "call_function":
+            if node.target in _FUNCTIONAL:
+                node.target = _FUNCTIONAL[node.target]
+            if node.kwargs.get("inplace") is True:
+                node.kwargs = {**node.kwargs, "inplace": False}
+        elif node.op == "call_method" and node.target.endswith("_") and not node.target.startswith("_"):
+            functional = node.target[:-1]
+            if hasattr(torch.Tensor, functional):
+                node.target = functional
+    gm.recompile()
+
+
+class ValueProp(fx.Interpreter):
+    """Run the graph once on the example input and record shapes, compile-time values and input dependence."""
+
+    def run_node(self, n: fx.Node):
+        try:
+            result = super().run_node(n)
+        except Exception as e:
+            raise TraceError(f"running {describe_node(n)} on the example input failed: {type(e).__name__}: {e}") from e
+        if isinstance(result, torch.Tensor):
+            n.meta["shape"] = tuple(result.shape)
+            n.meta["dtype"] = result.dtype
+        else:
+            n.meta["value"] = result
+        inputs = [a for a in n.all_input_nodes]
+        n.meta["dynamic"] = n.op == "placeholder" or any(a.meta.get("dynamic", False) for a in inputs)
+        return result
+
+
+@dataclass
+class Traced:
+    """A functional, shape-annotated fx graph of the model plus the example input it was specialised on."""
+
+    graph_module: fx.GraphModule
+    example_input: torch.Tensor
+
+    @property
+    def graph(self) -> fx.Graph:
+        return self.graph_module.graph
+
+    def module(self, node: fx.Node) -> torch.nn.Module:
+        return self.graph_module.get_submodule(node.target)
+
+    def attr(self, node: fx.Node):
+        """The tensor behind a get_attr node."""
+        obj = self.graph_module
+        for part in node.target.split("."):
+            obj = getattr(obj, part)
+        return obj
+
+
+def trace(model: torch.nn.Module, example_input: torch.Tensor) -> Traced:
+    """Symbolically trace a copy of `model` (eval mode), make it functional and propagate the example input."""
+    if not isinstance(model, torch.nn.Module):
+        raise TraceError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(example_input, torch.Tensor) or example_input.dim() < 2:
+        raise TraceError("example_input must be a tensor with a batch dimension, e.g. torch.randn(1, 3, 224, 224)")
+    model = copy.deepcopy(model).eval()
+    tracer = _Tracer()
+    try:
+        graph = tracer.trace(model)
+    except Exception as e:
+        raise TraceError(
+            f"torch.fx cannot trace {type(model).__name__}: {type(e).__name__}: {e}. "
+            "graphlrp needs a model whose forward has no data-dependent Python control flow."
+        ) from e
+    gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != 1:
+        raise TraceError(f"the model's forward must take exactly one tensor input, found {len(placeholders)}")
+    _functionalize(gm)
+    with torch.no_grad():
+        out = ValueProp(gm).run(example_input[:1])
+    if not isinstance(out, torch.Tensor) or out.dim() != 2:
+        raise TraceError("the model must return one logits tensor of shape [N, classes]")
+    return Traced(gm, example_input[:1].detach().clone())

@@ -1,0 +1,1 @@
+"""Model definitions graphlrp ships for its own evaluations (weights are not bundled)."""
