@@ -93,6 +93,11 @@ class Explainer(torch.nn.Module):
         self.info = info
         self._traced = traced
         self._tap_module = None
+        self.eval()
+
+    def train(self, mode: bool = True):
+        """An explainer is always in inference mode (BN uses running statistics); `train()` keeps it so."""
+        return super().train(False)
 
     @property
     def code(self) -> str:
@@ -115,7 +120,7 @@ class Explainer(torch.nn.Module):
         "output", "input", "block_input:i" (input of residual block i, forward order), and for every merge
         "merge:<add>.R", ".R_skip", ".R_main"."""
         if self._tap_module is None:
-            self._tap_module = Rewriter(self._traced, self.merges, self.plan, taps=True).build()
+            self._tap_module = Rewriter(self._traced, self.merges, self.plan, taps=True).build().eval()
         with torch.no_grad():
             return self._tap_module(x, self._target(x, target))
 

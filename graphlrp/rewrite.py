@@ -334,7 +334,7 @@ class Rewriter:
         gm.graph.eliminate_dead_code()  # e.g. forward values no rule needed
         gm.graph.lint()
         gm.recompile()
-        return gm
+        return gm.eval()
 
     def _apply_rule(self, node: fx.Node, R: fx.Node):
         op = ops.describe(node, self.traced)

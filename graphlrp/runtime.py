@@ -144,10 +144,7 @@ class ExplainerSession:
     def prepare(self, x: np.ndarray, target=None) -> tuple[np.ndarray, np.ndarray]:
         """Check and batch inputs: x [N, C, H, W] or [C, H, W] -> float32 [N, C, H, W]; target None (top-1),
         an int for every sample, or one per sample -> int64 [N]. Raises InputError."""
-        try:
-            x = np.asarray(x, dtype=np.float32)
-        except (TypeError, ValueError) as e:
-            raise InputError(f"input is not a numeric array: {e}") from None
+        x = _as_array(x)
         if x.ndim not in (3, 4) or tuple(x.shape[-3:]) != self.input_size:
             raise InputError(f"input has shape {list(x.shape)}; this explainer takes [C, H, W] or [N, C, H, W] "
                              f"with C, H, W = {list(self.input_size)}")
@@ -182,7 +179,8 @@ class ExplainerSession:
     def explain(self, x: np.ndarray, target=None) -> Explanation | list[Explanation]:
         """Explain normalised input: one Explanation for [C, H, W], a list for [N, C, H, W].
         `target`: None explains each prediction; an int or per-sample ints (-1 = predicted) pick classes."""
-        single = np.ndim(x) == 3
+        x = _as_array(x)
+        single = x.ndim == 3
         explanations = self.run(*self.prepare(x, target))
         return explanations[0] if single else explanations
 
@@ -195,6 +193,13 @@ class ExplainerSession:
             batch = np.stack([self.preprocess(im) for im in images[start:start + batch_size]])
             out += self.run(batch, targets[start:start + batch_size])
         return out
+
+
+def _as_array(x) -> np.ndarray:
+    try:
+        return np.asarray(x, dtype=np.float32)
+    except (TypeError, ValueError):
+        raise InputError("input is not a numeric array (nested lists of equal lengths, numbers only)") from None
 
 
 def open_image(source: ImageSource) -> Image.Image:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import operator
+import os
 from dataclasses import dataclass
 
 import torch
@@ -28,15 +29,20 @@ _FUNCTIONAL = {
 
 
 def source_line(node: fx.Node) -> str:
-    """The user's source line fx recorded for `node` ("file:line: code"), or "" when unknown."""
-    trace = node.stack_trace or ""
-    lines = [ln.strip() for ln in trace.strip().splitlines() if ln.strip()]
-    for i in range(len(lines) - 1, -1, -1):
-        if lines[i].startswith("File "):
+    """The user's source line fx recorded for `node` ("file, line N, in fn: code"), or "" when unknown.
+    Frames inside torch itself are skipped: the last frame outside torch is the user's."""
+    lines = [ln.strip() for ln in (node.stack_trace or "").strip().splitlines() if ln.strip()]
+    frames = []
+    for i, ln in enumerate(lines):
+        if ln.startswith("File "):
             code = lines[i + 1] if i + 1 < len(lines) and not lines[i + 1].startswith("File ") else ""
-            where = lines[i][len("File "):].replace('"', "")
-            return f"{where}: {code}".strip().rstrip(":")
-    return ""
+            frames.append((ln[len("File "):].replace('"', ""), code))
+    torch_dir = os.path.dirname(torch.__file__)
+    user = [f for f in frames if not f[0].startswith(torch_dir)]
+    if not user:
+        return ""
+    where, code = user[-1]
+    return f"{where}: {code}" if code else where
 
 
 def describe_node(node: fx.Node) -> str:

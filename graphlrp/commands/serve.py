@@ -1,0 +1,49 @@
+"""`graphlrp serve MODEL.onnx`: the HTTP explainer service (see graphlrp/server.py). Binds to loopback unless
+told otherwise, since the service has no authentication."""
+from __future__ import annotations
+
+import json
+import os
+
+from ._types import non_negative_float, positive_int
+
+
+def register(sub) -> None:
+    p = sub.add_parser("serve", help="serve a compiled explainer (.onnx) over HTTP",
+                       description="POST /v1/explain, GET /v1/metadata, /healthz, /metrics, and a web page at /.")
+    p.add_argument("model", help="explainer ONNX file from `graphlrp compile`")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 for all)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--workers", type=positive_int, default=1, metavar="N",
+                   help="server processes, each with its own model session and metrics (default 1)")
+    p.add_argument("--max-batch", type=positive_int, default=8, metavar="B",
+                   help="most requests combined into one onnxruntime call (default 8)")
+    p.add_argument("--max-wait-ms", type=non_negative_float, default=5.0, metavar="M",
+                   help="how long a batch waits for more requests after its first (default 5)")
+    p.add_argument("--max-body-mb", type=non_negative_float, default=16.0, metavar="S",
+                   help="largest accepted request body in MiB; larger ones get 413 (default 16)")
+    p.add_argument("--provider", choices=["cpu", "cuda"], default=None,
+                   help="onnxruntime execution provider (default: CUDA when available, else CPU)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import uvicorn
+
+    from ..runtime import load
+    from ..server import ENV_CONFIG, create_app
+
+    # split the cores between worker processes instead of letting each onnxruntime take all of them
+    threads = max(1, (os.cpu_count() or 1) // args.workers) if args.workers > 1 else None
+    session = load(args.model, providers=args.provider, threads=threads)  # fail here, clearly, on a bad file
+    settings = dict(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_body_mb=args.max_body_mb)
+    print(f"graphlrp serve: {args.model} on http://{args.host}:{args.port} ({', '.join(session.providers)}, "
+          f"workers {args.workers}, max batch {args.max_batch})", flush=True)
+    if args.workers == 1:
+        uvicorn.run(create_app(session, **settings), host=args.host, port=args.port)
+    else:
+        os.environ[ENV_CONFIG] = json.dumps(dict(settings, model=os.path.abspath(args.model),
+                                                 provider=args.provider, threads=threads))
+        uvicorn.run("graphlrp.server:app_from_env", factory=True, host=args.host, port=args.port,
+                    workers=args.workers)
+    return 0
