@@ -114,13 +114,17 @@ class RuleContext:
 
     def affine(self, x, weight: torch.Tensor, bias):
         """layer(x; weight, bias) for this op's conv/linear geometry. `x` may be a node, "ones" or a constant
-        tensor; the latter two are evaluated now, at compile time."""
+        tensor; the latter two are evaluated now, at compile time, and enter the graph as constants."""
         if isinstance(x, fx.Node):
             return self.call(*self._affine_call(x, weight, bias))
+        return self.rw.em.const(self.affine_value(x, weight, bias), "z")
+
+    def affine_value(self, x, weight: torch.Tensor, bias) -> torch.Tensor:
+        """layer(x) computed now for a constant x ("ones" or a tensor broadcast to the input shape), batch 1."""
         x = torch.ones(self._in_shape1()) if isinstance(x, str) else x.expand(self._in_shape1())
-        fn, args = self._affine_call(x, weight, bias)[0], self._affine_call(x, weight, bias)[1:]
+        fn, *args = self._affine_call(x, weight, bias)
         with torch.no_grad():
-            return self.rw.em.const(fn(*args), "z")
+            return fn(*args)
 
     def _affine_call(self, x, weight, bias):
         if self.op.kind == ops.LINEAR:

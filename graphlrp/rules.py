@@ -151,10 +151,34 @@ def zero_rule(ctx, bias="keep", input="activation"):
 
 
 @rule("zplus", AFFINE)
-def zplus_rule(ctx, epsilon=1e-6, stabilizer="signed", bias="positive", input="activation"):
-    """z⁺: positive weights on positive inputs (and negative on negative); bias 'positive', 'keep' or 'zero'."""
+def zplus_rule(ctx, epsilon=1e-6, stabilizer="signed", bias="positive", input="activation", dead_units="drop"):
+    """z⁺: positive weights on positive inputs (and negative on negative); bias 'positive', 'keep' or 'zero'.
+    dead_units='spread': where no input contributes positively (z⁺ = 0) relevance is not dropped but spread in
+    proportion to W⁺, as if the inputs were ones — this closes z⁺'s only leak."""
     a = _input(ctx, input)
-    return affine_rule(ctx, [_signed_parts(ctx, a, ctx.weight, ctx.bias, bias, "zero")], epsilon, stabilizer)
+    terms = _signed_parts(ctx, a, ctx.weight, ctx.bias, bias, "zero")
+    if dead_units == "drop":
+        return affine_rule(ctx, [terms], epsilon, stabilizer)
+    if dead_units != "spread":
+        raise PresetError(f"dead_units must be 'drop' or 'spread', got {dead_units!r}")
+    z = None
+    for t in terms:
+        zk = ctx.affine(t.input, t.weight, t.bias)
+        z = zk if z is None else ctx.call(torch.add, z, zk)
+    dead = ctx.call(torch.le, z, 0.0)
+    live = ctx.call(torch.where, dead, 0.0, ctx.call(torch.div, ctx.R, stabilize(ctx, z, epsilon, stabilizer)))
+    total = None
+    for t in terms:
+        back = ctx.affine_transpose(live, t.weight)
+        if not isinstance(t.input, str):
+            back = ctx.call(torch.mul, t.input, back)
+        total = back if total is None else ctx.call(torch.add, total, back)
+    w_pos = positive(ctx.weight)
+    with torch.no_grad():
+        z_ones = ctx.affine_value("ones", w_pos, None)
+    inverse = torch.where(z_ones > 0, 1.0 / z_ones.clamp_min(1e-30), torch.zeros_like(z_ones))
+    spread = ctx.call(torch.where, dead, ctx.call(torch.mul, ctx.R, inverse), 0.0)
+    return [ctx.call(torch.add, total, ctx.affine_transpose(spread, w_pos))]
 
 
 @rule("alpha_beta", AFFINE)

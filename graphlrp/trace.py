@@ -61,20 +61,31 @@ class _Tracer(fx.Tracer):
 
 def _functionalize(gm: fx.GraphModule) -> None:
     """Rewrite in-place ops out of place: the explainer reuses forward values (e.g. h_m before `out += identity`),
-    which an in-place add or ReLU would overwrite."""
-    for module in gm.modules():
+    which an in-place add or ReLU would overwrite. Later readers of the mutated tensor read the new value instead
+    (`z.add_(y); relu(z)` becomes `z2 = z + y; relu(z2)`)."""
+    inplace_modules = set()
+    for name, module in gm.named_modules():
         if getattr(module, "inplace", False) is True:
             module.inplace = False
-    for node in gm.graph.nodes:
+            inplace_modules.add(name)
+    order = {node: i for i, node in enumerate(gm.graph.nodes)}
+    for node in list(gm.graph.nodes):
+        mutated = False
         if node.op == "call_function":
             if node.target in _FUNCTIONAL:
-                node.target = _FUNCTIONAL[node.target]
+                node.target, mutated = _FUNCTIONAL[node.target], True
             if node.kwargs.get("inplace") is True:
-                node.kwargs = {**node.kwargs, "inplace": False}
+                node.kwargs, mutated = {**node.kwargs, "inplace": False}, True
         elif node.op == "call_method" and node.target.endswith("_") and not node.target.startswith("_"):
-            functional = node.target[:-1]
-            if hasattr(torch.Tensor, functional):
-                node.target = functional
+            if hasattr(torch.Tensor, node.target[:-1]):
+                node.target, mutated = node.target[:-1], True
+        elif node.op == "call_module" and node.target in inplace_modules:
+            mutated = True
+        if mutated and node.args and isinstance(node.args[0], fx.Node):
+            source = node.args[0]
+            for user in list(source.users):
+                if user is not node and order[user] > order[node]:
+                    user.replace_input_with(source, node)
     gm.recompile()
 
 

@@ -1,0 +1,201 @@
+"""One evaluation run: every method's maps for all images, their insertion/deletion curves, the conservation sums
+of the paper's variant, and what the report needs to say how the numbers came about.
+
+Maps are computed method by method over all images (each method attaches its hooks once), then the curves image by
+image for all methods together, so that a masked image shared by several methods (or by several steps of one
+quantized map) goes through the model once.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from . import EvaluationError
+from . import methods as registry
+from .data import ImageSet
+from .metrics import InsertionDeletion, auc, curve_length, pixel_maps, quantize
+
+LIBRARIES = ("graphlrp", "torch", "torchvision", "captum", "zennit", "grad-cam", "numpy")
+MASK_BUDGET = 2 ** 26  # booleans of masks held at once while the curves of a chunk of images are computed
+
+
+@dataclass
+class MethodResult:
+    name: str
+    description: str
+    insertion: np.ndarray  # [n] AUC per image
+    deletion: np.ndarray
+    insertion_curves: np.ndarray  # [n, K]
+    deletion_curves: np.ndarray
+
+    @property
+    def id(self) -> np.ndarray:
+        return self.insertion - self.deletion
+
+
+@dataclass
+class Evaluation:
+    model: str
+    data: str
+    n: int
+    accuracy: float
+    step: int
+    points: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    results: dict[str, MethodResult] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+    notes: dict[str, list[str]] = field(default_factory=dict)
+    heatmaps: dict = field(default_factory=dict)  # images, titles, maps {method: [k, H, W]}
+    conservation: dict[str, np.ndarray] | None = None  # "p" and ΣR at the tapped places, one value per image
+    versions: dict[str, str] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+    model_calls: int = 0
+    command: str = ""
+
+
+def library_versions() -> dict[str, str]:
+    versions = {}
+    for name in LIBRARIES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def evaluate(model: torch.nn.Module, data: ImageSet, method_names: list[str], *, model_name: str, mean, std,
+             step: int, batch_size: int = 64, cam_layer: str | None = None, heatmap_images: int = 4,
+             command: str = "") -> Evaluation:
+    """Run the protocol for `method_names` on all of `data`. Explanations target the predicted class (as the
+    paper's code does); curves record the probability of the labelled class."""
+    start = time.perf_counter()
+    model.eval()
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+    x = (data.images - mean_t) / std_t
+    with torch.inference_mode():
+        logits = torch.cat([model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+    pred = logits.argmax(1)
+    if int(data.labels.max()) >= logits.shape[-1] or int(data.labels.min()) < 0:
+        raise EvaluationError(f"labels must lie in 0..{logits.shape[-1] - 1} for this model, found "
+                              f"{int(data.labels.min())}..{int(data.labels.max())}")
+    h, w = data.images.shape[-2:]
+    ev = Evaluation(model=model_name, data=data.source, n=len(data), accuracy=float((pred == data.labels).float().mean()),
+                    step=step, points=curve_length(h * w, step), mean=tuple(mean), std=tuple(std),
+                    versions=library_versions(), command=command)
+    box = ((0 - mean_t) / std_t).flatten(), ((1 - mean_t) / std_t).flatten()
+    ctx = registry.Context(model, x[:1], batch_size=batch_size, cam_layer=cam_layer, box=box)
+
+    maps = _method_maps(ctx, x, pred, method_names, (h, w), ev)
+    ev.notes = ctx.notes
+    t = time.perf_counter()
+    _curves(model, data, maps, ev, batch_size=max(batch_size, 256))
+    ev.seconds["insertion/deletion curves"] = time.perf_counter() - t
+    ev.conservation = _conservation(ctx, x, pred, logits, ev)
+    ev.heatmaps = _heatmap_sample(data, pred, maps, heatmap_images)
+    ev.seconds["total"] = time.perf_counter() - start
+    return ev
+
+
+def _method_maps(ctx, x, pred, names, size, ev: Evaluation) -> dict[str, torch.Tensor]:
+    """name -> [N, H, W] pixel maps; methods sharing a source are computed once. Skipped methods are left out."""
+    by_source: dict[str, torch.Tensor] = {}
+    unavailable: dict[str, str] = {}
+    for name in names:
+        method = registry.METHODS[name]
+        if method.source in by_source or method.source in unavailable:
+            continue
+        t = time.perf_counter()
+        try:
+            with method.run(ctx) as attribute:
+                parts = []
+                for i in tqdm(range(0, len(x), ctx.batch_size), desc=f"maps {method.source}", unit="batch",
+                              leave=False):
+                    parts.append(pixel_maps(attribute(x[i:i + ctx.batch_size].clone(), pred[i:i + ctx.batch_size]),
+                                            size))
+        except registry.Unavailable as e:
+            unavailable[method.source] = str(e)
+            tqdm.write(f"skipping {method.source}: {e}")
+            continue
+        by_source[method.source] = torch.cat(parts)
+        ev.seconds[f"maps: {method.source}"] = time.perf_counter() - t
+    maps = {}
+    for name in names:
+        method = registry.METHODS[name]
+        if method.source in unavailable:
+            ev.skipped[name] = unavailable[method.source]
+        else:
+            maps[name] = quantize(by_source[method.source]) if method.quantize else by_source[method.source]
+    return maps
+
+
+def _curves(model, data: ImageSet, maps: dict[str, torch.Tensor], ev: Evaluation, batch_size: int) -> None:
+    if not maps:
+        return
+    h, w = data.images.shape[-2:]
+    evaluator = InsertionDeletion(model, ev.mean, ev.std, ev.step, batch_size=batch_size)
+    chunk = max(1, MASK_BUDGET // (len(maps) * 2 * ev.points * h * w))
+    ins = {name: [] for name in maps}
+    dele = {name: [] for name in maps}
+    with tqdm(total=len(data), desc="insertion/deletion", unit="image") as bar:
+        for i in range(0, len(data), chunk):
+            part = slice(i, i + chunk)
+            curves = evaluator.curves(data.images[part], data.labels[part], {n: m[part] for n, m in maps.items()})
+            for name, (c_ins, c_del) in curves.items():
+                ins[name].append(c_ins)
+                dele[name].append(c_del)
+            bar.update(len(data.images[part]))
+            bar.set_postfix(model_calls=evaluator.model_calls)
+    for name in maps:
+        c_ins, c_del = np.concatenate(ins[name]), np.concatenate(dele[name])
+        ev.results[name] = MethodResult(name, registry.METHODS[name].description, auc(c_ins), auc(c_del), c_ins, c_del)
+    ev.model_calls = evaluator.model_calls
+
+
+def _conservation(ctx, x, pred, logits, ev: Evaluation) -> dict[str, np.ndarray] | None:
+    """ΣR at the input, the first and the last residual block's input for the paper's variant (ratio split,
+    identity included), next to p(ŷ): the data of the paper's Fig. 5."""
+    try:
+        import graphlrp
+        from graphlrp.errors import GraphLRPError
+
+        explainer = graphlrp.compile(ctx.model, ctx.example, rules="otsuki2024", split="ratio", include_identity=True,
+                                     box=ctx.box)
+    except (ImportError, AttributeError, GraphLRPError) as e:
+        ev.notes.setdefault("conservation", []).append(f"not computed: {e}")
+        return None
+    t = time.perf_counter()
+    taps: dict[str, list] = {}
+    for i in range(0, len(x), ctx.batch_size):
+        _, _, part = explainer.explain_with_taps(x[i:i + ctx.batch_size], pred[i:i + ctx.batch_size])
+        for key, value in part.items():
+            taps.setdefault(key, []).append(value)
+    taps = {k: torch.cat(v).double().numpy() for k, v in taps.items()}
+    blocks = sorted((k for k in taps if k.startswith("block_input:")), key=lambda k: int(k.split(":")[1]))
+    out = {"p": logits.softmax(-1).max(-1).values.double().numpy(), "input": taps["input"]}
+    if blocks:
+        out["first block input"], out["last block input"] = taps[blocks[0]], taps[blocks[-1]]
+    ev.seconds["conservation taps"] = time.perf_counter() - t
+    return out
+
+
+def _heatmap_sample(data: ImageSet, pred, maps, k: int) -> dict:
+    """The first `k` correctly classified images of distinct classes (a fixed rule, not a choice of nice ones)."""
+    chosen, seen = [], set()
+    for i in range(len(data)):
+        label = int(data.labels[i])
+        if int(pred[i]) == label and label not in seen:
+            chosen.append(i)
+            seen.add(label)
+        if len(chosen) == k:
+            break
+    names = data.classes or []
+    titles = [names[int(data.labels[i])] if int(data.labels[i]) < len(names) else f"class {int(data.labels[i])}"
+              for i in chosen]
+    return {"images": data.images[chosen], "titles": titles, "maps": {n: m[chosen] for n, m in maps.items()}}
