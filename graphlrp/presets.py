@@ -1,4 +1,4 @@
-"""Rule presets are data: `rules/NAME.toml` (shipped in the wheel as `graphlrp.presets`) or a user's TOML file.
+"""Rule presets are data: `rules/NAME.toml` (shipped in the wheel as `graphlrp/_rules/`) or a user's TOML file.
 
 Schema (every key is validated; an unknown or malformed key is a PresetError naming it):
 
@@ -23,7 +23,7 @@ from pathlib import Path
 
 from . import ops
 from .errors import PresetError
-from .rules import RULES, SPLITS, get_rule
+from .rules import RULES, SPLITS, check_params, get_rule
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -75,16 +75,10 @@ class Preset:
 
 
 def preset_dir() -> Path:
-    """Where the shipped presets live: the installed package data, or `rules/` of a source checkout."""
-    try:
-        from importlib.resources import files
-
-        path = Path(str(files("graphlrp.presets")))
-        if path.is_dir() and any(path.glob("*.toml")):
-            return path
-    except (ModuleNotFoundError, TypeError):
-        pass
-    return Path(__file__).resolve().parent.parent / "rules"
+    """Where the shipped presets live: `graphlrp/_rules/` in an installed wheel, `rules/` in a source checkout."""
+    here = Path(__file__).resolve().parent
+    installed = here / "_rules"
+    return installed if any(installed.glob("*.toml")) else here.parent / "rules"
 
 
 def available_presets() -> list[str]:
@@ -99,15 +93,14 @@ def _choice(value, where: str, kinds: tuple | None) -> RuleChoice:
             raise PresetError(f"{where}: a rule table needs a 'rule' key")
         params = {k: v for k, v in value.items() if k != "rule"}
         name = value["rule"]
+        if not isinstance(name, str):
+            raise PresetError(f"{where}.rule: expected a rule name, got {name!r}")
     else:
         raise PresetError(f"{where}: expected a rule name or a table, got {value!r}")
     spec = get_rule(name, where)
     if kinds is not None and not set(kinds) & set(spec.kinds):
         raise PresetError(f"{where}: rule {name!r} does not apply to {'/'.join(kinds)} layers")
-    for k in params:
-        if k not in spec.defaults:
-            raise PresetError(f"{where}.{k}: unknown parameter of rule {name!r} "
-                              f"(it takes: {', '.join(spec.defaults) or 'none'})")
+    check_params(spec, params, where)
     return RuleChoice(name, params)
 
 
