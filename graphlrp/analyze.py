@@ -29,6 +29,8 @@ class Merge:
     skip_nodes: list[str] = field(default_factory=list)
     main_nodes: list[str] = field(default_factory=list)
     source: str = ""
+    skip_support: object = None  # for `other` skips: 1 where the skip carries input, 0 where it is structural zero
+
 
     @property
     def skip_length(self) -> int:
@@ -91,8 +93,32 @@ def find_merges(traced: Traced) -> list[Merge]:
             kind = PROJECTION
         else:
             kind = OTHER
-        merges.append(Merge(node.name, kind, fork, skip, skip_nodes, main_nodes, source_line(node)))
+        merge = Merge(node.name, kind, fork, skip, skip_nodes, main_nodes, source_line(node))
+        if kind == OTHER:
+            merge.skip_support = _structural_support(traced, g, fork, skip_nodes)
+        merges.append(merge)
     return merges
+
+
+def _structural_support(traced: Traced, g: nx.DiGraph, fork: str, skip_nodes: list[str]):
+    """Which positions of a parameter-free skip carry its input at all: run the skip branch on ones. Zero-padded
+    channels of a CIFAR option-A shortcut come out 0 — a split must not send relevance there, where it would be lost."""
+    import torch
+
+    fork_node = g.nodes[fork]["node"]
+    env = {fork_node: torch.ones((1, *fork_node.meta["shape"][1:]))}
+    interp = torch.fx.Interpreter(traced.graph_module)
+    for name in skip_nodes:
+        node = g.nodes[name]["node"]
+        args = torch.fx.node.map_arg(node.args, lambda n: env.get(n, n.meta.get("value")))
+        kwargs = torch.fx.node.map_arg(node.kwargs, lambda n: env.get(n, n.meta.get("value")))
+        try:
+            with torch.no_grad():
+                env[node] = getattr(interp, node.op)(node.target, args, kwargs)
+        except Exception:  # a skip that cannot run on ones gets no special treatment
+            return None
+    out = env[g.nodes[skip_nodes[-1]]["node"]]
+    return (out != 0).float() if isinstance(out, torch.Tensor) else None
 
 
 def merge_table(merges: list[Merge]) -> str:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from . import ops, rules
 from .analyze import Merge
 from .errors import UnsupportedOpError
+from .optimize import conv_output_padding, conv_transpose, flipped_kernel  # noqa: F401 (re-exported)
 from .trace import Traced, describe_node
 
 
@@ -138,20 +139,35 @@ class RuleContext:
             return self.call(F.linear, s, weight.t())
         return self.rw.em_conv_transpose(s, weight, self.op)
 
-    def avgpool_transpose(self, s: fx.Node, kernel, stride, padding) -> fx.Node:
+    def avgpool_transpose(self, s: fx.Node, kernel, stride, padding, ceil_mode: bool = False,
+                          count_include_pad: bool = True) -> fx.Node:
+        """poolᵀ(s): each input position receives Σ over the windows holding it of s_w / d_w, d_w being the divisor
+        PyTorch used for window w (k_h·k_w, or fewer for windows cut off by ceil_mode or count_include_pad=False)."""
         in_shape = self.op.in_shape
         c, h, w = in_shape[1:]
         kh, kw = kernel
+        if len(self.op.out_shape) != 4:  # a spatial mean without keepdim: [N, C] -> [N, C, 1, 1]
+            s = self.call(torch.reshape, s, (-1, c, 1, 1))
         if (kh, kw) == (h, w) and tuple(padding) == (0, 0):  # global pooling: spread evenly
+            s = self.call(torch.reshape, s, (-1, c, 1, 1))  # mean(dim=(2, 3)) without keepdim gives [N, C]
             return self.call(torch.mul, self.call(torch.Tensor.expand, s, -1, -1, h, w), 1.0 / (kh * kw))
-        kernel_t = torch.full((c, 1, kh, kw), 1.0 / (kh * kw))
-        geometry = dict(stride=tuple(stride), padding=tuple(padding), dilation=(1, 1), groups=c)
-        out_hw = self._out_hw(s)
-        return self.call(F.conv_transpose2d, s, kernel_t, None, geometry["stride"], geometry["padding"],
-                         conv_output_padding((h, w), out_hw, (kh, kw), geometry), c)
-
-    def _out_hw(self, s):
-        return tuple(self.op.out_shape[-2:])
+        out_hw = tuple(self.op.out_shape[-2:])
+        args = (tuple(kernel), tuple(stride), tuple(padding), ceil_mode, count_include_pad)
+        ones = torch.ones(1, 1, h, w)
+        inv_divisor = F.avg_pool2d(ones, *args) / F.avg_pool2d(ones, *args, divisor_override=1)
+        if torch.allclose(inv_divisor, torch.full_like(inv_divisor, 1.0 / (kh * kw)), rtol=0, atol=1e-12):
+            kernel_t = torch.full((c, 1, kh, kw), 1.0 / (kh * kw))
+        else:
+            s = self.call(torch.mul, s, inv_divisor)
+            kernel_t = torch.ones(c, 1, kh, kw)
+        full = [(o - 1) * st - 2 * p + k for o, st, p, k in zip(out_hw, stride, padding, (kh, kw))]
+        out_pad = tuple(max(0, n - f) for n, f in zip((h, w), full))
+        back = self.call(F.conv_transpose2d, s, kernel_t, None, tuple(stride), tuple(padding), out_pad, c)
+        if full[0] > h:  # ceil_mode windows reaching past the input: drop what falls outside
+            back = self.call(torch.narrow, back, 2, 0, h)
+        if full[1] > w:
+            back = self.call(torch.narrow, back, 3, 0, w)
+        return back
 
     def const_input(self, t: torch.Tensor) -> torch.Tensor:
         return t.expand(self._in_shape1())
@@ -221,23 +237,6 @@ class RuleContext:
     def rank_of(_out, in_shape, index, d) -> int:
         """Rank of the partially restored tensor: dims before d still lack their int-indexed axes."""
         return len(in_shape) - sum(isinstance(x, int) for x in index[:d])
-
-
-def conv_output_padding(in_hw, out_hw, kernel, geometry) -> tuple:
-    """output_padding that makes conv_transpose2d return exactly the conv's input size."""
-    res = []
-    for i in range(2):
-        full = (out_hw[i] - 1) * geometry["stride"][i] - 2 * geometry["padding"][i] + \
-            geometry["dilation"][i] * (kernel[i] - 1) + 1
-        res.append(in_hw[i] - full)
-    return tuple(res)
-
-
-def flipped_kernel(weight: torch.Tensor, groups: int) -> torch.Tensor:
-    """The conv weight whose stride-1 convolution equals conv_transpose2d with `weight`."""
-    cout, cin_g, kh, kw = weight.shape
-    w = weight.view(groups, cout // groups, cin_g, kh, kw).transpose(1, 2)
-    return w.reshape(groups * cin_g, cout // groups, kh, kw).flip(-1, -2).contiguous()
 
 
 class Rewriter:
@@ -357,17 +356,10 @@ class Rewriter:
         return [(src, r) for src, r in zip(op.inputs, out) if isinstance(src, fx.Node)]
 
     def em_conv_transpose(self, s: fx.Node, weight: torch.Tensor, op: ops.Op) -> fx.Node:
-        """conv's transposed map. Stride-1 convs become convs with flipped kernels (faster in every runtime);
-        strided ones use conv_transpose2d with the output_padding that restores the input size."""
+        """conv's transposed map, shaped like the conv's input, as stride-1 convolutions (see `optimize`)."""
         p = op.params
-        kernel = tuple(weight.shape[-2:])
-        pad_t = tuple(d * (k - 1) - pp for d, k, pp in zip(p["dilation"], kernel, p["padding"]))
-        if p["stride"] == (1, 1) and all(v >= 0 for v in pad_t):
-            return self.em.call(F.conv2d, s, flipped_kernel(weight, p["groups"]), None, 1, pad_t, p["dilation"],
-                                p["groups"])
-        out_pad = conv_output_padding(op.in_shape[-2:], op.out_shape[-2:], kernel, p)
-        return self.em.call(F.conv_transpose2d, s, weight, None, p["stride"], p["padding"], out_pad, p["groups"],
-                            p["dilation"])
+        return conv_transpose(self.em, s, weight, p["stride"], p["padding"], p["dilation"], p["groups"],
+                              op.in_shape[-2:], op.out_shape[-2:])
 
 
 def _copy_attr(src: torch.nn.Module, dst: torch.nn.Module, target: str) -> None:

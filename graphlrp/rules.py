@@ -52,6 +52,43 @@ def get_rule(name: str, where: str) -> RuleSpec:
     return RULES[name]
 
 
+# the values the rules' string parameters accept; checked when a preset is read, so a typo names its key
+PARAM_CHOICES = {
+    "stabilizer": ("add", "signed"),
+    "bias": ("keep", "zero", "positive", "negative"),
+    "input": ("activation", "ones"),
+    "dead_units": ("drop", "spread"),
+}
+NONNEGATIVE_PARAMS = ("epsilon", "gamma", "alpha", "beta")
+
+
+def check_params(spec: RuleSpec, params: dict, where: str) -> None:
+    """Validate a preset's parameters for rule `spec`; a PresetError names the offending key `where.param`."""
+    for k, v in params.items():
+        if k not in spec.defaults:
+            raise PresetError(f"{where}.{k}: unknown parameter of rule {spec.name!r} "
+                              f"(it takes: {', '.join(spec.defaults) or 'none'})")
+        default = spec.defaults[k]
+        if k in PARAM_CHOICES:
+            if v not in PARAM_CHOICES[k]:
+                raise PresetError(f"{where}.{k}: must be one of {', '.join(map(repr, PARAM_CHOICES[k]))}, got {v!r}")
+        elif isinstance(default, (int, float)) and not isinstance(default, bool):
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise PresetError(f"{where}.{k}: must be a number, got {v!r}")
+            if k in NONNEGATIVE_PARAMS and v < 0:
+                raise PresetError(f"{where}.{k}: must be >= 0, got {v!r}")
+        elif default is None:  # zbox bounds: a number or one number per channel
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) or (
+                isinstance(v, list) and v and all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in v))
+            if not ok:
+                raise PresetError(f"{where}.{k}: must be a number or a list of numbers (one per channel), got {v!r}")
+    if spec.name == "alpha_beta":
+        alpha = params.get("alpha", spec.defaults["alpha"])
+        beta = params.get("beta", spec.defaults["beta"])
+        if abs(alpha - beta - 1) > 1e-9:
+            raise PresetError(f"{where}: alpha_beta needs alpha - beta = 1 (got alpha={alpha}, beta={beta})")
+
+
 # ------------------------------------------------------------------------------------------ modifiers
 def stabilize(ctx, z, epsilon: float, stabilizer: str):
     """'add': z + ε (the released otsuki2024 code); 'signed': z + ε·sign(z) with sign(0) = +1 (Zennit)."""
@@ -282,7 +319,7 @@ def winner_take_all_rule(ctx):
 def _pool_z_rule(ctx, kernel, stride, padding, ceil_mode, epsilon, stabilizer):
     z = ctx.call(F.avg_pool2d, ctx.a, kernel, stride, padding, ceil_mode, True)
     s = ctx.call(torch.div, ctx.R, stabilize(ctx, z, epsilon, stabilizer))
-    return [ctx.call(torch.mul, ctx.a, ctx.avgpool_transpose(s, kernel, stride, padding))]
+    return [ctx.call(torch.mul, ctx.a, ctx.avgpool_transpose(s, kernel, stride, padding, ceil_mode))]
 
 
 @rule("window_average", (ops.MAXPOOL,))
@@ -310,7 +347,8 @@ def z_pool_rule(ctx, epsilon=1e-6, stabilizer="signed"):
     """z-rule for average pooling: R_in = a ⊙ poolᵀ(R / stab(pool(a))); reuses the forward output."""
     p = ctx.op.params
     s = ctx.call(torch.div, ctx.R, stabilize(ctx, ctx.forward_output, epsilon, stabilizer))
-    return [ctx.call(torch.mul, ctx.a, ctx.avgpool_transpose(s, p["kernel"], p["stride"], p["padding"]))]
+    return [ctx.call(torch.mul, ctx.a, ctx.avgpool_transpose(s, p["kernel"], p["stride"], p["padding"],
+                                                             p["ceil_mode"], p["count_include_pad"]))]
 
 
 # ------------------------------------------------------------------------------------------ merges
@@ -335,8 +373,12 @@ def split_rule(ctx, epsilon=1e-6, stabilizer="signed"):
     if merge is not None and merge.skip_kind == "identity" and not ctx.include_identity:
         r_m, r_s = R, None
     elif split == "symmetric":
-        r_m = ctx.call(torch.mul, R, 0.5)
-        r_s = ctx.call(torch.sub, R, r_m)
+        if merge is not None and merge.skip_support is not None:  # structural zeros of the skip get nothing
+            r_s = ctx.call(torch.mul, R, 0.5 * merge.skip_support)
+            r_m = ctx.call(torch.sub, R, r_s)
+        else:
+            r_m = ctx.call(torch.mul, R, 0.5)
+            r_s = ctx.call(torch.sub, R, r_m)
     elif split == "ratio":
         abs_m, abs_s = ctx.call(torch.abs, h_m), ctx.call(torch.abs, h_s)
         den = ctx.call(torch.add, abs_m, abs_s)
