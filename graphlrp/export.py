@@ -54,8 +54,9 @@ def build_metadata(explainer, extra: dict | None) -> dict:
         "source_model": info["source_model"],
         "input_size": json.dumps([c, h, w]),
         "output_relevance": info["output_relevance"],
-        "preprocessing": json.dumps({"resize": None, "crop": [h, w], "mean": [0.485, 0.456, 0.406],
-                                     "std": [0.229, 0.224, 0.225]}),
+        # torchvision's convention (resize 256, crop 224) for ImageNet-size inputs; small inputs: resize to the crop
+        "preprocessing": json.dumps({"resize": round(min(h, w) * 256 / 224) if min(h, w) >= 128 else min(h, w),
+                                     "crop": [h, w], "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}),
     }
     for key, value in (extra or {}).items():
         meta[key] = value if isinstance(value, str) else json.dumps(value)
@@ -100,6 +101,10 @@ def export_onnx(explainer, path, opset: int = 17, check: bool = True, metadata: 
         model = onnx.load_from_string(_onnx_bytes(explainer, opset, dynamic_spatial))
     except Exception as e:
         raise ExportError(f"torch.onnx could not export the explainer: {type(e).__name__}: {e}") from e
+    if not dynamic_spatial:  # declare the fixed spatial size of `relevance` (the exporter leaves it symbolic)
+        dims = model.graph.output[1].type.tensor_type.shape.dim
+        for dim, size in zip(list(dims)[1:], explainer.info["input_size"]):
+            dim.dim_value = size
     for key, value in build_metadata(explainer, metadata).items():
         entry = model.metadata_props.add()
         entry.key, entry.value = key, value

@@ -233,7 +233,7 @@ async def _read_input(request: Request) -> tuple[bytes | list, int | None]:
     if content_type.startswith("application/json"):
         try:
             body = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
             raise HTTPException(400, f"body is not valid JSON: {e}") from None
         if not isinstance(body, dict):
             raise InputError('JSON body must be an object: {"image_base64": ...} or {"array": ...}')

@@ -106,6 +106,7 @@ def test_metadata_health_metrics_and_page(server, session):
     (dict(json={"something": 1}), 422, "image_base64"),
     (dict(json=[1, 2]), 422, "object"),
     (dict(content=b'{"array": [', headers={"content-type": "application/json"}), 400, "JSON"),
+    (dict(content=b"[" * 100_000, headers={"content-type": "application/json"}), 400, "JSON"),
     (dict(content=b"raw", headers={"content-type": "text/plain"}), 415, "multipart"),
     (dict(content=b"--x\r\n", headers={"content-type": "multipart/form-data"}), 400, "boundary"),
 ])

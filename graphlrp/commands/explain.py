@@ -11,7 +11,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .. import heatmap
-from ..errors import ImageError
+from ..errors import GraphLRPError, ImageError
 from ._types import positive_int
 
 
@@ -26,7 +26,8 @@ def register(sub) -> None:
                    help="class to explain for every image (default: each image's predicted class)")
     p.add_argument("--provider", choices=["cpu", "cuda"], default=None,
                    help="onnxruntime execution provider (default: CUDA when available, else CPU)")
-    p.add_argument("--batch-size", type=positive_int, default=8, metavar="B", help="images per onnxruntime call (default 8)")
+    p.add_argument("--batch-size", type=positive_int, default=8, metavar="B",
+                   help="images per onnxruntime call (default 8)")
     p.set_defaults(func=run)
 
 
@@ -36,13 +37,17 @@ def run(args) -> int:
     session = load(args.model, providers=args.provider)
     session.prepare(np.zeros(session.input_size, np.float32), args.target)  # reject an unknown --target up front
     out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise GraphLRPError(f"cannot create output directory {out}: {e.strerror}") from None
     stems = _unique_stems(args.images)
     skipped = 0
     with tqdm(total=len(args.images), unit="image", disable=True if len(args.images) < 2 else None) as bar:
         for start in range(0, len(args.images), args.batch_size):
+            chunk = args.images[start:start + args.batch_size]
             good, arrays = [], []
-            for path in args.images[start:start + args.batch_size]:
+            for path in chunk:
                 try:
                     arrays.append(session.preprocess(path))
                     good.append(path)
@@ -53,7 +58,7 @@ def run(args) -> int:
                 for path, exp in zip(good, session.explain(np.stack(arrays), args.target)):
                     _write(out, stems[path], exp, session)
                     tqdm.write(f"{path}: {_describe(session, exp)}")
-            bar.update(len(args.images[start:start + args.batch_size]))
+            bar.update(len(chunk))
     if skipped:
         print(f"{skipped} of {len(args.images)} image(s) skipped; outputs for the rest are in {out}", file=sys.stderr)
         return 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 
+from ..errors import GraphLRPError
 from ._types import non_negative_float, positive_int
 
 
@@ -28,10 +29,13 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    import uvicorn
+    try:
+        import uvicorn
 
+        from ..server import ENV_CONFIG, create_app
+    except ImportError as e:
+        raise GraphLRPError(f"graphlrp serve needs {e.name}: pip install 'graphlrp[serve]'") from None
     from ..runtime import load
-    from ..server import ENV_CONFIG, create_app
 
     # split the cores between worker processes instead of letting each onnxruntime take all of them
     threads = max(1, (os.cpu_count() or 1) // args.workers) if args.workers > 1 else None

@@ -1,0 +1,121 @@
+"""ONNX export: the contract (names, dynamic batch, metadata), onnx.checker, and onnxruntime parity with the
+PyTorch explainer on mixed targets; and `graphlrp compile` / `inspect` end to end, offline."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+import torchvision
+
+import graphlrp
+from graphlrp.export import rel_diff
+
+TOL = 1e-4
+
+
+def session(path):
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 2
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+@pytest.fixture(scope="module", params=[("resnet18", 224), ("resnet50", 160)], ids=lambda p: p[0])
+def exported(request, tmp_path_factory):
+    arch, size = request.param
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, arch)().eval()
+    explainer = graphlrp.compile(model, torch.randn(1, 3, size, size), model_name=arch)
+    path = tmp_path_factory.mktemp("onnx") / f"{arch}.onnx"
+    report = explainer.export_onnx(path, metadata={"labels": [f"c{i}" for i in range(1000)]})
+    return arch, size, explainer, path, report
+
+
+def test_contract_and_checker(exported):
+    arch, size, explainer, path, report = exported
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model)
+    assert [i.name for i in model.graph.input] == ["input", "target"]
+    assert [o.name for o in model.graph.output] == ["logits", "relevance"]
+    types = {i.name: i.type.tensor_type.elem_type for i in list(model.graph.input) + list(model.graph.output)}
+    assert types == {"input": onnx.TensorProto.FLOAT, "target": onnx.TensorProto.INT64,
+                     "logits": onnx.TensorProto.FLOAT, "relevance": onnx.TensorProto.FLOAT}
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert meta["preset"] == "otsuki2024" and meta["split"] == "ratio" and meta["include_identity"] == "true"
+    assert json.loads(meta["input_size"]) == [3, size, size] and meta["source_model"] == arch
+    assert json.loads(meta["labels"])[:2] == ["c0", "c1"] and meta["graphlrp_version"] == graphlrp.__version__
+    assert {"mean", "std", "crop"} <= set(json.loads(meta["preprocessing"]))
+    assert report.max_rel_diff <= TOL
+
+
+@pytest.mark.parametrize("batch", [1, 5])
+def test_onnxruntime_matches_pytorch_with_mixed_targets(exported, batch):
+    arch, size, explainer, path, _ = exported
+    x = torch.randn(batch, 3, size, size)
+    target = torch.tensor([-1, 7, -1, 999, 0][:batch])
+    logits_rt, relevance_rt = session(path).run(None, {"input": x.numpy(), "target": target.numpy()})
+    logits_pt, relevance_pt = explainer(x, target)
+    assert relevance_rt.shape == (batch, 3, size, size)
+    assert rel_diff(logits_rt, logits_pt.numpy()) <= TOL
+    for i in range(batch):
+        assert rel_diff(relevance_rt[i], relevance_pt[i].numpy()) <= TOL, f"{arch} sample {i}"
+    # -1 means the sample's own top-1: same as passing that class explicitly
+    top1 = torch.as_tensor(logits_rt.argmax(-1))
+    _, explicit = explainer(x, torch.where(target < 0, top1, target))
+    assert rel_diff(relevance_rt, explicit.numpy()) <= TOL
+
+
+def test_parity_failure_is_loud(tmp_path, monkeypatch):
+    import graphlrp.export as export
+
+    torch.manual_seed(0)
+    explainer = graphlrp.compile(torchvision.models.resnet18().eval(), torch.randn(1, 3, 64, 64))
+    monkeypatch.setattr(export, "PARITY_TOLERANCE", 0.0)
+    with pytest.raises(graphlrp.ExportError, match="onnxruntime disagrees"):
+        explainer.export_onnx(tmp_path / "r18.onnx")
+
+
+def graphlrp_cli(*args, check=True):
+    proc = subprocess.run([sys.executable, "-m", "graphlrp.cli", *args], capture_output=True, text=True)
+    if check:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def test_cli_compile_with_a_local_state_dict_and_offline(tmp_path):
+    torch.manual_seed(1)
+    model = torchvision.models.resnet18().eval()
+    weights = tmp_path / "r18.pth"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}}, weights)  # wrapped
+    out = tmp_path / "r18.onnx"
+    proc = graphlrp_cli("compile", "resnet18", "--weights", str(weights), "-o", str(out), "--input-size", "96")
+    assert "8 found" in proc.stdout and "parity" in proc.stdout and out.exists()
+    x = torch.randn(2, 3, 96, 96)
+    logits, _ = session(out).run(None, {"input": x.numpy(), "target": np.array([-1, -1])})
+    with torch.no_grad():
+        assert rel_diff(logits, model(x).numpy()) < 1e-4  # the file's weights are the state dict's
+    proc = graphlrp_cli("compile", "resnet18", "--weights", "none", "--rules", "otsuki2024-conserving",
+                        "--split", "symmetric", "--no-identity", "--input-size", "64", "-o", str(tmp_path / "r.onnx"))
+    meta = {p.key: p.value for p in onnx.load(str(tmp_path / "r.onnx")).metadata_props}
+    assert (meta["preset"], meta["split"], meta["include_identity"]) == ("otsuki2024-conserving", "symmetric", "false")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["compile", "no_such_model", "-o", "x.onnx"], "unknown model"),
+    (["compile", "resnet18", "--weights", "/nonexistent.pt", "-o", "x.onnx"], "weights file not found"),
+    (["compile", "resnet18", "--weights", "none", "--rules", "nope", "-o", "x.onnx"], "unknown preset"),
+    (["compile", "resnet18", "--weights", "none", "--input-size", "abc", "-o", "x.onnx"], "--input-size"),
+])
+def test_cli_errors_are_clear(args, message, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "graphlrp.cli", *args], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_cli_inspect_needs_no_weights():
+    proc = graphlrp_cli("inspect", "resnet50", "--input-size", "64")
+    assert "16 merges: 12 identity, 4 projection, 0 other" in proc.stdout
