@@ -146,7 +146,9 @@ def compile(model: torch.nn.Module, example_input: torch.Tensor, rules="otsuki20
     preset = load_preset(rules)
     if overrides:
         extra = parse_preset({"overrides": overrides}, "overrides")
-        preset = Preset(**{**preset.__dict__, "overrides": {**extra.overrides, **preset.overrides}})
+        # the compile() argument wins over the preset's own [overrides] (first matching pattern wins)
+        merged = {**extra.overrides, **{k: v for k, v in preset.overrides.items() if k not in extra.overrides}}
+        preset = Preset(**{**preset.__dict__, "overrides": merged})
     split = split or preset.split
     if split not in SPLITS:
         raise PresetError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
@@ -155,14 +157,16 @@ def compile(model: torch.nn.Module, example_input: torch.Tensor, rules="otsuki20
         mean, std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
         box = ((0 - mean) / std, (1 - mean) / std)
     traced = trace(model, example_input)
-    if preset.batchnorm == "fold":
-        fold_batchnorm(traced)
+    folded = fold_batchnorm(traced) if preset.batchnorm == "fold" else None
     merges = find_merges(traced)
     plan = make_plan(traced, preset, split, include_identity, box)
     gm = Rewriter(traced, merges, plan).build()
     info = {"preset": preset.name, "split": split, "include_identity": include_identity,
             "source_model": model_name or type(model).__name__,
-            "input_size": list(example_input.shape[1:]), "output_relevance": preset.output}
+            "input_size": list(example_input.shape[1:]), "output_relevance": preset.output,
+            "batchnorm": preset.batchnorm}
+    if folded is not None:
+        info["batchnorm_folded"] = folded  # {"into_producer": n, "into_consumer": n, "kept": n}
     return Explainer(gm, traced, merges, plan, preset, info)
 
 

@@ -6,6 +6,7 @@ runtime needs to preprocess images and label results (see `METADATA_KEYS`).
 """
 from __future__ import annotations
 
+import copy
 import io
 import json
 import warnings
@@ -29,6 +30,10 @@ class ExportReport:
     max_rel_diff_logits: float
     size_bytes: int
     opset: int
+    # only measured when the direct comparison misses PARITY_TOLERANCE: both runtimes against a float64 run of the
+    # same graph (an ill-conditioned explainer, e.g. ε = 1e-6 at a near-zero sum, is not float32-exact anywhere)
+    float32_error_pytorch: float | None = None
+    float32_error_onnxruntime: float | None = None
 
     @property
     def max_rel_diff(self) -> float:
@@ -63,42 +68,206 @@ def build_metadata(explainer, extra: dict | None) -> dict:
     return meta
 
 
-def _onnx_bytes(explainer, opset: int, dynamic_spatial: bool) -> bytes:
+def _num_classes(explainer) -> int:
+    output = next(n for n in explainer._traced.graph.nodes if n.op == "output")
+    return int(output.args[0].meta["shape"][-1])
+
+
+def _parity_batch(explainer, batch: int = 2, seed: int = 0):
+    """A random input batch and mixed targets: even samples their top-1 (-1), odd ones a random class."""
     c, h, w = explainer.info["input_size"]
-    x = torch.randn(2, c, h, w)
-    target = torch.tensor([-1, 0], dtype=torch.long)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, c, h, w, generator=g)
+    target = torch.full((batch,), -1, dtype=torch.long)
+    target[1::2] = torch.randint(0, _num_classes(explainer), (len(target[1::2]),), generator=g)
+    return x, target
+
+
+def _onnx_bytes(explainer, opset: int, dynamic_spatial: bool, x: torch.Tensor, target: torch.Tensor):
+    """The ONNX model, traced on (x, target), and the PyTorch explainer's outputs of that very run (the tracer
+    executes the graph eagerly): the PyTorch side of the parity check, without running the explainer again."""
     axes = {"input": {0: "batch"}, "target": {0: "batch"}, "logits": {0: "batch"}, "relevance": {0: "batch"}}
     if dynamic_spatial:
         axes["input"].update({2: "height", 3: "width"})
         axes["relevance"].update({2: "height", 3: "width"})
     buf = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # tracer warnings about constant sizes: H and W are fixed by design
-        torch.onnx.export(explainer.graph_module, (x, target), buf, input_names=["input", "target"],
-                          output_names=["logits", "relevance"], dynamic_axes=axes, opset_version=opset,
-                          dynamo=False, do_constant_folding=True)
-    return buf.getvalue()
+    outputs = []
+    hook = explainer.graph_module.register_forward_hook(lambda module, args, out: outputs.append(out))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer warnings about constant sizes: H and W are fixed by design
+            torch.onnx.export(explainer.graph_module, (x, target), buf, input_names=["input", "target"],
+                              output_names=["logits", "relevance"], dynamic_axes=axes, opset_version=opset,
+                              dynamo=False, do_constant_folding=True)
+    finally:
+        hook.remove()
+    logits, relevance = (t.detach().clone() for t in outputs[-1][:2])
+    return buf.getvalue(), (logits, relevance)
 
 
-def parity(explainer, session, batch: int = 3, seed: int = 0) -> tuple[float, float]:
+def parity(explainer, session, batch: int = 2, seed: int = 0) -> tuple[float, float]:
     """Max relative difference of onnxruntime vs the PyTorch explainer on a random batch with mixed targets."""
-    c, h, w = explainer.info["input_size"]
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, c, h, w, generator=g)
-    logits_pt, _ = explainer(x)
-    target = torch.full((batch,), -1, dtype=torch.long)
-    target[1::2] = torch.randint(0, logits_pt.shape[1], (len(target[1::2]),), generator=g)
+    x, target = _parity_batch(explainer, batch, seed)
     logits_pt, rel_pt = explainer(x, target)
     logits_rt, rel_rt = session.run(["logits", "relevance"], {"input": x.numpy(), "target": target.numpy()})
     return rel_diff(rel_rt, rel_pt.numpy()), rel_diff(logits_rt, logits_pt.numpy())
+
+
+def _float64_relevance(explainer, x: torch.Tensor, target: torch.Tensor) -> np.ndarray:
+    """The same explainer graph evaluated in float64: the reference both float32 runtimes approximate."""
+    gm = copy.deepcopy(explainer.graph_module).double()
+    with torch.no_grad():
+        _, rel = gm(x.double(), target)
+    return rel.numpy()
+
+
+def check_parity(explainer, session, report: ExportReport, x, target, expected) -> None:
+    """Raise ExportError unless onnxruntime reproduces the PyTorch explainer's `expected` (logits, relevance) on
+    (x, target).
+
+    Passes when they agree to PARITY_TOLERANCE (max |a - b| / max |b|). An explainer can be ill-conditioned in
+    float32 (a stabiliser ε = 1e-6 dividing a sum that is nearly zero amplifies rounding); then PyTorch's own
+    float32 result is not within the tolerance of the exact one either, and the export passes when onnxruntime
+    is no further from a float64 run of the same graph than twice PyTorch's float32 error (and the two agree to
+    10 × the tolerance)."""
+    logits_pt, rel_pt = (t.numpy() for t in expected)
+    logits_rt, rel_rt = session.run(["logits", "relevance"], {"input": x.numpy(), "target": target.numpy()})
+    report.max_rel_diff_relevance = rel_diff(rel_rt, rel_pt)
+    report.max_rel_diff_logits = rel_diff(logits_rt, logits_pt)
+    tol = PARITY_TOLERANCE
+    if report.max_rel_diff <= tol:
+        return
+    conditioning = ""
+    if report.max_rel_diff_logits <= tol and report.max_rel_diff_relevance <= 10 * tol:
+        exact = _float64_relevance(explainer, x, target)
+        report.float32_error_pytorch = rel_diff(rel_pt, exact)
+        report.float32_error_onnxruntime = rel_diff(rel_rt, exact)
+        if report.float32_error_pytorch > tol and \
+                report.float32_error_onnxruntime <= 2 * report.float32_error_pytorch:
+            return
+        conditioning = (f"; against a float64 run: onnxruntime {report.float32_error_onnxruntime:.2e}, "
+                        f"PyTorch {report.float32_error_pytorch:.2e}")
+    raise ExportError(f"onnxruntime disagrees with the PyTorch explainer: max relative difference "
+                      f"{report.max_rel_diff:.2e} > {tol:.0e}{conditioning} ({report.path})")
+
+
+def _derived_forms(a: np.ndarray):
+    """The forms a rule weight takes in the explainer: W⁺ = max(W, 0), and the kernel of a stride-1 transposed
+    convolution (input/output channels swapped, spatially flipped) of W or of W⁺."""
+    flip = lambda w: np.ascontiguousarray(w.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1])  # noqa: E731
+    pos = np.maximum(a, 0)
+    return (("relu", pos), ("flip", flip(a)), ("relu_flip", flip(pos)))
+
+
+def _key(a: np.ndarray) -> tuple:
+    return a.shape, float(np.abs(a).sum(dtype=np.float64))
+
+
+def share_derived_weights(model) -> int:
+    """Store each conv weight once: an initializer equal to another one's max(·, 0), or to its flipped,
+    channel-swapped copy, becomes Relu / Transpose + Slice nodes computing it from that one (chains allowed:
+    W → W⁺ → flipped W⁺). onnxruntime folds these nodes back into constants when it loads the model (constant
+    folding runs before its NCHWc conv layout), so only the file shrinks. Returns how many were replaced."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = model.graph
+    arrays = {i.name: numpy_helper.to_array(i) for i in graph.initializer
+              if i.data_type == TensorProto.FLOAT and len(i.dims) == 4 and i.dims[0] * i.dims[1] > 1}
+    by_key: dict = {}
+    for name, a in arrays.items():
+        by_key.setdefault(_key(a), []).append(name)
+    parents: dict = {}  # name -> [(base, form)], in the order of _derived_forms (shortest first)
+    for base, a in arrays.items():
+        for form, d in _derived_forms(a):
+            for name in by_key.get(_key(d), ()):
+                if name != base and np.array_equal(arrays[name], d):
+                    parents.setdefault(name, []).append((base, form))
+    # resolve from the stored roots outwards, so that every derived weight hangs off a stored one (no cycles)
+    stored = [n for n in arrays if n not in parents]
+    resolved, derived = set(stored), {}
+    while len(resolved) < len(arrays):
+        progress = False
+        for name, options in parents.items():
+            if name in resolved:
+                continue
+            usable = [(b, f) for b, f in options if b in resolved]
+            if usable:
+                derived[name] = min(usable, key=lambda bf: len(bf[1]))  # fewest nodes: flip of W⁺ over W
+                resolved.add(name)
+                progress = True
+        if not progress:  # only a cycle is left (e.g. two weights that are each other's flip): keep one stored
+            resolved.add(next(n for n in parents if n not in resolved))
+    if not derived:
+        return 0
+    big = np.iinfo(np.int64).max
+    helpers = [numpy_helper.from_array(np.array(v, np.int64), n) for n, v in
+               (("_flip_starts", [-1, -1]), ("_flip_ends", [-big, -big]), ("_flip_axes", [2, 3]),
+                ("_flip_steps", [-1, -1]))]
+    nodes, order = [], []
+    pending = dict(derived)
+    while pending:  # bases before the weights derived from them
+        ready = [n for n, (b, _) in pending.items() if b not in pending]
+        assert ready, "derived weights form a cycle"
+        order += ready
+        for n in ready:
+            del pending[n]
+    for name in order:
+        src, form = derived[name]
+        if form.startswith("relu"):
+            out = name if form == "relu" else f"{name}_pos"
+            nodes.append(helper.make_node("Relu", [src], [out], name=f"{name}_relu"))
+            src = out
+        if form.endswith("flip"):
+            nodes.append(helper.make_node("Transpose", [src], [f"{name}_swap"], perm=[1, 0, 2, 3],
+                                          name=f"{name}_swap"))
+            nodes.append(helper.make_node("Slice", [f"{name}_swap", "_flip_starts", "_flip_ends", "_flip_axes",
+                                                    "_flip_steps"], [name], name=f"{name}_flip"))
+    kept = [i for i in graph.initializer if i.name not in derived]
+    del graph.initializer[:]
+    graph.initializer.extend(kept + helpers)
+    old = list(graph.node)
+    del graph.node[:]
+    graph.node.extend(nodes + old)
+    return len(derived)
+
+
+def count_macs(model) -> float:
+    """Multiply-accumulates per sample of an ONNX model's Conv, ConvTranspose, Gemm and MatMul nodes (shapes from
+    onnx shape inference, symbolic dims as 1): the cost measure of the explainer-vs-forward comparisons."""
+    from onnx import numpy_helper, shape_inference
+
+    model = shape_inference.infer_shapes(model)
+    shapes = {vi.name: [d.dim_value or 1 for d in vi.type.tensor_type.shape.dim]
+              for vi in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output)}
+    shapes.update({i.name: list(i.dims) for i in model.graph.initializer})
+    for node in model.graph.node:  # weights held in Constant nodes
+        if node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.name == "value":
+                    shapes[node.output[0]] = list(numpy_helper.to_array(attr.t).shape)
+    total = 0.0
+    for node in model.graph.node:
+        out, ins = shapes.get(node.output[0]), [shapes.get(i) for i in node.input]
+        if out is None or any(s is None for s in ins[:2]):
+            continue
+        if node.op_type == "Conv":
+            total += float(np.prod(out)) * float(np.prod(ins[1][1:]))
+        elif node.op_type == "ConvTranspose":
+            total += float(np.prod(ins[0])) * float(np.prod(ins[1][1:]))
+        elif node.op_type in ("Gemm", "MatMul"):
+            transposed = any(a.name == "transA" and a.i for a in node.attribute)
+            total += float(np.prod(out)) * (ins[0][-2] if transposed else ins[0][-1])
+    return total
 
 
 def export_onnx(explainer, path, opset: int = 17, check: bool = True, metadata: dict | None = None,
                 dynamic_spatial: bool = False, verbose: bool = False) -> ExportReport:
     import onnx
 
+    x, target = _parity_batch(explainer)
     try:
-        model = onnx.load_from_string(_onnx_bytes(explainer, opset, dynamic_spatial))
+        data, expected = _onnx_bytes(explainer, opset, dynamic_spatial, x, target)
+        model = onnx.load_from_string(data)
     except Exception as e:
         raise ExportError(f"torch.onnx could not export the explainer: {type(e).__name__}: {e}") from e
     if not dynamic_spatial:  # declare the fixed spatial size of `relevance` (the exporter leaves it symbolic)
@@ -109,10 +278,12 @@ def export_onnx(explainer, path, opset: int = 17, check: bool = True, metadata: 
         entry = model.metadata_props.add()
         entry.key, entry.value = key, value
     model.producer_name = "graphlrp"
-    onnx.checker.check_model(model, full_check=True)
+    share_derived_weights(model)
+    data = model.SerializeToString()  # once: the checker and the file both take the bytes
+    onnx.checker.check_model(data, full_check=True)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(path))
+    path.write_bytes(data)
     report = ExportReport(str(path), float("nan"), float("nan"), path.stat().st_size, opset)
     if check:
         import onnxruntime as ort
@@ -120,8 +291,5 @@ def export_onnx(explainer, path, opset: int = 17, check: bool = True, metadata: 
         options = ort.SessionOptions()
         options.log_severity_level = 3
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        report.max_rel_diff_relevance, report.max_rel_diff_logits = parity(explainer, session)
-        if not report.max_rel_diff <= PARITY_TOLERANCE:
-            raise ExportError(f"onnxruntime disagrees with the PyTorch explainer: max relative difference "
-                              f"{report.max_rel_diff:.2e} > {PARITY_TOLERANCE:.0e} ({path})")
+        check_parity(explainer, session, report, x, target, expected)
     return report

@@ -266,25 +266,26 @@ def _maxpool_function(node, traced):
                    dilation=_pair(v(4, "dilation", 1)), ceil_mode=bool(v(5, "ceil_mode", False))))
 
 
-def _avgpool(node, kernel, stride, padding=(0, 0), ceil_mode=False, count_include_pad=True):
+def _avgpool(node, kernel, stride, padding=(0, 0), ceil_mode=False, count_include_pad=True, divisor_override=None):
     kernel, stride, padding = _pair(kernel), _pair(stride or kernel), _pair(padding)
-    if any(padding) and not count_include_pad:
-        raise UnsupportedOpError(f"{describe_node(node)}: average pooling with count_include_pad=False")
+    if divisor_override is not None:
+        raise UnsupportedOpError(f"{describe_node(node)}: average pooling with divisor_override")
     return Op(AVGPOOL, node, (node.args[0],), dict(kernel=kernel, stride=stride, padding=padding,
-                                                   ceil_mode=bool(ceil_mode)))
+                                                   ceil_mode=bool(ceil_mode),
+                                                   count_include_pad=bool(count_include_pad)))
 
 
 @describes(modules=[nn.AvgPool2d])
 def _avgpool_module(node, traced):
     m = traced.module(node)
-    return _avgpool(node, m.kernel_size, m.stride, m.padding, m.ceil_mode, m.count_include_pad)
+    return _avgpool(node, m.kernel_size, m.stride, m.padding, m.ceil_mode, m.count_include_pad, m.divisor_override)
 
 
 @describes(functions=[F.avg_pool2d, "torch.avg_pool2d"])
 def _avgpool_function(node, traced):
     v = lambda i, name, d=None: value(_arg(node, i, name, d), traced)  # noqa: E731
     return _avgpool(node, v(1, "kernel_size"), v(2, "stride", None), v(3, "padding", 0), v(4, "ceil_mode", False),
-                    v(5, "count_include_pad", True))
+                    v(5, "count_include_pad", True), v(6, "divisor_override", None))
 
 
 def _adaptive(node, out_size):

@@ -6,13 +6,16 @@ Schema (every key is validated; an unknown or malformed key is a PresetError nam
     output = "probability" | "logit"   # relevance put on the target class at the start
     split = "ratio" | "symmetric" | "signed"
     include_identity = true | false    # whether identity skips receive relevance
-    batchnorm = "pass" | "fold"        # relevance passes through BN, or BN is folded into the adjacent conv
+    batchnorm = "pass" | "fold"        # relevance passes through BN, or BN is folded into an adjacent conv/linear
+                                       # where that is exact (graphlrp/canonize.py); unfolded BNs get rules.batchnorm
 
     [rules]                            # layer category -> rule name, or a table {rule = NAME, param = value, ...}
     first_layer, conv, linear, batchnorm, activation, maxpool, avgpool, merge, constant_add, scale, gate, identity
 
     [overrides]                        # glob on module path or node name -> rule (applied where the rule fits)
-    "layer4.*" = "epsilon"
+    "layer4.*" = "epsilon"             # first matching pattern wins; compile(overrides=...) comes before these
+
+Rule parameters are checked against the rule's signature and value constraints (rules.check_params).
 """
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from . import ops, rules
 from .analyze import Merge
 from .errors import UnsupportedOpError
-from .optimize import conv_output_padding, conv_transpose, flipped_kernel  # noqa: F401 (re-exported)
+from .optimize import conv_transpose, optimize_graph
 from .trace import Traced, describe_node
 
 
@@ -48,6 +48,7 @@ class Emitter:
 
     def __init__(self, graph: fx.Graph, root: torch.nn.Module):
         self.graph, self.root, self._count = graph, root, 0
+        self._consts: dict = {}  # fingerprint -> [(tensor, get_attr node)]: equal constants are stored once
 
     def call(self, fn, *args, **kwargs) -> fx.Node:
         args = tuple(self.lift(a) for a in args)
@@ -60,10 +61,20 @@ class Emitter:
         return arg
 
     def const(self, tensor: torch.Tensor, hint: str = "c") -> fx.Node:
+        value = tensor.detach().float().contiguous()
+        if value._base is not None:  # a view would keep (and save) its whole base tensor
+            value = value.clone()
+        flat = value.reshape(-1)
+        key = (tuple(value.shape), float(flat.sum()), float(flat[0]) if flat.numel() else 0.0)  # then torch.equal
+        for other, node in self._consts.get(key, ()):
+            if torch.equal(other, value):
+                return node
         name = f"_lrp_{hint}{self._count}"
         self._count += 1
-        self.root.register_buffer(name, tensor.detach().clone().contiguous().float(), persistent=True)
-        return self.graph.get_attr(name)
+        self.root.register_buffer(name, value, persistent=True)
+        node = self.graph.get_attr(name)
+        self._consts.setdefault(key, []).append((getattr(self.root, name), node))
+        return node
 
 
 class RuleContext:
@@ -149,7 +160,6 @@ class RuleContext:
         if len(self.op.out_shape) != 4:  # a spatial mean without keepdim: [N, C] -> [N, C, 1, 1]
             s = self.call(torch.reshape, s, (-1, c, 1, 1))
         if (kh, kw) == (h, w) and tuple(padding) == (0, 0):  # global pooling: spread evenly
-            s = self.call(torch.reshape, s, (-1, c, 1, 1))  # mean(dim=(2, 3)) without keepdim gives [N, C]
             return self.call(torch.mul, self.call(torch.Tensor.expand, s, -1, -1, h, w), 1.0 / (kh * kw))
         out_hw = tuple(self.op.out_shape[-2:])
         args = (tuple(kernel), tuple(stride), tuple(padding), ceil_mode, count_include_pad)
@@ -335,8 +345,8 @@ class Rewriter:
                 _copy_attr(self.traced.graph_module, root, node.target)
         gm = fx.GraphModule(root, graph, "Explainer")
         gm.graph.eliminate_dead_code()  # e.g. forward values no rule needed
-        gm.graph.lint()
-        gm.recompile()
+        seeds = [self.env[n] for n in self.traced.graph.nodes if self.nonnegative.get(n.name) and n in self.env]
+        optimize_graph(gm, seeds)  # exact peepholes (sign facts, ε folded into conv biases); lints, recompiles
         return gm.eval()
 
     def _apply_rule(self, node: fx.Node, R: fx.Node):

@@ -190,8 +190,9 @@ def zero_rule(ctx, bias="keep", input="activation"):
 @rule("zplus", AFFINE)
 def zplus_rule(ctx, epsilon=1e-6, stabilizer="signed", bias="positive", input="activation", dead_units="drop"):
     """z⁺: positive weights on positive inputs (and negative on negative); bias 'positive', 'keep' or 'zero'.
-    dead_units='spread': where no input contributes positively (z⁺ = 0) relevance is not dropped but spread in
-    proportion to W⁺, as if the inputs were ones — this closes z⁺'s only leak."""
+    dead_units='spread': where no input contributes positively (z⁺ ≤ ε) relevance is not dropped but spread in
+    proportion to W⁺, as if the inputs were ones (uniformly where W⁺ is zero too); every other unit divides by z⁺
+    itself, not z⁺ + ε. This closes z⁺'s leaks: relevance is conserved to float precision."""
     a = _input(ctx, input)
     terms = _signed_parts(ctx, a, ctx.weight, ctx.bias, bias, "zero")
     if dead_units == "drop":
@@ -202,8 +203,8 @@ def zplus_rule(ctx, epsilon=1e-6, stabilizer="signed", bias="positive", input="a
     for t in terms:
         zk = ctx.affine(t.input, t.weight, t.bias)
         z = zk if z is None else ctx.call(torch.add, z, zk)
-    dead = ctx.call(torch.le, z, 0.0)
-    live = ctx.call(torch.where, dead, 0.0, ctx.call(torch.div, ctx.R, stabilize(ctx, z, epsilon, stabilizer)))
+    dead = ctx.call(torch.le, z, float(epsilon))
+    live = ctx.call(torch.where, dead, 0.0, ctx.call(torch.div, ctx.R, ctx.call(torch.where, dead, 1.0, z)))
     total = None
     for t in terms:
         back = ctx.affine_transpose(live, t.weight)
@@ -215,7 +216,17 @@ def zplus_rule(ctx, epsilon=1e-6, stabilizer="signed", bias="positive", input="a
         z_ones = ctx.affine_value("ones", w_pos, None)
     inverse = torch.where(z_ones > 0, 1.0 / z_ones.clamp_min(1e-30), torch.zeros_like(z_ones))
     spread = ctx.call(torch.where, dead, ctx.call(torch.mul, ctx.R, inverse), 0.0)
-    return [ctx.call(torch.add, total, ctx.affine_transpose(spread, w_pos))]
+    total = ctx.call(torch.add, total, ctx.affine_transpose(spread, w_pos))
+    if bool((z_ones <= 0).any()):
+        # units whose receptive field holds no positive weight at all (e.g. a border position of a first-layer
+        # filter whose positive taps all fall on the padding): spread uniformly over the receptive field (flat)
+        ones_w = torch.ones_like(ctx.weight)
+        with torch.no_grad():
+            count = ctx.affine_value("ones", ones_w, None)
+        flat_inverse = torch.where((z_ones <= 0) & (count > 0), 1.0 / count.clamp_min(1e-30), torch.zeros_like(count))
+        flat = ctx.call(torch.where, dead, ctx.call(torch.mul, ctx.R, flat_inverse), 0.0)
+        total = ctx.call(torch.add, total, ctx.affine_transpose(flat, ones_w))
+    return [total]
 
 
 @rule("alpha_beta", AFFINE)
@@ -343,12 +354,29 @@ def avg2x2_rule(ctx, epsilon=1e-5, stabilizer="add"):
 
 
 @rule("z", (ops.AVGPOOL,))
-def z_pool_rule(ctx, epsilon=1e-6, stabilizer="signed"):
-    """z-rule for average pooling: R_in = a ⊙ poolᵀ(R / stab(pool(a))); reuses the forward output."""
+def z_pool_rule(ctx, epsilon=1e-6, stabilizer="signed", dead_units="drop"):
+    """z-rule for average pooling: R_in = a ⊙ poolᵀ(R / stab(pool(a))); reuses the forward output.
+    dead_units='spread': a window whose average is ~0 (|z| ≤ ε) spreads its relevance evenly over its inputs
+    instead of dropping it, and every other window divides by z itself: relevance is conserved."""
     p = ctx.op.params
-    s = ctx.call(torch.div, ctx.R, stabilize(ctx, ctx.forward_output, epsilon, stabilizer))
-    return [ctx.call(torch.mul, ctx.a, ctx.avgpool_transpose(s, p["kernel"], p["stride"], p["padding"],
-                                                             p["ceil_mode"], p["count_include_pad"]))]
+    geometry = (p["kernel"], p["stride"], p["padding"], p["ceil_mode"], p["count_include_pad"])
+    z = ctx.forward_output
+    if dead_units == "drop":
+        s = ctx.call(torch.div, ctx.R, stabilize(ctx, z, epsilon, stabilizer))
+        return [ctx.call(torch.mul, ctx.a, ctx.avgpool_transpose(s, *geometry))]
+    if dead_units != "spread":
+        raise PresetError(f"dead_units must be 'drop' or 'spread', got {dead_units!r}")
+    dead = ctx.call(torch.le, ctx.call(torch.abs, z), float(epsilon))
+    s = ctx.call(torch.where, dead, 0.0, ctx.call(torch.div, ctx.R, ctx.call(torch.where, dead, 1.0, z)))
+    live = ctx.call(torch.mul, ctx.a, ctx.avgpool_transpose(s, *geometry))
+    # poolᵀ gives each input Σ_w s_w / d_w (d_w: PyTorch's divisor); R_w · d_w / n_w (n_w: the window's inputs)
+    # spreads R_w evenly: d_w / n_w = 1 / avg_pool(ones)
+    flat = ctx.call(torch.where, dead, ctx.R, 0.0)
+    h, w = ctx.op.in_shape[-2:]
+    ones_avg = F.avg_pool2d(torch.ones(1, 1, h, w), *geometry)
+    if not torch.allclose(ones_avg, torch.ones_like(ones_avg)):
+        flat = ctx.call(torch.mul, flat, 1.0 / ones_avg)
+    return [ctx.call(torch.add, live, ctx.avgpool_transpose(flat, *geometry))]
 
 
 # ------------------------------------------------------------------------------------------ merges

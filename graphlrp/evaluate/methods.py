@@ -32,7 +32,7 @@ class Context:
     example: torch.Tensor  # [1, C, H, W], normalised
     batch_size: int = 64
     cam_layer: str | None = None
-    box: tuple[torch.Tensor, torch.Tensor] | None = None  # normalised images of all-black and all-white pixels
+    box: tuple[torch.Tensor, torch.Tensor] | None = None  # per channel: a black and a white pixel, normalised
     notes: dict[str, list[str]] = field(default_factory=dict)
 
     def note(self, source: str, text: str) -> None:
@@ -76,14 +76,12 @@ def resolve(spec: str) -> list[str]:
 # --- graphlrp ------------------------------------------------------------------------------------------------------
 
 def _graphlrp(ctx: Context, rules: str, **options) -> Iterator[Attribute]:
-    try:
-        import graphlrp
-        from graphlrp.errors import GraphLRPError
+    import graphlrp
+    from graphlrp.errors import GraphLRPError
 
+    try:
         explainer = graphlrp.compile(ctx.model, ctx.example, rules=rules, box=ctx.box, **options)
-    except (ImportError, AttributeError) as e:
-        raise Unavailable(f"graphlrp's compiler is not available ({e})") from e
-    except GraphLRPError as e:
+    except GraphLRPError as e:  # unknown preset, or a model the compiler cannot explain
         raise Unavailable(f"graphlrp could not compile the model with rules={rules!r}: {e}") from e
     yield lambda x, target: explainer(x, target)[1]
 

@@ -9,12 +9,14 @@ probability of the ground-truth class; the score is the trapezoid area with the 
 ID = insertion − deletion.
 
 Most of the cost is the model calls, so `InsertionDeletion` runs each distinct masked image once per image — across
-steps and across methods — on a BatchNorm-folded copy of the model.
+steps and across methods — through onnxruntime where the model exports.
 """
 from __future__ import annotations
 
-import copy
+import io
 import math
+import warnings
+from typing import Callable
 
 import numpy as np
 import torch
@@ -80,29 +82,54 @@ def mean_se(values) -> tuple[float, float]:
     return float(values.mean()), float(se)
 
 
-def fast_inference_copy(model: torch.nn.Module) -> torch.nn.Module:
-    """A copy of `model` for the metric's many forward passes: BatchNorm folded into the preceding convolutions
-    (torch.fx) and channels-last memory, about 1.4× faster on CPU. Falls back to a plain copy for models torch.fx
-    cannot trace; the probabilities agree with the original to float rounding either way."""
+def fast_logits(model: torch.nn.Module, example: torch.Tensor) -> tuple[Callable[[torch.Tensor], torch.Tensor], str]:
+    """A faster stand-in for `model(x)` for the metric's many forward passes, and its name for the report.
+
+    onnxruntime (a graphlrp dependency) runs these small-batch CNN forwards about 1.6× faster than PyTorch eager on
+    CPU; the export is checked against the model on `example` and dropped if it disagrees. Otherwise, a torch.fx
+    copy with BatchNorm folded into the convolutions in channels-last memory; otherwise the model itself.
+    """
+    with torch.inference_mode():
+        expected = model(example)
+    try:
+        import onnxruntime
+
+        buffer = io.BytesIO()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model, example, buffer, input_names=["x"], output_names=["logits"],
+                              dynamic_axes={"x": {0: "n"}}, opset_version=17, dynamo=False)
+        options = onnxruntime.SessionOptions()
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # spinning hurts on shared cores
+        session = onnxruntime.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
+
+        def run(x):
+            return torch.from_numpy(session.run(None, {"x": x.numpy()})[0])
+
+        if torch.allclose(run(example), expected, rtol=1e-3, atol=1e-4):
+            return run, f"onnxruntime {onnxruntime.__version__}"
+    except Exception:  # no exporter for some op of the user's model: PyTorch below is still correct
+        pass
     from torch.fx.experimental.optimization import fuse
 
     try:
-        fast = fuse(model.eval())
-    except Exception:  # untraceable user model: the plain model is still correct, only slower
-        fast = copy.deepcopy(model).eval()
-    return fast.to(memory_format=torch.channels_last)
+        fused = fuse(model).to(memory_format=torch.channels_last)
+    except Exception:  # untraceable by torch.fx
+        return model, "PyTorch"
+    return (lambda x: fused(x.contiguous(memory_format=torch.channels_last))), "PyTorch, BatchNorm folded"
 
 
 class InsertionDeletion:
-    """Insertion and deletion curves of many attribution maps on the same images."""
+    """Insertion and deletion curves of many attribution maps on the same images. `example`: a few normalised
+    images to check the fast forward path against the model."""
 
-    def __init__(self, model: torch.nn.Module, mean, std, step: int, batch_size: int = 256):
-        self.model = fast_inference_copy(model)
+    def __init__(self, model: torch.nn.Module, example: torch.Tensor, mean, std, step: int, batch_size: int = 256):
         self.mean = torch.as_tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
         self.std = torch.as_tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
         self.step = step
         self.batch_size = batch_size
         self.model_calls = 0
+        self.logits, self.backend = fast_logits(model.eval(), example)
 
     def curves(self, images: torch.Tensor, labels: torch.Tensor, maps: dict[str, torch.Tensor]
                ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -135,7 +162,7 @@ class InsertionDeletion:
         for start in range(0, len(owners), self.batch_size):
             idx = owners[start:start + self.batch_size]
             x = (images[idx] * kept[start:start + self.batch_size] - self.mean) / self.std
-            logits = self.model(x.contiguous(memory_format=torch.channels_last))
+            logits = self.logits(x)
             probs.append(logits.float().softmax(-1).gather(1, labels[idx][:, None])[:, 0])
             self.model_calls += len(idx)
         return torch.cat(probs).numpy().astype(np.float64)

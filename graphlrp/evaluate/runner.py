@@ -20,7 +20,7 @@ from . import methods as registry
 from .data import ImageSet
 from .metrics import InsertionDeletion, auc, curve_length, pixel_maps, quantize
 
-LIBRARIES = ("graphlrp", "torch", "torchvision", "captum", "zennit", "grad-cam", "numpy")
+LIBRARIES = ("graphlrp", "torch", "torchvision", "captum", "zennit", "grad-cam", "onnxruntime", "numpy")
 MASK_BUDGET = 2 ** 26  # booleans of masks held at once while the curves of a chunk of images are computed
 
 
@@ -74,7 +74,7 @@ def evaluate(model: torch.nn.Module, data: ImageSet, method_names: list[str], *,
              command: str = "") -> Evaluation:
     """Run the protocol for `method_names` on all of `data`. Explanations target the predicted class (as the
     paper's code does); curves record the probability of the labelled class."""
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     model.eval()
     mean_t = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
     std_t = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
@@ -95,11 +95,12 @@ def evaluate(model: torch.nn.Module, data: ImageSet, method_names: list[str], *,
     maps = _method_maps(ctx, x, pred, method_names, (h, w), ev)
     ev.notes = ctx.notes
     t = time.perf_counter()
-    _curves(model, data, maps, ev, batch_size=max(batch_size, 256))
+    _curves(model, data, maps, ev, batch_size=max(batch_size, 256), example=x[:8])
     ev.seconds["insertion/deletion curves"] = time.perf_counter() - t
     ev.conservation = _conservation(ctx, x, pred, logits, ev)
     ev.heatmaps = _heatmap_sample(data, pred, maps, heatmap_images)
     ev.seconds["total"] = time.perf_counter() - start
+    ev.seconds["total CPU time, all threads"] = time.process_time() - cpu_start
     return ev
 
 
@@ -135,11 +136,12 @@ def _method_maps(ctx, x, pred, names, size, ev: Evaluation) -> dict[str, torch.T
     return maps
 
 
-def _curves(model, data: ImageSet, maps: dict[str, torch.Tensor], ev: Evaluation, batch_size: int) -> None:
+def _curves(model, data: ImageSet, maps: dict[str, torch.Tensor], ev: Evaluation, batch_size: int,
+            example: torch.Tensor) -> None:
     if not maps:
         return
     h, w = data.images.shape[-2:]
-    evaluator = InsertionDeletion(model, ev.mean, ev.std, ev.step, batch_size=batch_size)
+    evaluator = InsertionDeletion(model, example, ev.mean, ev.std, ev.step, batch_size=batch_size)
     chunk = max(1, MASK_BUDGET // (len(maps) * 2 * ev.points * h * w))
     ins = {name: [] for name in maps}
     dele = {name: [] for name in maps}
@@ -156,18 +158,26 @@ def _curves(model, data: ImageSet, maps: dict[str, torch.Tensor], ev: Evaluation
         c_ins, c_del = np.concatenate(ins[name]), np.concatenate(dele[name])
         ev.results[name] = MethodResult(name, registry.METHODS[name].description, auc(c_ins), auc(c_del), c_ins, c_del)
     ev.model_calls = evaluator.model_calls
+    ev.notes.setdefault("insertion/deletion", []).append(f"model calls for the curves ran on {evaluator.backend}")
+    names = list(ev.results)
+    for i, a in enumerate(names):
+        twin = next((b for b in names[:i] if np.array_equal(ev.results[a].insertion_curves,
+                                                             ev.results[b].insertion_curves)
+                     and np.array_equal(ev.results[a].deletion_curves, ev.results[b].deletion_curves)), None)
+        if twin:
+            ev.notes.setdefault(a, []).append(f"identical curves to `{twin}` on every image (same pixel ranking)")
 
 
 def _conservation(ctx, x, pred, logits, ev: Evaluation) -> dict[str, np.ndarray] | None:
     """ΣR at the input, the first and the last residual block's input for the paper's variant (ratio split,
     identity included), next to p(ŷ): the data of the paper's Fig. 5."""
-    try:
-        import graphlrp
-        from graphlrp.errors import GraphLRPError
+    import graphlrp
+    from graphlrp.errors import GraphLRPError
 
+    try:
         explainer = graphlrp.compile(ctx.model, ctx.example, rules="otsuki2024", split="ratio", include_identity=True,
                                      box=ctx.box)
-    except (ImportError, AttributeError, GraphLRPError) as e:
+    except GraphLRPError as e:
         ev.notes.setdefault("conservation", []).append(f"not computed: {e}")
         return None
     t = time.perf_counter()
@@ -186,15 +196,15 @@ def _conservation(ctx, x, pred, logits, ev: Evaluation) -> dict[str, np.ndarray]
 
 
 def _heatmap_sample(data: ImageSet, pred, maps, k: int) -> dict:
-    """The first `k` correctly classified images of distinct classes (a fixed rule, not a choice of nice ones)."""
+    """The first `k` correctly classified images of distinct classes, topped up with the first others if there are
+    not enough: a fixed rule, not a choice of nice examples."""
+    correct = [i for i in range(len(data)) if int(pred[i]) == int(data.labels[i])]
     chosen, seen = [], set()
-    for i in range(len(data)):
-        label = int(data.labels[i])
-        if int(pred[i]) == label and label not in seen:
+    for i in correct:
+        if int(data.labels[i]) not in seen:
             chosen.append(i)
-            seen.add(label)
-        if len(chosen) == k:
-            break
+            seen.add(int(data.labels[i]))
+    chosen = (chosen + [i for i in range(len(data)) if i not in chosen])[:k]
     names = data.classes or []
     titles = [names[int(data.labels[i])] if int(data.labels[i]) < len(names) else f"class {int(data.labels[i])}"
               for i in chosen]

@@ -1,0 +1,169 @@
+"""Regression guards for the explainer's cost, counted on the exported ONNX graph (no timing: CI machines are noisy).
+
+The z⁺ rule needs the forward, a W⁺ forward and a transposed pass: about 3× the forward's multiply-accumulates is
+the floor (see results/benchmark.md). These tests fail when a change adds work on top of that floor — a dropped
+sign fact (a⁻ terms, |x| or a signed stabiliser on values known ≥ 0), an ε added in its own pass instead of in the
+convolution's bias, a stride-1 ConvTranspose, a weight stored twice — and check that those rewrites keep the
+numbers.
+"""
+from __future__ import annotations
+
+import collections
+
+import onnx
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from onnx import numpy_helper
+
+import graphlrp
+import graphlrp.rewrite as rewrite
+from graphlrp import optimize
+from graphlrp.export import count_macs
+
+SIZE = 64
+PRESETS = ["otsuki2024", "epsilon-plus-flat"]
+
+
+def _onnx(module, args, path, names):
+    torch.onnx.export(module, args, str(path), input_names=names, dynamic_axes={n: {0: "batch"} for n in names},
+                      dynamo=False)
+    return onnx.load(str(path))
+
+
+@pytest.fixture(scope="module")
+def resnet18():
+    torch.manual_seed(0)
+    return torchvision.models.resnet18().eval()
+
+
+@pytest.fixture(scope="module")
+def forward_onnx(resnet18, tmp_path_factory):
+    return _onnx(resnet18, (torch.randn(1, 3, SIZE, SIZE),), tmp_path_factory.mktemp("fwd") / "f.onnx", ["input"])
+
+
+@pytest.fixture(scope="module", params=PRESETS)
+def explainer_onnx(request, resnet18, tmp_path_factory):
+    explainer = graphlrp.compile(resnet18, torch.randn(1, 3, SIZE, SIZE), rules=request.param)
+    path = tmp_path_factory.mktemp("exp") / f"{request.param}.onnx"
+    explainer.export_onnx(path)
+    return request.param, onnx.load(str(path))
+
+
+def _producers(model):
+    return {out: node for node in model.graph.node for out in node.output}
+
+
+def _constants(model):
+    values = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.name == "value":
+                    values[node.output[0]] = numpy_helper.to_array(attr.t)
+    return values
+
+
+def test_work_stays_near_three_forwards(explainer_onnx, forward_onnx):
+    preset, model = explainer_onnx
+    ratio = count_macs(model) / count_macs(forward_onnx)
+    assert ratio <= 3.0, f"{preset}: the explainer does {ratio:.2f}x the forward's multiply-accumulates"
+
+
+def test_transposed_convolutions_are_convolutions_where_stride_is_one(explainer_onnx, forward_onnx):
+    preset, model = explainer_onnx
+    counts = collections.Counter(n.op_type for n in model.graph.node)
+    forward_convs = sum(n.op_type == "Conv" for n in forward_onnx.graph.node)
+    strided = sum(any(a.name == "strides" and max(a.ints) > 1 for a in n.attribute)
+                  for n in forward_onnx.graph.node if n.op_type == "Conv")
+    for node in model.graph.node:
+        if node.op_type == "ConvTranspose":
+            strides = next((list(a.ints) for a in node.attribute if a.name == "strides"), [1, 1])
+            assert max(strides) > 1, f"{preset}: stride-1 ConvTranspose {node.name} (emit a flipped-kernel Conv)"
+    assert counts["ConvTranspose"] <= strided + 1  # + otsuki2024's 2x2 average pool standing in for max-pool
+    assert counts["Conv"] + counts["ConvTranspose"] <= 3 * forward_convs
+
+
+def test_each_weight_is_stored_once(explainer_onnx, forward_onnx):
+    """W⁺ and the flipped kernels of transposed convolutions are computed from the stored weights in the file
+    (onnxruntime folds them at load time): epsilon-plus-flat (BN folded) stores about the forward's weights,
+    otsuki2024 (BN passes relevance, so W⁺ is not a function of the BN-fused forward weight) about twice."""
+    preset, model = explainer_onnx
+
+    def weight_bytes(m):
+        return sum(numpy_helper.to_array(i).nbytes for i in m.graph.initializer)
+
+    ratio = weight_bytes(model) / weight_bytes(forward_onnx)
+    assert ratio <= {"otsuki2024": 2.2, "epsilon-plus-flat": 1.2}[preset], f"{preset}: {ratio:.2f}x the weights"
+
+
+def test_no_stabiliser_pass_after_a_convolution(explainer_onnx):
+    """z + ε is folded into the bias of the z convolution, not a separate elementwise pass."""
+    preset, model = explainer_onnx
+    producers, constants = _producers(model), _constants(model)
+    for node in model.graph.node:
+        if node.op_type != "Add":
+            continue
+        for i, name in enumerate(node.input):
+            other = node.input[1 - i]
+            if producers.get(name) is not None and producers[name].op_type == "Conv" and other in constants \
+                    and constants[other].size == 1:
+                pytest.fail(f"{preset}: {node.name} adds a constant to convolution {producers[name].name}")
+
+
+def test_no_sign_work_on_values_known_nonnegative(explainer_onnx):
+    """No |x| of a ReLU output, and no signed stabiliser (x >= 0 ? x + ε : x - ε) on a z⁺ that is ≥ 0 by
+    construction (non-negative input, weights and bias)."""
+    preset, model = explainer_onnx
+    producers, constants = _producers(model), _constants(model)
+    nonneg_ops = {"Relu", "MaxPool", "Abs"}
+    for node in model.graph.node:
+        src = producers.get(node.input[0]) if node.input else None
+        if node.op_type == "Abs" and src is not None and src.op_type in nonneg_ops:
+            pytest.fail(f"{preset}: {node.name} takes |x| of {src.op_type} output")
+        if node.op_type == "GreaterOrEqual" and src is not None and src.op_type == "Conv":
+            data = producers.get(src.input[0])
+            params = [constants.get(n) for n in src.input[1:] if n]
+            if data is not None and data.op_type in nonneg_ops and all(p is not None and (p >= 0).all()
+                                                                       for p in params):
+                pytest.fail(f"{preset}: {node.name} tests the sign of z⁺ = {src.name}, which is ≥ 0")
+
+
+@pytest.mark.parametrize("preset", PRESETS + ["otsuki2024-conserving"])
+def test_graph_passes_keep_the_numbers(resnet18, preset, monkeypatch):
+    x = torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
+    target = torch.tensor([-1, 3])
+    fast = graphlrp.compile(resnet18, x[:1], rules=preset)
+    monkeypatch.setattr(rewrite, "optimize_graph", lambda gm, seeds=(): gm.recompile())
+    plain = graphlrp.compile(resnet18, x[:1], rules=preset)
+    logits, rel = fast(x, target)
+    logits0, rel0 = plain(x, target)
+    assert torch.equal(logits, logits0)
+    for i in range(len(x)):
+        assert ((rel[i] - rel0[i]).abs().max() / rel0[i].abs().max()).item() <= 1e-5
+    n_fast = sum(n.op == "call_function" for n in fast.graph_module.graph.nodes)
+    n_plain = sum(n.op == "call_function" for n in plain.graph_module.graph.nodes)
+    assert n_fast < n_plain
+
+
+class _Eager:
+    def call(self, fn, *args, **kwargs):
+        return fn(*args, **kwargs)
+
+
+@pytest.mark.parametrize("kernel,stride,padding,groups,size", [
+    (3, 1, 1, 1, 9), (1, 1, 0, 1, 8), (3, 2, 1, 1, 9), (1, 2, 0, 1, 8), (7, 2, 3, 1, 17), (3, 1, 0, 2, 7),
+    (5, 3, 2, 2, 11), (2, 1, 1, 1, 6)])
+def test_conv_transpose_emission_is_the_adjoint(kernel, stride, padding, groups, size):
+    g = torch.Generator().manual_seed(kernel * 31 + stride)
+    x = torch.randn(2, 4, size, size, generator=g, requires_grad=True)
+    for weight in (torch.randn(6, 4 // groups, kernel, kernel, generator=g),
+                   torch.ones(6, 4 // groups, kernel, kernel)):  # equal output channels: the summed form
+        y = F.conv2d(x, weight, None, stride, padding, 1, groups)
+        s = torch.randn(y.shape, generator=g)
+        expected = torch.autograd.grad(y, x, s)[0]
+        got = optimize.conv_transpose(_Eager(), s, weight, (stride,) * 2, (padding,) * 2, (1, 1), groups,
+                                      (size, size), tuple(y.shape[-2:]))
+        assert got.shape == expected.shape
+        assert ((got - expected).abs().max() / expected.abs().max()).item() <= 1e-5
