@@ -156,7 +156,6 @@ from graphlrp.zoo.cifar import CifarResNet
 def tiny():
     torch.manual_seed(0)
     model = CifarResNet(1)
-    model.input_size = (16, 16)
     for m in model.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
             m.running_mean.uniform_(-0.2, 0.2)

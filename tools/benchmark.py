@@ -143,9 +143,14 @@ def make_runners(arch: str, model, presets: list, tmp: str, threads: int, with_t
 
     import graphlrp
 
-    runners, notes = {}, {}
+    import onnx
+
+    from graphlrp.export import count_macs
+
+    runners, notes = {}, {"_macs": {}}
     plain = os.path.join(tmp, f"{arch}-forward.onnx")
     export_forward(model, plain)
+    forward_macs = count_macs(onnx.load(plain))
     fwd = ort_session(plain, threads)
     runners["forward | onnxruntime"] = lambda x, xn, tn: fwd.run(None, {"input": xn})
 
@@ -158,6 +163,7 @@ def make_runners(arch: str, model, presets: list, tmp: str, threads: int, with_t
         ex = graphlrp.compile(model, torch.randn(1, 3, 224, 224), rules=preset, model_name=arch)
         path = os.path.join(tmp, f"{arch}-{preset}.onnx")
         ex.export_onnx(path, check=False)
+        notes["_macs"][f"graphlrp {preset}"] = count_macs(onnx.load(path)) / forward_macs
         sess = ort_session(path, threads)
         runners[f"graphlrp {preset} | onnxruntime"] = (
             lambda x, xn, tn, sess=sess: sess.run(None, {"input": xn, "target": tn}))
@@ -262,17 +268,18 @@ def write_reports(out: Path, info: dict, speed_rows: list, memory_rows: list, co
     with open(out.with_suffix(".csv"), "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["section", "model", "batch", "method", "runtime", "ms_per_image", "ratio_to_ort_forward",
-                    "peak_rss_mb", "compile_s", "export_and_check_s", "note"])
+                    "macs_ratio_to_forward", "peak_rss_mb", "compile_s", "export_and_check_s", "note"])
         for r in speed_rows:
             w.writerow(["speed", r["model"], r["batch"], r["method"], r["runtime"], f"{r['ms']:.2f}",
-                        f"{r['ratio']:.3f}", "", "", "", r["note"]])
+                        f"{r['ratio']:.3f}", "" if r.get("macs") is None else f"{r['macs']:.3f}", "", "", "",
+                        r["note"]])
         for r in memory_rows:
-            w.writerow(["memory", r["model"], r["batch"], r["method"], r["runtime"], "", "",
+            w.writerow(["memory", r["model"], r["batch"], r["method"], r["runtime"], "", "", "",
                         "" if r.get("peak_mb") is None else f"{r['peak_mb']:.0f}", "", "", r.get("note", "")])
         for r in compile_rows:
-            w.writerow(["compile", r["model"], "", r["method"], "", "", "", "",
+            w.writerow(["compile", r["model"], "", r["method"], "", "", "", "", "",
                         f"{r.get('compile_s', float('nan')):.1f}", f"{r.get('export_s', float('nan')):.1f}",
-                        r.get("note", "")])
+                        r.get("error", "")])
     v = info["versions"]
     lines = [
         "# graphlrp benchmark", "",
@@ -287,14 +294,19 @@ def write_reports(out: Path, info: dict, speed_rows: list, memory_rows: list, co
         "No GPU was available to this run: no CUDA (onnxruntime CUDA EP / torch CUDA) numbers.",
         "",
         f"Speed: median of {args.repeats} interleaved rounds after {args.warmup} warm-up round(s); ms per image; "
-        "ratio = time / onnxruntime forward time of the same model and batch, measured in the same rounds.",
+        "ratio = time / onnxruntime forward time of the same model and batch, measured in the same rounds. "
+        "MACs × forward: multiply-accumulates of the exported graph's Conv/ConvTranspose/Gemm/MatMul nodes over the "
+        "plain forward's (`graphlrp.export.count_macs`) — the work the runtime cannot avoid.",
         "",
     ]
     for (model, batch) in sorted({(r["model"], r["batch"]) for r in speed_rows}, key=lambda k: (k[0], k[1])):
-        lines += [f"## {model}, batch {batch}", "", "| method | runtime | ms / image | × onnxruntime forward | note |",
-                  "|---|---|---:|---:|---|"]
+        lines += [f"## {model}, batch {batch}", "",
+                  "| method | runtime | ms / image | × onnxruntime forward | MACs × forward | note |",
+                  "|---|---|---:|---:|---:|---|"]
         for r in [r for r in speed_rows if r["model"] == model and r["batch"] == batch]:
-            lines.append(f"| {r['method']} | {r['runtime']} | {r['ms']:.1f} | {r['ratio']:.2f} | {r['note']} |")
+            macs = "" if r.get("macs") is None else f"{r['macs']:.2f}"
+            lines.append(f"| {r['method']} | {r['runtime']} | {r['ms']:.1f} | {r['ratio']:.2f} | {macs} | "
+                         f"{r['note']} |")
         zen = next((r for r in speed_rows if r["model"] == model and r["batch"] == batch
                     and r["method"].startswith("Zennit")), None)
         if zen:
@@ -381,7 +393,8 @@ def main(argv=None) -> int:
                 method, runtime = name.split(" | ")
                 note = cell_notes.get(name, "")
                 speed_rows.append({"model": arch, "batch": batch, "method": method, "runtime": runtime,
-                                   "ms": seconds * 1000 / batch, "ratio": seconds / base, "note": note})
+                                   "ms": seconds * 1000 / batch, "ratio": seconds / base, "note": note,
+                                   "macs": cell_notes["_macs"].get(method, 1.0 if method == "forward" else None)})
                 print(f"    {name:60s} {seconds * 1000 / batch:9.1f} ms/img  {seconds / base:6.2f}x", flush=True)
         if "_zennit" in cell_notes:
             cell_notes.pop("_zennit").__exit__(None, None, None)

@@ -28,8 +28,9 @@ def register(sub) -> None:
                                                 "ImageNet's for most)")
     p.add_argument("--std", type=_floats, help="normalisation std, comma-separated (default: the model's)")
     p.add_argument("--batch-size", type=positive_int, default=128, help="images per model call (default 128)")
-    p.add_argument("--resize", type=positive_int, help="shorter side before the centre crop, for images not already "
-                                                       "at the model's input size (default: the input size)")
+    p.add_argument("--resize", type=positive_int, help="image folders: shorter side before the centre crop to the "
+                                                       "model's input size (default: the input size); .npz images "
+                                                       "are used as stored")
     p.add_argument("--cam-layer", help="module name for Grad-CAM/Score-CAM (default: the last residual stage)")
     p.add_argument("--heatmap-images", type=positive_int, default=4, help="rows in heatmaps.png (default 4)")
     p.add_argument("-o", "--output", required=True, help="directory for the results")

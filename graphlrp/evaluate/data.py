@@ -27,22 +27,21 @@ class ImageSet:
 
 def load_image_set(path: str, size: tuple[int, int], resize: int | None = None, labels_file: str | None = None,
                    limit: int | None = None) -> ImageSet:
-    """Read `path` (.npz file or image folder) and bring the images to the model's input `size`.
-
-    Images already of that size are used as they are; others are resized (shorter side to `resize`, default the
-    size itself) and centre-cropped, as ImageNet evaluations do.
-    """
+    """Read `path`: an .npz holds images as the model should see them and is used as stored; the images of a folder
+    come in any size and are resized (shorter side to `resize`, default the model's input `size`) and
+    centre-cropped to `size`, as ImageNet evaluations do."""
     p = Path(path)
     if p.is_dir():
         images, labels, classes = _read_folder(p, Path(labels_file) if labels_file else None, limit)
+        images = [_fit(img, tuple(size), resize) for img in images]
     elif p.is_file() and p.suffix == ".npz":
         images, labels, classes = _read_npz(p, limit)
     else:
         raise EvaluationError(f"--data must be an .npz file or an image folder with labels.txt: {path}")
     if not len(images):
         raise EvaluationError(f"no images in {path}")
-    images = torch.stack([_fit(img, tuple(size), resize) for img in images])
-    return ImageSet(images, torch.as_tensor(labels, dtype=torch.int64), classes, str(path))
+    return ImageSet(torch.stack(list(images)).contiguous(), torch.as_tensor(labels, dtype=torch.int64), classes,
+                    str(path))
 
 
 def _read_npz(path: Path, limit):
@@ -57,8 +56,7 @@ def _read_npz(path: Path, limit):
     x = torch.from_numpy(images)
     if images.shape[-1] == 3 and images.shape[1] != 3:
         x = x.permute(0, 3, 1, 2)
-    x = x.float() / 255 if images.dtype == np.uint8 else x.float()
-    return list(x), labels, classes
+    return (x.float() / 255 if images.dtype == np.uint8 else x.float()), labels, classes
 
 
 def _read_folder(folder: Path, labels_file: Path | None, limit):
@@ -92,7 +90,7 @@ def _read_folder(folder: Path, labels_file: Path | None, limit):
 
 def _fit(img: torch.Tensor, size: tuple[int, int], resize: int | None) -> torch.Tensor:
     if tuple(img.shape[-2:]) == size:
-        return img.contiguous()
+        return img
     h, w = img.shape[-2:]
     short = resize or min(size)
     scale = short / min(h, w)
