@@ -381,6 +381,7 @@ def z_pool_rule(ctx, epsilon=1e-6, stabilizer="signed", dead_units="drop"):
 
 # ------------------------------------------------------------------------------------------ merges
 SPLITS = ("ratio", "symmetric", "signed")
+_TINY = 1e-30  # ratio split: keeps 0/0 an even split; a normal float32 (smallest normal ≈ 1.2e-38)
 
 
 @rule("split", (ops.MERGE,))
@@ -408,11 +409,11 @@ def split_rule(ctx, epsilon=1e-6, stabilizer="signed"):
             r_m = ctx.call(torch.mul, R, 0.5)
             r_s = ctx.call(torch.sub, R, r_m)
     elif split == "ratio":
-        abs_m, abs_s = ctx.call(torch.abs, h_m), ctx.call(torch.abs, h_s)
-        den = ctx.call(torch.add, abs_m, abs_s)
-        share = ctx.call(torch.div, abs_m, ctx.call(torch.clamp, den, min=1e-30))
-        share = ctx.call(torch.where, ctx.call(torch.gt, den, 0.0), share, 0.5)  # |h_m|+|h_s| = 0: an even split
-        r_m = ctx.call(torch.mul, R, share)
+        # share = (|h_m| + δ) / (|h_m| + |h_s| + 2δ) with δ = 1e-30: equal to |h_m| / (|h_m| + |h_s|) in float32
+        # wherever either is above ~1e-23, and an even split where both are 0 — without a where() pass
+        num = ctx.call(torch.add, ctx.call(torch.abs, h_m), _TINY)
+        den = ctx.call(torch.add, num, ctx.call(torch.add, ctx.call(torch.abs, h_s), _TINY))
+        r_m = ctx.call(torch.mul, R, ctx.call(torch.div, num, den))
         r_s = ctx.call(torch.sub, R, r_m)
     elif split == "signed":
         s = ctx.call(torch.div, R, stabilize(ctx, ctx.forward_output, epsilon, stabilizer))

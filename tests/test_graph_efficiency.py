@@ -112,6 +112,19 @@ def test_no_stabiliser_pass_after_a_convolution(explainer_onnx):
                 pytest.fail(f"{preset}: {node.name} adds a constant to convolution {producers[name].name}")
 
 
+def test_ratio_split_is_a_few_elementwise_passes(resnet18, forward_onnx, tmp_path):
+    """The ratio split at each of resnet18's 8 merges costs |h_m|, |h_s| (dropped where h_s is a ReLU output), two
+    +δ, one +, one ÷, one × and one −: no where()/comparison passes (they cost as much as a convolution's worth of
+    memory traffic on the large tensors at the merges)."""
+    explainer = graphlrp.compile(resnet18, torch.randn(1, 3, SIZE, SIZE), rules="otsuki2024")
+    path = tmp_path / "ratio.onnx"
+    explainer.export_onnx(path, check=False)
+    counts = collections.Counter(n.op_type for n in onnx.load(str(path)).graph.node)
+    assert counts["Where"] + counts["Greater"] + counts["Clip"] <= 2, counts  # the output's target selection only
+    assert counts["Abs"] <= 8 + 3, counts  # |h_m| per merge + |h_s| at the 3 projection shortcuts
+    assert counts["Sub"] <= 8, counts
+
+
 def test_no_sign_work_on_values_known_nonnegative(explainer_onnx):
     """No |x| of a ReLU output, and no signed stabiliser (x >= 0 ? x + ε : x - ε) on a z⁺ that is ≥ 0 by
     construction (non-negative input, weights and bias)."""
