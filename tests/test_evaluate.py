@@ -148,6 +148,21 @@ def test_image_folder_with_labels_file(tmp_path):
         load_image_set(str(tmp_path), (32, 32))
 
 
+def test_unreadable_images_in_a_folder_are_reported_and_skipped(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "good.png")
+    (tmp_path / "corrupt.jpg").write_bytes(b"not a jpeg at all")
+    (tmp_path / "notes.txt").write_text("hello")
+    (tmp_path / "labels.txt").write_text("corrupt.jpg 1\nmissing.png 2\nnotes.txt 3\ngood.png 4\n")
+    data = load_image_set(str(tmp_path), (32, 32))
+    assert data.labels.tolist() == [4] and data.images.shape == (1, 3, 32, 32)
+    err = capsys.readouterr().err
+    assert "corrupt.jpg" in err and "missing.png" in err and "notes.txt" in err
+    (tmp_path / "labels.txt").write_text("corrupt.jpg 1\n")
+    with pytest.raises(EvaluationError, match="no images"):
+        load_image_set(str(tmp_path), (32, 32))
+
+
 TINY_MODEL = """
 import torch
 from graphlrp.zoo.cifar import CifarResNet

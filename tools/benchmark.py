@@ -69,6 +69,31 @@ def ort_session(path: str, threads: int):
     return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
 
+def op_profile(path: str, feed: dict, threads: int, runs: int = 5) -> dict:
+    """onnxruntime's own profiler: kernel time per op type (ms per run, median-free mean over `runs` after one
+    warm-up run that is discarded — the first run allocates)."""
+    import collections
+    import json
+
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    options.enable_profiling = True
+    options.profile_file_prefix = os.path.join(tempfile.mkdtemp(prefix="graphlrp-prof-"), "p")
+    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    for _ in range(runs + 1):
+        session.run(None, feed)
+    events = [e for e in json.load(open(session.end_profiling()))
+              if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
+    events = events[len(events) // (runs + 1):]
+    per_op = collections.defaultdict(float)
+    for e in events:
+        per_op[e["args"]["op_name"]] += e["dur"] / 1000 / runs
+    return dict(sorted(per_op.items(), key=lambda kv: -kv[1]))
+
+
 def export_forward(model, path: str) -> None:
     import torch
 
@@ -262,8 +287,11 @@ def child(kind: str, arch: str, preset: str, path: str, batch: int, threads: int
 
 
 # ------------------------------------------------------------------------------------------ report
-def write_reports(out: Path, info: dict, speed_rows: list, memory_rows: list, compile_rows: list, notes: dict,
-                  args) -> None:
+PROFILE_RUNS = 5
+
+
+def write_reports(out: Path, info: dict, speed_rows: list, memory_rows: list, profiles: dict, compile_rows: list,
+                  notes: dict, args) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out.with_suffix(".csv"), "w", newline="") as f:
         w = csv.writer(f)
@@ -316,6 +344,29 @@ def write_reports(out: Path, info: dict, speed_rows: list, memory_rows: list, co
                     lines.append(f"\n{r['method']} (onnxruntime) is {zen['ms'] / r['ms']:.1f}× faster per image "
                                  "than Zennit.")
         lines.append("")
+    for (model, batch), tables in sorted(profiles.items()):
+        fwd_total = sum(tables["forward"].values())
+        names = list(tables)
+        lines += [f"## Where the time goes: {model}, batch {batch} (onnxruntime profiler)", "",
+                  "Kernel time per op type in ms per run (onnxruntime's own profiler, mean of "
+                  f"{PROFILE_RUNS} runs after a discarded warm-up), and its share as a multiple of the forward's "
+                  "total kernel time. Conv/ConvTranspose are the multiply-accumulate floor; everything else is "
+                  "elementwise work and NCHWc layout reorders that onnxruntime inserts around ops it cannot run in "
+                  "its blocked layout.", "",
+                  "| op type | " + " | ".join(f"{n} (ms)" for n in names) + " | " +
+                  " | ".join(f"{n} (× forward)" for n in names[1:]) + " |",
+                  "|---|" + "---:|" * (2 * len(names) - 1)]
+        ops_all = sorted({op for t in tables.values() for op in t},
+                         key=lambda op: -max(t.get(op, 0) for t in tables.values()))
+        small = [op for op in ops_all if max(t.get(op, 0) for t in tables.values()) < 0.5]
+        rows = [(op, {n: tables[n].get(op, 0) for n in names}) for op in ops_all if op not in small]
+        rows.append((f"other ({len(small)} op types)", {n: sum(tables[n].get(op, 0) for op in small) for n in names}))
+        for op, ms in rows:
+            cells = [f"{ms[n]:.1f}" for n in names] + [f"{ms[n] / fwd_total:.2f}" for n in names[1:]]
+            lines.append(f"| {op} | " + " | ".join(cells) + " |")
+        totals = [f"**{sum(tables[n].values()):.1f}**" for n in names]
+        totals += [f"**{sum(tables[n].values()) / fwd_total:.2f}**" for n in names[1:]]
+        lines += ["| total | " + " | ".join(totals) + " |", ""]
     if memory_rows:
         lines += ["## Peak memory, batch 16", "",
                   "Peak resident set size of a fresh process that sets the method up and runs it once "
@@ -362,6 +413,9 @@ def main(argv=None) -> int:
     p.add_argument("--compile-time", dest="compile_time", action="store_true", default=None)
     p.add_argument("--no-compile-time", dest="compile_time", action="store_false")
     p.add_argument("--compile-models", default="resnet50,resnet152")
+    p.add_argument("--profile", dest="profile", action="store_true", default=None,
+                   help="onnxruntime op-type profile of resnet50 (default: on, except with --quick)")
+    p.add_argument("--no-profile", dest="profile", action="store_false")
     p.add_argument("--no-speed", action="store_true", help="skip the speed table (e.g. to redo memory only)")
     p.add_argument("--out", default=None, help="output path without suffix (default results/benchmark[-quick])")
     args = p.parse_args(argv)
@@ -371,6 +425,7 @@ def main(argv=None) -> int:
     presets = args.presets.split(",")
     args.repeats = args.repeats or 5
     memory = (not args.quick) if args.memory is None else args.memory
+    args.profile = (not args.quick) if args.profile is None else args.profile
     compile_time = (not args.quick) if args.compile_time is None else args.compile_time
     out = Path(args.out) if args.out else ROOT / "results" / ("benchmark-quick" if args.quick else "benchmark")
 
@@ -379,7 +434,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     info = machine()
     tmp = tempfile.mkdtemp(prefix="graphlrp-bench-")
-    speed_rows, memory_rows, compile_rows, notes = [], [], [], {}
+    speed_rows, memory_rows, compile_rows, notes, profiles = [], [], [], {}, {}
     for arch in models:
         model = build_model(arch)
         print(f"[{arch}] setting up", flush=True)
@@ -396,6 +451,19 @@ def main(argv=None) -> int:
                                    "ms": seconds * 1000 / batch, "ratio": seconds / base, "note": note,
                                    "macs": cell_notes["_macs"].get(method, 1.0 if method == "forward" else None)})
                 print(f"    {name:60s} {seconds * 1000 / batch:9.1f} ms/img  {seconds / base:6.2f}x", flush=True)
+        if args.profile and arch == "resnet50":
+            import numpy as np
+
+            for batch in batches:
+                print(f"[{arch}] batch {batch}: onnxruntime op profile", flush=True)
+                x = np.random.default_rng(0).standard_normal((batch, 3, 224, 224), dtype=np.float32)
+                t = np.full((batch,), -1, dtype=np.int64)
+                tables = {"forward": op_profile(os.path.join(tmp, f"{arch}-forward.onnx"), {"input": x},
+                                                args.threads, PROFILE_RUNS)}
+                for preset in presets:
+                    tables[preset] = op_profile(os.path.join(tmp, f"{arch}-{preset}.onnx"),
+                                                {"input": x, "target": t}, args.threads, PROFILE_RUNS)
+                profiles[(arch, batch)] = tables
         if "_zennit" in cell_notes:
             cell_notes.pop("_zennit").__exit__(None, None, None)
         if memory:
@@ -426,7 +494,7 @@ def main(argv=None) -> int:
         if row["note"]:
             notes[f"{row['method']} ({row['model']})"] = row["note"]
     info["load_average_end"] = os.getloadavg()
-    write_reports(out, info, speed_rows, memory_rows, compile_rows, notes, args)
+    write_reports(out, info, speed_rows, memory_rows, profiles, compile_rows, notes, args)
     print(f"wrote {out.with_suffix('.md')} and {out.with_suffix('.csv')}")
     return 0
 

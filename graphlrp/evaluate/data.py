@@ -2,6 +2,7 @@
 a labels file. Images come back in [0, 1] RGB because the protocol masks pixels before normalising."""
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,15 +78,23 @@ def _read_folder(folder: Path, labels_file: Path | None, limit):
         if not name.strip() or not label.isdigit():
             raise EvaluationError(f"{labels_file}:{n}: expected `<image file> <class index>`, got {line!r}")
         entries.append((folder / name.strip(), int(label)))
-    images = []
-    for file, _ in entries[:limit]:
-        if file.suffix.lower() not in IMAGE_SUFFIXES or not file.is_file():
-            raise EvaluationError(f"{labels_file} lists {file.name}, which is not an image file in {folder}")
-        with Image.open(file) as im:
-            images.append(torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1))
+    images, labels = [], []
+    for file, label in entries:
+        if limit is not None and len(images) >= limit:
+            break
+        try:
+            if file.suffix.lower() not in IMAGE_SUFFIXES:
+                raise ValueError(f"not an image file name (expected one of {', '.join(sorted(IMAGE_SUFFIXES))})")
+            with Image.open(file) as im:
+                pixels = np.asarray(im.convert("RGB"), dtype=np.float32) / 255
+        except (OSError, ValueError, SyntaxError) as e:  # missing, unreadable or corrupt: say so, go on
+            print(f"skipping {file}: {e}", file=sys.stderr)
+            continue
+        images.append(torch.from_numpy(pixels).permute(2, 0, 1))
+        labels.append(label)
     names = folder / "classes.txt"
     classes = [c.strip() for c in names.read_text().splitlines() if c.strip()] if names.is_file() else None
-    return images, [label for _, label in entries[:limit]], classes
+    return images, labels, classes
 
 
 def _fit(img: torch.Tensor, size: tuple[int, int], resize: int | None) -> torch.Tensor:
