@@ -317,7 +317,8 @@ def write_reports(out: Path, info: dict, speed_rows: list, memory_rows: list, pr
         + ", ".join(f"{k} {val}" for k, val in v.items()) + ".",
         f"Threads: onnxruntime intra-op {args.threads} (default graph optimisations, CPUExecutionProvider), "
         f"torch.set_num_threads({args.threads}). Load average at start {info['load_average'][0]:.1f}, "
-        f"at end {info['load_average_end'][0]:.1f} (other jobs shared the machine: compare ratios, which come "
+        f"at end {info['load_average_end'][0]:.1f} (the benchmark itself keeps {args.threads} threads busy; a "
+        f"load well above {args.threads} means other jobs shared the machine — then compare ratios, which come "
         "from the same interleaved rounds, rather than absolute times).",
         "No GPU was available to this run: no CUDA (onnxruntime CUDA EP / torch CUDA) numbers.",
         "",
