@@ -615,3 +615,29 @@ def test_ops_with_no_rule_are_clear_errors(body, needle):
     with pytest.raises(UnsupportedOpError) as e:
         graphlrp.compile(M().eval(), torch.randn(1, 3, 8, 8), rules="epsilon-plus-flat")
     assert needle in str(e.value)
+
+
+class _ZeroAtTheAdd(nn.Module):
+    """h = conv(x) + relu(x) with both operands exactly 0 in channel 0 for x = [-1, 0]; the output is h itself."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 2, 1, bias=False)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.tensor([[0.0, 1.0], [1.0, 1.0]]).view(2, 2, 1, 1))
+
+    def forward(self, x):
+        return torch.flatten(self.conv(x) + torch.relu(x), 1)
+
+
+@pytest.mark.parametrize("split", ["ratio", "symmetric"])
+def test_split_of_relevance_where_both_operands_are_zero_is_even(split):
+    """|h_m| + |h_s| = 0 leaves the ratio undefined: both operands get half, and the sum is kept."""
+    x = torch.tensor([-1.0, 0.0]).view(1, 2, 1, 1)
+    explainer = graphlrp.compile(_ZeroAtTheAdd().eval(), x, rules="otsuki2024", split=split)
+    _, _, taps = explainer.explain_with_taps(x, torch.tensor([0]))
+    (name,) = {k.rsplit(".", 1)[0] for k in taps if k.startswith("merge:")}
+    R, r_skip, r_main = (taps[f"{name}.{part}"] for part in ("R", "R_skip", "R_main"))
+    assert R.item() == pytest.approx(torch.softmax(torch.tensor([0.0, -1.0]), 0)[0].item(), rel=1e-6)
+    assert r_skip.item() == pytest.approx(R.item() / 2, rel=1e-6)
+    assert r_main.item() == pytest.approx(R.item() / 2, rel=1e-6)
