@@ -105,14 +105,6 @@ def _onnx_bytes(explainer, opset: int, dynamic_spatial: bool, x: torch.Tensor, t
     return buf.getvalue(), (logits, relevance)
 
 
-def parity(explainer, session, batch: int = 2, seed: int = 0) -> tuple[float, float]:
-    """Max relative difference of onnxruntime vs the PyTorch explainer on a random batch with mixed targets."""
-    x, target = _parity_batch(explainer, batch, seed)
-    logits_pt, rel_pt = explainer(x, target)
-    logits_rt, rel_rt = session.run(["logits", "relevance"], {"input": x.numpy(), "target": target.numpy()})
-    return rel_diff(rel_rt, rel_pt.numpy()), rel_diff(logits_rt, logits_pt.numpy())
-
-
 def _float64_relevance(explainer, x: torch.Tensor, target: torch.Tensor) -> np.ndarray:
     """The same explainer graph evaluated in float64: the reference both float32 runtimes approximate."""
     gm = copy.deepcopy(explainer.graph_module).double()

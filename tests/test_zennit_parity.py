@@ -115,6 +115,12 @@ def random_resnet(arch: str) -> nn.Module:
     return _MODELS[arch]
 
 
+def assert_each_sample_close(relevance, expected, tol, label):
+    for i in range(len(expected)):
+        d = rel_diff(relevance[i], expected[i])
+        assert d <= tol, f"{label} sample {i}: rel diff {d:.2e}"
+
+
 @pytest.mark.parametrize("arch,preset", [
     ("resnet18", "epsilon-plus-flat"), ("resnet18", "epsilon-gamma-box"), ("resnet18", "epsilon-alpha2-beta1"),
     ("resnet50", "epsilon-plus-flat"), ("resnet50", "epsilon-gamma-box"),
@@ -124,10 +130,7 @@ def test_presets_match_zennit(arch, preset):
     torch.manual_seed(1)
     x = torch.randn(2, 3, SIZE, SIZE)
     expected, target = zennit_relevance(model, x, zennit_composite(preset, exact_resnet_canonizer()))
-    relevance = graphlrp_relevance(model, x, preset, target)
-    for i in range(len(x)):
-        d = rel_diff(relevance[i], expected[i])
-        assert d <= EXACT_TOL, f"{arch} {preset} sample {i}: rel diff {d:.2e}"
+    assert_each_sample_close(graphlrp_relevance(model, x, preset, target), expected, EXACT_TOL, f"{arch} {preset}")
 
 
 @pytest.mark.parametrize("arch,preset", [("resnet18", "epsilon-plus-flat"), ("resnet18", "epsilon-gamma-box"),
@@ -141,10 +144,7 @@ def test_stock_zennit(arch, preset):
     model = getattr(torchvision.models, arch)().eval()
     x = torch.randn(2, 3, SIZE, SIZE)
     expected, target = zennit_relevance(model, x, zennit_composite(preset, ResNetCanonizer()))
-    relevance = graphlrp_relevance(model, x, preset, target)
-    for i in range(len(x)):
-        d = rel_diff(relevance[i], expected[i])
-        assert d <= STOCK_TOL, f"{arch} {preset} sample {i}: rel diff {d:.2e}"
+    assert_each_sample_close(graphlrp_relevance(model, x, preset, target), expected, STOCK_TOL, f"{arch} {preset}")
 
     quirk = getattr(torchvision.models, arch)().eval()
     quirk.load_state_dict(model.state_dict())
@@ -245,6 +245,4 @@ def test_plain_chain_matches_zennit(case):
     expected, target = zennit_relevance(model, x, composite())
     relevance = graphlrp_relevance(model, x, preset, target)
     assert graphlrp.inspect(model, x[:1]) == []
-    for i in range(len(x)):
-        d = rel_diff(relevance[i], expected[i])
-        assert d <= EXACT_TOL, f"{case} sample {i}: rel diff {d:.2e}"
+    assert_each_sample_close(relevance, expected, EXACT_TOL, case)
