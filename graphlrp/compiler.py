@@ -128,13 +128,14 @@ class Explainer(torch.nn.Module):
         return merge_table(self.merges)
 
     def export_onnx(self, path, opset: int = 17, check: bool = True, metadata: dict | None = None,
-                    dynamic_spatial: bool = False, verbose: bool = False):
+                    verbose: bool = False):
         """Write one ONNX model (inputs `input`, `target`; outputs `logits`, `relevance`); then onnx.checker and
-        an onnxruntime parity check against this explainer. Returns the parity report."""
+        an onnxruntime parity check against this explainer. Returns the parity report. The batch size is dynamic;
+        the image size is the compile size (the rules are specialised to it: transposed-convolution padding,
+        pooling divisors), so compile once per input size."""
         from .export import export_onnx
 
-        return export_onnx(self, path, opset=opset, check=check, metadata=metadata,
-                           dynamic_spatial=dynamic_spatial, verbose=verbose)
+        return export_onnx(self, path, opset=opset, check=check, metadata=metadata, verbose=verbose)
 
 
 def compile(model: torch.nn.Module, example_input: torch.Tensor, rules="otsuki2024", split: str | None = None,

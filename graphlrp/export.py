@@ -83,13 +83,10 @@ def _parity_batch(explainer, batch: int = 2, seed: int = 0):
     return x, target
 
 
-def _onnx_bytes(explainer, opset: int, dynamic_spatial: bool, x: torch.Tensor, target: torch.Tensor):
+def _onnx_bytes(explainer, opset: int, x: torch.Tensor, target: torch.Tensor):
     """The ONNX model, traced on (x, target), and the PyTorch explainer's outputs of that very run (the tracer
     executes the graph eagerly): the PyTorch side of the parity check, without running the explainer again."""
     axes = {"input": {0: "batch"}, "target": {0: "batch"}, "logits": {0: "batch"}, "relevance": {0: "batch"}}
-    if dynamic_spatial:
-        axes["input"].update({2: "height", 3: "width"})
-        axes["relevance"].update({2: "height", 3: "width"})
     buf = io.BytesIO()
     outputs = []
     hook = explainer.graph_module.register_forward_hook(lambda module, args, out: outputs.append(out))
@@ -223,6 +220,47 @@ def share_derived_weights(model) -> int:
     return len(derived)
 
 
+def keep_symbolic_batch(model) -> int:
+    """Write the batch entry of every constant Reshape target as 0 ("copy the input's size") instead of -1, where
+    the per-sample sizes match. Same result; but ONNX shape inference then carries the symbolic batch size through
+    the relevance half of the graph instead of inventing a new unknown size after the reshape, and onnxruntime
+    keeps an elementwise op in its blocked NCHWc layout only when it can prove both operands have one shape.
+    Returns how many targets were rewritten."""
+    import onnx
+    from onnx import numpy_helper
+
+    graph = model.graph
+    inferred = onnx.shape_inference.infer_shapes(model)
+    shapes = {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
+              for v in list(inferred.graph.value_info) + list(graph.input)}
+    constants = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    constants.update({n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in graph.node
+                      if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"})
+    rewritten = 0
+    for node in graph.node:
+        if node.op_type != "Reshape" or any(a.name == "allowzero" and a.i for a in node.attribute):
+            continue
+        target, source = constants.get(node.input[1]), shapes.get(node.input[0])
+        if target is None or target.ndim != 1 or len(target) < 1 or target[0] != -1 or source is None:
+            continue
+        per_sample = source[1:]
+        if not source or None in per_sample or np.any(target[1:] <= 0) or \
+                int(np.prod(per_sample)) != int(np.prod(target[1:])):
+            continue
+        pinned = target.astype(np.int64).copy()
+        pinned[0] = 0
+        name = f"{node.input[1]}_keep_batch"
+        if name not in constants:
+            graph.initializer.append(numpy_helper.from_array(pinned, name))
+            constants[name] = pinned
+        node.input[1] = name
+        rewritten += 1
+    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    for node in [n for n in graph.node if n.op_type == "Constant" and n.output[0] not in used]:
+        graph.node.remove(node)
+    return rewritten
+
+
 def count_macs(model) -> float:
     """Multiply-accumulates per sample of an ONNX model's Conv, ConvTranspose, Gemm and MatMul nodes (shapes from
     onnx shape inference, symbolic dims as 1): the cost measure of the explainer-vs-forward comparisons."""
@@ -253,23 +291,23 @@ def count_macs(model) -> float:
 
 
 def export_onnx(explainer, path, opset: int = 17, check: bool = True, metadata: dict | None = None,
-                dynamic_spatial: bool = False, verbose: bool = False) -> ExportReport:
+                verbose: bool = False) -> ExportReport:
     import onnx
 
     x, target = _parity_batch(explainer)
     try:
-        data, expected = _onnx_bytes(explainer, opset, dynamic_spatial, x, target)
+        data, expected = _onnx_bytes(explainer, opset, x, target)
         model = onnx.load_from_string(data)
     except Exception as e:
         raise ExportError(f"torch.onnx could not export the explainer: {type(e).__name__}: {e}") from e
-    if not dynamic_spatial:  # declare the fixed spatial size of `relevance` (the exporter leaves it symbolic)
-        dims = model.graph.output[1].type.tensor_type.shape.dim
-        for dim, size in zip(list(dims)[1:], explainer.info["input_size"]):
-            dim.dim_value = size
+    dims = model.graph.output[1].type.tensor_type.shape.dim  # the fixed size of `relevance` (left symbolic)
+    for dim, size in zip(list(dims)[1:], explainer.info["input_size"]):
+        dim.dim_value = size
     for key, value in build_metadata(explainer, metadata).items():
         entry = model.metadata_props.add()
         entry.key, entry.value = key, value
     model.producer_name = "graphlrp"
+    keep_symbolic_batch(model)
     share_derived_weights(model)
     data = model.SerializeToString()  # once: the checker and the file both take the bytes
     onnx.checker.check_model(data, full_check=True)

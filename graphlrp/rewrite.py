@@ -160,7 +160,8 @@ class RuleContext:
         if len(self.op.out_shape) != 4:  # a spatial mean without keepdim: [N, C] -> [N, C, 1, 1]
             s = self.call(torch.reshape, s, (-1, c, 1, 1))
         if (kh, kw) == (h, w) and tuple(padding) == (0, 0):  # global pooling: spread evenly
-            return self.call(torch.mul, self.call(torch.Tensor.expand, s, -1, -1, h, w), 1.0 / (kh * kw))
+            # a broadcast multiply, not expand(): ONNX shape inference then keeps the symbolic batch size
+            return self.call(torch.mul, s, torch.full((1, 1, h, w), 1.0 / (kh * kw)))
         out_hw = tuple(self.op.out_shape[-2:])
         args = (tuple(kernel), tuple(stride), tuple(padding), ceil_mode, count_include_pad)
         ones = torch.ones(1, 1, h, w)

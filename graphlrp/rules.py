@@ -319,10 +319,11 @@ def winner_take_all_rule(ctx):
     p = ctx.op.params
     _, idx = ctx.call_multi(F.max_pool2d, 2, ctx.a, p["kernel"], p["stride"], p["padding"], p["dilation"],
                             p["ceil_mode"], True)
-    n_in = ctx.op.in_shape
-    flat_r = ctx.call(torch.flatten, ctx.R, 2)
-    flat_idx = ctx.call(torch.flatten, idx, 2)
-    zeros = ctx.call(torch.zeros_like, ctx.call(torch.flatten, ctx.a, 2))
+    n_in, n_out = ctx.op.in_shape, ctx.op.out_shape
+    # reshapes to constant sizes (not flatten): the exported graph keeps its symbolic batch size
+    flat_r = ctx.call(torch.reshape, ctx.R, (-1, n_out[1], n_out[2] * n_out[3]))
+    flat_idx = ctx.call(torch.reshape, idx, (-1, n_out[1], n_out[2] * n_out[3]))
+    zeros = ctx.call(torch.zeros_like, ctx.call(torch.reshape, ctx.a, (-1, n_in[1], n_in[2] * n_in[3])))
     out = ctx.call(torch.scatter_add, zeros, 2, flat_idx, flat_r)
     return [ctx.call(torch.reshape, out, (-1, *n_in[1:]))]
 

@@ -18,12 +18,7 @@ def register(sub) -> None:
     p.add_argument("--no-identity", action="store_true", help="identity skips receive no relevance")
     p.add_argument("--input-size", help="H or H,W (default: the model's, 224 for ImageNet models)")
     p.add_argument("--opset", type=int, default=17)
-    p.add_argument("--dynamic-spatial", action="store_true", help=argparse_help_dynamic())
     p.set_defaults(func=run)
-
-
-def argparse_help_dynamic() -> str:
-    return "export with dynamic H and W (relevance rules are specialised to the compile size; use with care)"
 
 
 def parse_size(text: str | None, default):
@@ -65,7 +60,7 @@ def run(args) -> int:
     meta = {"source_model": info.name, "preprocessing": info.preprocessing}
     if info.labels:
         meta["labels"] = info.labels
-    report = explainer.export_onnx(args.output, opset=args.opset, metadata=meta, dynamic_spatial=args.dynamic_spatial)
+    report = explainer.export_onnx(args.output, opset=args.opset, metadata=meta)
     t2 = time.perf_counter()
     print(f"parity    onnxruntime vs PyTorch: max relative difference {report.max_rel_diff:.1e} (limit 1e-4)")
     print(f"wrote     {report.path} ({report.size_bytes / 2**20:.1f} MiB, opset {report.opset})")
