@@ -220,6 +220,21 @@ def share_derived_weights(model) -> int:
     return len(derived)
 
 
+def _infer_shapes_without_weights(model):
+    """onnx shape inference on a copy whose large initializers are declared as inputs of the same shape: the same
+    shapes, without serialising hundreds of MB of weights (the cost of onnx.shape_inference on the model itself)."""
+    import onnx
+    from onnx import helper
+
+    graph = model.graph
+    small = [i for i in graph.initializer if int(np.prod(i.dims)) <= 1024]
+    declared = [helper.make_tensor_value_info(i.name, i.data_type, list(i.dims)) for i in graph.initializer
+                if int(np.prod(i.dims)) > 1024]
+    light = helper.make_graph(graph.node, graph.name, list(graph.input) + declared, graph.output, small)
+    copy_ = helper.make_model(light, opset_imports=model.opset_import, ir_version=model.ir_version)
+    return onnx.shape_inference.infer_shapes(copy_).graph
+
+
 def keep_symbolic_batch(model) -> int:
     """Write the batch entry of every constant Reshape target as 0 ("copy the input's size") instead of -1, where
     the per-sample sizes match. Same result; but ONNX shape inference then carries the symbolic batch size through
@@ -230,9 +245,8 @@ def keep_symbolic_batch(model) -> int:
     from onnx import numpy_helper
 
     graph = model.graph
-    inferred = onnx.shape_inference.infer_shapes(model)
     shapes = {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
-              for v in list(inferred.graph.value_info) + list(graph.input)}
+              for v in list(_infer_shapes_without_weights(model).value_info) + list(graph.input)}
     constants = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
     constants.update({n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in graph.node
                       if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"})
@@ -264,11 +278,11 @@ def keep_symbolic_batch(model) -> int:
 def count_macs(model) -> float:
     """Multiply-accumulates per sample of an ONNX model's Conv, ConvTranspose, Gemm and MatMul nodes (shapes from
     onnx shape inference, symbolic dims as 1): the cost measure of the explainer-vs-forward comparisons."""
-    from onnx import numpy_helper, shape_inference
+    from onnx import numpy_helper
 
-    model = shape_inference.infer_shapes(model)
+    inferred = _infer_shapes_without_weights(model)
     shapes = {vi.name: [d.dim_value or 1 for d in vi.type.tensor_type.shape.dim]
-              for vi in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output)}
+              for vi in list(inferred.value_info) + list(inferred.input) + list(inferred.output)}
     shapes.update({i.name: list(i.dims) for i in model.graph.initializer})
     for node in model.graph.node:  # weights held in Constant nodes
         if node.op_type == "Constant":

@@ -3,8 +3,8 @@
 The z⁺ rule needs the forward, a W⁺ forward and a transposed pass: about 3× the forward's multiply-accumulates is
 the floor (see results/benchmark.md). These tests fail when a change adds work on top of that floor — a dropped
 sign fact (a⁻ terms, |x| or a signed stabiliser on values known ≥ 0), an ε added in its own pass instead of in the
-convolution's bias, a stride-1 ConvTranspose, a weight stored twice — and check that those rewrites keep the
-numbers.
+convolution's bias, a stride-1 ConvTranspose, a weight stored twice, a lost symbolic batch size — and check that
+those rewrites keep the numbers.
 """
 from __future__ import annotations
 
