@@ -255,11 +255,9 @@ def keep_symbolic_batch(model) -> int:
         if node.op_type != "Reshape" or any(a.name == "allowzero" and a.i for a in node.attribute):
             continue
         target, source = constants.get(node.input[1]), shapes.get(node.input[0])
-        if target is None or target.ndim != 1 or len(target) < 1 or target[0] != -1 or source is None:
+        if target is None or not source or target.ndim != 1 or not len(target) or target[0] != -1:
             continue
-        per_sample = source[1:]
-        if not source or None in per_sample or np.any(target[1:] <= 0) or \
-                int(np.prod(per_sample)) != int(np.prod(target[1:])):
+        if None in source[1:] or np.any(target[1:] <= 0) or np.prod(source[1:]) != np.prod(target[1:]):
             continue
         pinned = target.astype(np.int64).copy()
         pinned[0] = 0
