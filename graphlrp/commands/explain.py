@@ -14,6 +14,8 @@ from .. import heatmap
 from ..errors import GraphLRPError, ImageError
 from ._types import positive_int
 
+UPSCALE_WARNING = 2.0  # warn when an image is enlarged more than this
+
 
 def register(sub) -> None:
     p = sub.add_parser("explain", help="explain images with a compiled explainer (.onnx)",
@@ -32,7 +34,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from ..runtime import load
+    from ..runtime import load, open_image
 
     session = load(args.model, providers=args.provider)
     session.prepare(np.zeros(session.input_size, np.float32), args.target)  # reject an unknown --target up front
@@ -49,11 +51,18 @@ def run(args) -> int:
             good, arrays = [], []
             for path in chunk:
                 try:
-                    arrays.append(session.preprocess(path))
+                    image = open_image(path)
+                    arrays.append(session.preprocess(image))
                     good.append(path)
                 except ImageError as e:
                     tqdm.write(f"skipped {e}", file=sys.stderr)
                     skipped += 1
+                    continue
+                factor = session.upscale(image)
+                if factor > UPSCALE_WARNING:
+                    tqdm.write(f"warning: {path} is {image.width}x{image.height}; preprocessing enlarges it "
+                               f"{factor:.1f}x to explain {session.crop[0]}x{session.crop[1]} pixels, so the "
+                               "heatmap explains interpolated pixels", file=sys.stderr)
             if arrays:
                 for path, exp in zip(good, session.explain(np.stack(arrays), args.target)):
                     _write(out, stems[path], exp, session)
