@@ -67,9 +67,13 @@ import torch
 from graphlrp.zoo.cifar import CifarResNet
 
 
+class Tiny(CifarResNet):  # defined here: the workers cannot import this module by name
+    pass
+
+
 def tiny():
     torch.manual_seed(0)
-    model = CifarResNet(1)
+    model = Tiny(1)
     for m in model.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
             m.running_mean.uniform_(-0.2, 0.2)
@@ -79,7 +83,7 @@ def tiny():
 
 
 def test_evaluate_on_ray_gives_the_local_results(local_ray, tmp_path):
-    (tmp_path / "tiny_user_model.py").write_text(TINY_MODEL)  # a model class the workers cannot import by name
+    (tmp_path / "tiny_user_model.py").write_text(TINY_MODEL)
     rng = np.random.default_rng(1)
     np.savez(tmp_path / "data.npz", images=rng.integers(0, 255, (6, 16, 16, 3), dtype=np.uint8),
              labels=np.array([0, 1, 2, 3, 4, 5]))

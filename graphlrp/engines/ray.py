@@ -160,7 +160,7 @@ def explain(model: str, paths: list[str], stems: dict[str, str], out: Path, *, t
 
 def _share_user_modules() -> None:
     """A model from `file.py:factory` lives in a module the workers cannot import; pickle it by value instead."""
-    import cloudpickle
+    from ray import cloudpickle  # Ray's own copy: the standalone package's registry is not the one Ray uses
 
     for name, module in list(sys.modules.items()):
         if name.startswith("graphlrp_user_model_"):
