@@ -116,13 +116,62 @@ def test_curves_blacken_in_rgb_before_normalising():
 def test_method_names_resolve_and_unknown_ones_are_listed():
     assert resolve("all") == list(METHODS)
     assert resolve("ours-iv, gradcam") == ["ours-iv", "gradcam"]
-    with pytest.raises(EvaluationError, match="available: all, ours-i"):
+    with pytest.raises(EvaluationError, match="available: all, default, table2, ours-i"):
         resolve("ours-v")
     for name in ("ours-i", "ours-ii", "ours-iii", "ours-iv", "gradcam", "scorecam", "ig", "guided-bp",
                  "lrp-epsilon", "zennit-epsilon-plus-flat"):
         assert name in METHODS
     assert METHODS["ours-iv"].quantize and not METHODS["ours-iv-raw"].quantize
     assert METHODS["ours-iv"].source == METHODS["ours-iv-raw"].source
+
+
+def test_default_method_set_is_table_1_plus_the_conserving_preset():
+    # the paper's Table 1: its method (ours-iv) and its five baselines; plus graphlrp's conserving preset
+    assert resolve("default") == ["ours-iv", "gradcam", "scorecam", "ig", "guided-bp", "lrp-epsilon",
+                                  "graphlrp-otsuki2024-conserving"]
+    assert resolve("table2") == ["ours-i", "ours-ii", "ours-iii", "ours-iv"]
+    assert resolve("table2, gradcam, ours-iv") == ["ours-i", "ours-ii", "ours-iii", "ours-iv", "gradcam"]
+    from graphlrp.cli import build_parser
+
+    args = build_parser().parse_args(["evaluate", "resnet18", "--data", "x.npz", "-o", "out"])
+    assert args.methods == "default" and args.quantize == "ours" and args.ray is None
+
+
+def test_quantize_modes_treat_methods_alike_or_as_the_paper_does():
+    from graphlrp.evaluate.methods import quantized
+
+    assert quantized(METHODS["ours-iv"], "ours") and not quantized(METHODS["gradcam"], "ours")
+    assert not quantized(METHODS["ours-iv-raw"], "ours")
+    assert all(quantized(m, "all") for m in METHODS.values())
+    assert not any(quantized(m, "none") for m in METHODS.values())
+
+
+def test_like_for_like_run_reports_the_paper_protocol_from_the_same_maps():
+    from graphlrp.evaluate.data import ImageSet
+    from graphlrp.evaluate.runner import evaluate
+
+    torch.manual_seed(0)
+    model = CifarResNet(1).eval()
+    data = ImageSet(torch.rand(3, 3, 16, 16), torch.tensor([0, 1, 2]), None, "random")
+    names = ["ours-iv", "ours-iv-raw", "gradcam"]
+    kw = dict(model_name="tiny", mean=(0.5,) * 3, std=(0.25,) * 3, step=16, batch_size=4, heatmap_images=1)
+    paper = evaluate(model, data, names, quantize="ours", **kw)
+    raw = evaluate(model, data, names, quantize="none", **kw)
+    both = evaluate(model, data, names, quantize="all", **kw)
+    assert not paper.paper_results  # the paper's protocol is the run's own
+    # none: every map raw, so ours-iv is its -raw twin; the paper's quantized ours-iv comes along unchanged
+    np.testing.assert_array_equal(raw.results["ours-iv"].insertion, paper.results["ours-iv-raw"].insertion)
+    np.testing.assert_array_equal(raw.paper_results["ours-iv"].insertion, paper.results["ours-iv"].insertion)
+    np.testing.assert_array_equal(raw.results["gradcam"].deletion, paper.results["gradcam"].deletion)
+    assert set(raw.paper_results) == {"ours-iv"} and not raw.results["ours-iv"].quantized
+    # all: gradcam gets quantized as well; its paper-protocol (raw) curves are the paper run's
+    assert set(both.paper_results) == {"ours-iv-raw", "gradcam"} and both.results["gradcam"].quantized
+    np.testing.assert_array_equal(both.paper_results["gradcam"].deletion, paper.results["gradcam"].deletion)
+    np.testing.assert_array_equal(both.results["ours-iv-raw"].insertion, paper.results["ours-iv"].insertion)
+    from graphlrp.evaluate.report import markdown
+
+    md = markdown(both)
+    assert "--quantize all" in md and "| method | paper: Ins |" in md and "engine: local, 1 worker" in md
 
 
 def test_cam_layer_is_the_last_residual_stage_and_functional_relus_become_modules():
@@ -188,7 +237,7 @@ def tiny_run(tmp_path_factory):
              labels=np.array([0, 1, 2, 3, 4]), classes=np.array([f"c{i}" for i in range(10)]))
     out = d / "out"
     code = main(["evaluate", f"{d / 'tiny.py'}:tiny", "--weights", "none", "--data", str(d / "data.npz"),
-                 "--limit", "4", "--step", "16", "--heatmap-images", "2", "-o", str(out)])
+                 "--methods", "all", "--limit", "4", "--step", "16", "--heatmap-images", "2", "-o", str(out)])
     return code, out
 
 

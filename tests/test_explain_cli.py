@@ -70,3 +70,18 @@ def test_cuda_provider_without_cuda_is_a_clear_error(tiny_onnx, images, tmp_path
     p = explain_cli(tiny_onnx, images["wide.png"], "-o", tmp_path, "--provider", "cuda")
     assert p.returncode == 2 and "CUDA execution provider is not available" in p.stderr
     assert "Traceback" not in p.stderr
+
+
+def test_folders_and_globs_expand_to_their_files(tmp_path):
+    from graphlrp.commands.explain import expand_inputs
+    from graphlrp.errors import GraphLRPError
+
+    (tmp_path / "sub").mkdir()
+    (tmp_path / ".hidden").mkdir()
+    for name in ("b.png", "a.jpg", "sub/c.png", ".hidden/d.png", ".e.png", "notes.txt"):
+        (tmp_path / name).write_bytes(b"")
+    assert expand_inputs([str(tmp_path)]) == [str(tmp_path / n) for n in ("a.jpg", "b.png", "notes.txt", "sub/c.png")]
+    assert expand_inputs([str(tmp_path / "**" / "*.png")]) == [str(tmp_path / "b.png"), str(tmp_path / "sub/c.png")]
+    assert expand_inputs(["missing.png"]) == ["missing.png"]  # reported as unreadable later, as before
+    with pytest.raises(GraphLRPError, match="no file matches"):
+        expand_inputs([str(tmp_path / "*.gif")])

@@ -15,5 +15,5 @@ for d in "${depths[@]}"; do
   graphlrp evaluate "graphlrp/zoo/cifar.py:resnet$d" \
     --weights "$shared/assets/cifar10-resnet/resnet$d.pt" \
     --data "$shared/assets/cifar10-test-dev.npz" \
-    "${limit[@]}" -o "results/cifar10-resnet$d"
+    --methods all "${limit[@]}" -o "results/cifar10-resnet$d"
 done

@@ -27,3 +27,18 @@ def floats(text: str) -> tuple[float, ...]:
     if not values:
         raise argparse.ArgumentTypeError("expected at least one number")
     return values
+
+
+def add_ray_arguments(parser: argparse.ArgumentParser, what: str) -> None:
+    """--ray [ADDRESS], --workers, --threads: shared by the commands that can run on Ray. Ray is imported only
+    when --ray is given."""
+    group = parser.add_argument_group("Ray (pip install graphlrp[ray])")
+    group.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                       help=f"compute the {what} on Ray: on the cluster at ADDRESS (ray://HOST:10001, HOST:6379, "
+                            "auto), else at $RAY_ADDRESS, else on a Ray started on this machine for the run. "
+                            "Put it last or write --ray=ADDRESS, so that it does not take the next argument")
+    group.add_argument("--workers", type=positive_int, metavar="N",
+                       help="Ray workers (default: as many as the cluster's CPUs allow at --threads each; with "
+                            "--provider cuda, one per GPU)")
+    group.add_argument("--threads", type=positive_int, default=1, metavar="T",
+                       help="CPUs each Ray worker reserves and computes with (default 1)")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import shlex
 
-from ._types import positive_int
+from ._types import add_ray_arguments, positive_int
 
 
 def register(sub) -> None:
@@ -19,8 +19,13 @@ def register(sub) -> None:
                                                  "classes), or a folder of images with labels.txt")
     p.add_argument("--labels", help="labels file for an image folder: `<image> <class index>` per line "
                                     "(default FOLDER/labels.txt)")
-    p.add_argument("--methods", default="all", help="comma-separated method names, or all (default); an unknown "
-                                                    "name lists the available ones")
+    p.add_argument("--methods", default="default",
+                   help="comma-separated method names and sets: default (the paper's Table 1 set: ours-iv, gradcam, "
+                        "scorecam, ig, guided-bp, lrp-epsilon; plus graphlrp-otsuki2024-conserving), table2 (the four "
+                        "splitting variants ours-i..iv), all; an unknown name lists the available ones")
+    p.add_argument("--quantize", choices=["ours", "all", "none"], default="ours",
+                   help="which maps get the 8-level heat quantization: ours (default, the paper's protocol: only "
+                        "ours-*), all or none (every method alike; results.md then shows the paper's table next to it)")
     p.add_argument("--limit", type=positive_int, help="use only the first N images")
     p.add_argument("--step", type=positive_int, help="pixels per insertion/deletion step (default: about 100 points "
                                                      "per curve, 10 for 32×32)")
@@ -34,6 +39,7 @@ def register(sub) -> None:
     p.add_argument("--cam-layer", help="module name for Grad-CAM/Score-CAM (default: the last residual stage)")
     p.add_argument("--heatmap-images", type=positive_int, default=4, help="rows in heatmaps.png (default 4)")
     p.add_argument("-o", "--output", required=True, help="directory for the results")
+    add_ray_arguments(p, "maps and insertion/deletion curves")
     p.set_defaults(func=run)
 
 
@@ -49,7 +55,7 @@ def _floats(text: str) -> tuple[float, ...]:
 def command_line(args) -> str:
     """The command that reproduces this run, as written in the report."""
     parts = ["graphlrp", "evaluate", args.model, "--weights", args.weights, "--data", args.data]
-    for flag in ("labels", "methods", "limit", "step", "mean", "std", "batch_size", "resize", "cam_layer"):
+    for flag in ("labels", "methods", "quantize", "limit", "step", "mean", "std", "batch_size", "resize", "cam_layer"):
         value = getattr(args, flag)
         if value is not None:
             value = ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
@@ -80,12 +86,17 @@ def run(args) -> int:
     if not len(mean) == len(std) == data.images.shape[1]:
         raise EvaluationError(f"--mean/--std need one value per channel ({data.images.shape[1]}): {mean} / {std}")
     h, w = data.images.shape[-2:]
+    engine = None
+    if args.ray is not None:
+        from ..engines.ray import RayEvaluateEngine, start
+
+        engine = RayEvaluateEngine(start(args.ray), workers=args.workers, threads=args.threads)
     ev = evaluate(model, data, names, model_name=info.name, mean=mean, std=std, step=args.step or default_step(h, w),
                   batch_size=args.batch_size, cam_layer=args.cam_layer, heatmap_images=args.heatmap_images,
-                  command=command_line(args))
+                  command=command_line(args), quantize=args.quantize, engine=engine)
     written = write_all(ev, Path(args.output))
     print(f"{ev.n} images, top-1 {ev.accuracy:.1%}, step {ev.step} px ({ev.points} points), "
-          f"{ev.seconds['total']:.0f} s")
+          f"{ev.seconds['total']:.0f} s on {ev.engine} ({ev.workers} worker{'s' if ev.workers != 1 else ''})")
     print(f"{'method':34s} {'Ins':>7s} {'Del':>7s} {'ID':>7s}")
     for r in rows(ev):
         print(f"{r['method']:34s} {r['insertion']:7.3f} {r['deletion']:7.3f} {r['id']:7.3f}")

@@ -1,9 +1,12 @@
-"""`graphlrp explain MODEL.onnx IMAGE... -o DIR`: heatmaps, overlays and raw relevance for image files.
+"""`graphlrp explain MODEL.onnx INPUT... -o DIR`: heatmaps, overlays and raw relevance for image files.
 
-Unreadable images are reported by name and skipped so that one bad file does not cost a whole run; the exit
-code (1) still tells scripts that something was skipped."""
+INPUTs are files, folders (every file in them) or glob patterns. Unreadable images are reported by name and skipped
+so that one bad file does not cost a whole run; the exit code (1) still tells scripts that something was skipped.
+With `--ray` the same work runs on Ray (graphlrp/engines/ray.py); without it Ray is never imported."""
 from __future__ import annotations
 
+import glob
+import os
 import sys
 from pathlib import Path
 
@@ -12,7 +15,7 @@ from tqdm import tqdm
 
 from .. import heatmap
 from ..errors import GraphLRPError, ImageError
-from ._types import positive_int
+from ._types import add_ray_arguments, positive_int
 
 UPSCALE_WARNING = 2.0  # warn when an image is enlarged more than this
 
@@ -22,7 +25,8 @@ def register(sub) -> None:
                        description="Write <stem>_heatmap.png, <stem>_overlay.png and <stem>_relevance.npy "
                                    "(raw [C, H, W] relevance) for each image.")
     p.add_argument("model", help="explainer ONNX file from `graphlrp compile`")
-    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
+    p.add_argument("images", nargs="+", metavar="INPUT",
+                   help="image files, folders (every file in them and their subfolders) or glob patterns ('*.jpg')")
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="output directory (created if missing)")
     p.add_argument("--target", type=int, default=None, metavar="K",
                    help="class to explain for every image (default: each image's predicted class)")
@@ -30,12 +34,14 @@ def register(sub) -> None:
                    help="onnxruntime execution provider (default: CUDA when available, else CPU)")
     p.add_argument("--batch-size", type=positive_int, default=8, metavar="B",
                    help="images per onnxruntime call (default 8)")
+    add_ray_arguments(p, "explanations (Ray Data reads the images; the table explanations.parquet is added)")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     from ..runtime import load, open_image
 
+    args.images = expand_inputs(args.images)
     session = load(args.model, providers=args.provider)
     session.prepare(np.zeros(session.input_size, np.float32), args.target)  # reject an unknown --target up front
     out = Path(args.output)
@@ -44,6 +50,13 @@ def run(args) -> int:
     except OSError as e:
         raise GraphLRPError(f"cannot create output directory {out}: {e.strerror}") from None
     stems = _unique_stems(args.images)
+    if args.ray is not None:
+        from ..engines import ray as ray_engine
+
+        _, skipped = ray_engine.explain(args.model, args.images, stems, out, target=args.target,
+                                        provider=args.provider, batch_size=args.batch_size, address=args.ray,
+                                        workers=args.workers, threads=args.threads)
+        return _report_skipped(skipped, len(args.images), out)
     skipped = 0
     with tqdm(total=len(args.images), unit="image", disable=True if len(args.images) < 2 else None) as bar:
         for start in range(0, len(args.images), args.batch_size):
@@ -68,10 +81,34 @@ def run(args) -> int:
                     _write(out, stems[path], exp, session)
                     tqdm.write(f"{path}: {_describe(session, exp)}")
             bar.update(len(chunk))
+    return _report_skipped(skipped, len(args.images), out)
+
+
+def _report_skipped(skipped: int, total: int, out: Path) -> int:
     if skipped:
-        print(f"{skipped} of {len(args.images)} image(s) skipped; outputs for the rest are in {out}", file=sys.stderr)
+        print(f"{skipped} of {total} image(s) skipped; outputs for the rest are in {out}", file=sys.stderr)
         return 1
     return 0
+
+
+def expand_inputs(inputs: list[str]) -> list[str]:
+    """Files as given; a folder -> every file in it and its subfolders (hidden ones left out), sorted; a pattern
+    that names no file -> its glob matches, sorted. Anything else is kept, to be reported as unreadable."""
+    paths: list[str] = []
+    for item in inputs:
+        if os.path.isdir(item):
+            found = sorted(str(p) for p in Path(item).rglob("*")
+                           if p.is_file() and not any(part.startswith(".") for part in p.relative_to(item).parts))
+            if not found:
+                raise GraphLRPError(f"{item}: the folder holds no files")
+        elif not os.path.exists(item) and glob.has_magic(item):
+            found = sorted(p for p in glob.glob(item, recursive=True) if os.path.isfile(p))
+            if not found:
+                raise GraphLRPError(f"{item}: no file matches the pattern")
+        else:
+            found = [item]
+        paths += found
+    return paths
 
 
 def _write(out: Path, stem: str, exp, session) -> None:

@@ -59,18 +59,40 @@ def register(name: str, description: str, source: str | None = None, quantize: b
     return deco
 
 
+# Named sets of methods, usable wherever a method name is. `default` is the paper's Table 1 (its method, ours-iv,
+# and its five baselines) plus graphlrp's conserving preset; `table2` the paper's four splitting variants.
+METHOD_SETS: dict[str, tuple[str, ...]] = {
+    "default": ("ours-iv", "gradcam", "scorecam", "ig", "guided-bp", "lrp-epsilon", "graphlrp-otsuki2024-conserving"),
+    "table2": ("ours-i", "ours-ii", "ours-iii", "ours-iv"),
+}
+
+
 def resolve(spec: str) -> list[str]:
-    """'all' or a comma-separated list of method names -> names in registry order, unknown names rejected."""
+    """'all', a set name (default, table2) or a comma-separated list of set and method names -> method names in the
+    order given (a set expands in place, repeats dropped); unknown names are rejected with the list of known ones."""
     from . import EvaluationError
 
-    if spec.strip() == "all":
-        return list(METHODS)
-    names = [s.strip() for s in spec.split(",") if s.strip()]
-    unknown = [n for n in names if n not in METHODS]
-    if unknown or not names:
-        raise EvaluationError(f"unknown method(s) {', '.join(unknown) or '(none given)'}; "
-                              f"available: all, {', '.join(METHODS)}")
+    names: list[str] = []
+    tokens = [s.strip() for s in spec.split(",") if s.strip()]
+    unknown = [t for t in tokens if t not in METHODS and t not in METHOD_SETS and t != "all"]
+    if unknown or not tokens:
+        raise EvaluationError(f"unknown method(s) {', '.join(unknown) or '(none given)'}; available: all, "
+                              f"{', '.join(METHOD_SETS)}, {', '.join(METHODS)}")
+    for token in tokens:
+        expanded = list(METHODS) if token == "all" else METHOD_SETS.get(token, (token,))
+        names += [n for n in expanded if n not in names]
     return names
+
+
+QUANTIZE_MODES = ("ours", "all", "none")
+
+
+def quantized(method: Method, mode: str) -> bool:
+    """Whether `method`'s maps get the 8-level heat quantization under `--quantize mode`: `ours` is the paper's
+    protocol (only the paper's own maps, the `ours-*` rows), `all` and `none` treat every method alike."""
+    if mode not in QUANTIZE_MODES:
+        raise ValueError(f"quantize mode must be one of {QUANTIZE_MODES}, got {mode!r}")
+    return method.quantize if mode == "ours" else mode == "all"
 
 
 # --- graphlrp ------------------------------------------------------------------------------------------------------

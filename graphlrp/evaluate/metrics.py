@@ -82,12 +82,14 @@ def mean_se(values) -> tuple[float, float]:
     return float(values.mean()), float(se)
 
 
-def fast_logits(model: torch.nn.Module, example: torch.Tensor) -> tuple[Callable[[torch.Tensor], torch.Tensor], str]:
+def fast_logits(model: torch.nn.Module, example: torch.Tensor, threads: int | None = None
+                ) -> tuple[Callable[[torch.Tensor], torch.Tensor], str]:
     """A faster stand-in for `model(x)` for the metric's many forward passes, and its name for the report.
 
     onnxruntime (a graphlrp dependency) runs these small-batch CNN forwards about 1.6× faster than PyTorch eager on
     CPU; the export is checked against the model on `example` and dropped if it disagrees. Otherwise, a torch.fx
     copy with BatchNorm folded into the convolutions in channels-last memory; otherwise the model itself.
+    `threads` caps onnxruntime's intra-op threads (default: onnxruntime's choice).
     """
     with torch.inference_mode():
         expected = model(example)
@@ -101,6 +103,8 @@ def fast_logits(model: torch.nn.Module, example: torch.Tensor) -> tuple[Callable
                               dynamic_axes={"x": {0: "n"}}, opset_version=17, dynamo=False)
         options = onnxruntime.SessionOptions()
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # spinning hurts on shared cores
+        if threads:
+            options.intra_op_num_threads = threads
         session = onnxruntime.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
 
         def run(x):
@@ -123,13 +127,14 @@ class InsertionDeletion:
     """Insertion and deletion curves of many attribution maps on the same images. `example`: a few normalised
     images to check the fast forward path against the model."""
 
-    def __init__(self, model: torch.nn.Module, example: torch.Tensor, mean, std, step: int, batch_size: int = 256):
+    def __init__(self, model: torch.nn.Module, example: torch.Tensor, mean, std, step: int, batch_size: int = 256,
+                 threads: int | None = None):
         self.mean = torch.as_tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
         self.std = torch.as_tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
         self.step = step
         self.batch_size = batch_size
         self.model_calls = 0
-        self.logits, self.backend = fast_logits(model.eval(), example)
+        self.logits, self.backend = fast_logits(model.eval(), example, threads)
 
     def curves(self, images: torch.Tensor, labels: torch.Tensor, maps: dict[str, torch.Tensor]
                ) -> dict[str, tuple[np.ndarray, np.ndarray]]:

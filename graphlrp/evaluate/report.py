@@ -10,16 +10,25 @@ from .methods import OURS
 from .metrics import mean_se
 from .runner import Evaluation
 
-COLUMNS = ("method", "insertion", "deletion", "id", "n", "insertion_se", "deletion_se", "id_se")
+COLUMNS = ("method", "insertion", "deletion", "id", "n", "insertion_se", "deletion_se", "id_se", "quantized")
+PROTOCOLS = {"ours": "the paper's protocol: only the ours-* maps quantized to 8 heat levels",
+             "all": "like for like: every method's maps quantized to 8 heat levels",
+             "none": "like for like: no method's maps quantized"}
 
 
-def rows(ev: Evaluation) -> list[dict]:
+def rows(ev: Evaluation, results: dict | None = None) -> list[dict]:
+    """One row per method of `results` (default: the run's own protocol, `ev.results`)."""
     out = []
-    for name, r in ev.results.items():
+    for name, r in (ev.results if results is None else results).items():
         (ins, ins_se), (dele, del_se), (idv, id_se) = mean_se(r.insertion), mean_se(r.deletion), mean_se(r.id)
         out.append({"method": name, "insertion": ins, "deletion": dele, "id": idv, "n": len(r.insertion),
-                    "insertion_se": ins_se, "deletion_se": del_se, "id_se": id_se})
+                    "insertion_se": ins_se, "deletion_se": del_se, "id_se": id_se, "quantized": r.quantized})
     return out
+
+
+def paper_rows(ev: Evaluation) -> list[dict]:
+    """The rows as the paper's protocol computes them: the run's own where the post-processing is the same."""
+    return rows(ev, {name: ev.paper_results.get(name, r) for name, r in ev.results.items()})
 
 
 def write_csv(ev: Evaluation, path: Path) -> None:
@@ -42,12 +51,25 @@ def markdown(ev: Evaluation, figures: list[str] = ()) -> str:
              "probability of the labelled class, black (0 in [0, 1] RGB) as the removed value",
              f"- normalisation: mean {list(ev.mean)}, std {list(ev.std)}",
              f"- command: `{ev.command}`",
+             f"- post-processing (`--quantize {ev.quantize}`): {PROTOCOLS[ev.quantize]}",
+             f"- engine: {ev.engine}, {ev.workers} worker{'s' if ev.workers != 1 else ''}",
              f"- time: {ev.seconds.get('total', 0):.0f} s in all, {ev.model_calls} model calls for the curves",
-             "", "## Table 1: Ins ↑ / Del ↓ / ID ↑ (mean ± standard error over images)", "",
-             "| method | Ins | Del | ID |", "|---|---|---|---|"]
-    for name, r in table.items():
-        lines.append(f"| {name} | {_pm(r['insertion'], r['insertion_se'])} | {_pm(r['deletion'], r['deletion_se'])} "
-                     f"| {_pm(r['id'], r['id_se'])} |")
+             "", "## Table 1: Ins ↑ / Del ↓ / ID ↑ (mean ± standard error over images)", ""]
+    if ev.quantize == "ours":
+        lines += ["| method | Ins | Del | ID |", "|---|---|---|---|"]
+        for name, r in table.items():
+            lines.append(f"| {name} | {_pm(r['insertion'], r['insertion_se'])} | "
+                         f"{_pm(r['deletion'], r['deletion_se'])} | {_pm(r['id'], r['id_se'])} |")
+    else:
+        paper = {r["method"]: r for r in paper_rows(ev)}
+        lines += [f"Left: {PROTOCOLS['ours']}. Right: {PROTOCOLS[ev.quantize]} (results.csv). Both from the same "
+                  "maps in this run.", "",
+                  "| method | paper: Ins | paper: Del | paper: ID | like for like: Ins | like for like: Del "
+                  "| like for like: ID |", "|---|---|---|---|---|---|---|"]
+        for name, r in table.items():
+            p = paper[name]
+            lines.append(f"| {name} | " + " | ".join(_pm(row[k], row[f"{k}_se"]) for row in (p, r)
+                                                     for k in ("insertion", "deletion", "id")) + " |")
     variants = [(roman, split, identity) for roman, (split, identity) in OURS.items() if f"ours-{roman}" in table
                 or f"ours-{roman}-raw" in table]
     if variants:
@@ -81,7 +103,8 @@ def markdown(ev: Evaluation, figures: list[str] = ()) -> str:
 
 def write_json(ev: Evaluation, path: Path) -> None:
     info = {"model": ev.model, "data": ev.data, "n": ev.n, "accuracy": ev.accuracy, "step": ev.step,
-            "points": ev.points, "mean": ev.mean, "std": ev.std, "command": ev.command, "results": rows(ev),
+            "points": ev.points, "mean": ev.mean, "std": ev.std, "command": ev.command, "quantize": ev.quantize,
+            "engine": ev.engine, "workers": ev.workers, "results": rows(ev), "paper_protocol_results": paper_rows(ev),
             "skipped": ev.skipped, "notes": ev.notes, "versions": ev.versions, "seconds": ev.seconds,
             "model_calls": ev.model_calls}
     path.write_text(json.dumps(info, indent=2) + "\n")

@@ -18,7 +18,8 @@ from tqdm import tqdm
 from . import EvaluationError
 from . import methods as registry
 from .data import ImageSet
-from .metrics import InsertionDeletion, auc, curve_length, pixel_maps, quantize
+from .metrics import InsertionDeletion, auc, curve_length, pixel_maps
+from .metrics import quantize as heat_quantize
 
 LIBRARIES = ("graphlrp", "torch", "torchvision", "captum", "zennit", "grad-cam", "onnxruntime", "numpy")
 MASK_BUDGET = 2 ** 26  # booleans of masks held at once while the curves of a chunk of images are computed
@@ -32,6 +33,7 @@ class MethodResult:
     deletion: np.ndarray
     insertion_curves: np.ndarray  # [n, K]
     deletion_curves: np.ndarray
+    quantized: bool = False  # whether the maps got the 8-level heat quantization
 
     @property
     def id(self) -> np.ndarray:
@@ -57,6 +59,10 @@ class Evaluation:
     seconds: dict[str, float] = field(default_factory=dict)
     model_calls: int = 0
     command: str = ""
+    quantize: str = "ours"  # which maps were quantized: ours (the paper's protocol), all, none
+    paper_results: dict[str, MethodResult] = field(default_factory=dict)  # the paper's protocol, where it differs
+    engine: str = "local"
+    workers: int = 1
 
 
 def library_versions() -> dict[str, str]:
@@ -69,11 +75,73 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
+class LocalEngine:
+    """Runs maps and curves in this process. The Ray engine (graphlrp.engines.ray) has the same two methods and
+    splits the same work over a cluster; both call `source_maps` and `InsertionDeletion.curves`, so they agree."""
+
+    name = "local"
+    workers = 1
+
+    def maps(self, ctx, x, pred, methods: dict[str, "registry.Method"], size) -> dict[str, "MapsOutcome"]:
+        """source -> its maps over all images, or why it could not run."""
+        out = {}
+        for source, method in methods.items():
+            t = time.perf_counter()
+            try:
+                out[source] = MapsOutcome(source_maps(ctx, method, x, pred, size), None, time.perf_counter() - t)
+            except registry.Unavailable as e:
+                out[source] = MapsOutcome(None, str(e), 0.0)
+        return out
+
+    def curves(self, model, data: ImageSet, maps: dict[str, torch.Tensor], ev: "Evaluation", batch_size: int,
+               example: torch.Tensor) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        h, w = data.images.shape[-2:]
+        evaluator = InsertionDeletion(model, example, ev.mean, ev.std, ev.step, batch_size=batch_size)
+        chunk = max(1, MASK_BUDGET // (len(maps) * 2 * ev.points * h * w))
+        parts = []
+        with tqdm(total=len(data), desc="insertion/deletion", unit="image") as bar:
+            for i in range(0, len(data), chunk):
+                part = slice(i, i + chunk)
+                parts.append(evaluator.curves(data.images[part], data.labels[part],
+                                              {n: m[part] for n, m in maps.items()}))
+                bar.update(len(data.images[part]))
+                bar.set_postfix(model_calls=evaluator.model_calls)
+        ev.model_calls += evaluator.model_calls
+        ev.notes.setdefault("insertion/deletion", []).append(f"model calls for the curves ran on {evaluator.backend}")
+        return join_curves(parts)
+
+
+@dataclass
+class MapsOutcome:
+    maps: torch.Tensor | None  # [N, H, W] pixel maps, before any quantization
+    unavailable: str | None  # why the method could not run, else None
+    seconds: float
+
+
+def source_maps(ctx, method: "registry.Method", x: torch.Tensor, pred: torch.Tensor, size) -> torch.Tensor:
+    """One method's pixel maps for `x`, `ctx.batch_size` images per call. Raises `Unavailable`."""
+    with method.run(ctx) as attribute:
+        parts = []
+        for i in tqdm(range(0, len(x), ctx.batch_size), desc=f"maps {method.source}", unit="batch", leave=False):
+            parts.append(pixel_maps(attribute(x[i:i + ctx.batch_size].clone(), pred[i:i + ctx.batch_size]), size))
+    return torch.cat(parts)
+
+
+def join_curves(parts: list[dict[str, tuple[np.ndarray, np.ndarray]]]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Curves of consecutive image chunks -> curves of all images, per map."""
+    return {name: (np.concatenate([p[name][0] for p in parts]), np.concatenate([p[name][1] for p in parts]))
+            for name in (parts[0] if parts else {})}
+
+
 def evaluate(model: torch.nn.Module, data: ImageSet, method_names: list[str], *, model_name: str, mean, std,
              step: int, batch_size: int = 64, cam_layer: str | None = None, heatmap_images: int = 4,
-             command: str = "") -> Evaluation:
+             command: str = "", quantize: str = "ours", engine=None) -> Evaluation:
     """Run the protocol for `method_names` on all of `data`. Explanations target the predicted class (as the
-    paper's code does); curves record the probability of the labelled class."""
+    paper's code does); curves record the probability of the labelled class. `quantize` picks which maps get the
+    8-level heat quantization (`ours`: the paper's protocol; `all`/`none`: like for like); when that differs from
+    the paper's protocol, the paper's numbers are computed too (`Evaluation.paper_results`), from the same maps.
+    `engine`: where maps and curves are computed (default: this process)."""
+    engine = engine or LocalEngine()
     start, cpu_start = time.perf_counter(), time.process_time()
     model.eval()
     mean_t = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
@@ -88,14 +156,23 @@ def evaluate(model: torch.nn.Module, data: ImageSet, method_names: list[str], *,
     h, w = data.images.shape[-2:]
     ev = Evaluation(model=model_name, data=data.source, n=len(data), accuracy=float((pred == data.labels).float().mean()),
                     step=step, points=curve_length(h * w, step), mean=tuple(mean), std=tuple(std),
-                    versions=library_versions(), command=command)
+                    versions=library_versions(), command=command, quantize=quantize, engine=engine.name,
+                    workers=engine.workers)
     box = ((0 - mean_t) / std_t).flatten(), ((1 - mean_t) / std_t).flatten()
     ctx = registry.Context(model, x[:1], batch_size=batch_size, cam_layer=cam_layer, box=box)
 
-    maps = _method_maps(ctx, x, pred, method_names, (h, w), ev)
+    maps, paper_maps = _method_maps(engine, ctx, x, pred, method_names, (h, w), ev)
     ev.notes = ctx.notes
     t = time.perf_counter()
-    _curves(model, data, maps, ev, batch_size=max(batch_size, 256), example=x[:8])
+    if maps:
+        curves = engine.curves(model, data, {**maps, **{PAPER + n: m for n, m in paper_maps.items()}}, ev,
+                               batch_size=max(batch_size, 256), example=x[:8])
+        for key, (c_ins, c_del) in curves.items():
+            name = key.removeprefix(PAPER)
+            result = MethodResult(name, registry.METHODS[name].description, auc(c_ins), auc(c_del), c_ins, c_del,
+                                  quantized=registry.quantized(registry.METHODS[name], "ours" if key != name else quantize))
+            (ev.results if key == name else ev.paper_results)[name] = result
+        _note_twins(ev)
     ev.seconds["insertion/deletion curves"] = time.perf_counter() - t
     ev.conservation = _conservation(ctx, x, pred, logits, ev)
     ev.heatmaps = _heatmap_sample(data, pred, maps, heatmap_images)
@@ -104,61 +181,36 @@ def evaluate(model: torch.nn.Module, data: ImageSet, method_names: list[str], *,
     return ev
 
 
-def _method_maps(ctx, x, pred, names, size, ev: Evaluation) -> dict[str, torch.Tensor]:
-    """name -> [N, H, W] pixel maps; methods sharing a source are computed once. Skipped methods are left out."""
-    by_source: dict[str, torch.Tensor] = {}
-    unavailable: dict[str, str] = {}
+PAPER = "paper protocol: "  # key prefix of the maps post-processed as the paper does, where that differs
+
+
+def _method_maps(engine, ctx, x, pred, names, size, ev: Evaluation):
+    """name -> [N, H, W] pixel maps as `ev.quantize` processes them, and name -> maps as the paper's protocol does
+    for the names where that differs. Methods sharing a source are computed once; unavailable ones are skipped."""
+    sources = {}
     for name in names:
-        method = registry.METHODS[name]
-        if method.source in by_source or method.source in unavailable:
-            continue
-        t = time.perf_counter()
-        try:
-            with method.run(ctx) as attribute:
-                parts = []
-                for i in tqdm(range(0, len(x), ctx.batch_size), desc=f"maps {method.source}", unit="batch",
-                              leave=False):
-                    parts.append(pixel_maps(attribute(x[i:i + ctx.batch_size].clone(), pred[i:i + ctx.batch_size]),
-                                            size))
-        except registry.Unavailable as e:
-            unavailable[method.source] = str(e)
-            tqdm.write(f"skipping {method.source}: {e}")
-            continue
-        by_source[method.source] = torch.cat(parts)
-        ev.seconds[f"maps: {method.source}"] = time.perf_counter() - t
-    maps = {}
-    for name in names:
-        method = registry.METHODS[name]
-        if method.source in unavailable:
-            ev.skipped[name] = unavailable[method.source]
+        sources.setdefault(registry.METHODS[name].source, registry.METHODS[name])
+    outcomes = engine.maps(ctx, x, pred, sources, size)
+    for source, outcome in outcomes.items():
+        if outcome.unavailable:
+            tqdm.write(f"skipping {source}: {outcome.unavailable}")
         else:
-            maps[name] = quantize(by_source[method.source]) if method.quantize else by_source[method.source]
-    return maps
+            ev.seconds[f"maps: {source}"] = outcome.seconds
+    maps, paper = {}, {}
+    for name in names:
+        method = registry.METHODS[name]
+        outcome = outcomes[method.source]
+        if outcome.unavailable:
+            ev.skipped[name] = outcome.unavailable
+            continue
+        q = registry.quantized(method, ev.quantize)
+        maps[name] = heat_quantize(outcome.maps) if q else outcome.maps
+        if registry.quantized(method, "ours") != q:
+            paper[name] = outcome.maps if q else heat_quantize(outcome.maps)
+    return maps, paper
 
 
-def _curves(model, data: ImageSet, maps: dict[str, torch.Tensor], ev: Evaluation, batch_size: int,
-            example: torch.Tensor) -> None:
-    if not maps:
-        return
-    h, w = data.images.shape[-2:]
-    evaluator = InsertionDeletion(model, example, ev.mean, ev.std, ev.step, batch_size=batch_size)
-    chunk = max(1, MASK_BUDGET // (len(maps) * 2 * ev.points * h * w))
-    ins = {name: [] for name in maps}
-    dele = {name: [] for name in maps}
-    with tqdm(total=len(data), desc="insertion/deletion", unit="image") as bar:
-        for i in range(0, len(data), chunk):
-            part = slice(i, i + chunk)
-            curves = evaluator.curves(data.images[part], data.labels[part], {n: m[part] for n, m in maps.items()})
-            for name, (c_ins, c_del) in curves.items():
-                ins[name].append(c_ins)
-                dele[name].append(c_del)
-            bar.update(len(data.images[part]))
-            bar.set_postfix(model_calls=evaluator.model_calls)
-    for name in maps:
-        c_ins, c_del = np.concatenate(ins[name]), np.concatenate(dele[name])
-        ev.results[name] = MethodResult(name, registry.METHODS[name].description, auc(c_ins), auc(c_del), c_ins, c_del)
-    ev.model_calls = evaluator.model_calls
-    ev.notes.setdefault("insertion/deletion", []).append(f"model calls for the curves ran on {evaluator.backend}")
+def _note_twins(ev: Evaluation) -> None:
     names = list(ev.results)
     for i, a in enumerate(names):
         twin = next((b for b in names[:i] if np.array_equal(ev.results[a].insertion_curves,
