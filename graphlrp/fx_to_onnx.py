@@ -178,9 +178,10 @@ class OnnxGraph:
         if key not in self._recipes:
             r = v.recipe
             base = constant(r.base, "weight")
+            args = [constant(a) if isinstance(a, torch.Tensor) else a for a in r.args]  # e.g. W + γ·W⁺
             scope, self.scope = self.scope, v.hint
             try:
-                out = CONVERTERS[r.fn](self, base, *r.args, **(r.kwargs or {}))
+                out = CONVERTERS[r.fn](self, base, *args, **(r.kwargs or {}))
             finally:
                 self.scope = scope
             self._recipes[key] = out
@@ -831,7 +832,7 @@ def _max_pool(g, x, kernel, stride, padding, dilation, ceil_mode, return_indices
     return out, g.op("Mod", [flat, g.scalar(plane, torch.int64)])
 
 
-@converts(F.max_pool2d, _torch("max_pool2d"))
+@converts(F.max_pool2d, _torch("max_pool2d"), F.max_pool2d_with_indices)
 def _max_pool_function(g, x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
                        return_indices=False):
     return _max_pool(g, x, kernel_size, stride, padding, dilation, ceil_mode, return_indices)

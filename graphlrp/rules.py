@@ -254,8 +254,8 @@ def alpha_beta_rule(ctx, alpha=2.0, beta=1.0, epsilon=1e-6, stabilizer="signed")
 def gamma_rule(ctx, gamma=0.25, epsilon=1e-6, stabilizer="signed"):
     """γ: W + γW⁺ where the output is positive, W + γW⁻ where it is negative (generalised to signed inputs)."""
     w, b, a = ctx.weight, ctx.bias, ctx.a
-    up = lambda t: t + gamma * positive(t)  # noqa: E731
-    down = lambda t: t + gamma * negative(t)  # noqa: E731
+    up = lambda t: derive(torch.add, t, derive(torch.mul, positive(t), gamma))  # noqa: E731  t + γ t⁺
+    down = lambda t: derive(torch.add, t, derive(torch.mul, negative(t), gamma))  # noqa: E731  t + γ t⁻
     z = ctx.forward_output if ctx.forward_output is not None else ctx.affine(a, w, b)
     pos_mask = ctx.call(torch.gt, z, 0.0)
     neg_mask = ctx.call(torch.lt, z, 0.0)
