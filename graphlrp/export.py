@@ -7,9 +7,7 @@ runtime needs to preprocess images and label results (see `METADATA_KEYS`).
 from __future__ import annotations
 
 import copy
-import io
 import json
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,23 +89,28 @@ def _parity_batch(explainer, batch: int = 2, seed: int = 0):
     return x, target
 
 
-def _onnx_bytes(explainer, opset: int, x: torch.Tensor, target: torch.Tensor):
-    """The ONNX model, traced on (x, target), and the PyTorch explainer's outputs of that very run (the tracer
-    executes the graph eagerly): the PyTorch side of the parity check, without running the explainer again."""
-    axes = {"input": {0: "batch"}, "target": {0: "batch"}, "logits": {0: "batch"}, "relevance": {0: "batch"}}
-    buf = io.BytesIO()
-    outputs = []
-    hook = explainer.graph_module.register_forward_hook(lambda module, args, out: outputs.append(out))
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # tracer warnings about constant sizes: H and W are fixed by design
-            torch.onnx.export(explainer.graph_module, (x, target), buf, input_names=["input", "target"],
-                              output_names=["logits", "relevance"], dynamic_axes=axes, opset_version=opset,
-                              dynamo=False, do_constant_folding=True)
-    finally:
-        hook.remove()
-    logits, relevance = (t.detach().clone() for t in outputs[-1][:2])
-    return buf.getvalue(), (logits, relevance)
+def _lower(explainer, opset: int, x: torch.Tensor, target: torch.Tensor):
+    """The ONNX model, written from the explainer's fx graph (`graphlrp.fx_to_onnx`), and the PyTorch explainer's
+    outputs on (x, target) from the same run (the lowering executes the graph): the PyTorch side of the parity
+    check, without running the explainer again."""
+    from .fx_to_onnx import lower
+
+    model, (logits, relevance) = lower(explainer.graph_module, (x, target), ["input", "target"],
+                                       ["logits", "relevance"], opset)
+    return model, (logits, relevance)
+
+
+def forward_onnx(model: torch.nn.Module, example_input: torch.Tensor, opset: int = 17):
+    """The model's plain forward as an ONNX ModelProto (input `input`, output `logits`, batch dynamic), written by
+    the same fx → ONNX lowering as the explainers: the reference the explainer's cost is compared with, and a fast
+    forward for the evaluation's many model calls. Raises graphlrp's TraceError/ExportError."""
+    from .fx_to_onnx import lower
+    from .trace import trace
+
+    traced = trace(model, example_input)
+    pair = example_input[:1].expand(2, *example_input.shape[1:]).contiguous()  # batch 2: dim 0 tells apart
+    model_proto, _ = lower(traced.graph_module, (pair,), ["input"], ["logits"], opset)
+    return model_proto
 
 
 def _float64_relevance(explainer, x: torch.Tensor, target: torch.Tensor) -> np.ndarray:
@@ -148,86 +151,6 @@ def check_parity(explainer, session, report: ExportReport, x, target, expected) 
                       f"{report.max_rel_diff:.2e} > {tol:.0e}{conditioning} ({report.path})")
 
 
-def _derived_forms(a: np.ndarray):
-    """The forms a rule weight takes in the explainer: W⁺ = max(W, 0), and the kernel of a stride-1 transposed
-    convolution (input/output channels swapped, spatially flipped) of W or of W⁺."""
-    flip = lambda w: np.ascontiguousarray(w.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1])  # noqa: E731
-    pos = np.maximum(a, 0)
-    return (("relu", pos), ("flip", flip(a)), ("relu_flip", flip(pos)))
-
-
-def _key(a: np.ndarray) -> tuple:
-    return a.shape, float(np.abs(a).sum(dtype=np.float64))
-
-
-def share_derived_weights(model) -> int:
-    """Store each conv weight once: an initializer equal to another one's max(·, 0), or to its flipped,
-    channel-swapped copy, becomes Relu / Transpose + Slice nodes computing it from that one (chains allowed:
-    W → W⁺ → flipped W⁺). onnxruntime folds these nodes back into constants when it loads the model (constant
-    folding runs before its NCHWc conv layout), so only the file shrinks. Returns how many were replaced."""
-    from onnx import TensorProto, helper, numpy_helper
-
-    graph = model.graph
-    arrays = {i.name: numpy_helper.to_array(i) for i in graph.initializer
-              if i.data_type == TensorProto.FLOAT and len(i.dims) == 4 and i.dims[0] * i.dims[1] > 1}
-    by_key: dict = {}
-    for name, a in arrays.items():
-        by_key.setdefault(_key(a), []).append(name)
-    parents: dict = {}  # name -> [(base, form)], in the order of _derived_forms (shortest first)
-    for base, a in arrays.items():
-        for form, d in _derived_forms(a):
-            for name in by_key.get(_key(d), ()):
-                if name != base and np.array_equal(arrays[name], d):
-                    parents.setdefault(name, []).append((base, form))
-    # resolve from the stored roots outwards, so that every derived weight hangs off a stored one (no cycles)
-    stored = [n for n in arrays if n not in parents]
-    resolved, derived = set(stored), {}
-    while len(resolved) < len(arrays):
-        progress = False
-        for name, options in parents.items():
-            if name in resolved:
-                continue
-            usable = [(b, f) for b, f in options if b in resolved]
-            if usable:
-                derived[name] = min(usable, key=lambda bf: len(bf[1]))  # fewest nodes: flip of W⁺ over W
-                resolved.add(name)
-                progress = True
-        if not progress:  # only a cycle is left (e.g. two weights that are each other's flip): keep one stored
-            resolved.add(next(n for n in parents if n not in resolved))
-    if not derived:
-        return 0
-    big = np.iinfo(np.int64).max
-    helpers = [numpy_helper.from_array(np.array(v, np.int64), n) for n, v in
-               (("_flip_starts", [-1, -1]), ("_flip_ends", [-big, -big]), ("_flip_axes", [2, 3]),
-                ("_flip_steps", [-1, -1]))]
-    nodes, order = [], []
-    pending = dict(derived)
-    while pending:  # bases before the weights derived from them
-        ready = [n for n, (b, _) in pending.items() if b not in pending]
-        assert ready, "derived weights form a cycle"
-        order += ready
-        for n in ready:
-            del pending[n]
-    for name in order:
-        src, form = derived[name]
-        if form.startswith("relu"):
-            out = name if form == "relu" else f"{name}_pos"
-            nodes.append(helper.make_node("Relu", [src], [out], name=f"{name}_relu"))
-            src = out
-        if form.endswith("flip"):
-            nodes.append(helper.make_node("Transpose", [src], [f"{name}_swap"], perm=[1, 0, 2, 3],
-                                          name=f"{name}_swap"))
-            nodes.append(helper.make_node("Slice", [f"{name}_swap", "_flip_starts", "_flip_ends", "_flip_axes",
-                                                    "_flip_steps"], [name], name=f"{name}_flip"))
-    kept = [i for i in graph.initializer if i.name not in derived]
-    del graph.initializer[:]
-    graph.initializer.extend(kept + helpers)
-    old = list(graph.node)
-    del graph.node[:]
-    graph.node.extend(nodes + old)
-    return len(derived)
-
-
 def _infer_shapes_without_weights(model):
     """onnx shape inference on a copy whose large initializers are declared as inputs of the same shape: the same
     shapes, without serialising hundreds of MB of weights (the cost of onnx.shape_inference on the model itself)."""
@@ -241,44 +164,6 @@ def _infer_shapes_without_weights(model):
     light = helper.make_graph(graph.node, graph.name, list(graph.input) + declared, graph.output, small)
     copy_ = helper.make_model(light, opset_imports=model.opset_import, ir_version=model.ir_version)
     return onnx.shape_inference.infer_shapes(copy_).graph
-
-
-def keep_symbolic_batch(model) -> int:
-    """Write the batch entry of every constant Reshape target as 0 ("copy the input's size") instead of -1, where
-    the per-sample sizes match. Same result; but ONNX shape inference then carries the symbolic batch size through
-    the relevance half of the graph instead of inventing a new unknown size after the reshape, and onnxruntime
-    keeps an elementwise op in its blocked NCHWc layout only when it can prove both operands have one shape.
-    Returns how many targets were rewritten."""
-    import onnx
-    from onnx import numpy_helper
-
-    graph = model.graph
-    shapes = {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
-              for v in list(_infer_shapes_without_weights(model).value_info) + list(graph.input)}
-    constants = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
-    constants.update({n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in graph.node
-                      if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"})
-    rewritten = 0
-    for node in graph.node:
-        if node.op_type != "Reshape" or any(a.name == "allowzero" and a.i for a in node.attribute):
-            continue
-        target, source = constants.get(node.input[1]), shapes.get(node.input[0])
-        if target is None or not source or target.ndim != 1 or not len(target) or target[0] != -1:
-            continue
-        if None in source[1:] or np.any(target[1:] <= 0) or np.prod(source[1:]) != np.prod(target[1:]):
-            continue
-        pinned = target.astype(np.int64).copy()
-        pinned[0] = 0
-        name = f"{node.input[1]}_keep_batch"
-        if name not in constants:
-            graph.initializer.append(numpy_helper.from_array(pinned, name))
-            constants[name] = pinned
-        node.input[1] = name
-        rewritten += 1
-    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
-    for node in [n for n in graph.node if n.op_type == "Constant" and n.output[0] not in used]:
-        graph.node.remove(node)
-    return rewritten
 
 
 def count_macs(model) -> float:
@@ -318,19 +203,14 @@ def export_onnx(explainer, path, opset: int = 17, check: bool = True, metadata: 
 
     x, target = _parity_batch(explainer)
     try:
-        data, expected = _onnx_bytes(explainer, opset, x, target)
-        model = onnx.load_from_string(data)
+        model, expected = _lower(explainer, opset, x, target)
+    except ExportError:
+        raise
     except Exception as e:
-        raise ExportError(f"torch.onnx could not export the explainer: {type(e).__name__}: {e}") from e
-    dims = model.graph.output[1].type.tensor_type.shape.dim  # the fixed size of `relevance` (left symbolic)
-    for dim, size in zip(list(dims)[1:], explainer.info["input_size"]):
-        dim.dim_value = size
+        raise ExportError(f"the explainer could not be written as ONNX: {type(e).__name__}: {e}") from e
     for key, value in meta.items():
         entry = model.metadata_props.add()
         entry.key, entry.value = key, value
-    model.producer_name = "graphlrp"
-    keep_symbolic_batch(model)
-    share_derived_weights(model)
     data = model.SerializeToString()  # once: the checker and the file both take the bytes
     onnx.checker.check_model(data, full_check=True)
     path = Path(path)

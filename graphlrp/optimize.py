@@ -29,6 +29,8 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from .derived import derive
+
 
 def flipped_kernel(weight: torch.Tensor, groups: int) -> torch.Tensor:
     """The conv weight whose stride-1 convolution equals conv_transpose2d with `weight`."""
@@ -60,7 +62,7 @@ def conv_transpose(em, s, weight: torch.Tensor, stride, padding, dilation, group
     kernel = tuple(weight.shape[-2:])
     pad_t = tuple(d * (k - 1) - p for d, k, p in zip(dilation, kernel, padding))
     if stride == (1, 1) and all(v >= 0 for v in pad_t):
-        return em.call(F.conv2d, s, flipped_kernel(weight, groups), None, 1, pad_t, dilation, groups)
+        return em.call(F.conv2d, s, derive(flipped_kernel, weight, groups), None, 1, pad_t, dilation, groups)
     geometry = dict(stride=stride, padding=padding, dilation=dilation)
     out_pad = conv_output_padding(in_hw, out_hw, kernel, geometry)
     return em.call(F.conv_transpose2d, s, weight, None, stride, padding, out_pad, groups, dilation)

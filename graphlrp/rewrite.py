@@ -16,7 +16,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from . import ops, rules
+from . import derived, ops, rules
 from .analyze import Merge
 from .errors import UnsupportedOpError
 from .optimize import conv_transpose, optimize_graph
@@ -61,6 +61,9 @@ class Emitter:
         return arg
 
     def const(self, tensor: torch.Tensor, hint: str = "c") -> fx.Node:
+        """A get_attr node for `tensor`. A derived weight (`graphlrp.derived`) keeps its recipe in the node's meta:
+        the ONNX export computes it from the stored base tensor instead of storing it a second time."""
+        recipe = derived.recipe(tensor)
         value = tensor.detach().float().contiguous()
         if value._base is not None:  # a view would keep (and save) its whole base tensor
             value = value.clone()
@@ -68,11 +71,15 @@ class Emitter:
         key = (tuple(value.shape), float(flat.sum()), float(flat[0]) if flat.numel() else 0.0)  # then torch.equal
         for other, node in self._consts.get(key, ()):
             if torch.equal(other, value):
+                if recipe is not None:
+                    node.meta.setdefault("recipe", recipe)
                 return node
         name = f"_lrp_{hint}{self._count}"
         self._count += 1
         self.root.register_buffer(name, value, persistent=True)
         node = self.graph.get_attr(name)
+        if recipe is not None:
+            node.meta["recipe"] = recipe
         self._consts.setdefault(key, []).append((getattr(self.root, name), node))
         return node
 
@@ -147,7 +154,7 @@ class RuleContext:
     def affine_transpose(self, s: fx.Node, weight: torch.Tensor) -> fx.Node:
         """layerᵀ(s; weight): the input-side map of this op's linear part, shaped like the op's input."""
         if self.op.kind == ops.LINEAR:
-            return self.call(F.linear, s, weight.t())
+            return self.call(F.linear, s, derived.derive(torch.t, weight))
         return self.rw.em_conv_transpose(s, weight, self.op)
 
     def avgpool_transpose(self, s: fx.Node, kernel, stride, padding, ceil_mode: bool = False,

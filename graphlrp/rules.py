@@ -5,7 +5,8 @@ tensor ops to the explainer graph) and returns the relevance for each of the op'
 conv/linear layers follow one pattern (Zennit's idea of a rule): for each term k, an input modifier a_k, a weight
 modifier W_k and a bias modifier b_k give z = Σ_k layer(a_k; W_k, b_k); the stabilised ratio s = R / stab(z) is
 sent back through the transposed layer, R_in = Σ_k c_k · a_k ⊙ layerᵀ(s; W_k). Weight modifiers are applied once,
-at compile time, so the explainer holds W⁺, W⁻, … as constants.
+at compile time, so the explainer holds W⁺, W⁻, … as constants (each with its recipe, `graphlrp.derived`,
+so the ONNX file computes them from the stored W).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from . import ops
+from .derived import derive
 from .errors import PresetError, UnsupportedOpError
 from .trace import describe_node
 
@@ -103,11 +105,11 @@ def stabilize(ctx, z, epsilon: float, stabilizer: str):
 
 
 def positive(w):
-    return w.clamp(min=0)
+    return derive(torch.clamp, w, min=0)
 
 
 def negative(w):
-    return w.clamp(max=0)
+    return derive(torch.clamp, w, max=0)
 
 
 def bias_mode(b, mode: str, weight_part: str = "all"):
@@ -252,8 +254,8 @@ def alpha_beta_rule(ctx, alpha=2.0, beta=1.0, epsilon=1e-6, stabilizer="signed")
 def gamma_rule(ctx, gamma=0.25, epsilon=1e-6, stabilizer="signed"):
     """γ: W + γW⁺ where the output is positive, W + γW⁻ where it is negative (generalised to signed inputs)."""
     w, b, a = ctx.weight, ctx.bias, ctx.a
-    up = lambda t: t + gamma * positive(t)  # noqa: E731
-    down = lambda t: t + gamma * negative(t)  # noqa: E731
+    up = lambda t: derive(torch.add, t, derive(torch.mul, positive(t), gamma))  # noqa: E731  t + γ t⁺
+    down = lambda t: derive(torch.add, t, derive(torch.mul, negative(t), gamma))  # noqa: E731  t + γ t⁻
     z = ctx.forward_output if ctx.forward_output is not None else ctx.affine(a, w, b)
     pos_mask = ctx.call(torch.gt, z, 0.0)
     neg_mask = ctx.call(torch.lt, z, 0.0)

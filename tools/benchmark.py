@@ -95,10 +95,12 @@ def op_profile(path: str, feed: dict, threads: int, runs: int = 5) -> dict:
 
 
 def export_forward(model, path: str) -> None:
+    import onnx
     import torch
 
-    torch.onnx.export(model, (torch.randn(1, 3, 224, 224),), path, input_names=["input"], output_names=["logits"],
-                      dynamic_axes={"input": {0: "n"}}, dynamo=False)
+    from graphlrp.export import forward_onnx
+
+    onnx.save(forward_onnx(model, torch.randn(1, 3, 224, 224)), path)
 
 
 def zennit_attributor(model):
@@ -380,7 +382,7 @@ def write_reports(out: Path, info: dict, speed_rows: list, memory_rows: list, pr
         lines.append("")
     if compile_rows:
         lines += ["## Compile + export time", "",
-                  "`graphlrp.compile` then `export_onnx` (torch.onnx export, onnx.checker full check, onnxruntime "
+                  "`graphlrp.compile` then `export_onnx` (fx → ONNX lowering, onnx.checker full check, onnxruntime "
                   "parity check), in a fresh process.", "",
                   "| model | preset | compile (s) | export + checks (s) | total (s) | file (MiB) | parity |",
                   "|---|---|---:|---:|---:|---:|---:|"]

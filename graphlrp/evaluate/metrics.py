@@ -13,9 +13,7 @@ steps and across methods — through onnxruntime where the model exports.
 """
 from __future__ import annotations
 
-import io
 import math
-import warnings
 from typing import Callable
 
 import numpy as np
@@ -96,19 +94,17 @@ def fast_logits(model: torch.nn.Module, example: torch.Tensor, threads: int | No
     try:
         import onnxruntime
 
-        buffer = io.BytesIO()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(model, example, buffer, input_names=["x"], output_names=["logits"],
-                              dynamic_axes={"x": {0: "n"}}, opset_version=17, dynamo=False)
+        from ..export import forward_onnx
+
+        proto = forward_onnx(model, example)  # graphlrp's own fx → ONNX lowering of the model's forward
         options = onnxruntime.SessionOptions()
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # spinning hurts on shared cores
         if threads:
             options.intra_op_num_threads = threads
-        session = onnxruntime.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
+        session = onnxruntime.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
         def run(x):
-            return torch.from_numpy(session.run(None, {"x": x.numpy()})[0])
+            return torch.from_numpy(session.run(None, {"input": x.numpy()})[0])
 
         if torch.allclose(run(example), expected, rtol=1e-3, atol=1e-4):
             return run, f"onnxruntime {onnxruntime.__version__}"

@@ -1,0 +1,892 @@
+"""torch.fx graph → ONNX, written directly: one small converter per op, registered by decorator.
+
+The explainer's graph is graphlrp's own: the model's forward ops and the relevance pass's tensor ops (convolutions,
+elementwise ops, pooling, scatter/gather, reshapes). `lower` runs the graph once on example inputs with an fx
+Interpreter, so every converter sees the shapes and dtypes of its operands (and the run is the PyTorch side of the
+export's parity check), and appends the ONNX nodes each fx node stands for. No torch.onnx exporter is involved.
+
+Conventions:
+
+* dim 0 of every input-dependent tensor is the batch. ONNX gets the symbolic size `batch` there, and reshapes copy
+  it (Reshape target 0), so ONNX shape inference carries `batch` through the whole graph (onnxruntime keeps an
+  elementwise op in its blocked NCHWc layout only where it can prove both operands have one shape).
+* Values that do not depend on the inputs (parameters, buffers, what is computed from them alone) become
+  initializers, each tensor once (equal tensors share one). A rule weight with a recipe (`graphlrp.derived`:
+  W⁺ = max(W, 0), W⁻, flipped kernels, transposed matrices) becomes the recipe's ops on the stored tensor it
+  derives from; onnxruntime folds those into constants when it creates a session.
+* Adding an op: write `@converts(torch.fn, "method_name", nn.ModuleClass)` over a function
+  `(g, *args, **kwargs) -> ONNX output name(s)` (module converters get the module first). Tensor operands arrive
+  as `Value`s; `g.name(v)` gives the ONNX name of a Value or a Python number.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import operator
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import derived
+from .errors import ExportError
+from .optimize import flipped_kernel
+from .trace import describe_node
+
+MIN_OPSET = 17  # ScatterElements(reduction="add") needs 16; converters emit the opset-17 forms or newer
+
+_ONNX_TYPES = {torch.float32: 1, torch.uint8: 2, torch.int8: 3, torch.int32: 6, torch.int64: 7, torch.bool: 9,
+               torch.float16: 10, torch.float64: 11}
+
+
+def onnx_type(dtype: torch.dtype) -> int:
+    if dtype not in _ONNX_TYPES:
+        raise ExportError(f"no ONNX element type for {dtype}")
+    return _ONNX_TYPES[dtype]
+
+
+@dataclass
+class Value:
+    """A tensor of the graph being written: its ONNX name (None until a constant is first used), shape and dtype at
+    the example inputs, whether dim 0 is the batch, and for constants the tensor (and its recipe)."""
+
+    name: str | None
+    shape: tuple
+    dtype: torch.dtype
+    batched: bool = False
+    const: torch.Tensor | None = None
+    recipe: derived.Recipe | None = None
+    hint: str = "const"
+
+    @property
+    def rank(self) -> int:
+        return len(self.shape)
+
+
+CONVERTERS: dict[Any, Callable] = {}
+
+
+def converts(*targets):
+    """Register a converter for functions, Tensor method names (strings) and nn.Module classes."""
+
+    def deco(fn):
+        for t in targets:
+            if t is not None:  # a torch function this torch build lacks
+                CONVERTERS[t] = fn
+        return fn
+
+    return deco
+
+
+def _torch(name: str):
+    """torch.<name>, or None where this torch build lacks it."""
+    return getattr(torch, name, None)
+
+
+def _converter(node: fx.Node, module):
+    if node.op == "call_module":
+        for cls in type(module).__mro__:
+            if cls in CONVERTERS:
+                return CONVERTERS[cls]
+        return None
+    return CONVERTERS.get(node.target)
+
+
+class OnnxGraph:
+    """The ONNX graph under construction: nodes, initializers (stored once each) and fresh names."""
+
+    def __init__(self, opset: int, batch: int):
+        from onnx import helper, numpy_helper
+
+        self.helper, self.numpy_helper = helper, numpy_helper
+        self.opset, self.batch = opset, batch
+        self.nodes: list = []
+        self.initializers: list = []
+        self._used_names: set = set()
+        self._by_storage: dict = {}
+        self._by_content: dict = {}
+        self._scalars: dict = {}
+        self._recipes: dict = {}  # id(recipe) -> ONNX name
+        self.scope = "n"  # the fx node being converted: names its ONNX nodes
+        self.out_shape: tuple = ()  # shape and dtype of its output in the example run
+        self.out_dtype: torch.dtype = torch.float32
+
+    # names -------------------------------------------------------------------------------------------
+    def fresh(self, hint: str) -> str:
+        base = "".join(c if c.isalnum() or c in "._" else "_" for c in hint) or "v"
+        name, i = base, 0
+        while name in self._used_names:
+            i += 1
+            name = f"{base}_{i}"
+        self._used_names.add(name)
+        return name
+
+    # nodes -------------------------------------------------------------------------------------------
+    def op(self, op_type: str, inputs: list, outputs: int = 1, **attrs):
+        """Append one ONNX node; inputs are names, Values or numbers; returns its output name(s)."""
+        names = [i if isinstance(i, str) else self.name(i) for i in inputs]
+        outs = [self.fresh(f"{self.scope}_{op_type}") for _ in range(outputs)]
+        self.nodes.append(self.helper.make_node(op_type, names, outs, name=self.fresh(f"{self.scope}/{op_type}"),
+                                                **{k: v for k, v in attrs.items() if v is not None}))
+        return outs[0] if outputs == 1 else outs
+
+    def name(self, v, dtype: torch.dtype = torch.float32) -> str:
+        """ONNX name of a Value (materialising a constant on first use) or of a Python number as a scalar of
+        `dtype`."""
+        if isinstance(v, Value):
+            if v.name is None:
+                v.name = self._materialise(v)
+            return v.name
+        if isinstance(v, (bool, int, float)):
+            return self.scalar(v, dtype)
+        raise ExportError(f"cannot use {type(v).__name__} {v!r} as a tensor operand")
+
+    def scalar(self, v, dtype: torch.dtype) -> str:
+        key = (repr(v), dtype)
+        if key not in self._scalars:
+            self._scalars[key] = self.tensor(torch.tensor(v, dtype=dtype), "scalar")
+        return self._scalars[key]
+
+    def ints(self, values) -> str:
+        return self.tensor(torch.tensor([int(v) for v in values], dtype=torch.int64), "ints")
+
+    def tensor(self, t: torch.Tensor, hint: str) -> str:
+        """An initializer holding `t`; a tensor equal to one stored before gets that one's name."""
+        t = t.detach()
+        storage = (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype) if t.numel() else None
+        if storage is not None and storage in self._by_storage:
+            return self._by_storage[storage][0]
+        array = t.cpu().contiguous().numpy()
+        content = (array.dtype.str, array.shape, hashlib.blake2b(array.tobytes(), digest_size=20).digest())
+        name = self._by_content.get(content)
+        if name is None:
+            name = self.fresh(hint)
+            self.initializers.append(self.numpy_helper.from_array(array, name))
+            self._by_content[content] = name
+        if storage is not None:
+            self._by_storage[storage] = (name, t)  # holding t: its address is not reused while we key on it
+        return name
+
+    def _materialise(self, v: Value) -> str:
+        if v.recipe is None:
+            return self.tensor(v.const, v.hint)
+        key = id(v.recipe)
+        if key not in self._recipes:
+            r = v.recipe
+            base = constant(r.base, "weight")
+            args = [constant(a) if isinstance(a, torch.Tensor) else a for a in r.args]  # e.g. W + γ·W⁺
+            scope, self.scope = self.scope, v.hint
+            try:
+                out = CONVERTERS[r.fn](self, base, *args, **(r.kwargs or {}))
+            finally:
+                self.scope = scope
+            self._recipes[key] = out
+        return self._recipes[key]
+
+    # helpers shared by converters ----------------------------------------------------------------------
+    def cast(self, v, dtype: torch.dtype) -> str:
+        if isinstance(v, Value) and v.dtype != dtype:
+            return self.op("Cast", [v], to=onnx_type(dtype))
+        return self.name(v, dtype)
+
+    def reduce(self, op_type: str, x: Value, axes, keepdims: bool) -> str:
+        axes = sorted(a % x.rank for a in axes)
+        if op_type == "ReduceSum" or self.opset >= 18:
+            return self.op(op_type, [x, self.ints(axes)], keepdims=int(keepdims))
+        return self.op(op_type, [x], axes=axes, keepdims=int(keepdims))
+
+    def shape_target(self, x: Value, shape) -> str:
+        """A Reshape target for `shape` that copies the batch size from x (0) where x's dim 0 is the batch."""
+        shape = list(shape)
+        if x.batched:
+            if not shape or shape[0] != x.shape[0]:
+                raise ExportError(f"a reshape of {tuple(x.shape)} to {tuple(shape)} moves the batch dimension; "
+                                  "the batch must stay dim 0")
+            shape[0] = 0
+        return self.ints(shape)
+
+
+def constant(t: torch.Tensor, hint: str = "const") -> Value:
+    return Value(None, tuple(t.shape), t.dtype, False, t, derived.recipe(t), hint)
+
+
+# ------------------------------------------------------------------------------------------ lowering
+class _Lowering(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule, g: OnnxGraph, input_names: list):
+        super().__init__(gm)
+        self.g, self.input_names = g, list(input_names)
+        self.values: dict = {}
+        self.dynamic: set = set()
+        self._placeholders = 0
+
+    def run_node(self, n: fx.Node):
+        result = super().run_node(n)
+        try:
+            self.values[n] = self._lower(n, result)
+        except ExportError as e:
+            raise ExportError(f"{describe_node(n)}: {e}") from e
+        except Exception as e:  # a converter that does not fit this use of the op
+            raise ExportError(f"{describe_node(n)}: cannot write it as ONNX: {type(e).__name__}: {e}") from e
+        return result
+
+    def _lower(self, n: fx.Node, result):
+        g = self.g
+        if n.op == "placeholder":
+            name = self.input_names[self._placeholders]
+            self._placeholders += 1
+            g._used_names.add(name)
+            self.dynamic.add(n)
+            return Value(name, tuple(result.shape), result.dtype, True)
+        if n.op == "output":
+            return fx.node.map_arg(n.args[0], lambda a: self.values[a])
+        dynamic = any(a in self.dynamic for a in n.all_input_nodes)
+        if not isinstance(result, torch.Tensor):
+            if dynamic and isinstance(result, (tuple, list)) and any(isinstance(r, torch.Tensor) for r in result):
+                pass  # a multi-output op (max-pool with indices, split): converted below
+            else:
+                return result  # sizes, shapes, flags: compile-time values
+        if not dynamic:
+            if n.op == "get_attr":
+                return Value(None, tuple(result.shape), result.dtype, False, result,
+                             n.meta.get("recipe"), n.target)
+            if isinstance(result, torch.Tensor):
+                return constant(result, n.name)  # computed from constants alone: folded here
+            return tuple(constant(r, f"{n.name}_{i}") if isinstance(r, torch.Tensor) else r
+                         for i, r in enumerate(result))
+        self.dynamic.add(n)
+        module = self.fetch_attr(n.target) if n.op == "call_module" else None
+        fn = _converter(n, module)
+        if fn is None:
+            what = type(module).__name__ if module is not None else \
+                getattr(n.target, "__name__", str(n.target))
+            raise ExportError(f"no ONNX converter for {n.op} {what}; add one with @converts in "
+                              "graphlrp/fx_to_onnx.py")
+        args = fx.node.map_arg(n.args, lambda a: self.values[a])
+        kwargs = fx.node.map_arg(n.kwargs, lambda a: self.values[a])
+        g.scope = str(n.target) if n.op == "call_module" else n.name
+        if isinstance(result, torch.Tensor):
+            g.out_shape, g.out_dtype = tuple(result.shape), result.dtype
+        out = fn(g, module, *args, **kwargs) if module is not None else fn(g, *args, **kwargs)
+        return self._wrap(out, result)
+
+    def _wrap(self, out, result):
+        if isinstance(out, Value):
+            return out
+        if isinstance(result, torch.Tensor):
+            if not isinstance(out, str):
+                raise ExportError(f"converter returned {type(out).__name__}, expected one ONNX name")
+            batched = result.dim() > 0 and result.shape[0] == self.g.batch
+            return Value(out, tuple(result.shape), result.dtype, batched)
+        return tuple(self._wrap(o, r) for o, r in zip(out, result))
+
+
+def lower(gm: fx.GraphModule, inputs: tuple, input_names: list, output_names: list, opset: int = 17):
+    """Write `gm` as an ONNX ModelProto with dim 0 of the inputs symbolic (`batch`). Returns (model, outputs):
+    the outputs of the example run, flattened in the order of `output_names`."""
+    from onnx import helper
+
+    if opset < MIN_OPSET:
+        raise ExportError(f"opset {opset} is not supported; graphlrp writes opset {MIN_OPSET} or newer")
+    batch = int(inputs[0].shape[0])
+    g = OnnxGraph(opset, batch)
+    lowering = _Lowering(gm, g, input_names)
+    with torch.no_grad():
+        results = lowering.run(*inputs)
+    out_node = next(n for n in gm.graph.nodes if n.op == "output")
+    values = lowering.values[out_node]
+    flat_values, flat_results = [], []
+    fx.node.map_aggregate(values, lambda v: flat_values.append(v) if isinstance(v, Value) else None)
+    fx.node.map_aggregate(results, lambda r: flat_results.append(r) if isinstance(r, torch.Tensor) else None)
+    if len(flat_values) != len(output_names):
+        raise ExportError(f"the graph has {len(flat_values)} tensor outputs, expected {len(output_names)}")
+
+    def info(name, v: Value):
+        dims = ["batch" if (i == 0 and v.batched) else d for i, d in enumerate(v.shape)]
+        return helper.make_tensor_value_info(name, onnx_type(v.dtype), dims)
+
+    graph_inputs = [info(name, lowering.values[n]) for name, n in
+                    zip(input_names, (n for n in gm.graph.nodes if n.op == "placeholder"))]
+    renames = {}
+    for v, name in zip(flat_values, output_names):
+        src = g.name(v)
+        produced = any(src in n.output for n in g.nodes)
+        if produced and src not in renames and src not in input_names:
+            renames[src] = name
+        else:
+            g.nodes.append(helper.make_node("Identity", [src], [name], name=f"{name}_identity"))
+    for node in g.nodes:
+        for i, x in enumerate(node.input):
+            if x in renames:
+                node.input[i] = renames[x]
+        for i, x in enumerate(node.output):
+            if x in renames:
+                node.output[i] = renames[x]
+    graph_outputs = [info(name, v) for v, name in zip(flat_values, output_names)]
+    used = {i for n in g.nodes for i in n.input}
+    initializers = [i for i in g.initializers if i.name in used]
+    graph = helper.make_graph(g.nodes, "graphlrp", graph_inputs, graph_outputs, initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
+                              producer_name="graphlrp")
+    model.ir_version = min(model.ir_version, _max_ir_version(opset))
+    return model, [r.detach() for r in flat_results]
+
+
+def _max_ir_version(opset: int) -> int:
+    """The IR version that goes with the opset (onnx.helper's table), so older onnxruntimes accept the file."""
+    from onnx import helper
+
+    table = getattr(helper, "VERSION_TABLE", [])
+    ir = [row[1] for row in table if row[2] == opset]
+    return min(ir) if ir else 8
+
+
+# ------------------------------------------------------------------------------------------ converters
+def _dummy(v) -> torch.Tensor:
+    if isinstance(v, Value):
+        return torch.empty(v.shape if v.rank == 0 else (1,) * v.rank, dtype=v.dtype)
+    return v
+
+
+def _compute_dtype(*operands) -> torch.dtype:
+    """The dtype PyTorch computes an elementwise op in (its type promotion, Python numbers included)."""
+    acc = _dummy(operands[0])
+    for o in operands[1:]:
+        o = _dummy(o)
+        dtype = torch.result_type(acc, o)
+        dims = any(isinstance(t, torch.Tensor) and t.dim() > 0 for t in (acc, o))
+        acc = torch.empty((1,) if dims else (), dtype=dtype)
+    return acc.dtype if isinstance(acc, torch.Tensor) else torch.tensor(acc).dtype
+
+
+def _binary(op_type: str):
+    def convert(g, a, b, *, alpha=1, out=None):
+        dtype = _compute_dtype(a, b)
+        if alpha != 1:
+            b = g.op("Mul", [g.cast(b, dtype), g.scalar(alpha, dtype)])
+            return g.op(op_type, [g.cast(a, dtype), b])
+        return g.op(op_type, [g.cast(a, dtype), g.cast(b, dtype)])
+
+    return convert
+
+
+converts(torch.add, operator.add, "add")(_binary("Add"))
+converts(torch.sub, operator.sub, "sub")(_binary("Sub"))
+converts(torch.mul, operator.mul, "mul")(_binary("Mul"))
+converts(torch.div, operator.truediv, "div")(_binary("Div"))
+converts(torch.maximum)(_binary("Max"))
+converts(torch.minimum)(_binary("Min"))
+
+
+def _compare(op_type: str, negate: bool = False):
+    def convert(g, a, b):
+        dtype = _compute_dtype(a, b)
+        out = g.op(op_type, [g.cast(a, dtype), g.cast(b, dtype)])
+        return g.op("Not", [out]) if negate else out
+
+    return convert
+
+
+converts(torch.lt, operator.lt, "lt")(_compare("Less"))
+converts(torch.le, operator.le, "le")(_compare("LessOrEqual"))
+converts(torch.gt, operator.gt, "gt")(_compare("Greater"))
+converts(torch.ge, operator.ge, "ge")(_compare("GreaterOrEqual"))
+converts(torch.eq, operator.eq, "eq")(_compare("Equal"))
+converts(torch.ne, operator.ne, "ne")(_compare("Equal", negate=True))
+
+
+@converts(torch.where)
+def _where(g, cond, a, b):
+    dtype = _compute_dtype(a, b)
+    return g.op("Where", [g.cast(cond, torch.bool), g.cast(a, dtype), g.cast(b, dtype)])
+
+
+def _unary(op_type: str, **attrs):
+    def convert(g, x, *args, **kwargs):
+        return g.op(op_type, [x], **attrs)
+
+    return convert
+
+
+converts(torch.abs, "abs")(_unary("Abs"))
+converts(torch.exp, "exp")(_unary("Exp"))
+converts(torch.neg, operator.neg, "neg")(_unary("Neg"))
+converts(torch.sqrt, "sqrt")(_unary("Sqrt"))
+converts(torch.tanh, "tanh", nn.Tanh)(lambda g, *a, **k: g.op("Tanh", [_input_of(a)]))
+converts(torch.sigmoid, "sigmoid", nn.Sigmoid)(lambda g, *a, **k: g.op("Sigmoid", [_input_of(a)]))
+converts(torch.relu, F.relu, "relu", nn.ReLU)(lambda g, *a, **k: g.op("Relu", [_input_of(a)]))
+
+
+def _input_of(args) -> Value:
+    """The tensor operand of an activation called as a function, method or module (module first)."""
+    return args[1] if isinstance(args[0], nn.Module) else args[0]
+
+
+@converts(torch.clamp, "clamp", _torch("clip"), "clip")
+def _clamp(g, x, min=None, max=None):
+    if isinstance(min, Value) or isinstance(max, Value):
+        out = x
+        if min is not None:
+            out = g.op("Max", [out, g.cast(min, x.dtype)])
+        if max is not None:
+            out = g.op("Min", [out, g.cast(max, x.dtype)])
+        return out
+    if min == 0 and max is None:
+        return g.op("Relu", [x])
+    return g.op("Clip", [x, "" if min is None else g.scalar(min, x.dtype),
+                         "" if max is None else g.scalar(max, x.dtype)])
+
+
+@converts(nn.LeakyReLU, F.leaky_relu)
+def _leaky_relu(g, *args, **kwargs):
+    if isinstance(args[0], nn.Module):
+        return g.op("LeakyRelu", [args[1]], alpha=float(args[0].negative_slope))
+    return g.op("LeakyRelu", [args[0]], alpha=float(args[1] if len(args) > 1 else kwargs.get("negative_slope", 0.01)))
+
+
+@converts(nn.ELU, F.elu)
+def _elu(g, *args, **kwargs):
+    if isinstance(args[0], nn.Module):
+        return g.op("Elu", [args[1]], alpha=float(args[0].alpha))
+    return g.op("Elu", [args[0]], alpha=float(args[1] if len(args) > 1 else kwargs.get("alpha", 1.0)))
+
+
+@converts(nn.ReLU6, F.relu6)
+def _relu6(g, *args, **kwargs):
+    x = _input_of(args)
+    return g.op("Clip", [x, g.scalar(0.0, x.dtype), g.scalar(6.0, x.dtype)])
+
+
+@converts(nn.Hardswish, F.hardswish)
+def _hardswish(g, *args, **kwargs):
+    return g.op("HardSwish", [_input_of(args)])
+
+
+@converts(nn.SiLU, F.silu)
+def _silu(g, *args, **kwargs):
+    x = _input_of(args)
+    return g.op("Mul", [x, g.op("Sigmoid", [x])])
+
+
+@converts(nn.GELU, F.gelu)
+def _gelu(g, *args, approximate="none", **kwargs):
+    if isinstance(args[0], nn.Module):
+        approximate = args[0].approximate
+    x = _input_of(args)
+    if approximate == "tanh":  # 0.5 x (1 + tanh(√(2/π) (x + 0.044715 x³)))
+        inner = g.op("Mul", [g.op("Add", [x, g.op("Mul", [g.op("Mul", [g.op("Mul", [x, x]), x]),
+                                                          g.scalar(0.044715, x.dtype)])]),
+                             g.scalar(math.sqrt(2 / math.pi), x.dtype)])
+        return g.op("Mul", [g.op("Mul", [x, g.scalar(0.5, x.dtype)]),
+                            g.op("Add", [g.op("Tanh", [inner]), g.scalar(1.0, x.dtype)])])
+    erf = g.op("Erf", [g.op("Mul", [x, g.scalar(1 / math.sqrt(2), x.dtype)])])
+    return g.op("Mul", [g.op("Mul", [x, g.scalar(0.5, x.dtype)]), g.op("Add", [erf, g.scalar(1.0, x.dtype)])])
+
+
+@converts(torch.softmax, F.softmax, "softmax")
+def _softmax(g, x, dim=None, *args, **kwargs):
+    return g.op("Softmax", [x], axis=int(dim))
+
+
+@converts(torch.log_softmax, F.log_softmax, "log_softmax")
+def _log_softmax(g, x, dim=None, *args, **kwargs):
+    return g.op("LogSoftmax", [x], axis=int(dim))
+
+
+@converts(torch.argmax, "argmax")
+def _argmax(g, x, dim=None, keepdim=False):
+    if dim is None:
+        raise ExportError("argmax over all elements")
+    return g.op("ArgMax", [x], axis=int(dim) % x.rank, keepdims=int(keepdim))
+
+
+def _identity(g, x, *args, **kwargs):
+    return _input_of((x, *args)) if isinstance(x, nn.Module) else x
+
+
+converts(nn.Identity, nn.Dropout, nn.Dropout2d, F.dropout, "contiguous", "clone", "detach", torch.clone)(_identity)
+
+
+@converts(torch.Tensor.to, "to", "float", "type_as", "long", "int", "bool")
+def _to(g, x, *args, **kwargs):
+    return g.cast(x, g.out_dtype) if g.out_dtype != x.dtype else x
+
+
+# ------------------------------------------------------------------------------------------ shapes
+def _reshape_to(g, x: Value, shape):
+    return g.op("Reshape", [x, g.shape_target(x, shape)])
+
+
+def _reshape(g, x, *args, **kwargs):
+    """Every reshape spelling (view, flatten, reshape, ...): to the output shape of the example run."""
+    return _reshape_to(g, x, g.out_shape)
+
+
+converts(torch.reshape, torch.flatten, "view", "reshape", "flatten", "view_as", "reshape_as",
+         nn.Flatten, nn.Unflatten)(lambda g, *a, **k: _reshape(g, _input_of(a)))
+
+
+@converts(torch.unsqueeze, "unsqueeze")
+def _unsqueeze(g, x, dim):
+    return g.op("Unsqueeze", [x, g.ints([dim % (x.rank + 1)])])
+
+
+@converts(torch.squeeze, "squeeze")
+def _squeeze(g, x, dim=None):
+    if dim is None:
+        dims = [i for i, s in enumerate(x.shape) if s == 1 and not (i == 0 and x.batched)]
+    else:
+        dims = [d % x.rank for d in (dim if isinstance(dim, (tuple, list)) else (dim,)) if x.shape[d] == 1]
+    return g.op("Squeeze", [x, g.ints(dims)]) if dims else x
+
+
+@converts(torch.permute, "permute")
+def _permute(g, x, *dims):
+    dims = dims[0] if len(dims) == 1 and isinstance(dims[0], (tuple, list)) else dims
+    return g.op("Transpose", [x], perm=[d % x.rank for d in dims])
+
+
+@converts(torch.transpose, "transpose")
+def _transpose(g, x, dim0, dim1):
+    perm = list(range(x.rank))
+    perm[dim0 % x.rank], perm[dim1 % x.rank] = perm[dim1 % x.rank], perm[dim0 % x.rank]
+    return g.op("Transpose", [x], perm=perm)
+
+
+@converts(torch.t, "t")
+def _t(g, x):
+    return g.op("Transpose", [x], perm=[1, 0]) if x.rank == 2 else x
+
+
+@converts(torch.flip, "flip")
+def _flip(g, x, dims):
+    dims = [d % x.rank for d in (dims if isinstance(dims, (tuple, list)) else (dims,))]
+    big = np.iinfo(np.int64).max
+    return g.op("Slice", [x, g.ints([-1] * len(dims)), g.ints([-big] * len(dims)), g.ints(dims),
+                          g.ints([-1] * len(dims))])
+
+
+@converts(flipped_kernel)
+def _flipped_kernel(g, w: Value, groups: int):
+    """The conv weight of a stride-1 transposed convolution: channels swapped per group, spatially flipped."""
+    cout, cin_g, kh, kw = w.shape
+    if groups == 1:
+        swapped = g.op("Transpose", [w], perm=[1, 0, 2, 3])
+    else:
+        five = g.op("Reshape", [w, g.ints([groups, cout // groups, cin_g, kh, kw])])
+        five = g.op("Transpose", [five], perm=[0, 2, 1, 3, 4])
+        swapped = g.op("Reshape", [five, g.ints([groups * cin_g, cout // groups, kh, kw])])
+    big = np.iinfo(np.int64).max
+    return g.op("Slice", [swapped, g.ints([-1, -1]), g.ints([-big, -big]), g.ints([2, 3]), g.ints([-1, -1])])
+
+
+@converts(torch.Tensor.expand, "expand")
+def _expand(g, x, *sizes):
+    sizes = sizes[0] if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)) else sizes
+    target = [1 if (i == 0 and x.batched) or s == -1 else s for i, s in enumerate(sizes)]
+    return g.op("Expand", [x, g.ints(target)])
+
+
+@converts(torch.sum, "sum")
+def _sum(g, x, dim=None, keepdim=False, dtype=None):
+    dims = range(x.rank) if dim is None else (dim if isinstance(dim, (tuple, list)) else (dim,))
+    return g.reduce("ReduceSum", x, dims, keepdim)
+
+
+@converts(torch.mean, "mean")
+def _mean(g, x, dim=None, keepdim=False, dtype=None):
+    dims = range(x.rank) if dim is None else (dim if isinstance(dim, (tuple, list)) else (dim,))
+    return g.reduce("ReduceMean", x, dims, keepdim)
+
+
+@converts(_torch("amax"), "amax")
+def _amax(g, x, dim=(), keepdim=False):
+    dims = range(x.rank) if dim in ((), None) else (dim if isinstance(dim, (tuple, list)) else (dim,))
+    return g.reduce("ReduceMax", x, dims, keepdim)
+
+
+@converts(torch.cat, _torch("concat"), "cat")
+def _cat(g, tensors, dim=0):
+    dtype = _compute_dtype(*tensors)
+    return g.op("Concat", [g.cast(t, dtype) for t in tensors], axis=int(dim) % tensors[0].rank)
+
+
+@converts(torch.stack)
+def _stack(g, tensors, dim=0):
+    axis = int(dim) % (tensors[0].rank + 1)
+    return g.op("Concat", [g.op("Unsqueeze", [t, g.ints([axis])]) for t in tensors], axis=axis)
+
+
+@converts(torch.split, "split")
+def _split(g, x, split_size_or_sections, dim=0):
+    dim = dim % x.rank
+    size = x.shape[dim]
+    if isinstance(split_size_or_sections, int):
+        sizes = [split_size_or_sections] * (size // split_size_or_sections)
+        if size % split_size_or_sections:
+            sizes.append(size % split_size_or_sections)
+    else:
+        sizes = list(split_size_or_sections)
+    return g.op("Split", [x, g.ints(sizes)], outputs=len(sizes), axis=dim)
+
+
+@converts(torch.narrow, "narrow")
+def _narrow(g, x, dim, start, length):
+    dim = dim % x.rank
+    start = start % x.shape[dim]
+    return g.op("Slice", [x, g.ints([start]), g.ints([start + length]), g.ints([dim])])
+
+
+@converts(operator.getitem)
+def _getitem(g, x, index):
+    if isinstance(x, (tuple, list)):
+        return x[index]
+    index = list(index) if isinstance(index, tuple) else [index]
+    if Ellipsis in index:
+        i = index.index(Ellipsis)
+        rest = sum(e is not None for e in index) - 1
+        index[i:i + 1] = [slice(None)] * (x.rank - rest)
+    starts, ends, axes, steps, squeeze, unsqueeze = [], [], [], [], [], []
+    d = 0  # input dim
+    out_d = 0  # output dim (after ints drop out and Nones add)
+    for e in index:
+        if e is None:
+            unsqueeze.append(out_d)
+            out_d += 1
+            continue
+        size = x.shape[d]
+        if isinstance(e, bool) or not isinstance(e, (int, slice)):
+            raise ExportError(f"indexing with {e!r}")
+        if isinstance(e, int):
+            i = e % size
+            starts.append(i), ends.append(i + 1), axes.append(d), steps.append(1)
+            squeeze.append(d)
+        else:
+            start, stop, step = e.indices(size)
+            if (start, stop, step) != (0, size, 1):
+                if d == 0 and x.batched:
+                    raise ExportError("slicing the batch dimension")
+                starts.append(start), ends.append(stop), axes.append(d), steps.append(step)
+            out_d += 1
+        d += 1
+    out = x
+    if axes:
+        out = g.op("Slice", [out, g.ints(starts), g.ints(ends), g.ints(axes), g.ints(steps)])
+    if squeeze:
+        out = g.op("Squeeze", [out, g.ints(squeeze)])
+    if unsqueeze:
+        out = g.op("Unsqueeze", [out, g.ints(unsqueeze)])
+    return out
+
+
+@converts(F.pad)
+def _pad(g, x, pad, mode="constant", value=None):
+    if mode != "constant":
+        raise ExportError(f"padding mode {mode!r}")
+    pad = list(pad)
+    begins, ends = [0] * x.rank, [0] * x.rank
+    for i in range(len(pad) // 2):
+        d = x.rank - 1 - i
+        begins[d], ends[d] = pad[2 * i], pad[2 * i + 1]
+    if any(p < 0 for p in pad):
+        raise ExportError("negative padding")
+    return g.op("Pad", [x, g.ints(begins + ends), g.scalar(float(value or 0), x.dtype)], mode="constant")
+
+
+@converts(torch.zeros_like, "zero_like")
+def _zeros_like(g, x, *args, **kwargs):
+    """Zeros of x's shape: Where(true, 0, x). Unlike x·0 it is 0 where x is inf or NaN, and unlike
+    ConstantOfShape(Shape(x)) ONNX shape inference keeps x's symbolic batch size."""
+    dtype = kwargs.get("dtype") or x.dtype
+    return g.op("Where", [g.scalar(True, torch.bool), g.scalar(0, dtype), g.cast(x, dtype)])
+
+
+@converts(torch.ones_like)
+def _ones_like(g, x, *args, **kwargs):
+    dtype = kwargs.get("dtype") or x.dtype
+    return g.op("Where", [g.scalar(True, torch.bool), g.scalar(1, dtype), g.cast(x, dtype)])
+
+
+@converts(torch.scatter_add, "scatter_add")
+def _scatter_add(g, x, dim, index, src):
+    return g.op("ScatterElements", [x, index, src], axis=int(dim) % x.rank, reduction="add")
+
+
+@converts(torch.gather, "gather")
+def _gather(g, x, dim, index, *, sparse_grad=False):
+    return g.op("GatherElements", [x, index], axis=int(dim) % x.rank)
+
+
+@converts(torch.index_select, "index_select")
+def _index_select(g, x, dim, index):
+    return g.op("Gather", [x, index], axis=int(dim) % x.rank)
+
+
+@converts(torch.matmul, operator.matmul, "matmul", torch.bmm, "bmm")
+def _matmul(g, a, b):
+    return g.op("MatMul", [a, b])
+
+
+# ------------------------------------------------------------------------------------------ layers
+def _pair(v) -> list:
+    return [int(e) for e in v] if isinstance(v, (tuple, list)) else [int(v), int(v)]
+
+
+def _conv(g, x, weight, bias, stride=1, padding=0, dilation=1, groups=1):
+    stride, dilation = _pair(stride), _pair(dilation)
+    kernel = list(weight.shape[-2:])
+    if isinstance(padding, str):
+        if padding == "valid":
+            padding = [0, 0]
+        elif all(d * (k - 1) % 2 == 0 for d, k in zip(dilation, kernel)):  # "same", symmetric
+            padding = [d * (k - 1) // 2 for d, k in zip(dilation, kernel)]
+        else:
+            raise ExportError(f"asymmetric padding={padding!r}")
+    padding = _pair(padding)
+    if weight.rank != 4:
+        raise ExportError("only 2-d convolutions")
+    inputs = [x, weight] + ([bias] if bias is not None else [])
+    return g.op("Conv", inputs, kernel_shape=kernel, strides=stride, pads=padding + padding, dilations=dilation,
+                group=int(groups))
+
+
+converts(_torch("conv2d"), F.conv2d)(_conv)
+
+
+@converts(nn.Conv2d)
+def _conv_module(g, m: nn.Conv2d, x):
+    if m.padding_mode != "zeros":
+        raise ExportError(f"padding_mode={m.padding_mode!r}")
+    bias = None if m.bias is None else constant(m.bias, f"{g.scope}.bias")
+    return _conv(g, x, constant(m.weight, f"{g.scope}.weight"), bias, m.stride, m.padding, m.dilation, m.groups)
+
+
+@converts(_torch("conv_transpose2d"), F.conv_transpose2d)
+def _conv_transpose(g, x, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1):
+    stride, padding, dilation, output_padding = _pair(stride), _pair(padding), _pair(dilation), _pair(output_padding)
+    inputs = [x, weight] + ([bias] if bias is not None else [])
+    return g.op("ConvTranspose", inputs, kernel_shape=list(weight.shape[-2:]), strides=stride,
+                pads=padding + padding, dilations=dilation, group=int(groups),
+                output_padding=output_padding if any(output_padding) else None)
+
+
+@converts(nn.ConvTranspose2d)
+def _conv_transpose_module(g, m: nn.ConvTranspose2d, x):
+    bias = None if m.bias is None else constant(m.bias, f"{g.scope}.bias")
+    return _conv_transpose(g, x, constant(m.weight, f"{g.scope}.weight"), bias, m.stride, m.padding,
+                           m.output_padding, m.groups, m.dilation)
+
+
+@converts(F.linear)
+def _linear(g, x, weight, bias=None):
+    if x.rank == 2:
+        return g.op("Gemm", [x, weight] + ([bias] if bias is not None else []), transB=1)
+    out = g.op("MatMul", [x, g.op("Transpose", [weight], perm=[1, 0])])
+    return g.op("Add", [out, bias]) if bias is not None else out
+
+
+@converts(nn.Linear)
+def _linear_module(g, m: nn.Linear, x):
+    bias = None if m.bias is None else constant(m.bias, f"{g.scope}.bias")
+    return _linear(g, x, constant(m.weight, f"{g.scope}.weight"), bias)
+
+
+def _batch_norm(g, x, mean, var, weight, bias, eps):
+    channels = x.shape[1]
+    weight = weight if weight is not None else constant(torch.ones(channels))
+    bias = bias if bias is not None else constant(torch.zeros(channels))
+    if mean is None or var is None:
+        raise ExportError("batch norm without running statistics")
+    return g.op("BatchNormalization", [x, weight, bias, mean, var], epsilon=float(eps))
+
+
+@converts(F.batch_norm, _torch("batch_norm"))
+def _batch_norm_function(g, x, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1,
+                         eps=1e-5, *args):
+    if training:
+        raise ExportError("batch norm in training mode")
+    return _batch_norm(g, x, running_mean, running_var, weight, bias, eps)
+
+
+@converts(nn.BatchNorm2d, nn.BatchNorm1d)
+def _batch_norm_module(g, m, x):
+    c = lambda t, part: None if t is None else constant(t, f"{g.scope}.{part}")  # noqa: E731
+    return _batch_norm(g, x, c(m.running_mean, "running_mean"), c(m.running_var, "running_var"),
+                       c(m.weight, "weight"), c(m.bias, "bias"), m.eps)
+
+
+def _max_pool(g, x, kernel, stride, padding, dilation, ceil_mode, return_indices):
+    kernel = _pair(kernel)
+    stride = _pair(stride) if stride not in (None, (), []) else kernel
+    padding = _pair(padding)
+    attrs = dict(kernel_shape=kernel, strides=stride, pads=padding + padding, dilations=_pair(dilation),
+                 ceil_mode=int(bool(ceil_mode)))
+    if not return_indices:
+        return g.op("MaxPool", [x], **attrs)
+    out, flat = g.op("MaxPool", [x], outputs=2, **attrs)
+    # ONNX numbers positions across the whole tensor, PyTorch within each (sample, channel) plane
+    plane = int(np.prod(x.shape[2:]))
+    return out, g.op("Mod", [flat, g.scalar(plane, torch.int64)])
+
+
+@converts(F.max_pool2d, _torch("max_pool2d"), F.max_pool2d_with_indices)
+def _max_pool_function(g, x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
+                       return_indices=False):
+    return _max_pool(g, x, kernel_size, stride, padding, dilation, ceil_mode, return_indices)
+
+
+@converts(nn.MaxPool2d)
+def _max_pool_module(g, m, x):
+    return _max_pool(g, x, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode, m.return_indices)
+
+
+def _adaptive_kernel(x: Value, output_size) -> list:
+    out = [s if o is None else o for o, s in zip(_pair_none(output_size), x.shape[-2:])]
+    h, w = x.shape[-2:]
+    if h % out[0] or w % out[1]:
+        raise ExportError(f"adaptive pooling to {out} from {(h, w)} has unequal windows")
+    return [h // out[0], w // out[1]]
+
+
+def _pair_none(v):
+    return list(v) if isinstance(v, (tuple, list)) else [v, v]
+
+
+@converts(nn.AdaptiveMaxPool2d)
+def _adaptive_max_module(g, m, x):
+    k = _adaptive_kernel(x, m.output_size)
+    return _max_pool(g, x, k, k, 0, 1, False, m.return_indices)
+
+
+def _avg_pool(g, x, kernel, stride=None, padding=0, ceil_mode=False, count_include_pad=True, divisor_override=None):
+    if divisor_override is not None:
+        raise ExportError("average pooling with divisor_override")
+    kernel = _pair(kernel)
+    stride = _pair(stride) if stride not in (None, (), []) else kernel
+    padding = _pair(padding)
+    if kernel == list(x.shape[-2:]) and padding == [0, 0]:
+        return g.op("GlobalAveragePool", [x])
+    return g.op("AveragePool", [x], kernel_shape=kernel, strides=stride, pads=padding + padding,
+                ceil_mode=int(bool(ceil_mode)), count_include_pad=int(bool(count_include_pad)))
+
+
+converts(F.avg_pool2d, _torch("avg_pool2d"))(_avg_pool)
+
+
+@converts(nn.AvgPool2d)
+def _avg_pool_module(g, m, x):
+    return _avg_pool(g, x, m.kernel_size, m.stride, m.padding, m.ceil_mode, m.count_include_pad, m.divisor_override)
+
+
+@converts(F.adaptive_avg_pool2d, _torch("adaptive_avg_pool2d"))
+def _adaptive_avg(g, x, output_size):
+    k = _adaptive_kernel(x, output_size)
+    return _avg_pool(g, x, k, k)
+
+
+@converts(nn.AdaptiveAvgPool2d)
+def _adaptive_avg_module(g, m, x):
+    return _adaptive_avg(g, x, m.output_size)
