@@ -7,14 +7,13 @@ import torch.fx as fx
 from . import ops
 from .analyze import Merge, find_merges, merge_table
 from .canonize import fold_batchnorm
-from .errors import PresetError
+from . import preprocessing as prep
+from .errors import GraphLRPError, PresetError
 from .presets import CATEGORY_KINDS, Preset, RuleChoice, load_preset, parse_preset
 from .rewrite import Assignment, Plan, Rewriter
 from .rules import SPLITS
 from .trace import Traced, trace
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def inspect(model: torch.nn.Module, example_input: torch.Tensor) -> list[Merge]:
@@ -93,7 +92,19 @@ class Explainer(torch.nn.Module):
         self.info = info
         self._traced = traced
         self._tap_module = None
+        self.labels: list[str] | None = None
         self.eval()
+
+    @property
+    def preprocessing(self) -> "prep.Preprocessing":
+        """How images become this explainer's input (written into the ONNX metadata)."""
+        return prep.Preprocessing.from_dict(self.info["preprocessing"], self.info["input_size"])
+
+    @property
+    def num_classes(self) -> int | None:
+        output = next(n for n in self._traced.graph.nodes if n.op == "output")
+        shape = getattr(output.args[0], "meta", {}).get("shape") if isinstance(output.args[0], fx.Node) else None
+        return int(shape[-1]) if shape else None
 
     def train(self, mode: bool = True):
         """An explainer is always in inference mode (BN uses running statistics); `train()` keeps it so."""
@@ -128,22 +139,32 @@ class Explainer(torch.nn.Module):
         return merge_table(self.merges)
 
     def export_onnx(self, path, opset: int = 17, check: bool = True, metadata: dict | None = None,
-                    verbose: bool = False):
+                    verbose: bool = False, **preprocessing):
         """Write one ONNX model (inputs `input`, `target`; outputs `logits`, `relevance`); then onnx.checker and
         an onnxruntime parity check against this explainer. Returns the parity report. The batch size is dynamic;
         the image size is the compile size (the rules are specialised to it: transposed-convolution padding,
-        pooling divisors), so compile once per input size."""
+        pooling divisors), so compile once per input size. Keyword arguments `resize`, `crop_pct`,
+        `interpolation`, `mean`, `std`, `labels` override the recorded preprocessing and class names."""
         from .export import export_onnx
 
-        return export_onnx(self, path, opset=opset, check=check, metadata=metadata, verbose=verbose)
+        return export_onnx(self, path, opset=opset, check=check, metadata=metadata, verbose=verbose,
+                           **preprocessing)
 
 
 def compile(model: torch.nn.Module, example_input: torch.Tensor, rules="otsuki2024", split: str | None = None,
             include_identity: bool | None = None, overrides: dict | None = None, box=None,
-            model_name: str | None = None) -> Explainer:
+            model_name: str | None = None, preprocessing=None, resize: int | None = None,
+            crop_pct: float | None = None, interpolation: str | None = None, mean=None, std=None,
+            labels=None) -> Explainer:
     """Compile `model` into an explainer. `rules`: preset name, TOML path, or dict; `split` and `include_identity`
     default to the preset's; `overrides`: {glob: rule} per-layer choices on top of the preset (like Zennit name
-    maps); `box`: (low, high) input bounds for the zbox rule (default: the ImageNet-normalised range of [0, 1])."""
+    maps); `box`: (low, high) input bounds for the zbox rule (default: [0, 1] pixels under the model's mean/std).
+
+    How images become inputs is recorded with the explainer and written into its ONNX metadata: `preprocessing`
+    (a `graphlrp.preprocessing.Preprocessing` or its dict) or else what the model says (timm's `pretrained_cfg`,
+    attributes `input_size`/`mean`/`std`/`crop_pct`/`interpolation`), or else the usual crop ratio at the
+    example's size; `resize`, `crop_pct`, `interpolation`, `mean`, `std` override parts of it; `labels` are
+    class names (default: the model's `labels` attribute)."""
     preset = load_preset(rules)
     if overrides:
         extra = parse_preset({"overrides": overrides}, "overrides")
@@ -154,9 +175,11 @@ def compile(model: torch.nn.Module, example_input: torch.Tensor, rules="otsuki20
     if split not in SPLITS:
         raise PresetError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
     include_identity = preset.include_identity if include_identity is None else bool(include_identity)
+    image_prep = resolve_preprocessing(model, example_input, preprocessing, resize=resize, crop_pct=crop_pct,
+                                       interpolation=interpolation, mean=mean, std=std)
     if box is None:
-        mean, std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
-        box = ((0 - mean) / std, (1 - mean) / std)
+        m, s = torch.tensor(image_prep.mean), torch.tensor(image_prep.std)
+        box = ((0 - m) / s, (1 - m) / s)
     traced = trace(model, example_input)
     folded = fold_batchnorm(traced) if preset.batchnorm == "fold" else None
     merges = find_merges(traced)
@@ -165,10 +188,39 @@ def compile(model: torch.nn.Module, example_input: torch.Tensor, rules="otsuki20
     info = {"preset": preset.name, "split": split, "include_identity": include_identity,
             "source_model": model_name or type(model).__name__,
             "input_size": list(example_input.shape[1:]), "output_relevance": preset.output,
-            "batchnorm": preset.batchnorm}
+            "batchnorm": preset.batchnorm, "preprocessing": image_prep.to_dict()}
     if folded is not None:
         info["batchnorm_folded"] = folded  # {"into_producer": n, "into_consumer": n, "kept": n}
-    return Explainer(gm, traced, merges, plan, preset, info)
+    explainer = Explainer(gm, traced, merges, plan, preset, info)
+    explainer.labels = check_labels(labels if labels is not None else getattr(model, "labels", None),
+                                    explainer.num_classes, strict=labels is not None)
+    return explainer
+
+
+def resolve_preprocessing(model, example_input: torch.Tensor, given=None, **overrides) -> "prep.Preprocessing":
+    """The preprocessing for `model` at the example's size: `given`, else the model's word, else the default."""
+    channels, size = int(example_input.shape[1]), tuple(int(v) for v in example_input.shape[-2:])
+    if isinstance(given, dict):
+        given = prep.Preprocessing.from_dict(given, size)
+    chosen = given or prep.from_model(model, channels) or prep.default(size, channels)
+    chosen = chosen.at_size(size).with_overrides(**overrides)
+    if len(chosen.mean) != channels:
+        raise prep.PreprocessingError(f"the model takes {channels} channels but the preprocessing normalises "
+                                      f"{len(chosen.mean)} (mean {list(chosen.mean)}); pass mean/std for each")
+    return chosen
+
+
+def check_labels(labels, num_classes: int | None, strict: bool) -> list[str] | None:
+    """Class names, one per class. A wrong count is an error when the user gave them, and dropped when they came
+    from the model's attributes (they would label the wrong classes)."""
+    if labels is None:
+        return None
+    labels = [str(v) for v in labels]
+    if num_classes is not None and len(labels) != num_classes:
+        if strict:
+            raise GraphLRPError(f"{len(labels)} labels given for a model with {num_classes} classes")
+        return None
+    return labels
 
 
 __all__ = ["compile", "inspect", "Explainer", "RuleChoice"]

@@ -46,11 +46,18 @@ def rel_diff(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
 
 
-def build_metadata(explainer, extra: dict | None) -> dict:
+def build_metadata(explainer, extra: dict | None, **preprocessing) -> dict:
+    """The metadata_props: what the compiler knows, the preprocessing the runtime must apply (with any
+    `resize`/`crop_pct`/`interpolation`/`mean`/`std` overrides) and the class names (`labels`)."""
     from . import __version__
+    from .compiler import check_labels
 
     info = explainer.info
     c, h, w = info["input_size"]
+    labels = preprocessing.pop("labels", None)
+    image_prep = explainer.preprocessing.with_overrides(**preprocessing)
+    if len(image_prep.mean) != c:
+        raise ExportError(f"the model takes {c} channels but the preprocessing normalises {len(image_prep.mean)}")
     meta = {
         "graphlrp_version": __version__,
         "preset": info["preset"],
@@ -59,10 +66,11 @@ def build_metadata(explainer, extra: dict | None) -> dict:
         "source_model": info["source_model"],
         "input_size": json.dumps([c, h, w]),
         "output_relevance": info["output_relevance"],
-        # torchvision's convention (resize 256, crop 224) for ImageNet-size inputs; small inputs: resize to the crop
-        "preprocessing": json.dumps({"resize": round(min(h, w) * 256 / 224) if min(h, w) >= 128 else min(h, w),
-                                     "crop": [h, w], "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}),
+        "preprocessing": json.dumps(image_prep.to_dict()),
     }
+    labels = check_labels(labels, explainer.num_classes, strict=True) if labels is not None else explainer.labels
+    if labels:
+        meta["labels"] = json.dumps(labels)
     for key, value in (extra or {}).items():
         meta[key] = value if isinstance(value, str) else json.dumps(value)
     return meta
@@ -303,8 +311,10 @@ def count_macs(model) -> float:
 
 
 def export_onnx(explainer, path, opset: int = 17, check: bool = True, metadata: dict | None = None,
-                verbose: bool = False) -> ExportReport:
+                verbose: bool = False, **preprocessing) -> ExportReport:
     import onnx
+
+    meta = build_metadata(explainer, metadata, **preprocessing)  # first: a bad override fails before the work
 
     x, target = _parity_batch(explainer)
     try:
@@ -315,7 +325,7 @@ def export_onnx(explainer, path, opset: int = 17, check: bool = True, metadata: 
     dims = model.graph.output[1].type.tensor_type.shape.dim  # the fixed size of `relevance` (left symbolic)
     for dim, size in zip(list(dims)[1:], explainer.info["input_size"]):
         dim.dim_value = size
-    for key, value in build_metadata(explainer, metadata).items():
+    for key, value in meta.items():
         entry = model.metadata_props.add()
         entry.key, entry.value = key, value
     model.producer_name = "graphlrp"

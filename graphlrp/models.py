@@ -13,29 +13,33 @@ from pathlib import Path
 
 import torch
 
+from . import preprocessing as prep
 from .errors import ModelSpecError, WeightsError
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
+from .preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing  # noqa: F401 (re-exported)
+from .preprocessing import default as default_preprocessing
 
 @dataclass
 class ModelInfo:
     """What the explainer's metadata needs to know about the model besides its graph."""
 
     name: str
-    input_size: tuple[int, int] = (224, 224)
+    preprocessing: Preprocessing = field(default_factory=default_preprocessing)
     channels: int = 3
-    mean: tuple[float, ...] = IMAGENET_MEAN
-    std: tuple[float, ...] = IMAGENET_STD
-    resize: int | None = 256
     labels: list[str] | None = None
     weights: str = "none"
     extra: dict = field(default_factory=dict)
 
     @property
-    def preprocessing(self) -> dict:
-        return {"resize": self.resize, "crop": list(self.input_size), "mean": list(self.mean), "std": list(self.std)}
+    def input_size(self) -> tuple[int, int]:
+        return tuple(self.preprocessing.crop)
+
+    @property
+    def mean(self) -> tuple[float, ...]:
+        return self.preprocessing.mean
+
+    @property
+    def std(self) -> tuple[float, ...]:
+        return self.preprocessing.std
 
 
 def _torchvision_model_names() -> list[str]:
@@ -114,18 +118,13 @@ def load_model(spec: str, weights: str = "DEFAULT") -> tuple[torch.nn.Module, Mo
             raise ModelSpecError(f"give the factory function too: {spec}:FACTORY")
         model = _load_factory(spec)()
         info = ModelInfo(name=spec)
-        if use_pretrained:
-            if not use_file:
-                # a user's own model has no pretrained registry; its factory decides its weights
-                pass
-        shape = getattr(model, "input_size", None)
-        if shape:
-            info.input_size = tuple(shape)[-2:]
-        for attr in ("mean", "std"):
-            if hasattr(model, attr):
-                setattr(info, attr, tuple(float(v) for v in torch.as_tensor(getattr(model, attr)).flatten()))
+        # a user's own model has no pretrained registry: its factory decides its weights, its attributes (or a
+        # timm-style pretrained_cfg) its preprocessing
+        said = prep.from_model(model)
+        if said is not None:
+            info.preprocessing = said
         if getattr(model, "labels", None):
-            info.labels = list(model.labels)
+            info.labels = [str(v) for v in model.labels]
     elif spec.startswith("timm:"):
         try:
             import timm
@@ -140,12 +139,8 @@ def load_model(spec: str, weights: str = "DEFAULT") -> tuple[torch.nn.Module, Mo
             if use_pretrained:
                 raise _download_error(spec, e) from e
             raise ModelSpecError(f"timm could not build {name}: {e}") from e
-        cfg = getattr(model, "pretrained_cfg", {}) or {}
-        size = cfg.get("input_size", (3, 224, 224))
-        crop_pct = cfg.get("crop_pct", 0.875)
-        info = ModelInfo(name=spec, input_size=tuple(size[-2:]), channels=size[0],
-                         mean=tuple(cfg.get("mean", IMAGENET_MEAN)), std=tuple(cfg.get("std", IMAGENET_STD)),
-                         resize=int(round(size[-1] / crop_pct)))
+        info = ModelInfo(name=spec, preprocessing=prep.from_model(model) or default_preprocessing())
+        info.channels = int((getattr(model, "pretrained_cfg", None) or {}).get("input_size", (3,))[0])
     else:
         import torchvision
 
@@ -156,18 +151,17 @@ def load_model(spec: str, weights: str = "DEFAULT") -> tuple[torch.nn.Module, Mo
             raise ModelSpecError(
                 f"unknown model {spec!r}: not a torchvision classification model, `timm:NAME` or `file.py:factory`.{hint}"
             )
-        info = ModelInfo(name=spec)
+        # the weights' own eval transforms: known from their description alone, also with --weights none/PATH
+        info = ModelInfo(name=spec, preprocessing=prep.from_torchvision(spec) or default_preprocessing())
         tv_weights = None
         if use_pretrained:
             tv_weights = torchvision.models.get_model_weights(spec).DEFAULT
-            meta = tv_weights.meta
-            info.labels = list(meta.get("categories") or []) or None
-            tr = tv_weights.transforms()
-            info.resize = int(tr.resize_size[0]) if getattr(tr, "resize_size", None) else info.resize
-            crop = getattr(tr, "crop_size", None)
-            if crop:
-                info.input_size = (int(crop[0]), int(crop[0]))
-            info.mean, info.std = tuple(tr.mean), tuple(tr.std)
+        if use_pretrained or use_file:  # the class names of the weights' description, for their class indices
+            try:
+                info.labels = list(torchvision.models.get_model_weights(spec).DEFAULT.meta.get("categories") or [])
+            except (ValueError, KeyError, AttributeError):
+                info.labels = None
+            info.labels = info.labels or None
         try:
             model = torchvision.models.get_model(spec, weights=tv_weights)
         except Exception as e:

@@ -18,11 +18,15 @@ import onnxruntime as ort
 from PIL import Image, UnidentifiedImageError
 
 from .errors import ExplainerLoadError, ImageError, InputError
+from .preprocessing import Preprocessing
 
 ImageSource = Union[str, os.PathLike, bytes, Image.Image]
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 INPUTS = ("input", "target")
 OUTPUTS = ("logits", "relevance")
+RESAMPLING = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
+              "bicubic": Image.Resampling.BICUBIC, "box": Image.Resampling.BOX,
+              "hamming": Image.Resampling.HAMMING, "lanczos": Image.Resampling.LANCZOS}
 
 
 @dataclass
@@ -94,12 +98,15 @@ class ExplainerSession:
         input_shape = next(i.shape for i in session.get_inputs() if i.name == "input")
         self.input_size: tuple[int, int, int] = tuple(self.metadata.get("input_size") or input_shape[1:])
         self.labels: list[str] | None = self.metadata.get("labels")
-        prep = self.metadata.get("preprocessing") or {}
-        self.resize: int | None = prep.get("resize")
-        self.crop: tuple[int, int] = tuple(prep.get("crop") or self.input_size[1:])
-        channels = self.input_size[0]
-        self.mean = np.asarray(prep.get("mean", [0.0] * channels), np.float32).reshape(-1, 1, 1)
-        self.std = np.asarray(prep.get("std", [1.0] * channels), np.float32).reshape(-1, 1, 1)
+        self.preprocessing = Preprocessing.from_dict(self.metadata.get("preprocessing") or {}, self.input_size)
+        if tuple(self.preprocessing.crop) != tuple(self.input_size[1:]):
+            raise ExplainerLoadError(f"{path}: metadata crops to {list(self.preprocessing.crop)} but the model takes "
+                                     f"{list(self.input_size[1:])}")
+        if len(self.preprocessing.mean) != self.input_size[0]:
+            raise ExplainerLoadError(f"{path}: metadata normalises {len(self.preprocessing.mean)} channels but the "
+                                     f"model takes {self.input_size[0]}")
+        self.mean = np.asarray(self.preprocessing.mean, np.float32).reshape(-1, 1, 1)
+        self.std = np.asarray(self.preprocessing.std, np.float32).reshape(-1, 1, 1)
         logits_shape = next(o.shape for o in session.get_outputs() if o.name == "logits")
         k = logits_shape[-1]
         self.num_classes: int | None = k if isinstance(k, int) else (len(self.labels) if self.labels else None)
@@ -116,18 +123,39 @@ class ExplainerSession:
 
     # -- images ---------------------------------------------------------------------------------------------
 
+    @property
+    def resize(self) -> int | None:
+        return self.preprocessing.resize
+
+    @property
+    def crop(self) -> tuple[int, int]:
+        return tuple(self.preprocessing.crop)
+
     def preprocess(self, image: ImageSource) -> np.ndarray:
-        """Image (PIL image, path or encoded bytes) -> normalised float32 [C, H, W]: resize the shorter side to
-        `resize`, center-crop to `crop`, scale to [0, 1], subtract mean, divide by std."""
+        """Image (PIL image, path or encoded bytes) -> normalised float32 [C, H, W], exactly as the metadata's
+        `preprocessing` says: resize (with its interpolation) and crop, scale to [0, 1], subtract mean, divide by
+        std. An image already at the input size is used as it is."""
         return self.normalise(self.prepare_image(image))
 
     def prepare_image(self, image: ImageSource) -> Image.Image:
         """Decode, convert and resize/crop an image to the model's input geometry, before normalisation."""
         im = open_image(image)
         im = im.convert("L" if self.input_size[0] == 1 else "RGB")
-        if self.resize:
-            im = im.resize(_resized(im.size, self.resize), Image.Resampling.BILINEAR)
-        return center_crop(im, self.crop)
+        prep = self.preprocessing
+        resized = prep.resized_size(im.size)
+        if resized is None:
+            return center_crop(im, prep.crop) if (im.height, im.width) != prep.crop else im
+        im = im.resize(resized, RESAMPLING[prep.interpolation])
+        if prep.crop_mode == "border" and (im.width < prep.crop[1] or im.height < prep.crop[0]):
+            fill = tuple(round(255 * m) for m in prep.mean)
+            im = pad_to(im, prep.crop, fill[0] if im.mode == "L" else fill)
+        return center_crop(im, prep.crop)
+
+    def upscale(self, image: ImageSource) -> float:
+        """How much preprocessing enlarges this image (1.0: not enlarged). Explaining a small image blown up
+        many times explains interpolated pixels; `graphlrp explain` warns above 2x."""
+        size = image.size if isinstance(image, Image.Image) else open_image(image).size
+        return self.preprocessing.upscale(size)
 
     def normalise(self, image: Image.Image) -> np.ndarray:
         x = np.asarray(image, dtype=np.float32) / 255.0
@@ -219,12 +247,12 @@ def open_image(source: ImageSource) -> Image.Image:
     return im
 
 
-def _resized(size: tuple[int, int], short: int) -> tuple[int, int]:
-    """(w, h) with the shorter side scaled to `short`, computed as torchvision's Resize(int) does."""
-    w, h = size
-    if w <= h:
-        return short, int(short * h / w)
-    return int(short * w / h), short
+def pad_to(im: Image.Image, size: Sequence[int], fill) -> Image.Image:
+    """Pad an image to at least [H, W], centred, with `fill` (timm's CenterCropOrPad)."""
+    h, w = max(size[0], im.height), max(size[1], im.width)
+    canvas = Image.new(im.mode, (w, h), fill)
+    canvas.paste(im, ((w - im.width) // 2, (h - im.height) // 2))
+    return canvas
 
 
 def center_crop(im: Image.Image, size: Sequence[int]) -> Image.Image:

@@ -18,6 +18,17 @@ def non_negative_float(text: str) -> float:
     return value
 
 
+def floats(text: str) -> tuple[float, ...]:
+    """Comma-separated numbers, e.g. a per-channel mean `0.485,0.456,0.406`."""
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one number")
+    return values
+
+
 def add_ray_arguments(parser: argparse.ArgumentParser, what: str) -> None:
     """--ray [ADDRESS], --workers, --threads: shared by the commands that can run on Ray. Ray is imported only
     when --ray is given."""

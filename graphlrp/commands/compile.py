@@ -1,7 +1,21 @@
 """`graphlrp compile MODEL -o OUT.onnx`: build the explainer, export it, check it in onnxruntime."""
 from __future__ import annotations
 
+import argparse
 import time
+
+from ..preprocessing import INTERPOLATIONS
+from ._types import floats, positive_int
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number such as 0.875, got {text!r}") from None
+    if not 0 < value <= 4:
+        raise argparse.ArgumentTypeError(f"crop fraction must be in (0, 4], got {text}")
+    return value
 
 
 def register(sub) -> None:
@@ -17,6 +31,18 @@ def register(sub) -> None:
                    "(default: the preset's)")
     p.add_argument("--no-identity", action="store_true", help="identity skips receive no relevance")
     p.add_argument("--input-size", help="H or H,W (default: the model's, 224 for ImageNet models)")
+    g = p.add_argument_group("preprocessing", "how images become the model's input, stored in the file and applied "
+                             "by `explain`/`serve`. Default: the model's own (torchvision weights' transforms, timm's "
+                             "pretrained_cfg, attributes of a user's model), else resize to ⌊size / 0.875⌋ and "
+                             "centre-crop, ImageNet mean/std")
+    g.add_argument("--resize", type=positive_int, metavar="PIXELS", help="shorter side before the centre crop")
+    g.add_argument("--crop-pct", type=_fraction, metavar="F", help="crop fraction: resize to ⌊size / F⌋ first "
+                   "(ignored when --resize is given)")
+    g.add_argument("--interpolation", choices=INTERPOLATIONS, help="resampling filter of the resize")
+    g.add_argument("--mean", type=floats, metavar="M,M,M", help="normalisation mean per channel, on [0, 1] pixels")
+    g.add_argument("--std", type=floats, metavar="S,S,S", help="normalisation std per channel")
+    g.add_argument("--labels", metavar="FILE", help="class names, one per line in class order (stored in the file; "
+                   "`explain` and `serve` print them)")
     p.add_argument("--opset", type=int, default=17)
     p.set_defaults(func=run)
 
@@ -43,26 +69,37 @@ def run(args) -> int:
     import graphlrp
     from ..models import load_model
 
+    from ..preprocessing import read_labels
+
     t0 = time.perf_counter()
+    labels = read_labels(args.labels) if args.labels else None  # a bad file fails before the slow work
     model, info = load_model(args.model, args.weights)
     h, w = parse_size(args.input_size, info.input_size)
-    info.input_size = (h, w)
     example = torch.randn(1, info.channels, h, w)
     explainer = graphlrp.compile(model, example, rules=args.rules, split=args.split,
-                                 include_identity=False if args.no_identity else None, model_name=info.name)
+                                 include_identity=False if args.no_identity else None, model_name=info.name,
+                                 preprocessing=info.preprocessing, resize=args.resize, crop_pct=args.crop_pct,
+                                 interpolation=args.interpolation, mean=args.mean, std=args.std,
+                                 labels=labels if labels is not None else info.labels)
     t1 = time.perf_counter()
     merges = explainer.merges
     kinds = {k: sum(m.skip_kind == k for m in merges) for k in ("identity", "projection", "other")}
+    image_prep = explainer.preprocessing
     print(f"model     {info.name} (weights: {info.weights})")
     print(f"merges    {len(merges)} found: " + ", ".join(f"{v} {k}" for k, v in kinds.items()))
     print(f"preset    {explainer.info['preset']}, split {explainer.info['split']}, "
           f"include_identity {explainer.info['include_identity']}, output relevance {explainer.info['output_relevance']}")
-    meta = {"source_model": info.name, "preprocessing": info.preprocessing}
-    if info.labels:
-        meta["labels"] = info.labels
-    report = explainer.export_onnx(args.output, opset=args.opset, metadata=meta)
+    resize = f"resize {image_prep.resize} ({image_prep.interpolation}), " if image_prep.resize else ""
+    print(f"images    {resize}{image_prep.crop_mode} crop {image_prep.crop[0]}x{image_prep.crop[1]}, "
+          f"mean {_short(image_prep.mean)}, std {_short(image_prep.std)} [{image_prep.source}]"
+          + (f", {len(explainer.labels)} labels" if explainer.labels else ""))
+    report = explainer.export_onnx(args.output, opset=args.opset, metadata={"source_model": info.name})
     t2 = time.perf_counter()
     print(f"parity    onnxruntime vs PyTorch: max relative difference {report.max_rel_diff:.1e} (limit 1e-4)")
     print(f"wrote     {report.path} ({report.size_bytes / 2**20:.1f} MiB, opset {report.opset})")
     print(f"time      {t2 - t0:.1f} s (compile {t1 - t0:.1f} s, export + check {t2 - t1:.1f} s)")
     return 0
+
+
+def _short(values) -> str:
+    return "(" + ", ".join(f"{v:.4g}" for v in values) + ")"

@@ -69,25 +69,29 @@ class _ExplainWorker:
     def __call__(self, batch: dict) -> dict:
         import numpy as np
 
-        from ..commands.explain import _describe, _write
+        from ..commands.explain import _describe, _write, load_image
         from ..errors import ImageError
 
         rows = {"index": [], "image": [], "predicted": [], "target": [], "probability": [], "relevance_sum": [],
-                "message": [], "skipped": []}
-        good, arrays = [], []
+                "message": [], "warning": [], "skipped": []}
+        good, arrays, warnings = [], [], []
         for data, path in zip(batch["bytes"], batch["path"]):
             index, shown, _ = self.names[_key(path)]
             try:
-                arrays.append(self.session.preprocess(bytes(data)))
-                good.append(path)
+                array, warning = load_image(self.session, bytes(data), shown)
             except ImageError as e:
-                _add(rows, index, shown, -1, -1, float("nan"), float("nan"), f"skipped {_named(e, shown)}", True)
+                _add(rows, index, shown, -1, -1, float("nan"), float("nan"), f"skipped {e}", "", True)
+                continue
+            arrays.append(array)
+            good.append(path)
+            warnings.append(warning or "")
         if arrays:
-            for path, exp in zip(good, self.session.explain(np.stack(arrays), self.target)):
+            for path, warning, exp in zip(good, warnings, self.session.explain(np.stack(arrays), self.target)):
                 index, shown, stem = self.names[_key(path)]
                 _write(self.out, stem, exp, self.session)
                 _add(rows, index, shown, exp.predicted, exp.target, float(exp.probabilities[exp.target]),
-                     float(exp.relevance.sum(dtype=np.float64)), f"{shown}: {_describe(self.session, exp)}", False)
+                     float(exp.relevance.sum(dtype=np.float64)), f"{shown}: {_describe(self.session, exp)}", warning,
+                     False)
         return {k: np.asarray(v) for k, v in rows.items()}
 
 
@@ -99,13 +103,6 @@ def _add(rows: dict, *values) -> None:
 def _key(path: str) -> str:
     """Ray Data reports local files by absolute path without a scheme; key the inputs the same way."""
     return os.path.abspath(path)
-
-
-def _named(error: Exception, name: str) -> str:
-    """The runtime names an image decoded from bytes 'uploaded image'; put the file's name in its place."""
-    text = str(error)
-    generic = "uploaded image"
-    return name + text[len(generic):] if text.startswith(generic) else f"{name}: {text}"
 
 
 def explain(model: str, paths: list[str], stems: dict[str, str], out: Path, *, target, provider: str | None,
@@ -141,6 +138,8 @@ def explain(model: str, paths: list[str], stems: dict[str, str], out: Path, *, t
                             fn_constructor_kwargs={"model": str(model), "provider": provider, "threads": threads,
                                                    "target": target, "out": str(out), "names": names})
         for row in ds.iter_rows():
+            if row["warning"]:
+                print(row["warning"], file=sys.stderr)
             print(row["message"], file=sys.stderr if row["skipped"] else sys.stdout, flush=True)
             skipped += bool(row["skipped"])
             if not row["skipped"]:
