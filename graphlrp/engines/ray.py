@@ -42,7 +42,7 @@ def start(address: str | None) -> dict[str, float]:
             raise GraphLRPError(f"cannot connect to Ray at {where}: {e}") from e
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.data").setLevel(logging.ERROR)  # its INFO/WARNING lines are about Ray, not the run
     return ray.cluster_resources()
 
 
