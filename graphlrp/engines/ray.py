@@ -60,7 +60,8 @@ def worker_count(resources: dict[str, float], workers: int | None, threads: int,
 class _ExplainWorker:
     """One actor of the pool: an onnxruntime session, and the local command's preprocessing and output writing."""
 
-    def __init__(self, model: str, provider: str, threads: int, target, out: str, names: dict[str, tuple[int, str, str]]):
+    def __init__(self, model: str, provider: str, threads: int, target, out: str,
+                 names: dict[str, tuple[int, str, str]]):  # absolute path -> (input index, path as given, stem)
         from ..runtime import load
 
         self.session = load(model, providers=provider, threads=threads if provider == "cpu" else None)
@@ -132,7 +133,9 @@ def explain(model: str, paths: list[str], stems: dict[str, str], out: Path, *, t
         readable.append(_key(path))
     rows = []
     if readable:
-        ds = ray.data.read_binary_files(readable, include_paths=True, num_cpus=0)  # I/O only: leave CPUs to actors
+        # reading is I/O: it takes no CPU from the actors, and as many concurrent readers as there are workers
+        # (num_cpus=0 alone would let Ray start a reader process per file)
+        ds = ray.data.read_binary_files(readable, include_paths=True, num_cpus=0, concurrency=n_workers)
         ds = ds.map_batches(_ExplainWorker, batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=n_workers),
                             num_cpus=0 if gpus else threads, num_gpus=1 if gpus else 0,
                             fn_constructor_kwargs={"model": str(model), "provider": provider, "threads": threads,

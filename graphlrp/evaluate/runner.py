@@ -171,8 +171,9 @@ def evaluate(model: torch.nn.Module, data: ImageSet, method_names: list[str], *,
             name = key.removeprefix(PAPER)
             method = registry.METHODS[name]
             q = registry.quantized(method, "ours" if key != name else quantize)
+            here = "quantized to 8 heat levels" if q else "not quantized"
             description = method.description if q == method.quantize else \
-                f"{method.description}; here {'quantized to 8 heat levels' if q else 'not quantized'} (--quantize {quantize})"
+                f"{method.description}; here {here} (--quantize {quantize})"
             result = MethodResult(name, description, auc(c_ins), auc(c_del), c_ins, c_del, quantized=q)
             (ev.results if key == name else ev.paper_results)[name] = result
         _note_twins(ev)
