@@ -172,6 +172,7 @@ def test_like_for_like_run_reports_the_paper_protocol_from_the_same_maps():
 
     md = markdown(both)
     assert "--quantize all" in md and "| method | paper: Ins |" in md and "engine: local, 1 worker" in md
+    assert "`gradcam`: Grad-CAM" in md and "here quantized to 8 heat levels (--quantize all)" in md
 
 
 def test_cam_layer_is_the_last_residual_stage_and_functional_relus_become_modules():

@@ -80,7 +80,8 @@ def main_(rounds: int, explain_images: int, curve_images: int) -> None:
 
     def run_explain(workers: int | None):
         extra = [] if workers is None else ["--ray", "--workers", str(workers)]
-        assert quiet_main(["explain", model, folder, "-o", str(tmp / f"out-{workers}"), "--provider", "cpu"] + extra) == 0
+        argv = ["explain", model, folder, "-o", str(tmp / f"out-{workers}"), "--provider", "cpu"]
+        assert quiet_main(argv + extra) == 0
 
     def run_curves(workers: int | None):
         engine = LocalEngine() if workers is None else ray_engine.RayEvaluateEngine(resources, workers=workers)

@@ -39,7 +39,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from ..runtime import load, open_image
+    from ..runtime import load
 
     args.images = expand_inputs(args.images)
     session = load(args.model, providers=args.provider)
@@ -64,24 +64,41 @@ def run(args) -> int:
             good, arrays = [], []
             for path in chunk:
                 try:
-                    image = open_image(path)
-                    arrays.append(session.preprocess(image))
-                    good.append(path)
+                    array, warning = load_image(session, path, path)
                 except ImageError as e:
                     tqdm.write(f"skipped {e}", file=sys.stderr)
                     skipped += 1
                     continue
-                factor = session.upscale(image)
-                if factor > UPSCALE_WARNING:
-                    tqdm.write(f"warning: {path} is {image.width}x{image.height}; preprocessing enlarges it "
-                               f"{factor:.1f}x to explain {session.crop[0]}x{session.crop[1]} pixels, so the "
-                               "heatmap explains interpolated pixels", file=sys.stderr)
+                arrays.append(array)
+                good.append(path)
+                if warning:
+                    tqdm.write(warning, file=sys.stderr)
             if arrays:
                 for path, exp in zip(good, session.explain(np.stack(arrays), args.target)):
                     _write(out, stems[path], exp, session)
                     tqdm.write(f"{path}: {_describe(session, exp)}")
             bar.update(len(chunk))
     return _report_skipped(skipped, len(args.images), out)
+
+
+def load_image(session, source, name: str) -> tuple[np.ndarray, str | None]:
+    """Decode and preprocess one image (a path, or the file's bytes as Ray Data reads them) for `session`, and the
+    upscale warning if it has one. Raises ImageError naming `name`. The local loop and the Ray workers both call
+    this, so both explain the same pixels and report the same things."""
+    from ..runtime import open_image
+
+    try:
+        image = open_image(source)
+        array = session.preprocess(image)
+    except ImageError as e:
+        generic = "uploaded image"  # how the runtime names an image given as bytes
+        text = str(e)
+        raise ImageError(name + text[len(generic):] if text.startswith(generic) else text) from None
+    factor = session.upscale(image)
+    if factor <= UPSCALE_WARNING:
+        return array, None
+    return array, (f"warning: {name} is {image.width}x{image.height}; preprocessing enlarges it {factor:.1f}x to "
+                   f"explain {session.crop[0]}x{session.crop[1]} pixels, so the heatmap explains interpolated pixels")
 
 
 def _report_skipped(skipped: int, total: int, out: Path) -> int:

@@ -42,7 +42,7 @@ def start(address: str | None) -> dict[str, float]:
             raise GraphLRPError(f"cannot connect to Ray at {where}: {e}") from e
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.data").setLevel(logging.ERROR)  # its INFO/WARNING lines are about Ray, not the run
     return ray.cluster_resources()
 
 
@@ -60,7 +60,8 @@ def worker_count(resources: dict[str, float], workers: int | None, threads: int,
 class _ExplainWorker:
     """One actor of the pool: an onnxruntime session, and the local command's preprocessing and output writing."""
 
-    def __init__(self, model: str, provider: str, threads: int, target, out: str, names: dict[str, tuple[int, str, str]]):
+    def __init__(self, model: str, provider: str, threads: int, target, out: str,
+                 names: dict[str, tuple[int, str, str]]):  # absolute path -> (input index, path as given, stem)
         from ..runtime import load
 
         self.session = load(model, providers=provider, threads=threads if provider == "cpu" else None)
@@ -69,25 +70,29 @@ class _ExplainWorker:
     def __call__(self, batch: dict) -> dict:
         import numpy as np
 
-        from ..commands.explain import _describe, _write
+        from ..commands.explain import _describe, _write, load_image
         from ..errors import ImageError
 
         rows = {"index": [], "image": [], "predicted": [], "target": [], "probability": [], "relevance_sum": [],
-                "message": [], "skipped": []}
-        good, arrays = [], []
+                "message": [], "warning": [], "skipped": []}
+        good, arrays, warnings = [], [], []
         for data, path in zip(batch["bytes"], batch["path"]):
             index, shown, _ = self.names[_key(path)]
             try:
-                arrays.append(self.session.preprocess(bytes(data)))
-                good.append(path)
+                array, warning = load_image(self.session, bytes(data), shown)
             except ImageError as e:
-                _add(rows, index, shown, -1, -1, float("nan"), float("nan"), f"skipped {_named(e, shown)}", True)
+                _add(rows, index, shown, -1, -1, float("nan"), float("nan"), f"skipped {e}", "", True)
+                continue
+            arrays.append(array)
+            good.append(path)
+            warnings.append(warning or "")
         if arrays:
-            for path, exp in zip(good, self.session.explain(np.stack(arrays), self.target)):
+            for path, warning, exp in zip(good, warnings, self.session.explain(np.stack(arrays), self.target)):
                 index, shown, stem = self.names[_key(path)]
                 _write(self.out, stem, exp, self.session)
                 _add(rows, index, shown, exp.predicted, exp.target, float(exp.probabilities[exp.target]),
-                     float(exp.relevance.sum(dtype=np.float64)), f"{shown}: {_describe(self.session, exp)}", False)
+                     float(exp.relevance.sum(dtype=np.float64)), f"{shown}: {_describe(self.session, exp)}", warning,
+                     False)
         return {k: np.asarray(v) for k, v in rows.items()}
 
 
@@ -99,13 +104,6 @@ def _add(rows: dict, *values) -> None:
 def _key(path: str) -> str:
     """Ray Data reports local files by absolute path without a scheme; key the inputs the same way."""
     return os.path.abspath(path)
-
-
-def _named(error: Exception, name: str) -> str:
-    """The runtime names an image decoded from bytes 'uploaded image'; put the file's name in its place."""
-    text = str(error)
-    generic = "uploaded image"
-    return name + text[len(generic):] if text.startswith(generic) else f"{name}: {text}"
 
 
 def explain(model: str, paths: list[str], stems: dict[str, str], out: Path, *, target, provider: str | None,
@@ -135,12 +133,16 @@ def explain(model: str, paths: list[str], stems: dict[str, str], out: Path, *, t
         readable.append(_key(path))
     rows = []
     if readable:
-        ds = ray.data.read_binary_files(readable, include_paths=True, num_cpus=0)  # I/O only: leave CPUs to actors
+        # reading is I/O: it takes no CPU from the actors, and as many concurrent readers as there are workers
+        # (num_cpus=0 alone would let Ray start a reader process per file)
+        ds = ray.data.read_binary_files(readable, include_paths=True, num_cpus=0, concurrency=n_workers)
         ds = ds.map_batches(_ExplainWorker, batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=n_workers),
                             num_cpus=0 if gpus else threads, num_gpus=1 if gpus else 0,
                             fn_constructor_kwargs={"model": str(model), "provider": provider, "threads": threads,
                                                    "target": target, "out": str(out), "names": names})
         for row in ds.iter_rows():
+            if row["warning"]:
+                print(row["warning"], file=sys.stderr)
             print(row["message"], file=sys.stderr if row["skipped"] else sys.stdout, flush=True)
             skipped += bool(row["skipped"])
             if not row["skipped"]:

@@ -169,8 +169,12 @@ def evaluate(model: torch.nn.Module, data: ImageSet, method_names: list[str], *,
                                batch_size=max(batch_size, 256), example=x[:8])
         for key, (c_ins, c_del) in curves.items():
             name = key.removeprefix(PAPER)
-            result = MethodResult(name, registry.METHODS[name].description, auc(c_ins), auc(c_del), c_ins, c_del,
-                                  quantized=registry.quantized(registry.METHODS[name], "ours" if key != name else quantize))
+            method = registry.METHODS[name]
+            q = registry.quantized(method, "ours" if key != name else quantize)
+            here = "quantized to 8 heat levels" if q else "not quantized"
+            description = method.description if q == method.quantize else \
+                f"{method.description}; here {here} (--quantize {quantize})"
+            result = MethodResult(name, description, auc(c_ins), auc(c_del), c_ins, c_del, quantized=q)
             (ev.results if key == name else ev.paper_results)[name] = result
         _note_twins(ev)
     ev.seconds["insertion/deletion curves"] = time.perf_counter() - t
