@@ -15,7 +15,7 @@ import torch.fx as fx
 from . import ops
 from .trace import Traced, source_line
 
-IDENTITY, PROJECTION, OTHER = "identity", "projection", "other"
+IDENTITY, PROJECTION, OTHER, BRANCHES = "identity", "projection", "other", "branch-dim"
 
 
 @dataclass
@@ -30,7 +30,8 @@ class Merge:
     main_nodes: list[str] = field(default_factory=list)
     source: str = ""
     skip_support: object = None  # for `other` skips: 1 where the skip carries input, 0 where it is structural zero
-
+    arity: int = 2  # operands (an add chain) or slices (a sum over a branch dim)
+    kind: str = "add"  # "add" (k operands) or "sum" (over a branch dim: ResNeSt/SK radix, stack(...).sum(0))
 
     @property
     def skip_length(self) -> int:
@@ -69,31 +70,59 @@ def _has_parametric_layer(traced: Traced, names: list[str], g: nx.DiGraph) -> bo
     return False
 
 
-def find_merges(traced: Traced) -> list[Merge]:
-    """Every merge of the traced model, in forward order."""
-    g = dataflow_graph(traced)
-    merges = []
-    for node in traced.graph.nodes:
-        if node.name not in g:
+def relevance_path(traced: Traced) -> set:
+    """The nodes relevance reaches from the logits: each op passes it to its relevance inputs only (a gate's
+    branch, a normaliser's statistics receive none)."""
+    output = next(n for n in traced.graph.nodes if n.op == "output").args[0]
+    seen, stack = set(), [output]
+    while stack:
+        node = stack.pop()
+        if node in seen or not isinstance(node, fx.Node):
             continue
+        seen.add(node)
         op = ops.describe(node, traced)
-        if op is None or op.kind != ops.MERGE:
+        if op is not None:
+            stack.extend(i for i in op.inputs if isinstance(i, fx.Node))
+    return seen
+
+
+def find_merges(traced: Traced) -> list[Merge]:
+    """Every merge on the relevance path, in forward order: adds (and add chains, as one k-ary merge) of
+    input-dependent tensors, and sums over a branch dim."""
+    g = dataflow_graph(traced)
+    path = relevance_path(traced)
+    described = {}
+    for node in traced.graph.nodes:
+        if node.name in g and node in path:
+            op = ops.describe(node, traced)
+            if op is not None and op.kind == ops.MERGE:
+                described[node] = op
+    absorbed = {n for op in described.values() for n in op.params.get("absorbed", ())}
+    merges = []
+    for node, op in described.items():
+        if node in absorbed:
             continue
-        a, b = (arg.name for arg in op.inputs)
-        fork = nx.lowest_common_ancestor(g, a, b)
-        if fork is None:  # two unrelated inputs cannot happen with one placeholder; keep the add as a plain merge
-            fork = a
-        branches = [_branch(g, fork, a), _branch(g, fork, b)]
-        # the skip is the shorter branch; on a tie the second operand (`x + shortcut`, `out += identity`)
-        skip = 0 if len(branches[0]) < len(branches[1]) else 1
-        skip_nodes, main_nodes = branches[skip], branches[1 - skip]
+        if "dims" in op.params:  # a sum over a branch dim: no fork or skip, k slices
+            merges.append(Merge(node.name, BRANCHES, op.inputs[0].name, -1, [], [], source_line(node),
+                                arity=op.params["arity"], kind="sum"))
+            continue
+        names = [arg.name for arg in op.inputs]
+        fork = names[0]
+        for other in names[1:]:
+            fork = nx.lowest_common_ancestor(g, fork, other) or fork
+        branches = [_branch(g, fork, n) for n in names]
+        # the skip is the shortest branch; on a tie the last operand (`x + shortcut`, `out += identity`)
+        lengths = [len(b) for b in branches]
+        skip = max(i for i, n in enumerate(lengths) if n == min(lengths))
+        skip_nodes = branches[skip]
+        main_nodes = [n for i, b in enumerate(branches) if i != skip for n in b if n not in skip_nodes]
         if not skip_nodes:
             kind = IDENTITY
         elif _has_parametric_layer(traced, skip_nodes, g):
             kind = PROJECTION
         else:
             kind = OTHER
-        merge = Merge(node.name, kind, fork, skip, skip_nodes, main_nodes, source_line(node))
+        merge = Merge(node.name, kind, fork, skip, skip_nodes, main_nodes, source_line(node), arity=len(names))
         if kind == OTHER:
             merge.skip_support = _structural_support(traced, g, fork, skip_nodes)
         merges.append(merge)
@@ -123,12 +152,12 @@ def _structural_support(traced: Traced, g: nx.DiGraph, fork: str, skip_nodes: li
 
 def merge_table(merges: list[Merge]) -> str:
     """A readable report: one row per merge."""
-    rows = [("#", "add", "skip", "fork", "skip len", "main len")]
+    rows = [("#", "merge", "k", "skip", "fork", "skip len", "main len")]
     for i, m in enumerate(merges):
-        rows.append((str(i), m.node, m.skip_kind, m.fork, str(m.skip_length), str(m.main_length)))
+        rows.append((str(i), m.node, str(m.arity), m.skip_kind, m.fork, str(m.skip_length), str(m.main_length)))
     widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    counts = {k: sum(m.skip_kind == k for m in merges) for k in (IDENTITY, PROJECTION, OTHER)}
+    counts = {k: sum(m.skip_kind == k for m in merges) for k in (IDENTITY, PROJECTION, OTHER, BRANCHES)}
     lines.append(f"{len(merges)} merges: " + ", ".join(f"{v} {k}" for k, v in counts.items()))
     return "\n".join(lines)

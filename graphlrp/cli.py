@@ -8,7 +8,7 @@ import sys
 
 from .errors import GraphLRPError
 
-COMMANDS = ["compile", "inspect", "explain", "evaluate", "serve", "export_triton"]
+COMMANDS = ["compile", "inspect", "explain", "evaluate", "serve", "export_triton", "coverage"]
 
 
 def build_parser() -> argparse.ArgumentParser:

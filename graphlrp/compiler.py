@@ -8,7 +8,7 @@ from . import ops
 from .analyze import Merge, find_merges, merge_table
 from .canonize import fold_batchnorm
 from . import preprocessing as prep
-from .errors import GraphLRPError, PresetError
+from .errors import CompileError, GraphLRPError, PresetError
 from .presets import CATEGORY_KINDS, Preset, RuleChoice, load_preset, parse_preset
 from .rewrite import Assignment, Plan, Rewriter
 from .rules import SPLITS
@@ -180,11 +180,16 @@ def compile(model: torch.nn.Module, example_input: torch.Tensor, rules="otsuki20
     if box is None:
         m, s = torch.tensor(image_prep.mean), torch.tensor(image_prep.std)
         box = ((0 - m) / s, (1 - m) / s)
-    traced = trace(model, example_input)
-    folded = fold_batchnorm(traced) if preset.batchnorm == "fold" else None
-    merges = find_merges(traced)
-    plan = make_plan(traced, preset, split, include_identity, box)
-    gm = Rewriter(traced, merges, plan).build()
+    try:
+        traced = trace(model, example_input)
+        folded = fold_batchnorm(traced) if preset.batchnorm == "fold" else None
+        merges = find_merges(traced)
+        plan = make_plan(traced, preset, split, include_identity, box)
+        gm = Rewriter(traced, merges, plan).build()
+    except GraphLRPError:
+        raise
+    except Exception as e:  # nothing but graphlrp's own errors leaves compile()
+        raise CompileError(f"compiling {type(model).__name__} failed: {type(e).__name__}: {e}") from e
     info = {"preset": preset.name, "split": split, "include_identity": include_identity,
             "source_model": model_name or type(model).__name__,
             "input_size": list(example_input.shape[1:]), "output_relevance": preset.output,

@@ -13,6 +13,10 @@ class UnsupportedOpError(GraphLRPError):
     """An op on the relevance path has no rule. The message names the node, the op and the source line."""
 
 
+class CompileError(GraphLRPError):
+    """Compilation failed for a reason graphlrp did not foresee; the message names the stage and the cause."""
+
+
 class PresetError(GraphLRPError):
     """A rule preset (TOML) is unknown or malformed. The message names the offending key."""
 

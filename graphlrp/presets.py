@@ -10,7 +10,8 @@ Schema (every key is validated; an unknown or malformed key is a PresetError nam
                                        # where that is exact (graphlrp/canonize.py); unfolded BNs get rules.batchnorm
 
     [rules]                            # layer category -> rule name, or a table {rule = NAME, param = value, ...}
-    first_layer, conv, linear, batchnorm, activation, maxpool, avgpool, merge, constant_add, scale, gate, identity
+    first_layer, conv, linear, batchnorm, activation, maxpool, avgpool, merge, constant_add, scale, gate, identity,
+    normalization (layer/group/instance norm), reduction (sum/mean over non-spatial dims)
 
     [overrides]                        # glob on module path or node name -> rule (applied where the rule fits)
     "layer4.*" = "epsilon"             # first matching pattern wins; compile(overrides=...) comes before these
@@ -46,9 +47,11 @@ CATEGORY_KINDS = {
     "scale": (ops.SCALE,),
     "gate": (ops.GATE,),
     "identity": (ops.IDENTITY,),
+    "normalization": (ops.NORM,),
+    "reduction": (ops.REDUCE,),
 }
 DEFAULT_RULES = {"activation": "pass", "identity": "pass", "constant_add": "pass", "scale": "pass", "gate": "pass",
-                 "batchnorm": "pass", "merge": "split"}
+                 "batchnorm": "pass", "merge": "split", "normalization": "pass", "reduction": "z"}
 TOP_KEYS = {"description", "output", "split", "include_identity", "batchnorm", "rules", "overrides", "name"}
 
 

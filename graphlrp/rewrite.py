@@ -64,7 +64,8 @@ class Emitter:
         """A get_attr node for `tensor`. A derived weight (`graphlrp.derived`) keeps its recipe in the node's meta:
         the ONNX export computes it from the stored base tensor instead of storing it a second time."""
         recipe = derived.recipe(tensor)
-        value = tensor.detach().float().contiguous()
+        value = tensor.detach()
+        value = (value.float() if value.is_floating_point() else value).contiguous()
         if value._base is not None:  # a view would keep (and save) its whole base tensor
             value = value.clone()
         flat = value.reshape(-1)
@@ -187,6 +188,34 @@ class RuleContext:
             back = self.call(torch.narrow, back, 3, 0, w)
         return back
 
+    def pool_transpose(self, s: fx.Node) -> fx.Node:
+        """poolᵀ(s) for this op's average pool: its window geometry, or its exact pooling matrix (adaptive pooling
+        with unequal windows)."""
+        p = self.op.params
+        if "matrix" not in p:
+            return self.avgpool_transpose(s, p["kernel"], p["stride"], p["padding"], p["ceil_mode"],
+                                          p["count_include_pad"])
+        c, h, w = self.op.in_shape[1:]
+        cells = p["matrix"].shape[0]
+        s = self.call(torch.reshape, s, (-1, c, cells))
+        back = self.call(torch.matmul, s, p["matrix"])
+        return self.call(torch.reshape, back, (-1, c, h, w))
+
+    def to_input_shape(self, r, i: int):
+        """Relevance at the op's output shape summed back to input i's shape where that input broadcasts."""
+        if r is None:
+            return None
+        shape, out = tuple(self.op.inputs[i].meta["shape"]), tuple(self.op.out_shape)
+        if shape == out:
+            return r
+        lead = len(out) - len(shape)
+        dims = tuple(range(lead)) + tuple(lead + d for d, n in enumerate(shape) if n == 1 and out[lead + d] != 1)
+        if dims:
+            r = self.call(torch.sum, r, dims, True)
+        if lead:
+            r = self.call(torch.reshape, r, (-1, *shape[1:]) if len(shape) else ())
+        return r
+
     def const_input(self, t: torch.Tensor) -> torch.Tensor:
         return t.expand(self._in_shape1())
 
@@ -295,9 +324,10 @@ class Rewriter:
             name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
             if node.op == "call_module":
                 name = type(self.traced.module(node)).__name__.lower()
-            return "relu" in name and "leaky" not in name
+            return name.rstrip("_") in ("relu", "relu6")
         if op.kind in (ops.MAXPOOL, ops.AVGPOOL, ops.RESHAPE, ops.SLICE, ops.PAD, ops.IDENTITY, ops.CAT, ops.MERGE):
-            return all(nonneg) and op.params.get("alpha", 1) >= 0
+            coefficients = op.params.get("coefficients") or (op.params.get("alpha", 1),)
+            return all(nonneg) and all(c >= 0 for c in coefficients)
         return False
 
     # relevance ------------------------------------------------------------------------------------------
@@ -362,6 +392,8 @@ class Rewriter:
         if op is None:
             raise UnsupportedOpError(f"no LRP rule for {describe_node(node)}; it lies on the relevance path "
                                      "between the input and the logits")
+        if op.kind == ops.UNSUPPORTED:
+            raise op.params["error"]
         ctx = RuleContext(self, op, R)
         if op.kind in rules.STRUCTURAL:
             out = rules.structural_relevance(ctx)

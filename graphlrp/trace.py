@@ -9,14 +9,16 @@ After `trace()`, every node of the returned GraphModule carries
 from __future__ import annotations
 
 import copy
+import inspect
 import operator
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
+from torch.fx import _symbolic_trace
 
-from .errors import TraceError
+from .errors import GraphLRPError, TraceError
 
 # in-place function spellings and their functional equivalents
 _FUNCTIONAL = {
@@ -38,7 +40,7 @@ def source_line(node: fx.Node) -> str:
             code = lines[i + 1] if i + 1 < len(lines) and not lines[i + 1].startswith("File ") else ""
             frames.append((ln[len("File "):].replace('"', ""), code))
     torch_dir = os.path.dirname(torch.__file__)
-    user = [f for f in frames if not f[0].startswith(torch_dir)]
+    user = [f for f in frames if not f[0].startswith(torch_dir) and not f[0].startswith(__file__)]
     if not user:
         return ""
     where, code = user[-1]
@@ -53,10 +55,143 @@ def describe_node(node: fx.Node) -> str:
     return f"{text} at {where}" if where else text
 
 
+_UNKNOWN = object()
+_CONCRETE_ATTRS = ("dtype", "device", "is_cuda", "layout", "requires_grad", "is_quantized")
+
+
+class _SizedProxy(fx.Proxy):
+    """A proxy that knows its value: sizes of non-batch dims, `dim()`, `dtype` and `device` are plain Python values
+    while tracing, so control flow over them (timm's "same" padding, `if x.shape[1] != c`) traces. The batch size
+    stays a graph value (a `size` node): the explainer keeps a dynamic batch."""
+
+    def _values(self):
+        return self.tracer.values.get(self.node, (_UNKNOWN, _UNKNOWN))
+
+    def _tensor(self):
+        v1, v2 = self._values()
+        return (v1, v2) if isinstance(v1, torch.Tensor) and isinstance(v2, torch.Tensor) else None
+
+    def _batch_dim(self):
+        v1, v2 = self._tensor()
+        diff = [i for i, (a, b) in enumerate(zip(v1.shape, v2.shape)) if a != b]
+        return diff[0] if diff else None
+
+    def size(self, dim=None):
+        if self._tensor() is None:
+            return fx.Proxy.__getattr__(self, "size")(*(() if dim is None else (dim,)))
+        shape, batch = tuple(self._tensor()[0].shape), self._batch_dim()
+
+        def entry(i):
+            return fx.Proxy.__getattr__(self, "size")(i) if i == batch else shape[i]
+
+        if dim is None:
+            return tuple(entry(i) for i in range(len(shape)))
+        return entry(dim % max(len(shape), 1))
+
+    def dim(self):
+        return self._tensor()[0].dim() if self._tensor() is not None else fx.Proxy.__getattr__(self, "dim")()
+
+    def __getattr__(self, k):
+        if k.startswith("__") or k in ("tracer", "node"):
+            return super().__getattr__(k)
+        if self._tensor() is not None:
+            if k == "shape":
+                return self.size()
+            if k == "ndim":
+                return self.dim()
+            if k in _CONCRETE_ATTRS:
+                return getattr(self._tensor()[0], k)
+        return super().__getattr__(k)
+
+    def __len__(self):
+        v1, v2 = self._values()
+        if isinstance(v1, (list, tuple)):
+            return len(v1)
+        if self._tensor() is not None and self._batch_dim() != 0 and v1.dim() > 0:
+            return v1.shape[0]
+        return super().__len__()
+
+    def __iter__(self):
+        v1, _ = self._values()
+        if isinstance(v1, (list, tuple)) or (self._tensor() is not None and self._batch_dim() != 0 and v1.dim() > 0):
+            return iter([self[i] for i in range(len(self))])
+        return super().__iter__()
+
+
+def _to_meta(obj):
+    return obj.to("meta") if isinstance(obj, torch.Tensor) else obj
+
+
+def _call_on_meta(module, args, kwargs):
+    """module(*args) with its parameters and buffers on the meta device: shapes without arithmetic."""
+    state = {k: v.to("meta") for k, v in list(module.named_parameters()) + list(module.named_buffers())}
+    return torch.func.functional_call(module, state, tuple(args), kwargs)
+
+
 class _Tracer(fx.Tracer):
-    def __init__(self):
+    """torch.fx tracing with known sizes: every node is also run on the example input (at batch 1 and 2; the batch
+    dim is where the two differ), so proxies can answer size questions with plain numbers."""
+
+    def __init__(self, examples=None):
         super().__init__()
         self.record_stack_traces = True
+        self.examples = examples
+        self.values: dict = {}
+
+    def proxy(self, node):
+        return _SizedProxy(node, self)
+
+    def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):
+        node = super().create_node(kind, target, args, kwargs, name, type_expr)
+        if self.examples is not None and kind != "output":
+            self.values[node] = tuple(self._run(node, i) for i in range(2))
+        return node
+
+    def _run(self, node, i):
+        # fx patches Module.__getattr__/__call__ while it traces; run the real ones
+        patched = torch.nn.Module.__getattr__, torch.nn.Module.__call__
+        torch.nn.Module.__getattr__ = _symbolic_trace._orig_module_getattr
+        torch.nn.Module.__call__ = _symbolic_trace._orig_module_call
+        try:
+            return self._run_unpatched(node, i)
+        finally:
+            torch.nn.Module.__getattr__, torch.nn.Module.__call__ = patched
+
+    def _run_unpatched(self, node, i):
+        """Value i of `node`: 0 on the example input, 1 on a batch of 2 on the meta device (shapes only)."""
+        unknown = False
+
+        def val(n):
+            nonlocal unknown
+            v = self.values.get(n, (_UNKNOWN, _UNKNOWN))[i]
+            unknown = unknown or v is _UNKNOWN
+            return v
+
+        try:
+            if node.op == "placeholder":
+                first = not any(n.op == "placeholder" for n in self.values)
+                example = self.examples[i].to("meta") if i else self.examples[i]
+                return example if first else (node.args[0] if node.args else None)
+            if node.op == "get_attr":
+                obj = self.root
+                for part in node.target.split("."):
+                    obj = getattr(obj, part)
+                return _to_meta(obj) if i else obj
+            args = fx.node.map_arg(node.args, val)
+            kwargs = fx.node.map_arg(node.kwargs, val)
+            if unknown:
+                return _UNKNOWN
+            with torch.no_grad():
+                if node.op == "call_function":
+                    return node.target(*args, **kwargs)
+                if node.op == "call_method":
+                    return getattr(args[0], node.target)(*args[1:], **kwargs)
+                if node.op == "call_module":
+                    module = self.root.get_submodule(node.target)
+                    return _call_on_meta(module, args, kwargs) if i else module(*args, **kwargs)
+        except Exception:  # the value stays unknown; ValueProp reports a failure that matters
+            return _UNKNOWN
+        return _UNKNOWN
 
 
 def _functionalize(gm: fx.GraphModule) -> None:
@@ -89,22 +224,55 @@ def _functionalize(gm: fx.GraphModule) -> None:
     gm.recompile()
 
 
+def _holds_tensor(value) -> bool:
+    if isinstance(value, torch.Tensor):
+        return True
+    return isinstance(value, (list, tuple)) and any(_holds_tensor(v) for v in value)
+
+
 class ValueProp(fx.Interpreter):
-    """Run the graph once on the example input and record shapes, compile-time values and input dependence."""
+    """Run the graph once on the example input and record shapes, compile-time values and input dependence.
+    A node is dynamic when it is a tensor (or a tuple of tensors, as `chunk` returns) computed from the input;
+    sizes are compile-time values, not dynamic."""
 
     def run_node(self, n: fx.Node):
         try:
             result = super().run_node(n)
         except Exception as e:
             raise TraceError(f"running {describe_node(n)} on the example input failed: {type(e).__name__}: {e}") from e
+        n.meta.pop("value", None)
         if isinstance(result, torch.Tensor):
             n.meta["shape"] = tuple(result.shape)
             n.meta["dtype"] = result.dtype
-        else:
+        elif not _holds_tensor(result):
             n.meta["value"] = result
         inputs = [a for a in n.all_input_nodes]
-        n.meta["dynamic"] = n.op == "placeholder" or any(a.meta.get("dynamic", False) for a in inputs)
+        n.meta["dynamic"] = n.op == "placeholder" or (
+            _holds_tensor(result) and any(a.meta.get("dynamic", False) for a in inputs))
         return result
+
+
+class BatchDims(fx.Interpreter):
+    """Run the graph on a batch of 2 on the meta device (shapes only, no arithmetic) and record, per tensor, which
+    dim holds the batch (meta["batch_dim"], None for tensors that do not depend on the batch). Structural rules use
+    it where a reshape moves the batch (ViT's qkv)."""
+
+    def run_node(self, n: fx.Node):
+        try:
+            result = super().run_node(n)
+        except Exception:  # an op with no meta kernel: its batch dim stays the default, 0
+            n.meta.pop("batch_dim", None)
+            return None
+        if isinstance(result, torch.Tensor) and "shape" in n.meta:
+            diff = [i for i, (a, b) in enumerate(zip(n.meta["shape"], result.shape)) if a != b]
+            n.meta["batch_dim"] = diff[0] if diff else None
+        return result
+
+    def get_attr(self, target, args, kwargs):
+        return _to_meta(super().get_attr(target, args, kwargs))
+
+    def call_module(self, target, args, kwargs):
+        return _call_on_meta(self.fetch_attr(target), args, kwargs)
 
 
 @dataclass
@@ -136,21 +304,58 @@ def trace(model: torch.nn.Module, example_input: torch.Tensor) -> Traced:
     if not isinstance(example_input, torch.Tensor) or example_input.dim() < 2:
         raise TraceError("example_input must be a tensor with a batch dimension, e.g. torch.randn(1, 3, 224, 224)")
     model = copy.deepcopy(model).eval()
-    tracer = _Tracer()
+    x1 = example_input[:1].detach().clone()
+    x2 = torch.cat([x1, torch.flip(x1, dims=(-1,))])  # two different samples of the same size
+    tracer = _Tracer((x1, x2))
     try:
-        graph = tracer.trace(model)
+        graph = tracer.trace(model, concrete_args=_default_args(model))
+    except GraphLRPError:
+        raise
     except Exception as e:
         raise TraceError(
             f"torch.fx cannot trace {type(model).__name__}: {type(e).__name__}: {e}. "
             "graphlrp needs a model whose forward has no data-dependent Python control flow."
         ) from e
+    tracer.values.clear()
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    _drop_specialised_args(gm)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(placeholders) != 1:
         raise TraceError(f"the model's forward must take exactly one tensor input, found {len(placeholders)}")
     _functionalize(gm)
     with torch.no_grad():
-        out = ValueProp(gm).run(example_input[:1])
-    if not isinstance(out, torch.Tensor) or out.dim() != 2:
-        raise TraceError("the model must return one logits tensor of shape [N, classes]")
-    return Traced(gm, example_input[:1].detach().clone())
+        out = ValueProp(gm).run(x1)
+        if not isinstance(out, torch.Tensor) or out.dim() != 2:
+            raise TraceError("the model must return one logits tensor of shape [N, classes]")
+        BatchDims(gm).run(x2.to("meta"))
+    return Traced(gm, x1)
+
+
+def _default_args(model: torch.nn.Module) -> dict | None:
+    """Forward arguments after the first that have defaults are fixed to them (e.g. `mask=None`): the explainer
+    takes one tensor."""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    fixed = {p.name: p.default for p in params[1:]
+             if p.default is not inspect.Parameter.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return fixed or None
+
+
+def _drop_specialised_args(gm: fx.GraphModule) -> None:
+    """fx guards fixed arguments with placeholder + assert nodes; they check what is fixed by construction."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    for ph in placeholders[1:]:
+        guard, frontier = {ph}, [ph]
+        while frontier:
+            for user in frontier.pop().users:
+                if user not in guard:
+                    guard.add(user)
+                    frontier.append(user)
+        if any(n.op == "output" for n in guard):  # the argument is really used: keep it (and fail below)
+            continue
+        for n in sorted(guard, key=order.get, reverse=True):
+            gm.graph.erase_node(n)
+    gm.recompile()

@@ -2,6 +2,8 @@
 and include_identity setting, conservation, the merge report, batch correctness and clear errors."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -127,9 +129,15 @@ def test_batch_correct_and_stateless():
     buffers = {k: v.clone() for k, v in explainer.graph_module.state_dict().items()}
     target = torch.tensor([0, -1, 4, 2])
     _, together = explainer(x, target)
-    for i in range(4):
-        _, alone = explainer(x[i:i + 1], target[i:i + 1])
-        assert rel_diff(alone[0], together[i]) < 1e-4  # conv algorithms differ with batch size
+    # each sample is explained on its own: checked in float64, where the choice of conv algorithm per batch size
+    # (which moves float32 results by ~1e-4 on some CPUs) is far below the bound
+    graph64 = copy.deepcopy(explainer.graph_module).double()
+    with torch.no_grad():
+        _, together64 = graph64(x.double(), target)
+        for i in range(4):
+            _, alone64 = graph64(x[i:i + 1].double(), target[i:i + 1])
+            assert rel_diff(alone64[0], together64[i]) < 1e-9
+    assert rel_diff(together, together64) < 1e-3  # the float32 explainer computes the same thing
     _, again = explainer(x, target)
     assert torch.equal(together, again)
     assert all(torch.equal(buffers[k], v) for k, v in explainer.graph_module.state_dict().items())

@@ -1,6 +1,7 @@
 """Property test: random small residual networks — random depth, widths, strides, identity / projection /
 ResNet-D (pool + conv) / option-A (strided slice + channel zero padding) skips, nested merges, pre-activation
-blocks (no ReLU after the add) and every spelling of the add — compile, `inspect` finds every merge with the right
+blocks (no ReLU after the add) and every spelling of the add — and random stacks of the zoo's block kinds (Res2Net chunks
+with chained adds, n-ary and stack-sum merges, permute + LayerNorm blocks, gates, channel shuffle, radix sums) — compile, `inspect` finds every merge with the right
 skip kind, the explainer returns the model's logits, conserves with `otsuki2024-conserving`, and splits exactly:
 R = R_skip + R_main at every merge."""
 from __future__ import annotations
@@ -177,3 +178,116 @@ def test_random_residual_networks(case):
     for m in explainer.merges:
         r, r_s, r_m = (taps[f"merge:{m.node}.{k}"] for k in ("R", "R_skip", "R_main"))
         assert torch.allclose(r_s + r_m, r, rtol=1e-5, atol=1e-7), m.node
+
+
+# ------------------------------------------------------------------ the structures of the wider CNN zoo
+NEW_BLOCKS = ("res2", "nary", "stack_sum", "channels_last", "se_gate", "spatial_gate", "shuffle", "radix")
+
+
+class ZooBlock(nn.Module):
+    """One residual block of a kind the ResNet spellings above do not cover, at constant width c (c divisible
+    by 4): Res2Net chunks with chained adds, an n-ary add, a stack-sum merge, a ConvNeXt block (permute +
+    LayerNorm + GELU MLP + layer scale), SE / CBAM-style gates (sigmoid, hard-sigmoid, softmax), a channel
+    shuffle, and a split-attention radix sum."""
+
+    def __init__(self, kind: str, c: int, gate: str):
+        super().__init__()
+        self.kind, self.gate_fn = kind, gate
+        q = c // 4
+        self.convs = nn.ModuleList(nn.Conv2d(q, q, 3, padding=1) for _ in range(3))
+        self.a, self.b = nn.Conv2d(c, c, 3, padding=1), nn.Conv2d(c, c, 1)
+        self.bn = _bn(c)
+        self.norm = nn.LayerNorm(c)
+        self.fc1, self.fc2 = nn.Linear(c, 2 * c), nn.Linear(2 * c, c)
+        self.scale = nn.Parameter(torch.rand(c) + 0.1)
+        self.squeeze, self.excite = nn.Conv2d(c, q, 1), nn.Conv2d(q, c, 1)
+        self.spatial = nn.Conv2d(2, 1, 3, padding=1)
+        self.radix = nn.Conv2d(c, 2 * c, 3, padding=1, groups=2)
+        self.attn = nn.Conv2d(c, 2 * c, 1)
+
+    def gate(self, z, dim=None):
+        if self.gate_fn == "hardsigmoid":
+            return F.hardsigmoid(z)
+        if self.gate_fn == "softmax" and dim is not None:
+            return z.softmax(dim)
+        return torch.sigmoid(z)
+
+    def forward(self, x):
+        k = self.kind
+        if k == "res2":
+            parts = torch.chunk(x, 4, dim=1)
+            out, sp = [parts[0]], parts[0]
+            for i, conv in enumerate(self.convs):
+                sp = F.relu(conv(sp + parts[i + 1]))
+                out.append(sp)
+            return F.relu(torch.cat(out, 1) + x)
+        if k == "nary":
+            return F.relu(x + self.bn(self.a(x)) + self.b(x))
+        if k == "stack_sum":
+            return torch.stack([x, F.relu(self.a(x)), self.b(x)]).sum(0)
+        if k == "channels_last":
+            y = self.a(x).permute(0, 2, 3, 1)
+            y = self.scale * self.fc2(F.gelu(self.fc1(self.norm(y))))
+            return x + y.permute(0, 3, 1, 2)
+        if k == "se_gate":
+            y = F.relu(self.bn(self.a(x)))
+            g = self.gate(self.excite(F.relu(self.squeeze(y.mean((2, 3), keepdim=True)))))
+            return F.relu(x + y * g)
+        if k == "spatial_gate":
+            y = self.a(x)
+            g = self.gate(self.spatial(torch.cat([y.mean(1, keepdim=True), y.amax(1, keepdim=True)], 1)))
+            return F.relu(x + y * g)
+        if k == "shuffle":
+            n, c, h, w = x.shape
+            y = x.view(n, 4, c // 4, h, w).transpose(1, 2).reshape(n, c, h, w)
+            return F.relu(x + self.bn(self.a(y)))
+        # radix: split attention over two branches of one grouped conv (ResNeSt), gate softmax over the radix dim
+        n, c, h, w = x.shape
+        y = F.relu(self.radix(x)).reshape(n, 2, c, h, w)
+        a = self.attn(y.sum(1).mean((2, 3), keepdim=True)).reshape(n, 2, c, 1, 1)
+        return F.relu(x + (y * self.gate(a, dim=1)).sum(1))
+
+
+class ZooNet(nn.Module):
+    def __init__(self, c: int, blocks: list):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, c, 3, padding=1, bias=False), _bn(c), nn.ReLU())
+        self.blocks = nn.Sequential(*(ZooBlock(k, c, g) for k, g in blocks))
+        self.fc = nn.Linear(c, 5)
+
+    def forward(self, x):
+        return self.fc(self.blocks(self.stem(x)).mean((2, 3)))
+
+
+@st.composite
+def zoo_networks(draw):
+    c = draw(st.sampled_from([4, 8, 12]))
+    blocks = [(draw(st.sampled_from(NEW_BLOCKS)), draw(st.sampled_from(["sigmoid", "hardsigmoid", "softmax"])))
+              for _ in range(draw(st.integers(1, 3)))]
+    return c, blocks, draw(st.sampled_from([6, 8, 9])), draw(st.integers(0, 2 ** 16)), draw(st.sampled_from(
+        ["ratio", "symmetric"]))
+
+
+@settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(zoo_networks())
+def test_random_zoo_networks(case):
+    """Random stacks of the zoo's block kinds: compile, reproduce the logits, conserve, and split exactly at every
+    merge (R = Σ_i R_i over the operands of an add chain or the slices of a branch-dim sum)."""
+    c, blocks, size, seed, split = case
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        model = ZooNet(c, blocks).eval()
+    x = torch.randn(2, 3, size, size)
+    explainer = graphlrp.compile(model, x[:1], rules="otsuki2024-conserving", split=split)
+    logits, relevance, taps = explainer.explain_with_taps(x)
+    with torch.no_grad():
+        assert torch.allclose(logits, model(x), rtol=1e-4, atol=1e-5)
+    assert torch.isfinite(relevance).all()
+    p = logits.softmax(-1).max(-1).values
+    ratio = relevance.flatten(1).sum(1) / p
+    assert ((ratio - 1).abs() <= 1e-3).all(), (blocks, ratio.tolist())
+    expected_merges = sum({"res2": 4, "nary": 1, "stack_sum": 1, "radix": 2}.get(k, 1) for k, _ in blocks)
+    assert len(explainer.merges) == expected_merges, [m.node for m in explainer.merges]
+    for m in explainer.merges:
+        parts = [taps[f"merge:{m.node}.R_{i}"] for i in range(m.arity)]
+        assert torch.allclose(sum(parts), taps[f"merge:{m.node}.R"], rtol=1e-5, atol=1e-7), (m.node, m.arity)

@@ -1,0 +1,120 @@
+"""Elementwise ops: activations, identities (dropout, stochastic depth in eval), products and quotients.
+
+Every elementwise activation of `torch.nn` is an ACTIVATION (rule category `activation`, usually `pass`).
+
+A product of two input-dependent tensors is a GATE when one operand is a gate: a value computed by a squashing
+function (sigmoid, hard-sigmoid, softmax, tanh, hard-tanh, relu6, erf, clamp to a range) followed only by ops
+that keep it a gate (reshapes and other moves, identities, adding or multiplying constants). All relevance goes to
+the other operand, the gated signal, whatever the broadcast (SE, ECA, CBAM, split attention, x·sigmoid(x)).
+Without a recognised gate, an operand that broadcasts over the other is held constant (a normaliser such as
+FRN's rsqrt(ν²+ε)); a product of two same-shape signals is an UnsupportedOpError. A quotient of two
+input-dependent tensors holds the divisor constant (normalisers spelled out).
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import UnsupportedOpError
+from ..trace import describe_node
+from .base import (ACTIVATION, BIAS_ADD, GATE, IDENTITY, SCALE, Op, arg, describes, is_dynamic_tensor, target_name,
+                   value)
+
+ACTIVATION_MODULES = [nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ELU, nn.CELU, nn.SELU, nn.GELU, nn.SiLU,
+                      nn.Mish, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Sigmoid, nn.Tanh, nn.Softplus,
+                      nn.Softsign, nn.Softshrink, nn.Hardshrink, nn.Tanhshrink, nn.LogSigmoid, nn.Threshold]
+ACTIVATION_FUNCTIONS = [F.relu, torch.relu, F.relu6, F.leaky_relu, F.prelu, torch.prelu, F.rrelu, torch.rrelu, F.elu,
+                        F.celu, torch.celu, F.selu, torch.selu, F.gelu, F.silu, F.mish, F.hardswish, F.hardsigmoid,
+                        F.hardtanh, F.sigmoid, torch.sigmoid, F.tanh, torch.tanh, F.softplus, F.softsign,
+                        F.softshrink, F.hardshrink, F.tanhshrink, F.logsigmoid, F.threshold, torch.threshold,
+                        torch.clamp, torch.clip, torch.clamp_min, torch.clamp_max, torch.erf]
+ACTIVATION_METHODS = ["relu", "sigmoid", "tanh", "clamp", "clip", "clamp_min", "clamp_max", "erf"]
+
+# what makes a value a gate: squashing functions (by module class, function or method name, lower case)
+SQUASHING = {"sigmoid", "hardsigmoid", "hard_sigmoid", "softmax", "tanh", "hardtanh", "relu6", "erf"}
+
+
+@describes(modules=ACTIVATION_MODULES, functions=ACTIVATION_FUNCTIONS, methods=ACTIVATION_METHODS)
+def _activation(node, traced):
+    return Op(ACTIVATION, node, (node.args[0],))
+
+
+def _stochastic_depth_functions():
+    try:
+        from torchvision.ops import stochastic_depth
+        return [stochastic_depth]
+    except ImportError:  # pragma: no cover
+        return []
+
+
+@describes(modules=[nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+                    nn.FeatureAlphaDropout],
+           functions=[F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout,
+                      torch.dropout, *_stochastic_depth_functions()],
+           methods=["contiguous", "clone", "float", "detach", "type_as", "to"])
+def _identity(node, traced):
+    """Identities in eval mode: every dropout and stochastic depth (the explainer always runs in eval mode)."""
+    return Op(IDENTITY, node, (node.args[0],))
+
+
+def is_gate(node, traced, _depth=0) -> bool:
+    """Whether `node` is a gate value (see the module docstring)."""
+    from .base import describe
+    if not isinstance(node, fx.Node) or _depth > 64:
+        return False
+    name = target_name(node, traced) if node.op.startswith("call") else ""
+    if name in SQUASHING or name.rstrip("_") in SQUASHING:
+        return True
+    if name in ("clamp", "clip"):  # clamp to a finite range, e.g. timm's hard_sigmoid: (x + 3).clamp(0, 6) / 6
+        lo, hi = arg(node, 1, "min"), arg(node, 2, "max")
+        return lo is not None and hi is not None
+    if node.op not in ("call_function", "call_method", "call_module"):
+        return False
+    op = describe(node, traced)
+    if op is None or not op.inputs:
+        return False
+    from .base import MOVE, RESHAPE, SLICE
+    if op.kind in (MOVE, RESHAPE, SLICE, IDENTITY, SCALE, BIAS_ADD):
+        return is_gate(op.inputs[0], traced, _depth + 1)
+    return False
+
+
+@describes(functions=[operator.mul, torch.mul], methods=["mul"])
+def _mul(node, traced):
+    a, b = node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs["other"]
+    if not (is_dynamic_tensor(a) and is_dynamic_tensor(b)):
+        return Op(SCALE, node, (a if is_dynamic_tensor(a) else b,))
+    gates = [is_gate(a, traced), is_gate(b, traced)]
+    if gates[0] != gates[1]:
+        signal, gate = (b, a) if gates[0] else (a, b)
+        return Op(GATE, node, (signal,), dict(gate=gate, recognised="squashing"))
+    out = node.meta["shape"]
+    full = [t for t in (a, b) if tuple(t.meta["shape"]) == tuple(out)]
+    if len(full) == 1:
+        signal = full[0]
+        return Op(GATE, node, (signal,), dict(gate=b if signal is a else a, recognised="broadcast"))
+    raise UnsupportedOpError(
+        f"{describe_node(node)}: a product of two input-dependent tensors of the same shape, neither of which is a "
+        "gate (a sigmoid/softmax/tanh-like value) or broadcasts over the other, has no LRP rule")
+
+
+@describes(functions=[operator.truediv, torch.div, torch.true_divide], methods=["div", "true_divide"])
+def _div(node, traced):
+    a, b = node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs["other"]
+    if not is_dynamic_tensor(a):
+        raise UnsupportedOpError(f"{describe_node(node)}: dividing by an input-dependent tensor has no LRP rule")
+    if not is_dynamic_tensor(b):
+        return Op(SCALE, node, (a,))
+    return Op(GATE, node, (a,), dict(gate=b, recognised="divisor"))
+
+
+@describes(functions=[torch.neg, operator.neg], methods=["neg"])
+def _neg(node, traced):
+    return Op(SCALE, node, (node.args[0],))
+
+
+_ = value  # re-exported helper kept for describers added here

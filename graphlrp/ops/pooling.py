@@ -1,0 +1,129 @@
+"""Pooling and reductions: max pools, average pools (also adaptive ones with unequal windows, as exact per-cell
+matrices), and sum/mean over any dims.
+
+A sum or mean is, by its reduced dims:
+* a spatial mean of an NCHW tensor (`x.mean((2, 3))`): an AVGPOOL over the whole map (category `avgpool`);
+* over a *branch dim* — a single dim of a tensor of rank >= 5 that is neither the batch dim nor one of the last
+  three (C, H, W), such as the radix dim of ResNeSt/SK or the dim `torch.stack` adds — an n-ary MERGE of the slices
+  (category `merge`, the preset's split);
+* otherwise a REDUCE (category `reduction`, the z-rule: relevance in proportion to each term's contribution).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import UnsupportedOpError
+from ..trace import describe_node
+from .base import AVGPOOL, MAXPOOL, MERGE, REDUCE, Op, arg, describes, pair, value
+
+
+@describes(modules=[nn.MaxPool2d])
+def _maxpool_module(node, traced):
+    m = traced.module(node)
+    return Op(MAXPOOL, node, (node.args[0],),
+              dict(kernel=pair(m.kernel_size), stride=pair(m.stride or m.kernel_size), padding=pair(m.padding),
+                   dilation=pair(m.dilation), ceil_mode=m.ceil_mode))
+
+
+@describes(functions=[F.max_pool2d, "torch.max_pool2d"])
+def _maxpool_function(node, traced):
+    v = lambda i, name, d=None: value(arg(node, i, name, d), traced)  # noqa: E731
+    kernel = pair(v(1, "kernel_size"))
+    stride = v(2, "stride", None)
+    return Op(MAXPOOL, node, (node.args[0],),
+              dict(kernel=kernel, stride=pair(stride) if stride else kernel, padding=pair(v(3, "padding", 0)),
+                   dilation=pair(v(4, "dilation", 1)), ceil_mode=bool(v(5, "ceil_mode", False))))
+
+
+def avgpool_op(node, kernel, stride, padding=(0, 0), ceil_mode=False, count_include_pad=True, divisor_override=None):
+    kernel, stride, padding = pair(kernel), pair(stride or kernel), pair(padding)
+    if divisor_override is not None:
+        raise UnsupportedOpError(f"{describe_node(node)}: average pooling with divisor_override")
+    return Op(AVGPOOL, node, (node.args[0],), dict(kernel=kernel, stride=stride, padding=padding,
+                                                   ceil_mode=bool(ceil_mode),
+                                                   count_include_pad=bool(count_include_pad)))
+
+
+@describes(modules=[nn.AvgPool2d])
+def _avgpool_module(node, traced):
+    m = traced.module(node)
+    return avgpool_op(node, m.kernel_size, m.stride, m.padding, m.ceil_mode, m.count_include_pad, m.divisor_override)
+
+
+@describes(functions=[F.avg_pool2d, "torch.avg_pool2d"])
+def _avgpool_function(node, traced):
+    v = lambda i, name, d=None: value(arg(node, i, name, d), traced)  # noqa: E731
+    return avgpool_op(node, v(1, "kernel_size"), v(2, "stride", None), v(3, "padding", 0), v(4, "ceil_mode", False),
+                      v(5, "count_include_pad", True), v(6, "divisor_override", None))
+
+
+def _adaptive_out(node, out_size):
+    h, w = node.args[0].meta["shape"][-2:]
+    return (h, w), tuple(s if o is None else o for o, s in zip(pair(out_size), (h, w)))
+
+
+def _adaptive_avg(node, out_size):
+    """Equal windows: an ordinary average pool. Unequal windows (including upsampling, output > input): the exact
+    pooling matrix P [out_h·out_w, h·w], one row per output cell, evaluated once from PyTorch's own op."""
+    (h, w), out = _adaptive_out(node, out_size)
+    if len(node.args[0].meta["shape"]) != 4:
+        raise UnsupportedOpError(f"{describe_node(node)}: adaptive pooling of a non-NCHW tensor")
+    if h % out[0] == 0 and w % out[1] == 0:
+        k = (h // out[0], w // out[1])
+        return avgpool_op(node, k, k)
+    basis = torch.eye(h * w, dtype=torch.float64).reshape(h * w, 1, h, w)
+    matrix = F.adaptive_avg_pool2d(basis, out).reshape(h * w, out[0] * out[1]).t().contiguous()
+    return Op(AVGPOOL, node, (node.args[0],), dict(matrix=matrix.float(), out_hw=out))
+
+
+@describes(modules=[nn.AdaptiveAvgPool2d])
+def _adaptive_avg_module(node, traced):
+    return _adaptive_avg(node, traced.module(node).output_size)
+
+
+@describes(functions=[F.adaptive_avg_pool2d, "torch.adaptive_avg_pool2d"])
+def _adaptive_avg_function(node, traced):
+    return _adaptive_avg(node, value(arg(node, 1, "output_size"), traced))
+
+
+@describes(modules=[nn.AdaptiveMaxPool2d])
+def _adaptive_max_module(node, traced):
+    (h, w), out = _adaptive_out(node, traced.module(node).output_size)
+    if h % out[0] or w % out[1]:
+        raise UnsupportedOpError(f"{describe_node(node)}: adaptive max pooling to {out} from {(h, w)} has unequal "
+                                 "windows")
+    k = (h // out[0], w // out[1])
+    return Op(MAXPOOL, node, (node.args[0],), dict(kernel=k, stride=k, padding=(0, 0), dilation=(1, 1),
+                                                   ceil_mode=False))
+
+
+def reduction_kind(node, dims: tuple) -> str:
+    """AVGPOOL for a spatial mean of NCHW, MERGE over a branch dim, REDUCE otherwise (see the module docstring)."""
+    x = node.args[0]
+    rank, batch = len(x.meta["shape"]), x.meta.get("batch_dim", 0)
+    if rank >= 5 and len(dims) == 1 and dims[0] != batch and dims[0] < rank - 3:
+        return MERGE
+    return REDUCE
+
+
+@describes(functions=[torch.mean, torch.sum], methods=["mean", "sum"])
+def _reduction(node, traced):
+    x = node.args[0]
+    shape = x.meta["shape"]
+    dims = value(arg(node, 1, "dim"), traced)
+    keepdim = bool(value(arg(node, 2, "keepdim", False), traced))
+    if dims is None or dims == () or dims == []:
+        raise UnsupportedOpError(f"{describe_node(node)}: a reduction over all dims mixes the samples of a batch")
+    dims = tuple(sorted(d % len(shape) for d in ((dims,) if isinstance(dims, int) else dims)))
+    if x.meta.get("batch_dim", 0) in dims:
+        raise UnsupportedOpError(f"{describe_node(node)}: a reduction over the batch dim mixes the samples")
+    mean = getattr(node.target, "__name__", node.target) == "mean"
+    if mean and len(shape) == 4 and dims == (2, 3):
+        return avgpool_op(node, shape[-2:], shape[-2:])
+    kind = reduction_kind(node, dims)
+    params = dict(dims=dims, keepdim=keepdim, mean=mean)
+    if kind == MERGE:
+        params.update(arity=shape[dims[0]])
+    return Op(kind, node, (x,), params)

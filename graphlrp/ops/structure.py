@@ -1,0 +1,114 @@
+"""Ops that only move, copy or select values.
+
+Four common ones have direct descriptions with cheap exact adjoints (RESHAPE, SLICE of basic indexing, constant
+PAD, CAT). Everything else — permute, transpose, chunk/split/unbind/tensor_split and `getitem` on their results,
+stack, expand, repeat, flip, roll, narrow, select, index_select with constant indices, pixel_(un)shuffle, channel
+shuffle, nearest interpolation, reflect/replicate padding, and any op added to PyTorch later — is a MOVE: an op
+with no describer gets one here, its computation captured as a function of its input-dependent tensors. The rule
+(`graphlrp.rules.structure`) evaluates that function at compile time on an index encoding of the inputs, checks
+on random inputs that the op really is a rearrangement, and emits the exact adjoint (each unit's relevance goes
+back where the value came from; copies sum back). No op in this family needs a hand-written rule.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .base import CAT, MOVE, PAD, RESHAPE, SLICE, Op, arg, describes, is_dynamic_tensor, is_tensor, value
+
+
+def _batch_first(*nodes) -> bool:
+    return all(n.meta.get("batch_dim", 0) == 0 for n in nodes)
+
+
+@describes(modules=[nn.Flatten], functions=[torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze],
+           methods=["flatten", "view", "reshape", "squeeze", "unsqueeze", "view_as", "reshape_as"])
+def _reshape(node, traced):
+    x = node.args[0]
+    if not is_dynamic_tensor(x):
+        return None
+    if not _batch_first(x, node) or len(node.meta["shape"]) == 0:
+        return move_op(node, traced)
+    return Op(RESHAPE, node, (x,))
+
+
+def _basic_index(index) -> bool:
+    return all(i is None or i is Ellipsis or isinstance(i, (int, slice)) for i in index)
+
+
+@describes(functions=[operator.getitem])
+def _getitem(node, traced):
+    if not is_tensor(node.args[0]):
+        return None  # an element of a tuple (chunk, split, …): a MOVE through the producer
+    index = value(node.args[1], traced)
+    index = index if isinstance(index, tuple) else (index,)
+    if (_basic_index(index) and _batch_first(node.args[0], node)
+            and (not index or index[0] in (slice(None), Ellipsis))
+            and all(s.step in (None, 1) or s.step > 0 for s in index if isinstance(s, slice))):
+        return Op(SLICE, node, (node.args[0],), dict(index=index))
+    return move_op(node, traced)
+
+
+@describes(functions=[F.pad])
+def _pad(node, traced):
+    pad = tuple(value(arg(node, 1, "pad"), traced))
+    mode = value(arg(node, 2, "mode", "constant"), traced)
+    if mode != "constant" or any(p < 0 for p in pad) or not _batch_first(node.args[0]):
+        return move_op(node, traced)
+    return Op(PAD, node, (node.args[0],), dict(pad=pad))
+
+
+@describes(functions=[torch.cat, torch.concat])
+def _cat(node, traced):
+    tensors = list(node.args[0])
+    dim = value(arg(node, 1, "dim", 0), traced)
+    if not all(is_dynamic_tensor(t) for t in tensors) or not _batch_first(node, *tensors):
+        return move_op(node, traced)
+    return Op(CAT, node, tuple(tensors), dict(dim=dim % len(node.meta["shape"]),
+                                              sizes=[t.meta["shape"][dim] for t in tensors]))
+
+
+def move_op(node: fx.Node, traced) -> Op | None:
+    """A MOVE candidate: the node's computation as a function of its input-dependent tensors (tuples such as
+    `chunk`'s result are inlined, so `getitem(chunk(x), i)` is one move of x). None when nothing input-dependent
+    flows in."""
+    leaves: list = []
+
+    def build(a):
+        if isinstance(a, fx.Node):
+            if is_dynamic_tensor(a):
+                if a not in leaves:
+                    leaves.append(a)
+                i = leaves.index(a)
+                return lambda env: env[i]
+            if a.meta.get("dynamic") and a.op in ("call_function", "call_method", "call_module"):
+                return call(a)  # a tuple of tensors computed from the input
+            v = value(a, traced)
+            if isinstance(v, torch.Tensor) and v.is_floating_point():
+                return lambda env: v.to(env[0].dtype) if env else v
+            return lambda env: v
+        if isinstance(a, (list, tuple)):
+            parts = [build(x) for x in a]
+            return lambda env: type(a)(p(env) for p in parts)
+        if isinstance(a, dict):
+            parts = {k: build(x) for k, x in a.items()}
+            return lambda env: {k: p(env) for k, p in parts.items()}
+        return lambda env: a
+
+    def call(n):
+        args, kwargs = build(tuple(n.args)), build(dict(n.kwargs))
+        if n.op == "call_function":
+            return lambda env: n.target(*args(env), **kwargs(env))
+        if n.op == "call_method":
+            return lambda env: (lambda a: getattr(a[0], n.target)(*a[1:], **kwargs(env)))(args(env))
+        module = traced.module(n)
+        return lambda env: module(*args(env), **kwargs(env))
+
+    fn = call(node)
+    if not leaves:
+        return None
+    return Op(MOVE, node, tuple(leaves), dict(fn=fn))

@@ -1,0 +1,145 @@
+"""Rules for conv and linear layers (Zennit's rule pattern: input, weight and bias modifiers)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .. import ops
+from ..derived import derive
+from ..errors import PresetError, UnsupportedOpError
+from ..trace import describe_node
+from .base import AFFINE, Term, affine_rule, bias_mode, negative, positive, rule, stabilize, _input, _signed_parts  # noqa: F401
+
+
+# ------------------------------------------------------------------------------------------ affine rules
+@rule("epsilon", AFFINE)
+def epsilon_rule(ctx, epsilon=1e-6, stabilizer="signed", bias="keep", input="activation"):
+    """ε-rule: z = layer(a; W, b), R_in = a ⊙ layerᵀ(R / (z + ε·sign z)); reuses the forward output."""
+    a = _input(ctx, input)
+    if a is ctx.a and bias == "keep" and ctx.forward_output is not None:
+        s = ctx.call(torch.div, ctx.R, stabilize(ctx, ctx.forward_output, epsilon, stabilizer))
+        return [ctx.call(torch.mul, a, ctx.affine_transpose(s, ctx.weight))]
+    return affine_rule(ctx, [[Term(a, ctx.weight, bias_mode(ctx.bias, bias))]], epsilon, stabilizer)
+
+
+@rule("zero", AFFINE)
+def zero_rule(ctx, bias="keep", input="activation"):
+    """LRP-0: the ε-rule with ε = 0 (unstable where z = 0; for comparisons only)."""
+    return epsilon_rule(ctx, epsilon=0.0, bias=bias, input=input)
+
+
+@rule("zplus", AFFINE)
+def zplus_rule(ctx, epsilon=1e-6, stabilizer="signed", bias="positive", input="activation", dead_units="drop"):
+    """z⁺: positive weights on positive inputs (and negative on negative); bias 'positive', 'keep' or 'zero'.
+    dead_units='spread': where no input contributes positively (z⁺ ≤ ε) relevance is not dropped but spread in
+    proportion to W⁺, as if the inputs were ones (uniformly where W⁺ is zero too); every other unit divides by z⁺
+    itself, not z⁺ + ε. This closes z⁺'s leaks: relevance is conserved to float precision."""
+    a = _input(ctx, input)
+    terms = _signed_parts(ctx, a, ctx.weight, ctx.bias, bias, "zero")
+    if dead_units == "drop":
+        return affine_rule(ctx, [terms], epsilon, stabilizer)
+    if dead_units != "spread":
+        raise PresetError(f"dead_units must be 'drop' or 'spread', got {dead_units!r}")
+    z = None
+    for t in terms:
+        zk = ctx.affine(t.input, t.weight, t.bias)
+        z = zk if z is None else ctx.call(torch.add, z, zk)
+    dead = ctx.call(torch.le, z, float(epsilon))
+    live = ctx.call(torch.where, dead, 0.0, ctx.call(torch.div, ctx.R, ctx.call(torch.where, dead, 1.0, z)))
+    total = None
+    for t in terms:
+        back = ctx.affine_transpose(live, t.weight)
+        if not isinstance(t.input, str):
+            back = ctx.call(torch.mul, t.input, back)
+        total = back if total is None else ctx.call(torch.add, total, back)
+    w_pos = positive(ctx.weight)
+    with torch.no_grad():
+        z_ones = ctx.affine_value("ones", w_pos, None)
+    inverse = torch.where(z_ones > 0, 1.0 / z_ones.clamp_min(1e-30), torch.zeros_like(z_ones))
+    spread = ctx.call(torch.where, dead, ctx.call(torch.mul, ctx.R, inverse), 0.0)
+    total = ctx.call(torch.add, total, ctx.affine_transpose(spread, w_pos))
+    if bool((z_ones <= 0).any()):
+        # units whose receptive field holds no positive weight at all (e.g. a border position of a first-layer
+        # filter whose positive taps all fall on the padding): spread uniformly over the receptive field (flat)
+        ones_w = torch.ones_like(ctx.weight)
+        with torch.no_grad():
+            count = ctx.affine_value("ones", ones_w, None)
+        flat_inverse = torch.where((z_ones <= 0) & (count > 0), 1.0 / count.clamp_min(1e-30), torch.zeros_like(count))
+        flat = ctx.call(torch.where, dead, ctx.call(torch.mul, ctx.R, flat_inverse), 0.0)
+        total = ctx.call(torch.add, total, ctx.affine_transpose(flat, ones_w))
+    return [total]
+
+
+@rule("alpha_beta", AFFINE)
+def alpha_beta_rule(ctx, alpha=2.0, beta=1.0, epsilon=1e-6, stabilizer="signed"):
+    """αβ: α·(positive contributions) − β·(negative contributions), each normalised on its own; α − β = 1."""
+    if alpha < 0 or beta < 0 or abs(alpha - beta - 1) > 1e-9:
+        raise PresetError(f"alpha_beta needs alpha, beta >= 0 and alpha - beta = 1 (got {alpha}, {beta})")
+    a = ctx.a
+    if ctx.nonnegative:
+        pos = [Term(a, positive(ctx.weight), bias_mode(ctx.bias, "positive"), alpha)]
+        neg = [Term(a, negative(ctx.weight), bias_mode(ctx.bias, "negative"), -beta)]
+    else:
+        a_pos, a_neg = ctx.call(torch.clamp, a, min=0), ctx.call(torch.clamp, a, max=0)
+        pos = [Term(a_pos, positive(ctx.weight), bias_mode(ctx.bias, "positive"), alpha),
+               Term(a_neg, negative(ctx.weight), None, alpha)]
+        neg = [Term(a_pos, negative(ctx.weight), bias_mode(ctx.bias, "negative"), -beta),
+               Term(a_neg, positive(ctx.weight), None, -beta)]
+    groups = [pos] + ([neg] if beta else [])
+    return affine_rule(ctx, groups, epsilon, stabilizer)
+
+
+@rule("gamma", AFFINE)
+def gamma_rule(ctx, gamma=0.25, epsilon=1e-6, stabilizer="signed"):
+    """γ: W + γW⁺ where the output is positive, W + γW⁻ where it is negative (generalised to signed inputs)."""
+    w, b, a = ctx.weight, ctx.bias, ctx.a
+    up = lambda t: derive(torch.add, t, derive(torch.mul, positive(t), gamma))  # noqa: E731  t + γ t⁺
+    down = lambda t: derive(torch.add, t, derive(torch.mul, negative(t), gamma))  # noqa: E731  t + γ t⁻
+    z = ctx.forward_output if ctx.forward_output is not None else ctx.affine(a, w, b)
+    pos_mask = ctx.call(torch.gt, z, 0.0)
+    neg_mask = ctx.call(torch.lt, z, 0.0)
+    b_up = None if b is None else up(b)
+    b_down = None if b is None else down(b)
+    if ctx.nonnegative:
+        groups = [[Term(a, up(w), b_up)], [Term(a, down(w), b_down)]]
+    else:
+        a_pos, a_neg = ctx.call(torch.clamp, a, min=0), ctx.call(torch.clamp, a, max=0)
+        groups = [[Term(a_pos, up(w), b_up), Term(a_neg, down(w), None)],
+                  [Term(a_pos, down(w), b_down), Term(a_neg, up(w), None)]]
+    masks = [ctx.call(torch.Tensor.to, pos_mask, torch.float32), ctx.call(torch.Tensor.to, neg_mask, torch.float32)]
+    return affine_rule(ctx, groups, epsilon, stabilizer, masks)
+
+
+@rule("flat", AFFINE)
+def flat_rule(ctx, epsilon=1e-6, stabilizer="signed"):
+    """flat: inputs and weights set to one, no bias — relevance spread uniformly over each receptive field."""
+    return affine_rule(ctx, [[Term("ones", torch.ones_like(ctx.weight), None)]], epsilon, stabilizer)
+
+
+@rule("wsquare", AFFINE)
+def wsquare_rule(ctx, epsilon=1e-6, stabilizer="signed", bias="keep"):
+    """w²: inputs set to one, weights squared (and bias squared unless 'zero')."""
+    b = None if ctx.bias is None or bias == "zero" else ctx.bias ** 2
+    return affine_rule(ctx, [[Term("ones", ctx.weight ** 2, b)]], epsilon, stabilizer)
+
+
+@rule("zbox", AFFINE)
+def zbox_rule(ctx, low=None, high=None, epsilon=1e-6, stabilizer="signed"):
+    """zB: for inputs bounded by [low, high] (per channel); defaults: the normalised range of [0, 1] pixels."""
+    low = ctx.box_bound(low, "low")
+    high = ctx.box_bound(high, "high")
+    w, b = ctx.weight, ctx.bias
+    terms = [Term(ctx.a, w, b), Term(ctx.const_input(low), positive(w), bias_mode(b, "positive"), -1.0),
+             Term(ctx.const_input(high), negative(w), bias_mode(b, "negative"), -1.0)]
+    z = None
+    for t in terms:
+        zk = ctx.affine(t.input, t.weight, t.bias)
+        z = zk if z is None else ctx.call(torch.sub, z, zk)
+    s = ctx.call(torch.div, ctx.R, stabilize(ctx, z, epsilon, stabilizer))
+    out = None
+    for t in terms:
+        back = ctx.call(torch.mul, t.input, ctx.affine_transpose(s, t.weight))
+        out = back if out is None else ctx.call(torch.sub, out, back)
+    return [out]
+
+

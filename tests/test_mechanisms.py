@@ -1,0 +1,405 @@
+"""The general mechanisms behind the wider CNN zoo, each against an independent reference:
+
+* tracing with known sizes (control flow over sizes, extra forward arguments that default to None);
+* ops off the relevance path never stop compilation;
+* structural ops: the derived adjoint equals autograd's vector-Jacobian product of the op (exact for a 0/1 map),
+  in the compiled explainer too, at batch 1 and 2;
+* n-ary merges (add chains, stack-sum) split by ratio / symmetric / signed as the formulas say;
+* gates: a model whose gate is replaced by its value as a constant gets the same relevance;
+* adaptive average pooling with unequal windows: the z-rule through the exact windows, against autograd;
+* parameter-only subgraphs (weight standardisation) are evaluated at compile time;
+* odd models raise graphlrp's own errors only;
+* one ONNX export per mechanism with onnxruntime parity.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import graphlrp
+from graphlrp.errors import GraphLRPError, TraceError, UnsupportedOpError
+
+LOGIT = {"output": "logit", "split": "ratio", "rules": {"conv": "zplus", "linear": "zplus"}}
+
+
+def rel_diff(a, b) -> float:
+    a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+# ------------------------------------------------------------------ tracing with known sizes
+class SamePad(nn.Module):
+    """timm-style 'same' padding: Python control flow over the input size, and an extra forward argument."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, stride=2)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x, mask=None, scale: float = 1.0):
+        h, w = x.shape[-2:]
+        pad_h = max((-(h // -2) - 1) * 2 + 3 - h, 0)
+        pad_w = max((-(w // -2) - 1) * 2 + 3 - w, 0)
+        if pad_h > 0 or pad_w > 0:
+            x = F.pad(x, [pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2])
+        y = F.relu(self.conv(x))
+        if mask is not None:
+            y = y * mask
+        n = y.size(0)
+        return self.fc(y.mean((2, 3)).view(n, -1)) * scale
+
+
+@pytest.mark.parametrize("size", [9, 10])
+def test_control_flow_over_sizes_and_default_arguments_trace(size):
+    torch.manual_seed(0)
+    model = SamePad().eval()
+    x = torch.randn(3, 3, size, size)
+    explainer = graphlrp.compile(model, x[:1], rules="otsuki2024-conserving")
+    logits, rel = explainer(x)  # a batch of 3 from a batch-1 compile: the batch size stayed dynamic
+    with torch.no_grad():
+        assert rel_diff(logits, model(x)) < 1e-6
+    ratio = rel.flatten(1).sum(1) / logits.softmax(-1).max(-1).values
+    assert ((ratio - 1).abs() < 1e-3).all()
+
+
+# ------------------------------------------------------------------ structural ops: adjoint = autograd VJP
+def _shuffle(y):
+    n, c, h, w = y.shape
+    return y.view(n, 2, c // 2, h, w).transpose(1, 2).reshape(n, c, h, w)
+
+
+STRUCTURAL = {
+    "permute": lambda y: y.permute(0, 2, 3, 1),
+    "transpose": lambda y: y.transpose(1, 3),
+    "flip": lambda y: torch.flip(y, (2, 3)),
+    "roll": lambda y: torch.roll(y, (1, -2), (2, 3)),
+    "repeat": lambda y: y.repeat(1, 2, 1, 1),
+    "expand": lambda y: y[:, :1].expand(-1, 3, -1, -1),
+    "pixel_shuffle": lambda y: F.pixel_shuffle(y, 2),
+    "pixel_unshuffle": lambda y: F.pixel_unshuffle(y, 2),
+    "nearest": lambda y: F.interpolate(y, scale_factor=2, mode="nearest"),
+    "chunk_getitem": lambda y: torch.chunk(y, 2, 1)[1],
+    "split_cat": lambda y: torch.cat(torch.split(y, [1, 3], 1)[::-1], 1),
+    "unbind_stack": lambda y: torch.stack(y.unbind(1)[::-1], 2),
+    "tensor_split": lambda y: torch.tensor_split(y, 3, dim=3)[2],
+    "narrow": lambda y: y.narrow(2, 1, 3),
+    "select": lambda y: y.select(1, 2),
+    "index_select": lambda y: y.index_select(1, torch.tensor([3, 0, 0, 2])),
+    "reflect_pad": lambda y: F.pad(y, (2, 1, 1, 2), mode="reflect"),
+    "replicate_pad": lambda y: F.pad(y, (1, 1, 0, 2), mode="replicate"),
+    "crop": lambda y: F.pad(y, (-1, 0, 0, -2)),
+    "channel_shuffle": _shuffle,
+    "fancy_index": lambda y: y[:, [2, 0], 1:, ::2],
+}
+
+
+class StructuralHead(nn.Module):
+    """The structural op's values are the logits: with output relevance "logit", the input relevance is
+    Jᵀ(e_t · logit_t) — autograd's vector-Jacobian product of the op."""
+
+    def __init__(self, op):
+        super().__init__()
+        self.op = op
+
+    def forward(self, x):
+        return self.op(x).flatten(1)
+
+
+@pytest.mark.parametrize("name", sorted(STRUCTURAL))
+def test_structural_adjoint_matches_autograd(name):
+    from graphlrp.ops import MOVE, describe
+    from graphlrp.rules import move_map
+    from graphlrp.trace import trace
+
+    torch.manual_seed(0)
+    op, head = STRUCTURAL[name], StructuralHead(STRUCTURAL[name]).eval()
+    # the map derived at compile time, applied to a random R, is autograd's VJP
+    y = torch.randn(1, 4, 6, 6, dtype=torch.float64, requires_grad=True)
+    out = op(y)
+    r = torch.randn_like(out)
+    (vjp,) = torch.autograd.grad(out, y, r)
+    traced = trace(head, torch.randn(1, 4, 6, 6))
+    moves = [o for n in traced.graph.nodes if (o := describe(n, traced)) is not None and o.kind == MOVE]
+    if len(moves) == 1 and moves[0].inputs[0].op == "placeholder" and tuple(moves[0].out_shape) == tuple(out.shape):
+        ((source, target),) = move_map(moves[0])
+        back = torch.zeros(y.numel(), dtype=torch.float64).index_add_(0, source, r.flatten()[target])
+        assert torch.equal(back.view_as(y), vjp)
+    # end to end, in the compiled explainer: first and last target, a batch of 2
+    x = torch.randn(2, 4, 6, 6)
+    explainer = graphlrp.compile(head, x[:1], rules=LOGIT)
+    targets = [0, out[0].numel() - 1]
+    logits, rel = explainer(x, torch.tensor(targets))
+    with torch.no_grad():
+        assert torch.equal(logits, head(x))
+    for i, t in enumerate(targets):
+        xi = x[i:i + 1].double().requires_grad_(True)
+        oi = op(xi).flatten(1)
+        (g,) = torch.autograd.grad(oi[0, t], xi)
+        assert rel_diff(rel[i], g[0] * oi[0, t].detach()) < 1e-6  # Jᵀ(e_t · logit_t)
+
+
+def test_an_op_that_is_not_a_rearrangement_is_named():
+    class Sort(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 1)
+
+        def forward(self, x):
+            return torch.cumsum(self.conv(x), 3).mean((2, 3))
+
+    with pytest.raises(UnsupportedOpError, match="cumsum"):
+        graphlrp.compile(Sort().eval(), torch.randn(1, 3, 6, 6))
+
+
+# ------------------------------------------------------------------ n-ary merges
+class Branches(nn.Module):
+    """logits = a(x) + b(x) + c(x), or the same three stacked and summed: the merge sits at the output."""
+
+    def __init__(self, spelling):
+        super().__init__()
+        self.spelling = spelling
+        self.a, self.b, self.c = nn.Linear(6, 4), nn.Linear(6, 4), nn.Linear(6, 4)
+
+    def forward(self, x):
+        x = x.flatten(1)
+        h = [self.a(x), self.b(x), self.c(x)]
+        if self.spelling == "chain":
+            return h[0] + h[1] + h[2]
+        if self.spelling == "sum_stack":
+            return torch.stack(h, 1).sum(1)
+        return torch.stack(h).sum(0)
+
+    def terms(self, x):
+        x = x.flatten(1)
+        return [self.a(x), self.b(x), self.c(x)]
+
+
+@pytest.mark.parametrize("spelling", ["chain", "sum_stack", "stack_sum"])
+@pytest.mark.parametrize("split", ["ratio", "symmetric", "signed"])
+def test_n_ary_merge_splits(spelling, split):
+    torch.manual_seed(1)
+    model = Branches(spelling).eval()
+    x = torch.randn(2, 6, 1, 1)
+    explainer = graphlrp.compile(model, x[:1], rules={**LOGIT, "split": split})
+    (merge,) = explainer.merges
+    assert merge.arity == 3
+    assert merge.kind == ("add" if spelling == "chain" else "sum")
+    logits, _, taps = explainer.explain_with_taps(x)
+    with torch.no_grad():
+        h = torch.stack(model.terms(x)).double()  # [3, N, K]
+    t = logits.argmax(-1)
+    ht = h[:, torch.arange(2), t]  # [3, N]: the terms of the target logit
+    R = logits.double()[torch.arange(2), t]
+    if split == "ratio":
+        expected = R * ht.abs() / ht.abs().sum(0)
+    elif split == "symmetric":
+        expected = R.expand(3, -1) / 3
+    else:
+        expected = R * ht / (ht.sum(0) + 1e-6 * torch.where(ht.sum(0) >= 0, 1.0, -1.0))
+    for i in range(3):
+        assert rel_diff(taps[f"merge:{merge.node}.R_{i}"], expected[i]) < 1e-5
+    total = sum(taps[f"merge:{merge.node}.R_{i}"] for i in range(3))
+    assert torch.allclose(total, taps[f"merge:{merge.node}.R"], rtol=1e-6, atol=1e-7)
+
+
+# ------------------------------------------------------------------ gates
+class Gated(nn.Module):
+    def __init__(self, gate: str, constant=None):
+        super().__init__()
+        self.kind, self.constant = gate, constant
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.g = nn.Conv2d(8, 8, 1)
+        self.s = nn.Conv2d(2, 1, 3, padding=1)
+        self.fc = nn.Linear(8, 5)
+
+    def gate(self, y):
+        if self.constant is not None:
+            return self.constant
+        if self.kind == "se":
+            return torch.sigmoid(self.g(y.mean((2, 3), keepdim=True)))
+        if self.kind == "hard":
+            return F.hardsigmoid(self.g(y.mean((2, 3), keepdim=True)))
+        if self.kind == "eca":  # gate expanded to the full shape before the product
+            return torch.sigmoid(self.g(y.mean((2, 3), keepdim=True))).expand_as(y)
+        if self.kind == "cbam":
+            return torch.sigmoid(self.s(torch.cat([y.mean(1, keepdim=True), y.amax(1, keepdim=True)], 1)))
+        if self.kind == "swish":  # same shape, x * sigmoid(x)
+            return torch.sigmoid(y)
+        return self.g(y).softmax(1)
+
+    def forward(self, x):
+        y = F.relu(self.conv(x))
+        return self.fc((y * self.gate(y)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("kind", ["se", "hard", "eca", "cbam", "swish", "softmax"])
+def test_gate_relevance_equals_gate_held_constant(kind):
+    torch.manual_seed(0)
+    model = Gated(kind).eval()
+    x = torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        g = model.gate(F.relu(model.conv(x)))
+    frozen = Gated(kind, constant=g).eval()
+    frozen.load_state_dict(model.state_dict())
+    _, rel = graphlrp.compile(model, x, rules="otsuki2024-conserving")(x)
+    _, rel_frozen = graphlrp.compile(frozen, x, rules="otsuki2024-conserving")(x)
+    assert rel_diff(rel, rel_frozen) < 1e-5
+
+
+def test_product_of_two_signals_is_a_clear_error():
+    class Product(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.fc = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 4, 1), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc((self.a(x) * self.b(x)).mean((2, 3)))
+
+    with pytest.raises(UnsupportedOpError, match="product of two input-dependent tensors"):
+        graphlrp.compile(Product().eval(), torch.randn(1, 3, 4, 4))
+
+
+# ------------------------------------------------------------------ adaptive pooling with unequal windows
+class Adaptive(nn.Module):
+    def __init__(self, out):
+        super().__init__()
+        self.conv, self.pool = nn.Conv2d(3, 2, 1), nn.AdaptiveAvgPool2d(out)
+
+    def forward(self, x):
+        return self.pool(F.relu(self.conv(x))).flatten(1)
+
+
+@pytest.mark.parametrize("size,out", [(5, 3), (2, 3), (7, (2, 5))])
+def test_adaptive_pool_unequal_windows_is_the_z_rule(size, out):
+    torch.manual_seed(0)
+    model = Adaptive(out).eval()
+    x = torch.randn(2, 3, size, size)
+    rules = {**LOGIT, "rules": {"first_layer": "pass", "avgpool": {"rule": "z", "epsilon": 0.0}}}
+    explainer = graphlrp.compile(model, x[:1], rules=rules)
+    logits, rel = explainer(x)
+    for i in range(2):
+        a = F.relu(model.conv(x[i:i + 1])).detach().double().requires_grad_(True)
+        z = model.pool(a).flatten(1)
+        t = int(logits[i].argmax())
+        (g,) = torch.autograd.grad(z[0, t], a)
+        expected = a * g  # z-rule: R_in = a ⊙ Pᵀ(R / z) with R = z_t on the target cell
+        assert rel_diff(rel[i].sum(0), expected[0].sum(0).detach()) < 1e-5
+
+
+# ------------------------------------------------------------------ parameter-only subgraphs
+class StdConv(nn.Conv2d):
+    """Weight standardisation as timm's StdConv2d writes it: a batch norm over the weight."""
+
+    def forward(self, x):
+        w = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None, training=True, momentum=0.0,
+                         eps=1e-6).reshape_as(self.weight)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding)
+
+
+def test_weight_standardisation_is_evaluated_at_compile_time():
+    torch.manual_seed(0)
+    model = nn.Sequential(StdConv(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(4, 3)).eval()
+    x = torch.randn(2, 3, 6, 6)
+    explainer = graphlrp.compile(model, x[:1], rules="otsuki2024-conserving")
+    logits, rel = explainer(x)
+    with torch.no_grad():
+        assert rel_diff(logits, model(x)) < 1e-6
+    assert "batch_norm" not in explainer.code.split("softmax")[-1]  # the relevance pass uses the evaluated weight
+
+
+# ------------------------------------------------------------------ odd models: graphlrp's errors only
+class DataDependent(nn.Module):
+    def forward(self, x):
+        return x.flatten(1) if x.sum() > 0 else -x.flatten(1)
+
+
+class TwoInputs(nn.Module):
+    def forward(self, x, y):
+        return (x + y).flatten(1)
+
+
+class Tuple(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(12, 2)
+
+    def forward(self, x):
+        return self.fc(x.flatten(1)), x
+
+
+class Broken(nn.Module):
+    def forward(self, x):
+        return x.view(5, -1)
+
+
+class Bilinear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(48, 2)
+
+    def forward(self, x):
+        return self.fc(F.interpolate(x, scale_factor=2, mode="bilinear").flatten(1))
+
+
+class BatchMix(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(12, 2)
+
+    def forward(self, x):
+        return self.fc(x.flatten(1)) - self.fc(x.flatten(1)).mean(0, keepdim=True) * 0 + x.sum()
+
+
+@pytest.mark.parametrize("model,error", [
+    (DataDependent(), TraceError), (TwoInputs(), TraceError), (Tuple(), TraceError), (Broken(), TraceError),
+    (Bilinear(), UnsupportedOpError), (BatchMix(), GraphLRPError), ("not a model", TraceError)])
+def test_odd_models_raise_graphlrp_errors(model, error):
+    with pytest.raises(error):
+        graphlrp.compile(model, torch.randn(1, 3, 2, 2))
+
+
+# ------------------------------------------------------------------ ONNX export per mechanism
+class Mechanisms(nn.Module):
+    """One model with every new mechanism on the relevance path: a structural move (channel shuffle, permute,
+    nearest upsampling, reflect pad), an n-ary merge and a branch-dim sum, gates, LayerNorm / GroupNorm, a
+    channel reduction, an adaptive pool with unequal windows."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.a, self.b = nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.Conv2d(8, 8, 1)
+        self.ln, self.gn = nn.LayerNorm(8), nn.GroupNorm(2, 8)
+        self.g = nn.Conv2d(8, 8, 1)
+        self.fc = nn.Linear(8 * 9 + 9, 4)
+
+    def forward(self, x):
+        y = F.relu(self.stem(x))
+        n, c, h, w = y.shape
+        s = y.view(n, 2, c // 2, h, w).transpose(1, 2).reshape(n, c, h, w)
+        up = F.interpolate(F.relu(self.a(F.pad(s, (1, 1, 1, 1), mode="reflect")))[..., :h // 2, :w // 2],
+                           scale_factor=2, mode="nearest")
+        z = y + self.gn(self.b(s)) + up
+        z = z + self.ln(z.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        z = torch.stack([z, z * torch.sigmoid(self.g(z.mean((2, 3), keepdim=True)))]).sum(0)
+        pooled = F.adaptive_avg_pool2d(z, 3)
+        return self.fc(torch.cat([pooled.flatten(1), pooled.sum(1).flatten(1)], 1))
+
+
+def test_mechanisms_export_to_onnx_with_parity(tmp_path):
+    pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    model = Mechanisms().eval()
+    x = torch.randn(2, 3, 8, 8)
+    explainer = graphlrp.compile(model, x[:1], rules="otsuki2024-conserving")
+    logits, rel = explainer(x)
+    with torch.no_grad():
+        assert rel_diff(logits, model(x)) < 1e-5
+    ratio = rel.flatten(1).sum(1) / logits.softmax(-1).max(-1).values
+    assert ((ratio - 1).abs() < 1e-3).all()
+    kinds = sorted(m.kind for m in explainer.merges)
+    assert kinds == ["add", "add", "sum"] and max(m.arity for m in explainer.merges) == 3
+    report = explainer.export_onnx(tmp_path / "m.onnx")
+    assert report.max_rel_diff <= 1e-4
