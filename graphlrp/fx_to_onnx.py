@@ -890,3 +890,279 @@ def _adaptive_avg(g, x, output_size):
 @converts(nn.AdaptiveAvgPool2d)
 def _adaptive_avg_module(g, m, x):
     return _adaptive_avg(g, x, m.output_size)
+
+
+# ------------------------------------------------------------------------------------------ CNN zoo and transformers
+# Forward ops of the wider model zoo (timm/torchvision CNNs, vision transformers) and the structural ops their
+# relevance passes use. Each converter is checked against PyTorch in tests/test_fx_to_onnx.py.
+@converts(torch.chunk, "chunk")
+def _chunk(g, x, chunks, dim=0):
+    dim = dim % x.rank
+    size = x.shape[dim]
+    step = -(-size // chunks)  # torch.chunk: equal pieces of ceil(size / chunks), the last one smaller
+    sizes = [min(step, size - s) for s in range(0, size, step)]
+    return g.op("Split", [x, g.ints(sizes)], outputs=len(sizes), axis=dim) if len(sizes) > 1 else (x,)
+
+
+@converts(torch.unbind, "unbind")
+def _unbind(g, x, dim=0):
+    dim = dim % x.rank
+    parts = g.op("Split", [x, g.ints([1] * x.shape[dim])], outputs=x.shape[dim], axis=dim)
+    parts = parts if isinstance(parts, list) else [parts]
+    return tuple(g.op("Squeeze", [p, g.ints([dim])]) for p in parts)
+
+
+@converts(_torch("tensor_split"), "tensor_split")
+def _tensor_split(g, x, indices_or_sections, dim=0):
+    dim = dim % x.rank
+    size = x.shape[dim]
+    if isinstance(indices_or_sections, int):
+        n = indices_or_sections
+        sizes = [size // n + (1 if i < size % n else 0) for i in range(n)]
+    else:
+        bounds = [0] + [min(max(int(i), 0), size) for i in indices_or_sections] + [size]
+        sizes = [b - a for a, b in zip(bounds, bounds[1:])]
+    if any(s == 0 for s in sizes):
+        raise ExportError("tensor_split with an empty piece")
+    return g.op("Split", [x, g.ints(sizes)], outputs=len(sizes), axis=dim) if len(sizes) > 1 else (x,)
+
+
+@converts(torch.movedim, "movedim", _torch("moveaxis"), "moveaxis")
+def _movedim(g, x, source, destination):
+    src = [s % x.rank for s in (source if isinstance(source, (tuple, list)) else (source,))]
+    dst = [d % x.rank for d in (destination if isinstance(destination, (tuple, list)) else (destination,))]
+    rest = [d for d in range(x.rank) if d not in src]
+    perm = [None] * x.rank
+    for s, d in zip(src, dst):
+        perm[d] = s
+    it = iter(rest)
+    perm = [p if p is not None else next(it) for p in perm]
+    return g.op("Transpose", [x], perm=perm)
+
+
+@converts("expand_as", torch.Tensor.expand_as)
+def _expand_as(g, x, other):
+    return _expand(g, x, *(list(other.shape) if isinstance(other, Value) else list(other.shape)))
+
+
+@converts("repeat")
+def _repeat(g, x, *repeats):
+    repeats = repeats[0] if len(repeats) == 1 and isinstance(repeats[0], (tuple, list)) else repeats
+    repeats = [int(r) for r in repeats]
+    if len(repeats) > x.rank:
+        x = g.op("Reshape", [x, g.ints([1] * (len(repeats) - x.rank) + list(x.shape))])
+    return g.op("Tile", [x, g.ints(repeats)])
+
+
+@converts(torch.roll, "roll")
+def _roll(g, x, shifts, dims=None):
+    if dims is None:
+        raise ExportError("roll over the flattened tensor")
+    shifts = shifts if isinstance(shifts, (tuple, list)) else (shifts,)
+    dims = dims if isinstance(dims, (tuple, list)) else (dims,)
+    out = x
+    for s, d in zip(shifts, dims):
+        d = d % x.rank
+        size = x.shape[d]
+        s = int(s) % size
+        if s == 0:
+            continue
+        tail = g.op("Slice", [out, g.ints([size - s]), g.ints([size]), g.ints([d])])
+        head = g.op("Slice", [out, g.ints([0]), g.ints([size - s]), g.ints([d])])
+        out = g.op("Concat", [tail, head], axis=d)
+    return out
+
+
+@converts(torch.select, "select")
+def _select(g, x, dim, index):
+    dim = dim % x.rank
+    i = int(index) % x.shape[dim]
+    return g.op("Squeeze", [g.op("Slice", [x, g.ints([i]), g.ints([i + 1]), g.ints([dim])]), g.ints([dim])])
+
+
+@converts(F.pixel_shuffle, nn.PixelShuffle)
+def _pixel_shuffle(g, *args):
+    x = _input_of(args)
+    r = args[0].upscale_factor if isinstance(args[0], nn.Module) else args[1]
+    return g.op("DepthToSpace", [x], blocksize=int(r), mode="CRD")
+
+
+@converts(F.pixel_unshuffle, nn.PixelUnshuffle)
+def _pixel_unshuffle(g, *args):
+    x = _input_of(args)
+    r = args[0].downscale_factor if isinstance(args[0], nn.Module) else args[1]
+    return g.op("SpaceToDepth", [x], blocksize=int(r))
+
+
+@converts(F.interpolate, nn.Upsample)
+def _interpolate(g, *args, **kwargs):
+    """Nearest and (bi)linear resizing to the output size of the example run."""
+    module = args[0] if isinstance(args[0], nn.Module) else None
+    x = _input_of(args)
+    mode = module.mode if module is not None else kwargs.get("mode", args[4] if len(args) > 4 else "nearest")
+    align = module.align_corners if module is not None else kwargs.get("align_corners")
+    if mode not in ("nearest", "bilinear", "linear"):
+        raise ExportError(f"interpolation mode {mode!r}")
+    if kwargs.get("antialias"):
+        raise ExportError("antialiased interpolation")
+    scales = [float(o) / float(i) for o, i in zip(g.out_shape, x.shape)]
+    if mode == "nearest":
+        # PyTorch's nearest: src = floor(dst * in / out) -> ONNX asymmetric + floor
+        attrs = dict(mode="nearest", coordinate_transformation_mode="asymmetric", nearest_mode="floor")
+    else:
+        attrs = dict(mode="linear", coordinate_transformation_mode="align_corners" if align else "half_pixel")
+    return g.op("Resize", [x, "", g.tensor(torch.tensor(scales, dtype=torch.float32), "scales")], **attrs)
+
+
+@converts(torch.nn.modules.padding.ConstantPad2d, nn.ZeroPad2d, nn.ReflectionPad2d, nn.ReplicationPad2d)
+def _pad_module(g, m, x):
+    mode = {nn.ReflectionPad2d: "reflect", nn.ReplicationPad2d: "replicate"}.get(type(m), "constant")
+    return _pad_any(g, x, m.padding, mode, getattr(m, "value", 0.0))
+
+
+def _pad_any(g, x, pad, mode="constant", value=None):
+    pad = list(pad) if isinstance(pad, (tuple, list)) else [pad] * 4
+    begins, ends = [0] * x.rank, [0] * x.rank
+    for i in range(len(pad) // 2):
+        d = x.rank - 1 - i
+        begins[d], ends[d] = pad[2 * i], pad[2 * i + 1]
+    onnx_mode = {"constant": "constant", "reflect": "reflect", "replicate": "edge", "circular": "wrap"}.get(mode)
+    if onnx_mode is None or (onnx_mode == "wrap" and g.opset < 19):
+        raise ExportError(f"padding mode {mode!r}")
+    if any(p < 0 for p in pad):
+        return g.op("Slice", [x, g.ints([-min(b, 0) for b in begins]),
+                              g.ints([s + min(e, 0) for s, e in zip(x.shape, ends)]), g.ints(list(range(x.rank)))]) \
+            if all(p <= 0 for p in pad) else _pad_any(g, _pad_any(g, x, [min(p, 0) for p in pad]),
+                                                      [max(p, 0) for p in pad], mode, value)
+    inputs = [x, g.ints(begins + ends)]
+    if onnx_mode == "constant":
+        inputs.append(g.scalar(float(value or 0), x.dtype))
+    return g.op("Pad", inputs, mode=onnx_mode)
+
+
+converts(F.pad)(_pad_any)
+
+
+def _hardsigmoid(g, *args, **kwargs):
+    return g.op("HardSigmoid", [_input_of(args)], alpha=1 / 6, beta=0.5)
+
+
+converts(F.hardsigmoid, nn.Hardsigmoid)(_hardsigmoid)
+
+
+def _stochastic_depth(g, x, *args, **kwargs):
+    """torchvision's stochastic depth in eval mode: the identity (the explainer always runs in eval mode)."""
+    training = kwargs.get("training", args[2] if len(args) > 2 else False)
+    if training:
+        raise ExportError("stochastic depth in training mode")
+    return x
+
+
+try:
+    from torchvision.ops import StochasticDepth, stochastic_depth
+
+    converts(stochastic_depth)(_stochastic_depth)
+    converts(StochasticDepth)(lambda g, m, x: x)
+except ImportError:  # torchvision is optional for the lowering
+    pass
+
+
+def _layer_norm(g, x, normalized_shape, weight=None, bias=None, eps=1e-5):
+    axis = x.rank - len(normalized_shape)
+    n = int(np.prod(list(normalized_shape)))
+    weight = weight if weight is not None else constant(torch.ones(*normalized_shape), "ln_weight")
+    inputs = [x, weight] + ([bias] if bias is not None else [])
+    if n == 0:
+        raise ExportError("layer norm over an empty shape")
+    return g.op("LayerNormalization", inputs, axis=axis, epsilon=float(eps))
+
+
+converts(F.layer_norm, _torch("layer_norm"))(_layer_norm)
+
+
+@converts(nn.LayerNorm)
+def _layer_norm_module(g, m, x):
+    c = lambda t, part: None if t is None else constant(t, f"{g.scope}.{part}")  # noqa: E731
+    return _layer_norm(g, x, m.normalized_shape, c(m.weight, "weight"), c(m.bias, "bias"), m.eps)
+
+
+def _group_norm(g, x, num_groups, weight=None, bias=None, eps=1e-5):
+    """(x - mean) / sqrt(var + eps) per sample and group, then the per-channel affine part."""
+    n, c = x.shape[0], x.shape[1]
+    grouped = g.op("Reshape", [x, g.ints([0, int(num_groups), -1])])
+    mean = g.reduce("ReduceMean", Value(grouped, (n, num_groups, -1), x.dtype, x.batched), [2], True)
+    centred = g.op("Sub", [grouped, mean])
+    var = g.reduce("ReduceMean", Value(g.op("Mul", [centred, centred]), (n, num_groups, -1), x.dtype, x.batched),
+                   [2], True)
+    normed = g.op("Div", [centred, g.op("Sqrt", [g.op("Add", [var, g.scalar(float(eps), x.dtype)])])])
+    out = g.op("Reshape", [normed, g.shape_target(x, x.shape)])
+    shape = [c] + [1] * (x.rank - 2)
+    if weight is not None:
+        out = g.op("Mul", [out, g.op("Reshape", [weight, g.ints(shape)])])
+    if bias is not None:
+        out = g.op("Add", [out, g.op("Reshape", [bias, g.ints(shape)])])
+    return out
+
+
+converts(F.group_norm, _torch("group_norm"))(_group_norm)
+
+
+@converts(nn.GroupNorm)
+def _group_norm_module(g, m, x):
+    c = lambda t, part: None if t is None else constant(t, f"{g.scope}.{part}")  # noqa: E731
+    return _group_norm(g, x, m.num_groups, c(m.weight, "weight"), c(m.bias, "bias"), m.eps)
+
+
+def _conv1d(g, x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    one = lambda v: [int(v[0] if isinstance(v, (tuple, list)) else v)]  # noqa: E731
+    if isinstance(padding, str):
+        k = weight.shape[-1]
+        d = one(dilation)[0]
+        if padding == "valid":
+            padding = 0
+        elif d * (k - 1) % 2 == 0:
+            padding = d * (k - 1) // 2
+        else:
+            raise ExportError(f"asymmetric padding={padding!r}")
+    inputs = [x, weight] + ([bias] if bias is not None else [])
+    p = one(padding)
+    return g.op("Conv", inputs, kernel_shape=[int(weight.shape[-1])], strides=one(stride), pads=p + p,
+                dilations=one(dilation), group=int(groups))
+
+
+converts(F.conv1d, _torch("conv1d"))(_conv1d)
+
+
+@converts(nn.Conv1d)
+def _conv1d_module(g, m, x):
+    if m.padding_mode != "zeros":
+        raise ExportError(f"padding_mode={m.padding_mode!r}")
+    bias = None if m.bias is None else constant(m.bias, f"{g.scope}.bias")
+    return _conv1d(g, x, constant(m.weight, f"{g.scope}.weight"), bias, m.stride, m.padding, m.dilation, m.groups)
+
+
+@converts(torch.einsum)
+def _einsum(g, equation, *operands):
+    operands = operands[0] if len(operands) == 1 and isinstance(operands[0], (tuple, list)) else operands
+    return g.op("Einsum", list(operands), equation=equation.replace(" ", ""))
+
+
+converts(torch.baddbmm)(lambda g, inp, a, b, beta=1, alpha=1: g.op(
+    "Add", [g.op("Mul", [inp, g.scalar(float(beta), torch.float32)]) if beta != 1 else inp,
+            g.op("Mul", [g.op("MatMul", [a, b]), g.scalar(float(alpha), torch.float32)]) if alpha != 1
+            else g.op("MatMul", [a, b])]))
+converts(torch.rsqrt, "rsqrt")(lambda g, x: g.op("Reciprocal", [g.op("Sqrt", [x])]))
+converts(torch.log, "log")(_unary("Log"))
+converts(torch.reciprocal, "reciprocal")(_unary("Reciprocal"))
+converts(torch.sign, "sign")(_unary("Sign"))
+converts(torch.erf, "erf")(_unary("Erf"))
+converts(torch.pow, operator.pow, "pow")(_binary("Pow"))
+converts(torch.floor_divide, operator.floordiv)(lambda g, a, b: g.op("Floor", [_binary("Div")(g, a, b)]))
+converts(nn.Softplus, F.softplus)(lambda g, *a, **k: g.op("Softplus", [_input_of(a)]))
+converts(nn.Mish, F.mish)(lambda g, *a, **k: g.op("Mul", [_input_of(a), g.op("Tanh", [g.op("Softplus",
+                                                                                         [_input_of(a)])])]))
+converts(nn.Softmax)(lambda g, m, x: g.op("Softmax", [x], axis=int(m.dim) % x.rank))
+converts(nn.Hardtanh, F.hardtanh)(lambda g, *a, **k: g.op(
+    "Clip", [_input_of(a), g.scalar(float(a[0].min_val if isinstance(a[0], nn.Module) else k.get("min_val", -1.0)),
+                                    torch.float32),
+             g.scalar(float(a[0].max_val if isinstance(a[0], nn.Module) else k.get("max_val", 1.0)), torch.float32)]))
