@@ -990,8 +990,11 @@ def _pixel_shuffle(g, *args):
 @converts(F.pixel_unshuffle, nn.PixelUnshuffle)
 def _pixel_unshuffle(g, *args):
     x = _input_of(args)
-    r = args[0].downscale_factor if isinstance(args[0], nn.Module) else args[1]
-    return g.op("SpaceToDepth", [x], blocksize=int(r))
+    r = int(args[0].downscale_factor if isinstance(args[0], nn.Module) else args[1])
+    n, c, h, w = x.shape  # PyTorch orders channels (c, row offset, column offset); ONNX SpaceToDepth does not
+    six = g.op("Reshape", [x, g.shape_target(x, [n, c, h // r, r, w // r, r])])
+    six = g.op("Transpose", [six], perm=[0, 1, 3, 5, 2, 4])
+    return g.op("Reshape", [six, g.shape_target(x, [n, c * r * r, h // r, w // r])])
 
 
 @converts(F.interpolate, nn.Upsample)

@@ -234,3 +234,59 @@ def test_forward_onnx_is_the_plain_model():
     (got,) = run_onnx(proto, {"input": x})
     with torch.no_grad():
         assert_close(got, model(x), tol=1e-4)
+
+
+# ---------------------------------------------------------------- converters of the wider model zoo and transformers
+class ZooStructure(nn.Module):
+    """Structural ops of Res2Net, ShuffleNet, Swin, ECA, FPN-style top-down paths, as their forwards spell them."""
+
+    def forward(self, x):  # x: [N, 8, 6, 6]
+        a, b = torch.chunk(x, 2, dim=1)
+        c = x.chunk(3, dim=2)[2]  # uneven: 2, 2, 2 rows
+        d = torch.movedim(x, 1, -1).reshape(x.shape[0], 36, 8)
+        e0, e1, e2 = torch.tensor_split(x, 3, dim=3)
+        u = torch.unbind(x[:, :3], dim=1)[1]
+        r = torch.roll(x, shifts=(2, -1), dims=(2, 3))
+        s = torch.select(x, 1, 5) + x.select(1, -1)
+        up = F.interpolate(x, scale_factor=2, mode="nearest") + F.interpolate(x, size=(12, 12), mode="bilinear")
+        ps = F.pixel_unshuffle(F.pixel_shuffle(x, 2), 2)
+        ex = x.mean(1, keepdim=True).expand_as(x) + x[:, :1].repeat(1, 8, 1, 1)
+        pad = F.pad(x, (1, 2, 0, 1), mode="reflect") + F.pad(x, (1, 2, 0, 1), mode="replicate")
+        return a * b, c, d, e0 + e1 - e2, u, r, s, up, ps, ex, pad
+
+
+class ZooLayers(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.ln, self.gn, self.conv1d = nn.LayerNorm(6), nn.GroupNorm(2, 8), nn.Conv1d(1, 1, 3, padding=1, bias=False)
+        self.hs, self.pad = nn.Hardsigmoid(), nn.ConstantPad2d((1, 0, 2, 1), 0.5)
+        with torch.no_grad():
+            for p in [self.ln.weight, self.ln.bias, self.gn.weight, self.gn.bias]:
+                p.uniform_(-1, 1)
+
+    def forward(self, x):
+        eca = self.conv1d(x.mean((2, 3)).unsqueeze(1)).squeeze(1)  # ECA's channel conv
+        ln = self.ln(x) + F.layer_norm(x.permute(0, 2, 3, 1), (8,)).permute(0, 3, 1, 2)
+        gn = self.gn(x) + F.group_norm(x, 4, eps=1e-3)
+        att = torch.einsum("nchw,ndhw->ncd", x, x) + torch.baddbmm(x.flatten(2)[:, :, :8], x.flatten(2)[:, :, :8],
+                                                                   x.flatten(2)[:, :, :8], beta=0.5, alpha=2.0)
+        return self.hs(x * 3) * eca[:, :, None, None], ln, gn, att.softmax(-1), self.pad(x)
+
+
+@pytest.mark.parametrize("module", [ZooStructure(), ZooLayers()], ids=lambda m: type(m).__name__)
+def test_zoo_converters_match_pytorch_at_another_batch_size(module):
+    check_module(module.eval(), (8, 6, 6))
+
+
+def test_stochastic_depth_is_the_identity_in_eval_mode():
+    torchvision_ops = pytest.importorskip("torchvision.ops")
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.sd = torchvision_ops.StochasticDepth(0.3, "row")
+
+        def forward(self, x):
+            return x + self.sd(x * 2) + torchvision_ops.stochastic_depth(x, 0.5, "row", training=False)
+
+    check_module(Block().eval(), (3, 4, 4))
