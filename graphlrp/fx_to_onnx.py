@@ -696,7 +696,7 @@ def _pad(g, x, pad, mode="constant", value=None):
     return g.op("Pad", [x, g.ints(begins + ends), g.scalar(float(value or 0), x.dtype)], mode="constant")
 
 
-@converts(torch.zeros_like, "zero_like")
+@converts(torch.zeros_like)
 def _zeros_like(g, x, *args, **kwargs):
     """Zeros of x's shape: Where(true, 0, x). Unlike x·0 it is 0 where x is inf or NaN, and unlike
     ConstantOfShape(Shape(x)) ONNX shape inference keeps x's symbolic batch size."""
@@ -890,3 +890,17 @@ def _adaptive_avg(g, x, output_size):
 @converts(nn.AdaptiveAvgPool2d)
 def _adaptive_avg_module(g, m, x):
     return _adaptive_avg(g, x, m.output_size)
+
+
+@converts(F.layer_norm, _torch("layer_norm"))
+def _layer_norm(g, x, normalized_shape, weight=None, bias=None, eps=1e-5, *args):
+    n = len(normalized_shape) if isinstance(normalized_shape, (tuple, list)) else 1
+    weight = weight if weight is not None else constant(torch.ones(x.shape[-n:], dtype=x.dtype))
+    return g.op("LayerNormalization", [x, weight] + ([bias] if bias is not None else []), axis=-n,
+                epsilon=float(eps))
+
+
+@converts(nn.LayerNorm)
+def _layer_norm_module(g, m: nn.LayerNorm, x):
+    c = lambda t, part: None if t is None else constant(t, f"{g.scope}.{part}")  # noqa: E731
+    return _layer_norm(g, x, m.normalized_shape, c(m.weight, "weight"), c(m.bias, "bias"), m.eps)
