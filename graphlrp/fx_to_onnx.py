@@ -696,7 +696,7 @@ def _pad(g, x, pad, mode="constant", value=None):
     return g.op("Pad", [x, g.ints(begins + ends), g.scalar(float(value or 0), x.dtype)], mode="constant")
 
 
-@converts(torch.zeros_like, "zero_like")
+@converts(torch.zeros_like)
 def _zeros_like(g, x, *args, **kwargs):
     """Zeros of x's shape: Where(true, 0, x). Unlike x·0 it is 0 where x is inf or NaN, and unlike
     ConstantOfShape(Shape(x)) ONNX shape inference keeps x's symbolic batch size."""
@@ -892,6 +892,20 @@ def _adaptive_avg_module(g, m, x):
     return _adaptive_avg(g, x, m.output_size)
 
 
+@converts(F.layer_norm, _torch("layer_norm"))
+def _layer_norm(g, x, normalized_shape, weight=None, bias=None, eps=1e-5, *args):
+    n = len(normalized_shape) if isinstance(normalized_shape, (tuple, list)) else 1
+    weight = weight if weight is not None else constant(torch.ones(x.shape[-n:], dtype=x.dtype))
+    return g.op("LayerNormalization", [x, weight] + ([bias] if bias is not None else []), axis=-n,
+                epsilon=float(eps))
+
+
+@converts(nn.LayerNorm)
+def _layer_norm_module(g, m: nn.LayerNorm, x):
+    c = lambda t, part: None if t is None else constant(t, f"{g.scope}.{part}")  # noqa: E731
+    return _layer_norm(g, x, m.normalized_shape, c(m.weight, "weight"), c(m.bias, "bias"), m.eps)
+
+
 # ------------------------------------------------------------------------------------------ CNN zoo and transformers
 # Forward ops of the wider model zoo (timm/torchvision CNNs, vision transformers) and the structural ops their
 # relevance passes use. Each converter is checked against PyTorch in tests/test_fx_to_onnx.py.
@@ -1068,25 +1082,6 @@ try:
     converts(StochasticDepth)(lambda g, m, x: x)
 except ImportError:  # torchvision is optional for the lowering
     pass
-
-
-def _layer_norm(g, x, normalized_shape, weight=None, bias=None, eps=1e-5):
-    axis = x.rank - len(normalized_shape)
-    n = int(np.prod(list(normalized_shape)))
-    weight = weight if weight is not None else constant(torch.ones(*normalized_shape), "ln_weight")
-    inputs = [x, weight] + ([bias] if bias is not None else [])
-    if n == 0:
-        raise ExportError("layer norm over an empty shape")
-    return g.op("LayerNormalization", inputs, axis=axis, epsilon=float(eps))
-
-
-converts(F.layer_norm, _torch("layer_norm"))(_layer_norm)
-
-
-@converts(nn.LayerNorm)
-def _layer_norm_module(g, m, x):
-    c = lambda t, part: None if t is None else constant(t, f"{g.scope}.{part}")  # noqa: E731
-    return _layer_norm(g, x, m.normalized_shape, c(m.weight, "weight"), c(m.bias, "bias"), m.eps)
 
 
 def _group_norm(g, x, num_groups, weight=None, bias=None, eps=1e-5):

@@ -98,8 +98,12 @@ class Shapes(nn.Module):
 
 
 class Reductions(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.LayerNorm([6, 8])
+
     def forward(self, x):
-        return (x.sum(1), torch.sum(x, (2, 3), True), x.mean((2, 3), keepdim=True), torch.mean(x, -1),
+        return (self.norm(x), F.layer_norm(x, (8,), eps=1e-3), x.sum(1), torch.sum(x, (2, 3), True), x.mean((2, 3), keepdim=True), torch.mean(x, -1),
                 torch.amax(x, 1), torch.softmax(x, -1), F.log_softmax(x, dim=1), torch.argmax(x.flatten(1), -1))
 
 
