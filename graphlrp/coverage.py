@@ -32,7 +32,7 @@ class Result:
     source: str
     name: str
     size: int
-    status: str = "ok"  # ok | fail | model-error
+    status: str = "ok"  # ok | fail | model-error | skipped
     merges: dict = field(default_factory=dict)
     forward_diff: float | None = None
     conservation: float | None = None
@@ -52,6 +52,17 @@ def timm_models(patterns) -> list[str]:
     names = timm.list_models()
     chosen = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
     return [n for n in chosen if not any(n.startswith(p) for p in NOT_CNN)]
+
+
+def known_params(source: str, name: str) -> float | None:
+    """Parameters in millions where known without building the model (torchvision's weight metadata)."""
+    if source != "torchvision":
+        return None
+    try:
+        import torchvision
+        return torchvision.models.get_model_weights(name).DEFAULT.meta["num_params"] / 1e6
+    except Exception:
+        return None
 
 
 def build(source: str, name: str) -> nn.Module:
@@ -120,14 +131,13 @@ def _first_line(e: Exception) -> str:
 
 
 def markdown(results: list[Result], command: str, rules: str) -> str:
-    ok = [r for r in results if r.status == "ok"]
-    by_source = Counter(r.source for r in results)
-    ok_by_source = Counter(r.source for r in ok)
+    count = lambda source, status: sum(r.source == source and r.status == status for r in results)  # noqa: E731
     lines = ["# Coverage", "",
              f"`{command}` — preset `{rules}`, random weights, batch 2, torch {torch.__version__}.", "",
-             "| source | models | ok | failing |", "|---|---:|---:|---:|"]
-    for s in by_source:
-        lines.append(f"| {s} | {by_source[s]} | {ok_by_source[s]} | {by_source[s] - ok_by_source[s]} |")
+             "| source | models | ok | failing | skipped |", "|---|---:|---:|---:|---:|"]
+    for s in dict.fromkeys(r.source for r in results):
+        lines.append(f"| {s} | {sum(r.source == s for r in results)} | {count(s, 'ok')} | "
+                     f"{count(s, 'fail') + count(s, 'model-error')} | {count(s, 'skipped')} |")
     lines += ["", "ok: logits within 1e-4 (relative) of the model's and |ΣR_input / p(ŷ) − 1| ≤ 1e-3 for every sample.",
               "merges: identity / projection / other skips of adds, branch-dim sums (ResNeSt, SK).", "",
               "| source | model | input | status | merges | forward diff | abs(ΣR/p − 1) | ONNX parity | s | error |",

@@ -216,6 +216,31 @@ class RuleContext:
             r = self.call(torch.reshape, r, (-1, *shape[1:]) if len(shape) else ())
         return r
 
+    def input_support(self):
+        """1 where this op's input carries a value from the layers before it, 0 where it is a structural constant
+        (explicit zero padding such as timm's "same" padding, an upsampled copy's gaps): followed back through the
+        structural ops just before the op. None when every position carries a value."""
+        from .rules.structure import move_map
+
+        def support(node):
+            op = ops.describe(node, self.rw.traced) if node.op != "placeholder" else None
+            shape = (1, *node.meta["shape"][1:])
+            if op is None or node.meta.get("batch_dim", 0) != 0:
+                return torch.ones(shape)
+            if op.kind == ops.PAD:
+                return F.pad(support(op.inputs[0]), op.params["pad"])
+            if op.kind == ops.RESHAPE:
+                return support(op.inputs[0]).reshape(shape)
+            if op.kind == ops.MOVE and all(i.meta.get("batch_dim", 0) == 0 for i in op.inputs):
+                out = torch.zeros(int(torch.Size(shape).numel()))
+                for x, (source, target) in zip(op.inputs, move_map(op)):
+                    out[target] = support(x).reshape(-1)[source]
+                return out.reshape(shape)
+            return torch.ones(shape)
+
+        mask = support(self.op.inputs[0])
+        return None if bool((mask != 0).all()) else (mask != 0).float()
+
     def const_input(self, t: torch.Tensor) -> torch.Tensor:
         return t.expand(self._in_shape1())
 
@@ -307,10 +332,22 @@ class Rewriter:
                 self.env[node] = x
             elif node.op == "output":
                 logits = self.env[node.args[0]]
+            elif (op := self._pooling_matrix_op(node)) is not None:
+                # adaptive pooling with unequal windows as its exact matrix: exporters need no input sizes
+                c, h, w = op.in_shape[1:]
+                flat = graph.call_function(torch.reshape, (self.env[op.inputs[0]], (-1, c, h * w)))
+                pooled = graph.call_function(torch.matmul, (flat, self.em.const(op.params["matrix"].t().contiguous(), "pool")))
+                self.env[node] = graph.call_function(torch.reshape, (pooled, (-1, c, *op.params["out_hw"])))
             else:
                 self.env[node] = graph.node_copy(node, lambda n: self.env[n])
             self.nonnegative[node.name] = self._is_nonnegative(node)
         return x, target, logits
+
+    def _pooling_matrix_op(self, node: fx.Node):
+        if node.op not in ("call_module", "call_function") or "shape" not in node.meta:
+            return None
+        op = ops.describe(node, self.traced)
+        return op if op is not None and op.kind == ops.AVGPOOL and "matrix" in op.params else None
 
     def _is_nonnegative(self, node: fx.Node) -> bool:
         """Sign analysis: which forward values are known ≥ 0 (lets z⁺-type rules skip the negative-input terms)."""

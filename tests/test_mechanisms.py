@@ -21,7 +21,7 @@ import torch.nn.functional as F
 import graphlrp
 from graphlrp.errors import GraphLRPError, TraceError, UnsupportedOpError
 
-LOGIT = {"output": "logit", "split": "ratio", "rules": {"conv": "zplus", "linear": "zplus"}}
+LOGIT = {"output": "logit", "split": "ratio", "rules": {"first_layer": "zplus", "conv": "zplus", "linear": "zplus"}}
 
 
 def rel_diff(a, b) -> float:
@@ -201,7 +201,8 @@ def test_n_ary_merge_splits(spelling, split):
     for i in range(3):
         assert rel_diff(taps[f"merge:{merge.node}.R_{i}"], expected[i]) < 1e-5
     total = sum(taps[f"merge:{merge.node}.R_{i}"] for i in range(3))
-    assert torch.allclose(total, taps[f"merge:{merge.node}.R"], rtol=1e-6, atol=1e-7)
+    # ratio and symmetric are exact; signed loses R·ε/(h + ε) to its stabiliser
+    assert torch.allclose(total, taps[f"merge:{merge.node}.R"], rtol=1e-5 if split == "signed" else 1e-6, atol=1e-7)
 
 
 # ------------------------------------------------------------------ gates
@@ -265,22 +266,22 @@ def test_product_of_two_signals_is_a_clear_error():
 class Adaptive(nn.Module):
     def __init__(self, out):
         super().__init__()
-        self.conv, self.pool = nn.Conv2d(3, 2, 1), nn.AdaptiveAvgPool2d(out)
+        self.pool = nn.AdaptiveAvgPool2d(out)
 
     def forward(self, x):
-        return self.pool(F.relu(self.conv(x))).flatten(1)
+        return self.pool(F.relu(x)).flatten(1)
 
 
 @pytest.mark.parametrize("size,out", [(5, 3), (2, 3), (7, (2, 5))])
 def test_adaptive_pool_unequal_windows_is_the_z_rule(size, out):
     torch.manual_seed(0)
     model = Adaptive(out).eval()
-    x = torch.randn(2, 3, size, size)
-    rules = {**LOGIT, "rules": {"first_layer": "pass", "avgpool": {"rule": "z", "epsilon": 0.0}}}
+    x = torch.rand(2, 3, size, size) + 0.1
+    rules = {**LOGIT, "rules": {"avgpool": {"rule": "z", "epsilon": 0.0}}}
     explainer = graphlrp.compile(model, x[:1], rules=rules)
     logits, rel = explainer(x)
     for i in range(2):
-        a = F.relu(model.conv(x[i:i + 1])).detach().double().requires_grad_(True)
+        a = F.relu(x[i:i + 1]).double().requires_grad_(True)
         z = model.pool(a).flatten(1)
         t = int(logits[i].argmax())
         (g,) = torch.autograd.grad(z[0, t], a)

@@ -1,9 +1,9 @@
 """Property test: random small residual networks — random depth, widths, strides, identity / projection /
 ResNet-D (pool + conv) / option-A (strided slice + channel zero padding) skips, nested merges, pre-activation
-blocks (no ReLU after the add) and every spelling of the add — and random stacks of the zoo's block kinds (Res2Net chunks
-with chained adds, n-ary and stack-sum merges, permute + LayerNorm blocks, gates, channel shuffle, radix sums) — compile, `inspect` finds every merge with the right
-skip kind, the explainer returns the model's logits, conserves with `otsuki2024-conserving`, and splits exactly:
-R = R_skip + R_main at every merge."""
+blocks (no ReLU after the add) and every spelling of the add — and random stacks of the wider zoo's block kinds
+(Res2Net chunks with chained adds, n-ary and stack-sum merges, permute + LayerNorm blocks, gates, channel shuffle,
+radix sums) compile, `inspect` finds every merge with the right skip kind, the explainer returns the model's
+logits, conserves with `otsuki2024-conserving`, and splits exactly: R = Σ_i R_i at every merge."""
 from __future__ import annotations
 
 from dataclasses import dataclass

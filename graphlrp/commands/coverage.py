@@ -12,6 +12,8 @@ def register(sub) -> None:
     p.add_argument("--limit", type=int, default=0, help="at most this many timm models per pattern (0: all)")
     p.add_argument("--size", type=int, default=64, help="input size (default 64; inception_v3 uses 299)")
     p.add_argument("--rules", default="otsuki2024-conserving", help="preset (default otsuki2024-conserving)")
+    p.add_argument("--max-params", type=float, default=0, metavar="MILLIONS",
+                   help="skip models with more parameters (torchvision: from the weights' metadata; 0: no limit)")
     p.add_argument("--onnx", action="store_true", help="also export each explainer and check onnxruntime parity")
     p.add_argument("-o", "--output", default="results/coverage.md", help="report path (default results/coverage.md)")
     p.set_defaults(func=run)
@@ -39,10 +41,20 @@ def run(args) -> int:
     tmp = tempfile.mkdtemp()
     for i, (source, name) in enumerate(todo):
         size = cov.SIZES.get(name, args.size)
+        millions = cov.known_params(source, name)
+        if args.max_params and millions is not None and millions > args.max_params:
+            results.append(cov.Result(source, name, size, "skipped", error=f"{millions:.0f}M parameters, over "
+                                                                            f"--max-params {args.max_params:g}"))
+            continue
         try:
             torch.manual_seed(0)
             model = cov.build(source, name).eval()
             cov.settle_batchnorm(model)
+            count = sum(p.numel() for p in model.parameters()) / 1e6
+            if args.max_params and count > args.max_params:
+                results.append(cov.Result(source, name, size, "skipped", error=f"{count:.0f}M parameters, over "
+                                                                                f"--max-params {args.max_params:g}"))
+                continue
         except Exception as e:
             results.append(cov.Result(source, name, size, "model-error", error=f"{type(e).__name__}: {e}"[:200]))
             continue

@@ -3,9 +3,9 @@ matrices), and sum/mean over any dims.
 
 A sum or mean is, by its reduced dims:
 * a spatial mean of an NCHW tensor (`x.mean((2, 3))`): an AVGPOOL over the whole map (category `avgpool`);
-* over a *branch dim* — a single dim of a tensor of rank >= 5 that is neither the batch dim nor one of the last
-  three (C, H, W), such as the radix dim of ResNeSt/SK or the dim `torch.stack` adds — an n-ary MERGE of the slices
-  (category `merge`, the preset's split);
+* over a *branch dim* — the dim `torch.stack` added (seen through gates and scales, as in SK's stack -> x·attn ->
+  sum), or a single dim of a tensor of rank >= 5 that is neither the batch dim nor one of the last three (C, H, W),
+  such as ResNeSt's radix dim — an n-ary MERGE of the slices (category `merge`, the preset's split);
 * otherwise a REDUCE (category `reduction`, the z-rule: relevance in proportion to each term's contribution).
 """
 from __future__ import annotations
@@ -99,11 +99,27 @@ def _adaptive_max_module(node, traced):
                                                    ceil_mode=False))
 
 
-def reduction_kind(node, dims: tuple) -> str:
+def _stacked_along(node, dim: int, traced) -> bool:
+    """Whether `node` is a torch.stack along `dim`, seen through gates, scales and identities (SK: stack -> x·attn)."""
+    from .base import ACTIVATION, GATE, IDENTITY, SCALE, describe
+    for _ in range(16):
+        if node.op == "call_function" and node.target is torch.stack:
+            d = value(arg(node, 1, "dim", 0), traced)
+            return d % len(node.meta["shape"]) == dim
+        op = describe(node, traced)
+        if op is None or op.kind not in (GATE, SCALE, IDENTITY, ACTIVATION) or not op.inputs:
+            return False
+        if tuple(op.inputs[0].meta["shape"]) != tuple(node.meta["shape"]):
+            return False
+        node = op.inputs[0]
+    return False
+
+
+def reduction_kind(node, dims: tuple, traced) -> str:
     """AVGPOOL for a spatial mean of NCHW, MERGE over a branch dim, REDUCE otherwise (see the module docstring)."""
     x = node.args[0]
     rank, batch = len(x.meta["shape"]), x.meta.get("batch_dim", 0)
-    if rank >= 5 and len(dims) == 1 and dims[0] != batch and dims[0] < rank - 3:
+    if len(dims) == 1 and dims[0] != batch and (dims[0] < rank - 3 or _stacked_along(x, dims[0], traced)):
         return MERGE
     return REDUCE
 
@@ -122,7 +138,7 @@ def _reduction(node, traced):
     mean = getattr(node.target, "__name__", node.target) == "mean"
     if mean and len(shape) == 4 and dims == (2, 3):
         return avgpool_op(node, shape[-2:], shape[-2:])
-    kind = reduction_kind(node, dims)
+    kind = reduction_kind(node, dims, traced)
     params = dict(dims=dims, keepdim=keepdim, mean=mean)
     if kind == MERGE:
         params.update(arity=shape[dims[0]])

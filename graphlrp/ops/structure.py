@@ -64,6 +64,8 @@ def _pad(node, traced):
 
 @describes(functions=[torch.cat, torch.concat])
 def _cat(node, traced):
+    if not isinstance(node.args[0], (list, tuple)):  # a tuple computed in the graph (split(...)[::-1])
+        return move_op(node, traced)
     tensors = list(node.args[0])
     dim = value(arg(node, 1, "dim", 0), traced)
     if not all(is_dynamic_tensor(t) for t in tensors) or not _batch_first(node, *tensors):

@@ -53,20 +53,23 @@ def zplus_rule(ctx, epsilon=1e-6, stabilizer="signed", bias="positive", input="a
             back = ctx.call(torch.mul, t.input, back)
         total = back if total is None else ctx.call(torch.add, total, back)
     w_pos = positive(ctx.weight)
+    support = ctx.input_support()  # None, or 0 at explicit padding: spreading must not reach it
+    ones = "ones" if support is None else support
+    masked = (lambda n: n) if support is None else (lambda n: ctx.call(torch.mul, n, support))  # noqa: E731
     with torch.no_grad():
-        z_ones = ctx.affine_value("ones", w_pos, None)
+        z_ones = ctx.affine_value(ones, w_pos, None)
     inverse = torch.where(z_ones > 0, 1.0 / z_ones.clamp_min(1e-30), torch.zeros_like(z_ones))
     spread = ctx.call(torch.where, dead, ctx.call(torch.mul, ctx.R, inverse), 0.0)
-    total = ctx.call(torch.add, total, ctx.affine_transpose(spread, w_pos))
+    total = ctx.call(torch.add, total, masked(ctx.affine_transpose(spread, w_pos)))
     if bool((z_ones <= 0).any()):
         # units whose receptive field holds no positive weight at all (e.g. a border position of a first-layer
         # filter whose positive taps all fall on the padding): spread uniformly over the receptive field (flat)
         ones_w = torch.ones_like(ctx.weight)
         with torch.no_grad():
-            count = ctx.affine_value("ones", ones_w, None)
+            count = ctx.affine_value(ones, ones_w, None)
         flat_inverse = torch.where((z_ones <= 0) & (count > 0), 1.0 / count.clamp_min(1e-30), torch.zeros_like(count))
         flat = ctx.call(torch.where, dead, ctx.call(torch.mul, ctx.R, flat_inverse), 0.0)
-        total = ctx.call(torch.add, total, ctx.affine_transpose(flat, ones_w))
+        total = ctx.call(torch.add, total, masked(ctx.affine_transpose(flat, ones_w)))
     return [total]
 
 

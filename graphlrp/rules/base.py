@@ -154,8 +154,9 @@ def affine_rule(ctx, groups: list[list[Term]], epsilon: float, stabilizer: str, 
 
 
 def _input(ctx, input: str):
-    if input == "ones":
-        return "ones"
+    if input == "ones":  # ones where the input carries values; zeros where it is padding (explicit F.pad)
+        support = ctx.input_support()
+        return "ones" if support is None else support
     if input == "activation":
         return ctx.a
     raise PresetError(f"input must be 'activation' or 'ones', got {input!r}")
@@ -163,7 +164,7 @@ def _input(ctx, input: str):
 
 def _signed_parts(ctx, a, weight, bias, bias_pos: str, bias_neg: str):
     """z⁺-style terms: (a⁺, W⁺) and (a⁻, W⁻); the a⁻ term is dropped where the input is known non-negative."""
-    if isinstance(a, str) or ctx.nonnegative:
+    if isinstance(a, (str, torch.Tensor)) or ctx.nonnegative:
         return [Term(a, positive(weight), bias_mode(ctx.bias, bias_pos))]
     a_pos = ctx.call(torch.clamp, a, min=0)
     a_neg = ctx.call(torch.clamp, a, max=0)
