@@ -129,7 +129,7 @@ def test_batch_correct_and_stateless():
     _, together = explainer(x, target)
     for i in range(4):
         _, alone = explainer(x[i:i + 1], target[i:i + 1])
-        assert rel_diff(alone[0], together[i]) < 1e-4  # conv algorithms differ with batch size
+        assert rel_diff(alone[0], together[i]) < 1e-3  # float32 conv algorithms differ with batch size (> 1e-4 on some CPUs)
     _, again = explainer(x, target)
     assert torch.equal(together, again)
     assert all(torch.equal(buffers[k], v) for k, v in explainer.graph_module.state_dict().items())
