@@ -356,7 +356,8 @@ class Rewriter:
         op = ops.describe(node, self.traced)
         if op is None:
             return False
-        nonneg = [self.nonnegative.get(i.name, False) for i in op.inputs]
+        nonneg = [self.nonnegative.get(i.name, False) if isinstance(i, fx.Node) else
+                  (isinstance(i, (int, float)) and i >= 0) for i in op.inputs]
         if op.kind == ops.ACTIVATION:
             name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
             if node.op == "call_module":

@@ -83,6 +83,24 @@ def is_gate(node, traced, _depth=0) -> bool:
     return False
 
 
+REDUCTIONS = {"norm", "vector_norm", "std", "var", "mean", "sum", "amax", "amin"}
+
+
+def is_reduction(node, _depth=0) -> bool:
+    """Whether `node` is a keepdim reduction (GRN's ‖x‖ / mean ‖x‖), possibly divided, shifted or scaled: a value
+    that broadcasts over its input, even where the reduced dims happen to be 1 at the compile size."""
+    if not isinstance(node, fx.Node) or _depth > 8 or node.op not in ("call_function", "call_method"):
+        return False
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    if name in REDUCTIONS:
+        return bool(node.kwargs.get("keepdim") or (len(node.args) > 2 and node.args[2] is True)
+                    or (name == "norm" and len(node.args) > 3 and node.args[3] is True))
+    if name in ("truediv", "div", "add", "mul", "sub", "pow", "sqrt", "rsqrt", "clamp"):
+        first = node.args[0] if node.args else None
+        return is_reduction(first, _depth + 1)
+    return False
+
+
 @describes(functions=[operator.mul, torch.mul], methods=["mul"])
 def _mul(node, traced):
     a, b = node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs["other"]
@@ -97,6 +115,10 @@ def _mul(node, traced):
     if len(full) == 1:
         signal = full[0]
         return Op(GATE, node, (signal,), dict(gate=b if signal is a else a, recognised="broadcast"))
+    reduced = [is_reduction(a), is_reduction(b)]
+    if reduced[0] != reduced[1]:  # a normaliser computed by a keepdim reduction whose reduced dims are 1 already
+        signal, gate = (b, a) if reduced[0] else (a, b)
+        return Op(GATE, node, (signal,), dict(gate=gate, recognised="broadcast"))
     raise UnsupportedOpError(
         f"{describe_node(node)}: a product of two input-dependent tensors of the same shape, neither of which is a "
         "gate (a sigmoid/softmax/tanh-like value) or broadcasts over the other, has no LRP rule")
