@@ -22,6 +22,8 @@ from .trace import Traced, describe_node
 CONV, LINEAR, BATCHNORM, ACTIVATION, IDENTITY = "conv", "linear", "batchnorm", "activation", "identity"
 MERGE, BIAS_ADD, SCALE, GATE = "merge", "bias_add", "scale", "gate"
 MAXPOOL, AVGPOOL, RESHAPE, SLICE, PAD, CAT = "maxpool", "avgpool", "reshape", "slice", "pad", "cat"
+PERMUTE, CONST_CAT = "permute", "constant_cat"
+NORM, SOFTMAX, MATMUL = "norm", "softmax", "matmul"
 
 
 @dataclass
@@ -357,5 +359,126 @@ def _cat(node, traced):
     dim = value(_arg(node, 1, "dim", 0), traced)
     if not all(is_tensor(t) for t in tensors):
         raise UnsupportedOpError(f"{describe_node(node)}: concatenation of non-tensors")
-    return Op(CAT, node, tuple(t for t in tensors), dict(dim=dim % len(node.meta["shape"]),
-                                                         sizes=[t.meta["shape"][dim] for t in tensors]))
+    dynamic = tuple(is_dynamic_tensor(t) for t in tensors)
+    kind = CAT if all(dynamic) else CONST_CAT  # a class token: a constant joins the input-dependent tokens
+    return Op(kind, node, tuple(t for t in tensors), dict(dim=dim % len(node.meta["shape"]),
+                                                         sizes=[t.meta["shape"][dim] for t in tensors],
+                                                         dynamic=dynamic))
+
+
+@describes(methods=["permute", "transpose", "swapaxes", "swapdims"], functions=[torch.permute, torch.transpose,
+                                                                          torch.swapaxes, torch.swapdims])
+def _permute(node, traced):
+    rank = len(node.args[0].meta["shape"])
+    if node.target in ("permute", torch.permute):
+        dims = [value(a, traced) for a in node.args[1:]] or value(node.kwargs.get("dims"), traced)
+        if len(dims) == 1 and isinstance(dims[0], (list, tuple)):
+            dims = dims[0]
+        order = [d % rank for d in dims]
+    else:
+        d0, d1 = value(_arg(node, 1, "dim0"), traced), value(_arg(node, 2, "dim1"), traced)
+        order = list(range(rank))
+        order[d0 % rank], order[d1 % rank] = order[d1 % rank], order[d0 % rank]
+    if order[0] != 0:
+        raise UnsupportedOpError(f"{describe_node(node)}: a permutation that moves the batch dimension")
+    return Op(PERMUTE, node, (node.args[0],), dict(order=tuple(order)))
+
+
+# ---------------------------------------------------------------- transformers
+@describes(modules=[nn.LayerNorm])
+def _layer_norm_module(node, traced):
+    m = traced.module(node)
+    return Op(NORM, node, (node.args[0],), dict(
+        dims=len(m.normalized_shape), eps=float(m.eps),
+        weight=None if m.weight is None else m.weight.detach(), bias=None if m.bias is None else m.bias.detach()))
+
+
+@describes(functions=[F.layer_norm, "torch.layer_norm"])
+def _layer_norm_function(node, traced):
+    v = lambda i, name, d=None: value(_arg(node, i, name, d), traced)  # noqa: E731
+    shape, weight, bias = v(1, "normalized_shape"), v(2, "weight"), v(3, "bias")
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    return Op(NORM, node, (node.args[0],), dict(
+        dims=len(shape), eps=float(v(4, "eps", 1e-5)),
+        weight=None if weight is None else weight.detach(), bias=None if bias is None else bias.detach()))
+
+
+@describes(modules=[nn.Softmax], functions=[F.softmax, torch.softmax], methods=["softmax"])
+def _softmax(node, traced):
+    rank = len(node.meta["shape"])
+    if node.op == "call_module":
+        dim = traced.module(node).dim
+    else:
+        dim = value(_arg(node, 1, "dim"), traced)
+    if dim is None:
+        raise UnsupportedOpError(f"{describe_node(node)}: softmax without an explicit dim")
+    return Op(SOFTMAX, node, (node.args[0],), dict(dim=dim % rank, masked=_masked(node.args[0], traced)))
+
+
+def _masked(scores, traced) -> bool:
+    """Whether softmax scores come from an add of a constant holding -inf (a boolean or causal attention mask)."""
+    if not (isinstance(scores, fx.Node) and scores.op == "call_function" and scores.target in (operator.add, torch.add)):
+        return False
+    for arg in scores.args[:2]:
+        if is_tensor(arg) and not arg.meta.get("dynamic", False):
+            if bool(torch.isinf(value(arg, traced)).any()):
+                return True
+    return False
+
+
+def _attention_weights(arg, traced) -> bool:
+    """Whether `arg` is a softmax output, possibly behind identity ops (eval-mode dropout): the attention weights
+    that CP-LRP holds constant."""
+    while isinstance(arg, fx.Node):
+        op = describe(arg, traced) if arg.op != "placeholder" else None
+        if op is None:
+            return False
+        if op.kind == SOFTMAX:
+            return True
+        if op.kind != IDENTITY:
+            return False
+        arg = op.inputs[0]
+    return False
+
+
+_LETTERS = "abcdefghijklmnopqrstuvwxyz"
+
+
+@describes(functions=[torch.matmul, operator.matmul, torch.bmm, torch.einsum], methods=["matmul", "bmm"])
+def _matmul(node, traced):
+    """A product of two input-dependent tensors (Q·Kᵀ, A·V) as an einsum equation; products with a constant
+    operand are layers, not products of signals, and have no rule here."""
+    if node.target is torch.einsum:
+        equation, operands = value(node.args[0], traced), list(node.args[1:])
+        if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
+            operands = list(operands[0])
+    else:
+        operands = list(node.args[:2])
+        equation = None
+    if len(operands) != 2 or not all(is_dynamic_tensor(t) for t in operands):
+        raise UnsupportedOpError(f"{describe_node(node)}: only products of two input-dependent tensors have a rule "
+                                 "(a product with a constant is a layer; write it as nn.Linear or F.linear)")
+    a, b = operands
+    if equation is None:
+        sa, sb = a.meta["shape"], b.meta["shape"]
+        if len(sa) != len(sb) or len(sa) < 2 or sa[:-2] != sb[:-2]:
+            raise UnsupportedOpError(f"{describe_node(node)}: matmul of shapes {sa} and {sb} (only equal batch "
+                                     "dimensions, no broadcasting)")
+        batch = _LETTERS[:len(sa) - 2]
+        equation = f"{batch}xy,{batch}yz->{batch}xz"
+    equation = equation.replace(" ", "")
+    lhs, _, out = equation.partition("->")
+    ins = lhs.split(",")
+    if not out or len(ins) != 2:
+        raise UnsupportedOpError(f"{describe_node(node)}: einsum {equation!r} needs an explicit output")
+    for term in ins:
+        letters = term.replace("...", "")
+        if len(set(letters)) != len(letters):
+            raise UnsupportedOpError(f"{describe_node(node)}: einsum {equation!r} with a repeated index (a trace)")
+    for i, term in enumerate(ins):
+        other = ins[1 - i]
+        if any(c not in out and c not in other for c in term.replace("...", "")):
+            raise UnsupportedOpError(f"{describe_node(node)}: einsum {equation!r} sums an index of one operand alone")
+    weights = [_attention_weights(t, traced) for t in (a, b)]
+    return Op(MATMUL, node, (a, b), dict(equation=equation, inputs=tuple(ins), output=out,
+                                         attention_weights=weights.index(True) if any(weights) else None))

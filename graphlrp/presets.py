@@ -46,9 +46,13 @@ CATEGORY_KINDS = {
     "scale": (ops.SCALE,),
     "gate": (ops.GATE,),
     "identity": (ops.IDENTITY,),
+    "norm": (ops.NORM,),
+    "softmax": (ops.SOFTMAX,),
+    "matmul": (ops.MATMUL,),
+    "constant_cat": (ops.CONST_CAT,),
 }
 DEFAULT_RULES = {"activation": "pass", "identity": "pass", "constant_add": "pass", "scale": "pass", "gate": "pass",
-                 "batchnorm": "pass", "merge": "split"}
+                 "batchnorm": "pass", "merge": "split", "norm": "linearized", "constant_cat": "drop"}
 TOP_KEYS = {"description", "output", "split", "include_identity", "batchnorm", "rules", "overrides", "name"}
 
 

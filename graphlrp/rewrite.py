@@ -364,7 +364,8 @@ class Rewriter:
                 raise UnsupportedOpError(f"the preset assigns no rule to {describe_node(node)} (op kind {op.kind})")
             spec = rules.RULES[assignment.rule]
             out = spec.fn(ctx, **assignment.params)
-        return [(src, r) for src, r in zip(op.inputs, out) if isinstance(src, fx.Node)]
+        # constants (a class token, a position embedding) keep what a rule gives them: it leaves the explanation
+        return [(src, r) for src, r in zip(op.inputs, out) if isinstance(src, fx.Node) and src.meta.get("dynamic")]
 
     def em_conv_transpose(self, s: fx.Node, weight: torch.Tensor, op: ops.Op) -> fx.Node:
         """conv's transposed map, shaped like the conv's input, as stride-1 convolutions (see `optimize`)."""

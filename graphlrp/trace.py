@@ -9,6 +9,7 @@ After `trace()`, every node of the returned GraphModule carries
 from __future__ import annotations
 
 import copy
+import inspect
 import operator
 import os
 from dataclasses import dataclass
@@ -89,6 +90,12 @@ def _functionalize(gm: fx.GraphModule) -> None:
     gm.recompile()
 
 
+def _holds_tensor(value) -> bool:
+    if isinstance(value, torch.Tensor):
+        return True
+    return isinstance(value, (tuple, list)) and any(_holds_tensor(v) for v in value)
+
+
 class ValueProp(fx.Interpreter):
     """Run the graph once on the example input and record shapes, compile-time values and input dependence."""
 
@@ -102,8 +109,12 @@ class ValueProp(fx.Interpreter):
             n.meta["dtype"] = result.dtype
         else:
             n.meta["value"] = result
+        # input-dependent: a tensor computed from the input's values. Sizes are compile-time values (the explainer
+        # is specialised to one input size), so a tensor built from sizes and parameters alone (a class token
+        # expanded to the batch size) is a constant, not part of the relevance path.
         inputs = [a for a in n.all_input_nodes]
-        n.meta["dynamic"] = n.op == "placeholder" or any(a.meta.get("dynamic", False) for a in inputs)
+        n.meta["dynamic"] = n.op == "placeholder" or (
+            _holds_tensor(result) and any(a.meta.get("dynamic", False) for a in inputs))
         return result
 
 
@@ -129,6 +140,39 @@ class Traced:
         return obj
 
 
+def _optional_arguments(model: torch.nn.Module) -> dict:
+    """The forward's arguments after the input that have defaults (`attn_mask=None`, `is_causal=False`): the
+    explainer calls the model with the input alone, so these are traced as the constants they default to."""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return {}
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    return {p.name: p.default for p in positional[1:] if p.default is not inspect.Parameter.empty}
+
+
+_ASSERTS = (torch._assert, getattr(fx._symbolic_trace, "_assert_is_none", None))
+
+
+def _specialise_arguments(gm: fx.GraphModule, concrete: dict) -> None:
+    """Drop the placeholders of specialised arguments and the asserts that guard them (and the input-size
+    asserts some models carry): the explainer is compiled for one input size and the arguments' defaults."""
+    for node in list(gm.graph.nodes):
+        if node.op == "call_function" and node.target in _ASSERTS and not node.users:
+            gm.graph.erase_node(node)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for node in placeholders[1:]:
+        name = node.target.rstrip("_0123456789") if node.target not in concrete else node.target
+        if name not in concrete and node.target not in concrete:
+            continue
+        value = concrete.get(node.target, concrete.get(name))
+        for user in list(node.users):
+            user.args = fx.node.map_arg(user.args, lambda a: value if a is node else a)
+            user.kwargs = fx.node.map_arg(user.kwargs, lambda a: value if a is node else a)
+        gm.graph.erase_node(node)
+    gm.recompile()
+
+
 def trace(model: torch.nn.Module, example_input: torch.Tensor) -> Traced:
     """Symbolically trace a copy of `model` (eval mode), make it functional and propagate the example input."""
     if not isinstance(model, torch.nn.Module):
@@ -137,20 +181,27 @@ def trace(model: torch.nn.Module, example_input: torch.Tensor) -> Traced:
         raise TraceError("example_input must be a tensor with a batch dimension, e.g. torch.randn(1, 3, 224, 224)")
     model = copy.deepcopy(model).eval()
     tracer = _Tracer()
+    concrete = _optional_arguments(model)
     try:
-        graph = tracer.trace(model)
+        graph = tracer.trace(model, concrete_args=concrete or None)
     except Exception as e:
         raise TraceError(
             f"torch.fx cannot trace {type(model).__name__}: {type(e).__name__}: {e}. "
             "graphlrp needs a model whose forward has no data-dependent Python control flow."
         ) from e
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    _specialise_arguments(gm, concrete)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(placeholders) != 1:
         raise TraceError(f"the model's forward must take exactly one tensor input, found {len(placeholders)}")
     _functionalize(gm)
     with torch.no_grad():
         out = ValueProp(gm).run(example_input[:1])
+    from .decompose import decompose_attention  # needs the shapes just recorded
+
+    if decompose_attention(gm):
+        with torch.no_grad():
+            out = ValueProp(gm).run(example_input[:1])
     if not isinstance(out, torch.Tensor) or out.dim() != 2:
         raise TraceError("the model must return one logits tensor of shape [N, classes]")
     return Traced(gm, example_input[:1].detach().clone())

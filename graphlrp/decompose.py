@@ -1,0 +1,152 @@
+"""Attention decomposed at compile time into the ops that carry LRP rules.
+
+`nn.MultiheadAttention` (a leaf module to torch.fx) and `F.scaled_dot_product_attention` (one fused kernel) hide
+the parts that AttnLRP and CP-LRP give different rules: the projections (linear layers), the scores Q·Kᵀ and the
+weighted values A·V (products of two input-dependent tensors), and the softmax. This pass rewrites each of them in
+the traced graph as those parts, written with `F.linear`, `reshape`, `einsum` and `softmax`, so the ordinary
+describers and rules apply. The forward value is unchanged (up to float rounding of a different kernel).
+"""
+from __future__ import annotations
+
+import math
+import operator
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .errors import UnsupportedOpError
+from .trace import describe_node
+
+
+def _arg(node: fx.Node, index: int, name: str, default=None):
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+def _attention(graph: fx.Graph, q, k, v, scale: float, mask, equation_scores: str, equation_values: str):
+    """softmax(scale·Q·Kᵀ + mask)·V as separate nodes; returns (output, attention weights)."""
+    q = graph.call_function(operator.mul, (q, scale))
+    scores = graph.call_function(torch.einsum, (equation_scores, q, k))
+    if mask is not None:
+        scores = graph.call_function(operator.add, (scores, mask))
+    weights = graph.call_function(torch.softmax, (scores, -1))
+    return graph.call_function(torch.einsum, (equation_values, weights, v)), weights
+
+
+def _additive_mask(gm: fx.GraphModule, node: fx.Node, mask, is_causal: bool, shape_q, shape_k):
+    """An attention mask as a tensor added to the scores: float masks as they are, boolean masks (True = attend)
+    as 0 / -inf, `is_causal` as a lower-triangular 0 / -inf constant."""
+    graph = gm.graph
+    if isinstance(mask, fx.Node):
+        if mask.meta.get("dynamic"):
+            raise UnsupportedOpError(f"{describe_node(node)}: an attention mask that depends on the input")
+        if mask.meta.get("dtype") == torch.bool:
+            mask = graph.call_function(torch.where, (mask, 0.0, float("-inf")))
+    elif mask is not None:
+        raise UnsupportedOpError(f"{describe_node(node)}: attention mask {type(mask).__name__}")
+    if is_causal:
+        L, S = shape_q[-2], shape_k[-2]
+        causal = torch.zeros(L, S).masked_fill(~torch.ones(L, S, dtype=torch.bool).tril(), float("-inf"))
+        name = f"_lrp_causal_{node.name}"
+        gm.register_buffer(name, causal)
+        causal_node = graph.get_attr(name)
+        mask = causal_node if mask is None else graph.call_function(operator.add, (mask, causal_node))
+    return mask
+
+
+def _sdpa(gm: fx.GraphModule, node: fx.Node) -> None:
+    q, k, v = (_arg(node, i, n) for i, n in enumerate(("query", "key", "value")))
+    mask = _arg(node, 3, "attn_mask")
+    dropout = _arg(node, 4, "dropout_p", 0.0)
+    is_causal = _arg(node, 5, "is_causal", False)
+    scale = _arg(node, 6, "scale")
+    if not (isinstance(dropout, (int, float)) and dropout == 0):
+        raise UnsupportedOpError(f"{describe_node(node)}: attention dropout {dropout!r} (the explainer runs in eval "
+                                 "mode; pass dropout_p=0.0 outside training)")
+    if not isinstance(is_causal, bool) or not (scale is None or isinstance(scale, (int, float))):
+        raise UnsupportedOpError(f"{describe_node(node)}: is_causal and scale must be compile-time constants")
+    shape_q, shape_k = q.meta["shape"], k.meta["shape"]
+    if shape_q[:-2] != shape_k[:-2] or shape_k[:-1] != v.meta["shape"][:-1]:
+        raise UnsupportedOpError(f"{describe_node(node)}: attention over shapes {shape_q}, {shape_k} "
+                                 "(grouped-query attention and broadcasting are not supported)")
+    scale = 1.0 / math.sqrt(shape_q[-1]) if scale is None else float(scale)
+    with gm.graph.inserting_before(node):
+        mask = _additive_mask(gm, node, mask, is_causal, shape_q, shape_k)
+        out, _ = _attention(gm.graph, q, k, v, scale, mask, "...ld,...sd->...ls", "...ls,...sd->...ld")
+    node.replace_all_uses_with(out)
+    gm.graph.erase_node(node)
+
+
+def _mha(gm: fx.GraphModule, node: fx.Node, m: nn.MultiheadAttention) -> None:
+    query, key, value = (_arg(node, i, n) for i, n in enumerate(("query", "key", "value")))
+    need_weights = _arg(node, 4, "need_weights", True)
+    average = _arg(node, 6, "average_attn_weights", True)
+    if not m.batch_first:
+        raise UnsupportedOpError(f"{describe_node(node)}: nn.MultiheadAttention with batch_first=False")
+    if m.bias_k is not None or m.add_zero_attn:
+        raise UnsupportedOpError(f"{describe_node(node)}: nn.MultiheadAttention with add_bias_kv or add_zero_attn")
+    for i, name in ((3, "key_padding_mask"), (5, "attn_mask")):
+        if _arg(node, i, name) is not None:
+            raise UnsupportedOpError(f"{describe_node(node)}: nn.MultiheadAttention with {name}")
+    if _arg(node, 7, "is_causal", False):
+        raise UnsupportedOpError(f"{describe_node(node)}: nn.MultiheadAttention with is_causal")
+    E, H = m.embed_dim, m.num_heads
+    d = E // H
+    if m._qkv_same_embed_dim:
+        weights = m.in_proj_weight.detach().chunk(3)
+    else:
+        weights = (m.q_proj_weight.detach(), m.k_proj_weight.detach(), m.v_proj_weight.detach())
+    biases = m.in_proj_bias.detach().chunk(3) if m.in_proj_bias is not None else (None,) * 3
+    prefix = f"_lrp_{node.name}"
+    graph = gm.graph
+
+    def constant(name, t):
+        if t is None:
+            return None
+        gm.register_buffer(f"{prefix}_{name}", t.clone())
+        return graph.get_attr(f"{prefix}_{name}")
+
+    L, S = query.meta["shape"][1], key.meta["shape"][1]
+    with graph.inserting_before(node):
+        heads = []
+        for name, x, w, b, n in (("q", query, weights[0], biases[0], L), ("k", key, weights[1], biases[1], S),
+                                 ("v", value, weights[2], biases[2], S)):
+            y = graph.call_function(F.linear, (x, constant(f"{name}_weight", w), constant(f"{name}_bias", b)))
+            heads.append(graph.call_method("reshape", (y, (-1, n, H, d))))
+        out, attn = _attention(graph, *heads, 1.0 / math.sqrt(d), None, "nlhd,nshd->nhls", "nhls,nshd->nlhd")
+        out = graph.call_method("reshape", (out, (-1, L, E)))
+        out_proj = m.out_proj
+        out = graph.call_function(F.linear, (out, constant("out_weight", out_proj.weight.detach()),
+                                             constant("out_bias", None if out_proj.bias is None
+                                                      else out_proj.bias.detach())))
+    for user in list(node.users):
+        if user.op != "call_function" or user.target is not operator.getitem:
+            raise UnsupportedOpError(f"{describe_node(user)}: uses nn.MultiheadAttention's output tuple as a whole")
+        if user.args[1] == 0:
+            user.replace_all_uses_with(out)
+        elif user.users:
+            if not need_weights:
+                raise UnsupportedOpError(f"{describe_node(user)}: reads attention weights with need_weights=False")
+            with graph.inserting_before(user):
+                mean = graph.call_method("mean", (attn, 1)) if average else attn
+            user.replace_all_uses_with(mean)
+        graph.erase_node(user)
+    graph.erase_node(node)
+
+
+def decompose_attention(gm: fx.GraphModule) -> int:
+    """Rewrite every attention in `gm` (shapes from a first value propagation) into its parts; returns how many."""
+    count = 0
+    for node in list(gm.graph.nodes):
+        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.MultiheadAttention):
+            _mha(gm, node, gm.get_submodule(node.target))
+            count += 1
+        elif node.op == "call_function" and node.target is F.scaled_dot_product_attention:
+            _sdpa(gm, node)
+            count += 1
+    if count:
+        gm.recompile()
+    return count
