@@ -102,6 +102,7 @@ def _mha(gm: fx.GraphModule, node: fx.Node, m: nn.MultiheadAttention) -> None:
     biases = m.in_proj_bias.detach().chunk(3) if m.in_proj_bias is not None else (None,) * 3
     prefix = f"_lrp_{node.name}"
     graph = gm.graph
+    existing = set(graph.nodes)
 
     def constant(name, t):
         if t is None:
@@ -110,11 +111,13 @@ def _mha(gm: fx.GraphModule, node: fx.Node, m: nn.MultiheadAttention) -> None:
         return graph.get_attr(f"{prefix}_{name}")
 
     L, S = query.meta["shape"][1], key.meta["shape"][1]
+    projections = []
     with graph.inserting_before(node):
         heads = []
         for name, x, w, b, n in (("q", query, weights[0], biases[0], L), ("k", key, weights[1], biases[1], S),
                                  ("v", value, weights[2], biases[2], S)):
             y = graph.call_function(F.linear, (x, constant(f"{name}_weight", w), constant(f"{name}_bias", b)))
+            projections.append(y)
             heads.append(graph.call_method("reshape", (y, (-1, n, H, d))))
         out, attn = _attention(graph, *heads, 1.0 / math.sqrt(d), None, "nlhd,nshd->nhls", "nhls,nshd->nlhd")
         out = graph.call_method("reshape", (out, (-1, L, E)))
@@ -122,6 +125,16 @@ def _mha(gm: fx.GraphModule, node: fx.Node, m: nn.MultiheadAttention) -> None:
         out = graph.call_function(F.linear, (out, constant("out_weight", out_proj.weight.detach()),
                                              constant("out_bias", None if out_proj.bias is None
                                                       else out_proj.bias.detach())))
+        projections.append(out)
+    # the parts belong to the attention module: overrides that name it ("*.self_attention") reach its projections
+    # ("<mha>.in_proj" for the q/k/v projections, "<mha>.out_proj", "<mha>" for the rest)
+    stack = {**(node.meta.get("nn_module_stack") or {}), node.target: (node.target, type(m))}
+    for part in graph.nodes:
+        if part not in existing:
+            part.meta["nn_module_stack"] = stack
+    for proj in projections:
+        path = f"{node.target}.out_proj" if proj is projections[-1] else f"{node.target}.in_proj"
+        proj.meta["nn_module_stack"] = {**stack, path: (path, nn.Linear)}
     for user in list(node.users):
         if user.op != "call_function" or user.target is not operator.getitem:
             raise UnsupportedOpError(f"{describe_node(user)}: uses nn.MultiheadAttention's output tuple as a whole")

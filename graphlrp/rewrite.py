@@ -278,7 +278,7 @@ class Rewriter:
 
     def _is_nonnegative(self, node: fx.Node) -> bool:
         """Sign analysis: which forward values are known ≥ 0 (lets z⁺-type rules skip the negative-input terms)."""
-        if node.op in ("placeholder", "output", "get_attr") or "shape" not in node.meta:
+        if node.op in ("placeholder", "output", "get_attr") or "shape" not in node.meta or not node.meta.get("dynamic"):
             return False
         op = ops.describe(node, self.traced)
         if op is None:
