@@ -22,7 +22,7 @@ from .trace import Traced, describe_node
 CONV, LINEAR, BATCHNORM, ACTIVATION, IDENTITY = "conv", "linear", "batchnorm", "activation", "identity"
 MERGE, BIAS_ADD, SCALE, GATE = "merge", "bias_add", "scale", "gate"
 MAXPOOL, AVGPOOL, RESHAPE, SLICE, PAD, CAT = "maxpool", "avgpool", "reshape", "slice", "pad", "cat"
-PERMUTE, CONST_CAT = "permute", "constant_cat"
+PERMUTE, CONST_CAT, SPLIT, ITEM = "permute", "constant_cat", "split", "item"
 NORM, SOFTMAX, MATMUL = "norm", "softmax", "matmul"
 
 
@@ -339,6 +339,12 @@ def _reshape(node, traced):
 @describes(functions=[operator.getitem])
 def _getitem(node, traced):
     if not is_tensor(node.args[0]):
+        source = node.args[0]
+        if isinstance(source, fx.Node) and source.meta.get("dynamic"):
+            split = describe(source, traced)
+            if split is not None and split.kind == SPLIT:
+                index = value(node.args[1], traced)
+                return Op(ITEM, node, (source,), dict(index=index, **split.params))
         return None
     index = value(node.args[1], traced)
     return Op(SLICE, node, (node.args[0],), dict(index=index if isinstance(index, tuple) else (index,)))
@@ -379,8 +385,6 @@ def _permute(node, traced):
         d0, d1 = value(_arg(node, 1, "dim0"), traced), value(_arg(node, 2, "dim1"), traced)
         order = list(range(rank))
         order[d0 % rank], order[d1 % rank] = order[d1 % rank], order[d0 % rank]
-    if order[0] != 0:
-        raise UnsupportedOpError(f"{describe_node(node)}: a permutation that moves the batch dimension")
     return Op(PERMUTE, node, (node.args[0],), dict(order=tuple(order)))
 
 
@@ -482,3 +486,20 @@ def _matmul(node, traced):
     weights = [_attention_weights(t, traced) for t in (a, b)]
     return Op(MATMUL, node, (a, b), dict(equation=equation, inputs=tuple(ins), output=out,
                                          attention_weights=weights.index(True) if any(weights) else None))
+
+
+@describes(methods=["unbind", "split", "chunk"], functions=[torch.unbind, torch.split, torch.chunk])
+def _split(node, traced):
+    """unbind / split / chunk: a tuple of parts along one dim. Each part's relevance is put back in its place
+    (zeros elsewhere) by the getitem that reads it (ITEM); the tuple passes the sum through (SPLIT)."""
+    x = node.args[0]
+    rank = len(x.meta["shape"])
+    name = node.target if isinstance(node.target, str) else node.target.__name__
+    parts = node.meta.get("value")
+    if parts is None:
+        raise UnsupportedOpError(f"{describe_node(node)}: {name} without a recorded result")
+    if name == "unbind":
+        dim = value(_arg(node, 1, "dim", 0), traced) % rank
+        return Op(SPLIT, node, (x,), dict(dim=dim, sizes=None))
+    dim = value(_arg(node, 2, "dim", 0), traced) % rank
+    return Op(SPLIT, node, (x,), dict(dim=dim, sizes=[p.shape[dim] for p in parts]))

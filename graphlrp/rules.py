@@ -442,13 +442,23 @@ def structural_relevance(ctx) -> list:
     if kind == ops.CAT:
         parts = ctx.call_multi(torch.split, len(p["sizes"]), ctx.R, p["sizes"], p["dim"])
         return list(parts)
+    if kind == ops.SPLIT:
+        return [ctx.R]
+    if kind == ops.ITEM:  # one part of unbind / split / chunk: back in its place, zeros elsewhere
+        if p["sizes"] is None:
+            zeros = ctx.call(torch.zeros_like, ctx.R)
+            count = len(ctx.op.inputs[0].meta["value"])
+            return [ctx.call(torch.stack, [ctx.R if i == p["index"] else zeros for i in range(count)], p["dim"])]
+        before, after = sum(p["sizes"][:p["index"]]), sum(p["sizes"][p["index"] + 1:])
+        pad = [0, 0] * (len(ctx.op.out_shape) - 1 - p["dim"]) + [before, after]
+        return [ctx.call(F.pad, ctx.R, tuple(pad))]
     if kind == ops.PERMUTE:
         inverse = sorted(range(len(p["order"])), key=lambda i: p["order"][i])
         return [ctx.call(torch.permute, ctx.R, tuple(inverse))]
     raise AssertionError(kind)
 
 
-STRUCTURAL = (ops.RESHAPE, ops.PAD, ops.SLICE, ops.CAT, ops.PERMUTE)
+STRUCTURAL = (ops.RESHAPE, ops.PAD, ops.SLICE, ops.CAT, ops.PERMUTE, ops.SPLIT, ops.ITEM)
 
 
 # ------------------------------------------------------------------------------------------ transformers
