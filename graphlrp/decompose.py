@@ -160,6 +160,173 @@ def decompose_attention(gm: fx.GraphModule) -> int:
         elif node.op == "call_function" and node.target is F.scaled_dot_product_attention:
             _sdpa(gm, node)
             count += 1
+        elif node.op == "call_function" and node.meta.get("dynamic") and is_wrapped_function(node.target):
+            from .ops import value
+            from .trace import Traced
+
+            inline_wrapped(gm, node, lambda a: value(a, Traced(gm, None)))
+            count += 1
     if count:
         gm.recompile()
     return count
+
+
+# ------------------------------------------------------------------------------------------------ wrapped functions
+_DUNDER = {"__add__": operator.add, "__radd__": operator.add, "__mul__": operator.mul, "__rmul__": operator.mul,
+           "__sub__": operator.sub, "__truediv__": operator.truediv, "__matmul__": operator.matmul,
+           "__getitem__": operator.getitem, "__neg__": operator.neg}
+
+
+# results that depend on an input-dependent tensor's size only, which is fixed at compile time
+_SIZE_ONLY = {"new_zeros", "new_ones", "new_full", "new_empty", "zeros_like", "ones_like", "full_like",
+              "empty_like", "size", "dim", "numel"}
+
+
+def is_wrapped_function(target) -> bool:
+    """A function registered with torch.fx.wrap: fx keeps it as one opaque call (torchvision's Swin attention)."""
+    from torch.fx import _symbolic_trace
+
+    globals_ = getattr(target, "__globals__", None)
+    return globals_ is not None and (id(globals_), getattr(target, "__name__", "")) in \
+        _symbolic_trace._wrapped_fns_to_patch
+
+
+class _Recorder(torch.overrides.TorchFunctionMode):
+    """Runs a function on example tensors and records, as fx nodes, every torch call that touches a tensor
+    derived from the function's input. Sizes and Python control flow resolve to the example's concrete values
+    (the explainer is compiled for one input size); tensors computed from constants alone (a shifted-window mask)
+    are computed now and enter the graph as constants."""
+
+    def __init__(self, gm: fx.GraphModule, env: dict, constants: dict, where: fx.Node):
+        super().__init__()
+        self.gm, self.env, self.constants, self.where, self.keep = gm, env, constants, where, []
+
+    def _arg(self, a):
+        if isinstance(a, torch.Tensor):
+            if id(a) in self.env:
+                return self.env[id(a)]
+            if id(a) in self.constants:
+                return self.constants[id(a)]
+            name = f"_lrp_const_{self.where.name}_{len(self.keep)}"
+            self.gm.register_buffer(name, a.detach().clone())
+            self.keep.append(a)
+            return self.gm.graph.get_attr(name)
+        if isinstance(a, (list, tuple)):
+            return type(a)(self._arg(x) for x in a)
+        if isinstance(a, dict):
+            return {k: self._arg(v) for k, v in a.items()}
+        return a
+
+    def _touches_input(self, obj) -> bool:
+        if isinstance(obj, torch.Tensor):
+            return id(obj) in self.env
+        if isinstance(obj, (list, tuple)):
+            return any(self._touches_input(x) for x in obj)
+        if isinstance(obj, dict):
+            return any(self._touches_input(x) for x in obj.values())
+        return False
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        name = getattr(func, "__name__", "")
+        if name in _SIZE_ONLY or not (self._touches_input(args) or self._touches_input(kwargs)):
+            return out  # a constant: computed now
+        if not isinstance(out, (torch.Tensor, tuple, list)) or (
+                isinstance(out, (tuple, list)) and not any(isinstance(o, torch.Tensor) for o in out)):
+            return out  # sizes, dims: concrete values
+        if name.endswith("_") and not name.startswith("_") or name.startswith("__i") or name == "__setitem__":
+            raise UnsupportedOpError(f"{describe_node(self.where)}: in-place {name} on an input-dependent tensor")
+        graph = self.gm.graph
+        fargs, fkwargs = self._arg(args), self._arg(kwargs)
+        if name in _DUNDER:
+            node = graph.call_function(_DUNDER[name], fargs, fkwargs)
+        elif getattr(torch.Tensor, name, None) is func:
+            node = graph.call_method(name, fargs, fkwargs)
+        else:
+            node = graph.call_function(func, fargs, fkwargs)
+        if isinstance(out, torch.Tensor):
+            self.env[id(out)] = node
+            node.meta.update(shape=tuple(out.shape), dtype=out.dtype, dynamic=True)  # until value propagation
+        else:
+            node.meta["dynamic"] = True
+            for i, o in enumerate(out):
+                if isinstance(o, torch.Tensor):
+                    item = graph.call_function(operator.getitem, (node, i))
+                    item.meta.update(shape=tuple(o.shape), dtype=o.dtype, dynamic=True)
+                    self.env[id(o)] = item
+        self.keep.append(out)
+        return out
+
+
+def _record(gm: fx.GraphModule, node: fx.Node, value_of, batch: int):
+    """Run node's function on examples with the given batch size under a _Recorder; (recorded nodes, output)."""
+    env, constants, examples = {}, {}, []
+
+    def example(a):
+        if isinstance(a, fx.Node):
+            if a.meta.get("dynamic"):
+                shape = a.meta["shape"]
+                t = torch.randn((shape[0] * batch, *shape[1:]))
+                env[id(t)] = a
+            else:
+                t = value_of(a)
+                constants[id(t)] = a
+            examples.append(t)
+            return t
+        if isinstance(a, (list, tuple)):
+            return type(a)(example(x) for x in a)
+        return a
+
+    args = tuple(example(a) for a in node.args)
+    kwargs = {k: example(v) for k, v in node.kwargs.items()}
+    before = set(gm.graph.nodes)
+    recorder = _Recorder(gm, env, constants, node)
+    with gm.graph.inserting_before(node), torch.no_grad(), recorder:
+        out = node.target(*args, **kwargs)
+    if not isinstance(out, torch.Tensor) or id(out) not in env:
+        raise UnsupportedOpError(f"{describe_node(node)}: its result does not depend on its input")
+    return [n for n in gm.graph.nodes if n not in before], env[id(out)]
+
+
+def _ints(args) -> list:
+    flat = []
+    fx.node.map_aggregate(args, lambda a: flat.append(a) if isinstance(a, int) and not isinstance(a, bool) else a)
+    return flat
+
+
+def inline_wrapped(gm: fx.GraphModule, node: fx.Node, value_of) -> None:
+    """Replace a call of an fx-wrapped function by the torch ops it runs for this input size. It is recorded at
+    batch 1 and 2: integer arguments that follow the batch size (view(B, ...), B·windows) become B·k computed
+    from the input in the graph, so the explainer keeps a free batch size."""
+    nodes, out = _record(gm, node, value_of, 1)
+    probe, _ = _record(gm, node, value_of, 2)
+    if len(probe) != len(nodes):
+        raise UnsupportedOpError(f"{describe_node(node)}: runs different ops at another batch size")
+    batch_size = None
+    source = next(a for a in node.all_input_nodes if a.meta.get("dynamic"))
+    for mine, other in zip(nodes, probe):
+        ones, twos = _ints((mine.args, mine.kwargs)), _ints((other.args, other.kwargs))
+        if ones == twos:
+            continue
+        if len(ones) != len(twos) or any(b not in (a, 2 * a) for a, b in zip(ones, twos)):
+            raise UnsupportedOpError(f"{describe_node(node)}: a size that is not a multiple of the batch size")
+        if batch_size is None:
+            with gm.graph.inserting_before(nodes[0]):
+                batch_size = gm.graph.call_method("size", (source, 0))
+        scaled = iter([(a, b) for a, b in zip(ones, twos)])
+
+        def replace(a):
+            if isinstance(a, int) and not isinstance(a, bool):
+                one, two = next(scaled)
+                if two == 2 * one and one != two:
+                    with gm.graph.inserting_before(mine):
+                        return batch_size if one == 1 else gm.graph.call_function(operator.mul, (batch_size, one))
+            return a
+
+        mine.args = fx.node.map_aggregate(mine.args, replace)
+        mine.kwargs = fx.node.map_aggregate(mine.kwargs, replace)
+    for n in reversed(probe):
+        gm.graph.erase_node(n)
+    node.replace_all_uses_with(out)
+    gm.graph.erase_node(node)

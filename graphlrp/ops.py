@@ -22,8 +22,8 @@ from .trace import Traced, describe_node
 CONV, LINEAR, BATCHNORM, ACTIVATION, IDENTITY = "conv", "linear", "batchnorm", "activation", "identity"
 MERGE, BIAS_ADD, SCALE, GATE = "merge", "bias_add", "scale", "gate"
 MAXPOOL, AVGPOOL, RESHAPE, SLICE, PAD, CAT = "maxpool", "avgpool", "reshape", "slice", "pad", "cat"
-PERMUTE, CONST_CAT, SPLIT, ITEM = "permute", "constant_cat", "split", "item"
-NORM, SOFTMAX, MATMUL = "norm", "softmax", "matmul"
+PERMUTE, CONST_CAT, SPLIT, ITEM, ROLL = "permute", "constant_cat", "split", "item", "roll"
+NORM, SOFTMAX, MATMUL, REDUCE = "norm", "softmax", "matmul", "reduce"
 
 
 @dataclass
@@ -107,6 +107,8 @@ def value(arg, traced: Traced):
         raise UnsupportedOpError(f"{describe_node(arg)} must be a compile-time constant here")
     if isinstance(arg, (list, tuple)):
         return type(arg)(value(a, traced) for a in arg)
+    if isinstance(arg, slice):
+        return slice(value(arg.start, traced), value(arg.stop, traced), value(arg.step, traced))
     return arg
 
 
@@ -323,10 +325,14 @@ def _mean(node, traced):
     shape = node.args[0].meta["shape"]
     dims = value(_arg(node, 1, "dim"), traced)
     dims = tuple(d % len(shape) for d in ((dims,) if isinstance(dims, int) else dims))
-    if len(shape) != 4 or sorted(dims) != [2, 3]:
-        raise UnsupportedOpError(f"{describe_node(node)}: mean over dims {dims} (only spatial means are supported)")
-    op = _avgpool(node, shape[-2:], shape[-2:])
-    return op
+    if len(shape) == 4 and sorted(dims) == [2, 3]:
+        return _avgpool(node, shape[-2:], shape[-2:])
+    if 0 in dims:
+        raise UnsupportedOpError(f"{describe_node(node)}: mean over the batch dimension")
+    keepdim = bool(value(_arg(node, 2, "keepdim", False), traced))
+    kept = tuple(1 if d in dims else n for d, n in enumerate(shape))
+    return Op(REDUCE, node, (node.args[0],), dict(dims=tuple(sorted(dims)), keepdim=keepdim, kept_shape=kept,
+                                                  count=int(torch.tensor([shape[d] for d in dims]).prod())))
 
 
 # ---------------------------------------------------------------- structure
@@ -503,3 +509,32 @@ def _split(node, traced):
         return Op(SPLIT, node, (x,), dict(dim=dim, sizes=None))
     dim = value(_arg(node, 2, "dim", 0), traced) % rank
     return Op(SPLIT, node, (x,), dict(dim=dim, sizes=[p.shape[dim] for p in parts]))
+
+
+@describes(functions=[torch.roll], methods=["roll"])
+def _roll(node, traced):
+    shifts, dims = value(_arg(node, 1, "shifts"), traced), value(_arg(node, 2, "dims"), traced)
+    if dims is None:
+        raise UnsupportedOpError(f"{describe_node(node)}: roll of the flattened tensor (no dims)")
+    shifts = tuple(shifts) if isinstance(shifts, (list, tuple)) else (shifts,)
+    dims = tuple(dims) if isinstance(dims, (list, tuple)) else (dims,)
+    if any(d % len(node.meta["shape"]) == 0 for d in dims):
+        raise UnsupportedOpError(f"{describe_node(node)}: roll along the batch dimension")
+    return Op(ROLL, node, (node.args[0],), dict(shifts=shifts, dims=dims))
+
+
+def _stochastic_depth_functions():
+    try:
+        from torchvision.ops import stochastic_depth
+        from torchvision.ops.stochastic_depth import StochasticDepth
+    except ImportError:  # pragma: no cover
+        return (), ()
+    return (stochastic_depth,), (StochasticDepth,)
+
+
+@describes(functions=_stochastic_depth_functions()[0], modules=_stochastic_depth_functions()[1])
+def _stochastic_depth(node, traced):
+    """Stochastic depth in eval mode is the identity."""
+    if node.op == "call_function" and value(_arg(node, 3, "training", True), traced):
+        raise UnsupportedOpError(f"{describe_node(node)}: stochastic depth in training mode; call model.eval()")
+    return Op(IDENTITY, node, (node.args[0],))

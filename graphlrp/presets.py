@@ -40,7 +40,7 @@ CATEGORY_KINDS = {
     "batchnorm": (ops.BATCHNORM,),
     "activation": (ops.ACTIVATION,),
     "maxpool": (ops.MAXPOOL,),
-    "avgpool": (ops.AVGPOOL,),
+    "avgpool": (ops.AVGPOOL, ops.REDUCE),
     "merge": (ops.MERGE,),
     "constant_add": (ops.BIAS_ADD,),
     "scale": (ops.SCALE,),

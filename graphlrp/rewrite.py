@@ -212,10 +212,13 @@ class RuleContext:
         index += [slice(None)] * (len(in_shape) - len(index))
         if any(e is None or not isinstance(e, (int, slice)) for e in index) or len(index) != len(in_shape):
             raise UnsupportedOpError(f"{describe_node(node)}: indexing {tuple(index)} has no relevance rule")
-        if index[0] != slice(None):
+        batch_dims = self.op.inputs[0].meta.get("batch_dims", (0,))
+        if any(index[d] != slice(None) for d in batch_dims):
             raise UnsupportedOpError(f"{describe_node(node)}: indexing the batch dimension")
         out = R
-        for d in range(len(in_shape) - 1, 0, -1):
+        for d in range(len(in_shape) - 1, -1, -1):
+            if d in batch_dims:
+                continue
             e, size = index[d], in_shape[d]
             pos = sum(isinstance(x, slice) for x in index[:d])
             if isinstance(e, int):

@@ -354,12 +354,14 @@ def avg2x2_rule(ctx, epsilon=1e-5, stabilizer="add"):
     return _pool_z_rule(ctx, (2, 2), (2, 2), (0, 0), False, epsilon, stabilizer)
 
 
-@rule("z", (ops.AVGPOOL,))
+@rule("z", (ops.AVGPOOL, ops.REDUCE))
 def z_pool_rule(ctx, epsilon=1e-6, stabilizer="signed", dead_units="drop"):
-    """z-rule for average pooling: R_in = a ⊙ poolᵀ(R / stab(pool(a))); reuses the forward output.
-    dead_units='spread': a window whose average is ~0 (|z| ≤ ε) spreads its relevance evenly over its inputs
-    instead of dropping it, and every other window divides by z itself: relevance is conserved."""
+    """z-rule for average pooling and means over any dims: R_in = a ⊙ poolᵀ(R / stab(pool(a))); reuses the
+    forward output. dead_units='spread': a window whose average is ~0 (|z| ≤ ε) spreads its relevance evenly over
+    its inputs instead of dropping it, and every other window divides by z itself: relevance is conserved."""
     p = ctx.op.params
+    if ctx.op.kind == ops.REDUCE:
+        return _mean_z_rule(ctx, epsilon, stabilizer, dead_units)
     geometry = (p["kernel"], p["stride"], p["padding"], p["ceil_mode"], p["count_include_pad"])
     z = ctx.forward_output
     if dead_units == "drop":
@@ -378,6 +380,25 @@ def z_pool_rule(ctx, epsilon=1e-6, stabilizer="signed", dead_units="drop"):
     if not torch.allclose(ones_avg, torch.ones_like(ones_avg)):
         flat = ctx.call(torch.mul, flat, 1.0 / ones_avg)
     return [ctx.call(torch.add, live, ctx.avgpool_transpose(flat, *geometry))]
+
+
+def _mean_z_rule(ctx, epsilon, stabilizer, dead_units):
+    p = ctx.op.params
+    z = ctx.forward_output
+    R = ctx.R
+    if not p["keepdim"]:
+        z = ctx.call(torch.reshape, z, (-1, *p["kept_shape"][1:]))
+        R = ctx.call(torch.reshape, R, (-1, *p["kept_shape"][1:]))
+    if dead_units == "drop":
+        s = ctx.call(torch.div, R, stabilize(ctx, z, epsilon, stabilizer))
+        return [ctx.call(torch.mul, ctx.a, ctx.call(torch.mul, s, 1.0 / p["count"]))]
+    if dead_units != "spread":
+        raise PresetError(f"dead_units must be 'drop' or 'spread', got {dead_units!r}")
+    dead = ctx.call(torch.le, ctx.call(torch.abs, z), float(epsilon))
+    s = ctx.call(torch.where, dead, 0.0, ctx.call(torch.div, R, ctx.call(torch.where, dead, 1.0, z)))
+    live = ctx.call(torch.mul, ctx.a, ctx.call(torch.mul, s, 1.0 / p["count"]))
+    flat = ctx.call(torch.mul, ctx.call(torch.where, dead, R, 0.0), 1.0 / p["count"])
+    return [ctx.call(torch.add, live, flat)]
 
 
 # ------------------------------------------------------------------------------------------ merges
@@ -452,13 +473,15 @@ def structural_relevance(ctx) -> list:
         before, after = sum(p["sizes"][:p["index"]]), sum(p["sizes"][p["index"] + 1:])
         pad = [0, 0] * (len(ctx.op.out_shape) - 1 - p["dim"]) + [before, after]
         return [ctx.call(F.pad, ctx.R, tuple(pad))]
+    if kind == ops.ROLL:
+        return [ctx.call(torch.roll, ctx.R, tuple(-k for k in p["shifts"]), p["dims"])]
     if kind == ops.PERMUTE:
         inverse = sorted(range(len(p["order"])), key=lambda i: p["order"][i])
         return [ctx.call(torch.permute, ctx.R, tuple(inverse))]
     raise AssertionError(kind)
 
 
-STRUCTURAL = (ops.RESHAPE, ops.PAD, ops.SLICE, ops.CAT, ops.PERMUTE, ops.SPLIT, ops.ITEM)
+STRUCTURAL = (ops.RESHAPE, ops.PAD, ops.SLICE, ops.CAT, ops.PERMUTE, ops.SPLIT, ops.ITEM, ops.ROLL)
 
 
 # ------------------------------------------------------------------------------------------ transformers

@@ -118,6 +118,28 @@ class ValueProp(fx.Interpreter):
         return result
 
 
+def _probe_batch_dims(gm: fx.GraphModule, example_input: torch.Tensor) -> None:
+    """node.meta["batch_dims"]: the dims of each tensor whose size follows the batch size (found by a second run
+    at batch 2), so rules can tell a batch dim from one that only happens to lead (Swin's q/k/v axis)."""
+    shapes = {}
+
+    class Probe(fx.Interpreter):
+        def run_node(self, n):
+            result = super().run_node(n)
+            if isinstance(result, torch.Tensor):
+                shapes[n] = tuple(result.shape)
+            return result
+
+    try:
+        with torch.no_grad():
+            Probe(gm).run(example_input[:1].expand(2, *example_input.shape[1:]).clone())
+    except Exception:  # a model that only runs at batch 1: every leading dim is taken for the batch
+        return
+    for n, shape in shapes.items():
+        if "shape" in n.meta and len(n.meta["shape"]) == len(shape):
+            n.meta["batch_dims"] = tuple(i for i, (a, b) in enumerate(zip(n.meta["shape"], shape)) if a != b)
+
+
 @dataclass
 class Traced:
     """A functional, shape-annotated fx graph of the model plus the example input it was specialised on."""
@@ -202,6 +224,7 @@ def trace(model: torch.nn.Module, example_input: torch.Tensor) -> Traced:
     if decompose_attention(gm):
         with torch.no_grad():
             out = ValueProp(gm).run(example_input[:1])
+    _probe_batch_dims(gm, example_input)
     if not isinstance(out, torch.Tensor) or out.dim() != 2:
         raise TraceError("the model must return one logits tensor of shape [N, classes]")
     return Traced(gm, example_input[:1].detach().clone())

@@ -459,3 +459,34 @@ def test_products_need_a_rule_that_fits():
     assert torch.isfinite(relevance).all()
     with pytest.raises(UnsupportedOpError, match="attention weights"):
         graphlrp.compile(net, x[:1], rules="cp-lrp")(x)
+
+
+# ------------------------------------------------------------------------------------------------ model families
+def small_models():
+    """Small configurations of the architectures the presets are for (the full-size ones in the slow test)."""
+    import timm
+
+    torch.manual_seed(0)
+    yield "torchvision swin", torchvision.models.SwinTransformer(
+        patch_size=[4, 4], embed_dim=16, depths=[2, 2], num_heads=[1, 2], window_size=[4, 4], num_classes=10), 32
+    for name in ("vit_tiny_patch16_224", "deit_tiny_patch16_224"):
+        yield f"timm {name}", timm.create_model(name, pretrained=False, img_size=32, patch_size=8, depth=2), 32
+    yield "timm swin", timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=56,
+                                         embed_dim=16, depths=(2, 2), num_heads=(1, 2)), 56
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_model_families_compile_and_conserve(preset):
+    """Swin (shifted windows: torchvision's fx-wrapped attention is inlined for the compile size, roll, window
+    partition by view/permute), timm's ViT and DeiT (forward(x, attn_mask=None), fused attention, unbind): the
+    forward is reproduced at batch 3 with mixed targets, and cp-lrp-conserving conserves."""
+    for name, model, size in small_models():
+        model.eval()
+        x = torch.randn(3, 3, size, size)
+        logits, relevance, taps = graphlrp.compile(model, x[:1], rules=preset).explain_with_taps(
+            x, torch.tensor([-1, 4, 2]))
+        with torch.no_grad():
+            assert rel(logits, model(x)) <= 1e-4, name
+        assert relevance.shape == x.shape and torch.isfinite(relevance).all(), name
+        if preset == "cp-lrp-conserving":
+            assert ((taps["input"] / taps["output"]) - 1).abs().max() <= 1e-3, name
