@@ -490,3 +490,31 @@ def test_model_families_compile_and_conserve(preset):
         assert relevance.shape == x.shape and torch.isfinite(relevance).all(), name
         if preset == "cp-lrp-conserving":
             assert ((taps["input"] / taps["output"]) - 1).abs().max() <= 1e-3, name
+
+
+def test_cli_compiles_and_explains_a_vit(tmp_path, capsys):
+    """`graphlrp compile` picks cp-lrp for a model with attention; `explain` writes the heatmap at the input image
+    size from the exported file, and the runtime (onnxruntime only) serves the same relevance."""
+    from PIL import Image
+
+    from graphlrp.cli import main
+
+    factory = tmp_path / "tinyvit.py"
+    factory.write_text(
+        "import torch, torchvision\n"
+        "def make():\n"
+        "    torch.manual_seed(0)\n"
+        "    m = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2,\n"
+        "                                             hidden_dim=32, mlp_dim=64, num_classes=10)\n"
+        "    torch.nn.init.normal_(m.heads.head.weight, std=0.3)\n"
+        "    return m\n")
+    out = tmp_path / "vit-lrp.onnx"
+    assert main(["compile", f"{factory}:make", "--weights", "none", "--input-size", "32", "-o", str(out)]) == 0
+    assert "preset    cp-lrp" in capsys.readouterr().out
+    image = tmp_path / "cat.png"
+    Image.fromarray((torch.rand(40, 48, 3) * 255).byte().numpy()).save(image)
+    assert main(["explain", str(out), str(image), "-o", str(tmp_path / "out")]) == 0
+    heatmap = Image.open(tmp_path / "out" / "cat_heatmap.png")
+    assert heatmap.size[0] > 0
+    explained = graphlrp.load(str(out)).explain(torch.randn(1, 3, 32, 32).numpy())
+    assert explained[0].relevance.shape[-2:] == (32, 32)
