@@ -214,9 +214,10 @@ def _bn_function(node, traced):
 
 
 # ---------------------------------------------------------------- elementwise
-@describes(modules=[nn.ReLU, nn.LeakyReLU, nn.SiLU, nn.GELU, nn.ELU, nn.ReLU6, nn.Hardswish],
-           functions=[F.relu, torch.relu, F.leaky_relu, F.silu, F.gelu, F.elu, F.relu6, F.hardswish],
-           methods=["relu"])
+@describes(modules=[nn.ReLU, nn.LeakyReLU, nn.SiLU, nn.GELU, nn.ELU, nn.ReLU6, nn.Hardswish, nn.Tanh, nn.Mish],
+           functions=[F.relu, torch.relu, F.leaky_relu, F.silu, F.gelu, F.elu, F.relu6, F.hardswish, torch.tanh,
+                      F.tanh, F.mish],
+           methods=["relu", "tanh"])
 def _activation(node, traced):
     return Op(ACTIVATION, node, (node.args[0],))
 

@@ -101,7 +101,7 @@ REFERENCE_RULES = {
     "cp-lrp": dict(bias=True, softmax="constant", product="values", split="signed", pos="proportional", cls="drop",
                    eps=1e-6, inner=1e-9),
     "cp-lrp-conserving": dict(bias=False, softmax="constant", product="values", split="ratio", pos="pass",
-                              cls="spread", eps=1e-6, inner=1e-6),
+                              cls="spread", eps=1e-9, inner=1e-9),
 }
 
 
@@ -473,12 +473,16 @@ def small_models():
         yield f"timm {name}", timm.create_model(name, pretrained=False, img_size=32, patch_size=8, depth=2), 32
     yield "timm swin", timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=56,
                                          embed_dim=16, depths=(2, 2), num_heads=(1, 2)), 56
+    yield "torchvision maxvit", torchvision.models.maxvit.MaxVit(
+        input_size=(64, 64), stem_channels=16, partition_size=4, block_channels=[16, 32], block_layers=[1, 1],
+        head_dim=8, stochastic_depth_prob=0.0, num_classes=10), 64
 
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_model_families_compile_and_conserve(preset):
     """Swin (shifted windows: torchvision's fx-wrapped attention is inlined for the compile size, roll, window
-    partition by view/permute), timm's ViT and DeiT (forward(x, attn_mask=None), fused attention, unbind): the
+    partition by view/permute), MaxViT (MBConv with squeeze-excitation, block and grid attention), timm's ViT and
+    DeiT (forward(x, attn_mask=None), fused attention, unbind): the
     forward is reproduced at batch 3 with mixed targets, and cp-lrp-conserving conserves."""
     for name, model, size in small_models():
         model.eval()
@@ -518,3 +522,20 @@ def test_cli_compiles_and_explains_a_vit(tmp_path, capsys):
     assert heatmap.size[0] > 0
     explained = graphlrp.load(str(out)).explain(torch.randn(1, 3, 32, 32).numpy())
     assert explained[0].relevance.shape[-2:] == (32, 32)
+
+
+@pytest.mark.slow
+def test_vit_b_16_cp_lrp_matches_lxt():
+    """The acceptance comparison at full size: torchvision's vit_b_16 (random weights, seeded; the zero-initialised
+    head drawn randomly so that logits are not all 0), one image, LXT's patches with Zennit's ε = 1e-6."""
+    from lxt_reference import lxt_cp_lrp
+
+    torch.manual_seed(0)
+    model = torchvision.models.vit_b_16().eval()
+    nn.init.normal_(model.heads.head.weight, std=0.02)
+    x, target = torch.randn(1, 3, 224, 224), torch.tensor([281])
+    _, lxt_relevance = lxt_cp_lrp(model, x, target, epsilon=1e-6)
+    _, relevance = graphlrp.compile(model, x, rules="cp-lrp")(x, target)
+    difference = rel(relevance, lxt_relevance)
+    print(f"\nvit_b_16 cp-lrp vs LXT: max |difference| / max |R_LXT| = {difference:.2e}")
+    assert difference <= 1e-3
