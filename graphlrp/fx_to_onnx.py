@@ -114,6 +114,8 @@ class OnnxGraph:
         self.scope = "n"  # the fx node being converted: names its ONNX nodes
         self.out_shape: tuple = ()  # shape and dtype of its output in the example run
         self.out_dtype: torch.dtype = torch.float32
+        self.batch_input: str | None = None  # the first input's name: where the run-time batch size is read
+        self._batch_size: str | None = None
 
     # names -------------------------------------------------------------------------------------------
     def fresh(self, hint: str) -> str:
@@ -188,6 +190,15 @@ class OnnxGraph:
         return self._recipes[key]
 
     # helpers shared by converters ----------------------------------------------------------------------
+    def batch_size(self) -> str:
+        """The batch size of the first input at run time, as a 1-element int64 tensor (computed once)."""
+        if self._batch_size is None:
+            scope, self.scope = self.scope, "batch_size"
+            shape = self.op("Shape", [self.batch_input])
+            self._batch_size = self.op("Slice", [shape, self.ints([0]), self.ints([1])])
+            self.scope = scope
+        return self._batch_size
+
     def cast(self, v, dtype: torch.dtype) -> str:
         if isinstance(v, Value) and v.dtype != dtype:
             return self.op("Cast", [v], to=onnx_type(dtype))
@@ -221,6 +232,7 @@ class _Lowering(fx.Interpreter):
         self.g, self.input_names = g, list(input_names)
         self.values: dict = {}
         self.dynamic: set = set()
+        self.sizes: set = set()  # non-tensor values read from input-dependent tensors (sizes)
         self._placeholders = 0
 
     def run_node(self, n: fx.Node):
@@ -239,6 +251,7 @@ class _Lowering(fx.Interpreter):
             name = self.input_names[self._placeholders]
             self._placeholders += 1
             g._used_names.add(name)
+            g.batch_input = g.batch_input or name
             self.dynamic.add(n)
             return Value(name, tuple(result.shape), result.dtype, True)
         if n.op == "output":
@@ -248,7 +261,12 @@ class _Lowering(fx.Interpreter):
             if dynamic and isinstance(result, (tuple, list)) and any(isinstance(r, torch.Tensor) for r in result):
                 pass  # a multi-output op (max-pool with indices, split): converted below
             else:
+                if dynamic or any(a in self.sizes for a in n.all_input_nodes):
+                    self.sizes.add(n)
                 return result  # sizes, shapes, flags: compile-time values
+        if not dynamic and isinstance(result, torch.Tensor) and result.dim() and result.shape[0] == g.batch \
+                and any(a in self.sizes for a in n.all_input_nodes):
+            dynamic = True  # a constant expanded to the input's batch size (a class token): written, not folded
         if not dynamic:
             if n.op == "get_attr":
                 return Value(None, tuple(result.shape), result.dtype, False, result,
@@ -587,6 +605,9 @@ def _flipped_kernel(g, w: Value, groups: int):
 def _expand(g, x, *sizes):
     sizes = sizes[0] if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)) else sizes
     target = [1 if (i == 0 and x.batched) or s == -1 else s for i, s in enumerate(sizes)]
+    if not x.batched and g.batch != 1 and sizes and sizes[0] == g.batch and len(sizes) == x.rank \
+            and x.shape[0] == 1:  # a constant (class token) expanded to the batch size: the input's, at run time
+        return g.op("Expand", [x, g.op("Concat", [g.batch_size(), g.ints(target[1:])], axis=0)])
     return g.op("Expand", [x, g.ints(target)])
 
 

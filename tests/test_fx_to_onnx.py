@@ -294,3 +294,20 @@ def test_stochastic_depth_is_the_identity_in_eval_mode():
             return x + self.sd(x * 2) + torchvision_ops.stochastic_depth(x, 0.5, "row", training=False)
 
     check_module(Block().eval(), (3, 4, 4))
+
+
+class ClassToken(nn.Module):
+    """torchvision ViT's class token: a parameter expanded to the batch size read from the input, then
+    concatenated with the tokens; the batch size comes from the input at run time, not the example's."""
+
+    def __init__(self):
+        super().__init__()
+        self.class_token = nn.Parameter(torch.randn(1, 1, 6))
+
+    def forward(self, x):  # x: [N, 4, 6]
+        n = x.shape[0]
+        return torch.cat([self.class_token.expand(n, -1, -1), x], dim=1) * 2
+
+
+def test_class_token_expanded_to_the_batch_size():
+    check_module(ClassToken().eval(), (4, 6))
