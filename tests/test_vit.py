@@ -539,3 +539,26 @@ def test_vit_b_16_cp_lrp_matches_lxt():
     difference = rel(relevance, lxt_relevance)
     print(f"\nvit_b_16 cp-lrp vs LXT: max |difference| / max |R_LXT| = {difference:.2e}")
     assert difference <= 1e-3
+
+
+@pytest.mark.parametrize("name", ["torchvision swin", "timm swin", "torchvision maxvit"])
+def test_windowed_models_export_at_any_batch_size(name, tmp_path):
+    """Swin's windows share dim 0 with the batch (B·windows) and MaxViT swaps axes: the exported file, written at
+    batch 2, gives at batch 3 what the graph gives in float64 (as close as PyTorch's own float32 run)."""
+    import copy
+
+    import onnxruntime as ort
+
+    model, size = next((m, s) for n, m, s in small_models() if n == name)
+    model.eval()
+    explainer = graphlrp.compile(model, torch.randn(1, 3, size, size), rules="cp-lrp")
+    path = tmp_path / "m.onnx"
+    explainer.export_onnx(path)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x, target = torch.randn(3, 3, size, size), torch.tensor([1, -1, 3])
+    logits, relevance = session.run(None, {"input": x.numpy(), "target": target.numpy()})
+    with torch.no_grad():
+        ref_logits, ref = copy.deepcopy(explainer.graph_module).double()(x.double(), target)
+    _, pytorch = explainer(x, target)
+    assert rel(torch.from_numpy(logits), ref_logits) <= 1e-4
+    assert rel(torch.from_numpy(relevance), ref) <= max(1e-4, 2 * rel(pytorch, ref))
