@@ -2,7 +2,8 @@
 
 Contract: inputs `input` float32 [N, C, H, W] and `target` int64 [N] (-1 = the sample's top-1 prediction);
 outputs `logits` float32 [N, K] and `relevance` float32 [N, C, H, W]; batch dynamic. metadata_props carry what a
-runtime needs to preprocess images and label results (see `METADATA_KEYS`).
+runtime needs to preprocess images and label results (see `METADATA_KEYS`). The graph is written from the
+explainer's fx graph by `graphlrp.fx_to_onnx` (no torch.onnx exporter), each model weight stored once.
 """
 from __future__ import annotations
 

@@ -38,7 +38,7 @@ def measure(tree: Path, arch: str, preset: str, path: str, threads: int) -> dict
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=3600)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if out.returncode != 0:
-        return {"error": (out.stderr.strip().splitlines() or ["?"])[-1][:200]}
+        return {"error": f"exit {out.returncode}: " + (out.stderr.strip().splitlines() or [""])[-1][:200]}
     result = json.loads(out.stdout.strip().splitlines()[-1])
     # CPU seconds of the whole child (imports, model build, compile, export, checks): on a shared machine far
     # steadier than wall time, which grows with every other job

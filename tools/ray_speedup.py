@@ -99,8 +99,8 @@ def main_(rounds: int, explain_images: int, curve_images: int) -> None:
                 times[(name, config)].append(time.perf_counter() - t)
     med = {k: statistics.median(v) for k, v in times.items()}
     lines = ["# `--ray` with 1 and 2 workers on this machine", "",
-             f"`python tools/ray_speedup.py --rounds {rounds}`: medians of {rounds} interleaved rounds; Ray started "
-             "once before timing (its start-up is not included).", "",
+             f"`python tools/ray_speedup.py {' '.join(sys.argv[1:])}`: medians of {rounds} interleaved rounds; "
+             "Ray started once before timing (its start-up is not included).", "",
              f"- machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; Ray resources "
              f"{ {k: v for k, v in resources.items() if k in ('CPU', 'GPU')} }; 1 thread per Ray worker",
              f"- explain: ResNet-18 at 224², {explain_images} PNG images of 256², batch 8, CPU",

@@ -64,7 +64,7 @@ def run(args) -> int:
         print(f"[{i + 1}/{len(todo)}] {source}:{name} {r.status} {r.error}", file=sys.stderr, flush=True)
         del model
         with open(args.output, "w") as f:  # rewritten as it goes: a long run leaves a usable partial report
-            f.write(cov.markdown(results, "graphlrp coverage " + " ".join(sys.argv[2:]), args.rules))
+            f.write(cov.markdown(results, "graphlrp coverage " + " ".join(sys.argv[2:]), args.rules, len(todo)))
     ok = sum(r.status == "ok" for r in results)
     print(f"{ok} of {len(results)} models ok; report: {args.output}")
     return 0

@@ -118,3 +118,14 @@ def _neg(node, traced):
 
 
 _ = value  # re-exported helper kept for describers added here
+
+
+@describes(functions=[torch.addcmul], methods=["addcmul"])
+def _addcmul(node, traced):
+    """input + value·t1·t2 (ConvNeXt-V2's GRN: bias + weight·(x·x_n)): with one input-dependent term it is a scale
+    of that term plus a constant, or the input plus a constant."""
+    x, t1, t2 = node.args[0], arg(node, 1, "tensor1"), arg(node, 2, "tensor2")
+    dynamic = [t for t in (x, t1, t2) if is_dynamic_tensor(t)]
+    if len(dynamic) != 1:
+        raise UnsupportedOpError(f"{describe_node(node)}: addcmul of several input-dependent tensors has no LRP rule")
+    return Op(BIAS_ADD if dynamic[0] is x else SCALE, node, (dynamic[0],))
