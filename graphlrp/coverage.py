@@ -134,7 +134,7 @@ def markdown(results: list[Result], command: str, rules: str, planned: int | Non
     count = lambda source, status: sum(r.source == source and r.status == status for r in results)  # noqa: E731
     lines = ["# Coverage", "",
              f"`{command}` — preset `{rules}`, random weights, batch 2, torch {torch.__version__}.", "",
-             *([f"**Partial run: {len(results)} of {planned} planned models checked** (the report is rewritten after "
+             *([f"**Partial run: {len(results)} of {planned} planned models reached** (the report is rewritten after "
                 "each model; this run stopped before the end).", ""] if planned and len(results) < planned else []),
              "| source | models | ok | failing | skipped |", "|---|---:|---:|---:|---:|"]
     for s in dict.fromkeys(r.source for r in results):
