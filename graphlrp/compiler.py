@@ -54,6 +54,10 @@ def _module_path(node: fx.Node) -> str:
     return next(reversed(stack.values()))[0] if stack else ""
 
 
+# transformer categories a CNN preset need not name: without a rule such a node may only be off the relevance path
+OPTIONAL_CATEGORIES = {"softmax", "matmul"}
+
+
 def make_plan(traced: Traced, preset: Preset, split: str, include_identity: bool, box) -> Plan:
     first = _first_layers(traced)
     assignments = {}
@@ -69,6 +73,8 @@ def make_plan(traced: Traced, preset: Preset, split: str, include_identity: bool
         names = (_module_path(node), node.name, str(node.meta.get("folded_from", ("",))[0]))
         choice = preset.rule_for(category, op.kind, names)
         if choice is None:
+            if category in OPTIONAL_CATEGORIES:
+                continue  # a softmax in a gate (split attention) takes no relevance; the rewrite names any that does
             raise PresetError(f"preset {preset.name!r} has no rule for {category} layers (node {node.name})")
         assignments[node.name] = Assignment(choice.rule, dict(choice.params))
     low, high = box

@@ -114,6 +114,9 @@ class OnnxGraph:
         self.scope = "n"  # the fx node being converted: names its ONNX nodes
         self.out_shape: tuple = ()  # shape and dtype of its output in the example run
         self.out_dtype: torch.dtype = torch.float32
+        self.out_batched = False  # whether its output's dim 0 holds the batch (B or k·B entries)
+        self.batch_input: str | None = None  # the first input's name: where the run-time batch size is read
+        self._batch_size: str | None = None
 
     # names -------------------------------------------------------------------------------------------
     def fresh(self, hint: str) -> str:
@@ -188,6 +191,15 @@ class OnnxGraph:
         return self._recipes[key]
 
     # helpers shared by converters ----------------------------------------------------------------------
+    def batch_size(self) -> str:
+        """The batch size of the first input at run time, as a 1-element int64 tensor (computed once)."""
+        if self._batch_size is None:
+            scope, self.scope = self.scope, "batch_size"
+            shape = self.op("Shape", [self.batch_input])
+            self._batch_size = self.op("Slice", [shape, self.ints([0]), self.ints([1])])
+            self.scope = scope
+        return self._batch_size
+
     def cast(self, v, dtype: torch.dtype) -> str:
         if isinstance(v, Value) and v.dtype != dtype:
             return self.op("Cast", [v], to=onnx_type(dtype))
@@ -203,10 +215,13 @@ class OnnxGraph:
         """A Reshape target for `shape` that copies the batch size from x (0) where x's dim 0 is the batch."""
         shape = list(shape)
         if x.batched:
-            if not shape or shape[0] != x.shape[0]:
+            if shape and shape[0] == x.shape[0]:
+                shape[0] = 0
+            elif shape and self.out_batched and all(s > 0 for s in shape[1:]):
+                shape[0] = -1  # B·k entries become B·k' (Swin's windows in and out of dim 0), batch-major
+            else:
                 raise ExportError(f"a reshape of {tuple(x.shape)} to {tuple(shape)} moves the batch dimension; "
                                   "the batch must stay dim 0")
-            shape[0] = 0
         return self.ints(shape)
 
 
@@ -215,12 +230,17 @@ def constant(t: torch.Tensor, hint: str = "const") -> Value:
 
 
 # ------------------------------------------------------------------------------------------ lowering
+_UNPROBED = object()
+
+
 class _Lowering(fx.Interpreter):
     def __init__(self, gm: fx.GraphModule, g: OnnxGraph, input_names: list):
         super().__init__(gm)
         self.g, self.input_names = g, list(input_names)
         self.values: dict = {}
         self.dynamic: set = set()
+        self.sizes: set = set()  # non-tensor values read from input-dependent tensors (sizes)
+        self.probe: dict = {}  # node -> dim 0 at batch + 1 (`_probe_batch`)
         self._placeholders = 0
 
     def run_node(self, n: fx.Node):
@@ -239,6 +259,7 @@ class _Lowering(fx.Interpreter):
             name = self.input_names[self._placeholders]
             self._placeholders += 1
             g._used_names.add(name)
+            g.batch_input = g.batch_input or name
             self.dynamic.add(n)
             return Value(name, tuple(result.shape), result.dtype, True)
         if n.op == "output":
@@ -248,7 +269,12 @@ class _Lowering(fx.Interpreter):
             if dynamic and isinstance(result, (tuple, list)) and any(isinstance(r, torch.Tensor) for r in result):
                 pass  # a multi-output op (max-pool with indices, split): converted below
             else:
+                if dynamic or any(a in self.sizes for a in n.all_input_nodes):
+                    self.sizes.add(n)
                 return result  # sizes, shapes, flags: compile-time values
+        if not dynamic and isinstance(result, torch.Tensor) and result.dim() and result.shape[0] == g.batch \
+                and any(a in self.sizes for a in n.all_input_nodes):
+            dynamic = True  # a constant expanded to the input's batch size (a class token): written, not folded
         if not dynamic:
             if n.op == "get_attr":
                 return Value(None, tuple(result.shape), result.dtype, False, result,
@@ -268,20 +294,69 @@ class _Lowering(fx.Interpreter):
         args = fx.node.map_arg(n.args, lambda a: self.values[a])
         kwargs = fx.node.map_arg(n.kwargs, lambda a: self.values[a])
         g.scope = str(n.target) if n.op == "call_module" else n.name
+        probe = self.probe.get(n, _UNPROBED)
         if isinstance(result, torch.Tensor):
             g.out_shape, g.out_dtype = tuple(result.shape), result.dtype
+            g.out_batched = self._batched(result, probe)
         out = fn(g, module, *args, **kwargs) if module is not None else fn(g, *args, **kwargs)
-        return self._wrap(out, result)
+        return self._wrap(out, result, probe)
 
-    def _wrap(self, out, result):
+    def _batched(self, result: torch.Tensor, probe) -> bool:
+        """Whether dim 0 of `result` holds the batch: B entries, or k·B (B-major) where the probe at batch B + 1
+        has k·(B + 1)."""
+        if result.dim() == 0:
+            return False
+        b, n = self.g.batch, result.shape[0]
+        if not isinstance(probe, int):
+            return n == b
+        return n % b == 0 and probe == n // b * (b + 1)
+
+    def _wrap(self, out, result, probe=None):
         if isinstance(out, Value):
             return out
         if isinstance(result, torch.Tensor):
             if not isinstance(out, str):
                 raise ExportError(f"converter returned {type(out).__name__}, expected one ONNX name")
-            batched = result.dim() > 0 and result.shape[0] == self.g.batch
-            return Value(out, tuple(result.shape), result.dtype, batched)
-        return tuple(self._wrap(o, r) for o, r in zip(out, result))
+            return Value(out, tuple(result.shape), result.dtype, self._batched(result, probe))
+        probes = probe if isinstance(probe, (tuple, list)) and len(probe) == len(result) else [_UNPROBED] * len(result)
+        return tuple(self._wrap(o, r, p) for o, r, p in zip(out, result, probes))
+
+
+class _BatchProbe(fx.Interpreter):
+    """The graph run on the meta device (shapes only) at batch + 1: dim 0 of each tensor there tells whether the
+    tensor's dim 0 holds the batch, k·B entries for a fixed k (Swin's B·windows), or no batch at all."""
+
+    def __init__(self, gm):
+        super().__init__(gm)
+        self.dim0: dict = {}
+
+    def run_node(self, n):
+        try:
+            result = super().run_node(n)
+        except Exception:  # an op without a meta kernel: its tensors keep the plain rule (dim 0 == batch)
+            return None
+        self.dim0[n] = fx.node.map_aggregate(
+            result, lambda r: (r.shape[0] if r.dim() else None) if isinstance(r, torch.Tensor) else None)
+        return result
+
+    def get_attr(self, target, args, kwargs):
+        v = super().get_attr(target, args, kwargs)
+        return v.to("meta") if isinstance(v, torch.Tensor) else v
+
+    def call_module(self, target, args, kwargs):
+        from .trace import _call_on_meta
+
+        return _call_on_meta(self.fetch_attr(target), args, kwargs)
+
+
+def _probe_batch(gm: fx.GraphModule, inputs: tuple) -> dict:
+    probe = _BatchProbe(gm)
+    try:
+        with torch.no_grad():
+            probe.run(*(torch.empty((x.shape[0] + 1, *x.shape[1:]), dtype=x.dtype, device="meta") for x in inputs))
+    except Exception:
+        pass
+    return probe.dim0
 
 
 def lower(gm: fx.GraphModule, inputs: tuple, input_names: list, output_names: list, opset: int = 17):
@@ -294,6 +369,7 @@ def lower(gm: fx.GraphModule, inputs: tuple, input_names: list, output_names: li
     batch = int(inputs[0].shape[0])
     g = OnnxGraph(opset, batch)
     lowering = _Lowering(gm, g, input_names)
+    lowering.probe = _probe_batch(gm, inputs)
     with torch.no_grad():
         results = lowering.run(*inputs)
     out_node = next(n for n in gm.graph.nodes if n.op == "output")
@@ -305,7 +381,7 @@ def lower(gm: fx.GraphModule, inputs: tuple, input_names: list, output_names: li
         raise ExportError(f"the graph has {len(flat_values)} tensor outputs, expected {len(output_names)}")
 
     def info(name, v: Value):
-        dims = ["batch" if (i == 0 and v.batched) else d for i, d in enumerate(v.shape)]
+        dims = ["batch" if (i == 0 and v.batched and d == batch) else d for i, d in enumerate(v.shape)]
         return helper.make_tensor_value_info(name, onnx_type(v.dtype), dims)
 
     graph_inputs = [info(name, lowering.values[n]) for name, n in
@@ -549,7 +625,7 @@ def _permute(g, x, *dims):
     return g.op("Transpose", [x], perm=[d % x.rank for d in dims])
 
 
-@converts(torch.transpose, "transpose")
+@converts(torch.transpose, "transpose", torch.swapaxes, "swapaxes", torch.swapdims, "swapdims")
 def _transpose(g, x, dim0, dim1):
     perm = list(range(x.rank))
     perm[dim0 % x.rank], perm[dim1 % x.rank] = perm[dim1 % x.rank], perm[dim0 % x.rank]
@@ -587,6 +663,9 @@ def _flipped_kernel(g, w: Value, groups: int):
 def _expand(g, x, *sizes):
     sizes = sizes[0] if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)) else sizes
     target = [1 if (i == 0 and x.batched) or s == -1 else s for i, s in enumerate(sizes)]
+    if not x.batched and g.batch != 1 and sizes and sizes[0] == g.batch and len(sizes) == x.rank \
+            and x.shape[0] == 1:  # a constant (class token) expanded to the batch size: the input's, at run time
+        return g.op("Expand", [x, g.op("Concat", [g.batch_size(), g.ints(target[1:])], axis=0)])
     return g.op("Expand", [x, g.ints(target)])
 
 

@@ -11,7 +11,8 @@ Schema (every key is validated; an unknown or malformed key is a PresetError nam
 
     [rules]                            # layer category -> rule name, or a table {rule = NAME, param = value, ...}
     first_layer, conv, linear, batchnorm, activation, maxpool, avgpool, merge, constant_add, scale, gate, identity,
-    normalization (layer/group/instance norm), reduction (sum/mean over non-spatial dims)
+    normalization (layer/group/instance norm), reduction (sum/mean over non-spatial dims), softmax,
+    matmul (products of two input-dependent tensors: Q·Kᵀ, A·V), constant_cat (a class token joining the tokens)
 
     [overrides]                        # glob on module path or node name -> rule (applied where the rule fits)
     "layer4.*" = "epsilon"             # first matching pattern wins; compile(overrides=...) comes before these
@@ -41,7 +42,7 @@ CATEGORY_KINDS = {
     "batchnorm": (ops.BATCHNORM,),
     "activation": (ops.ACTIVATION,),
     "maxpool": (ops.MAXPOOL,),
-    "avgpool": (ops.AVGPOOL,),
+    "avgpool": (ops.AVGPOOL, ops.REDUCE),
     "merge": (ops.MERGE,),
     "constant_add": (ops.BIAS_ADD,),
     "scale": (ops.SCALE,),
@@ -49,9 +50,13 @@ CATEGORY_KINDS = {
     "identity": (ops.IDENTITY,),
     "normalization": (ops.NORM,),
     "reduction": (ops.REDUCE,),
+    "softmax": (ops.SOFTMAX,),
+    "matmul": (ops.MATMUL,),
+    "constant_cat": (ops.CONST_CAT,),
 }
 DEFAULT_RULES = {"activation": "pass", "identity": "pass", "constant_add": "pass", "scale": "pass", "gate": "pass",
-                 "batchnorm": "pass", "merge": "split", "normalization": "pass", "reduction": "z"}
+                 "batchnorm": "pass", "merge": "split", "normalization": "pass", "reduction": "z",
+                 "constant_cat": "drop"}
 TOP_KEYS = {"description", "output", "split", "include_identity", "batchnorm", "rules", "overrides", "name"}
 
 

@@ -351,7 +351,7 @@ class Rewriter:
 
     def _is_nonnegative(self, node: fx.Node) -> bool:
         """Sign analysis: which forward values are known ≥ 0 (lets z⁺-type rules skip the negative-input terms)."""
-        if node.op in ("placeholder", "output", "get_attr") or "shape" not in node.meta:
+        if node.op in ("placeholder", "output", "get_attr") or "shape" not in node.meta or not node.meta.get("dynamic"):
             return False
         op = ops.describe(node, self.traced)
         if op is None:
@@ -441,7 +441,8 @@ class Rewriter:
                 raise UnsupportedOpError(f"the preset assigns no rule to {describe_node(node)} (op kind {op.kind})")
             spec = rules.RULES[assignment.rule]
             out = spec.fn(ctx, **assignment.params)
-        return [(src, r) for src, r in zip(op.inputs, out) if isinstance(src, fx.Node)]
+        # constants (a class token, a position embedding) keep what a rule gives them: it leaves the explanation
+        return [(src, r) for src, r in zip(op.inputs, out) if isinstance(src, fx.Node) and src.meta.get("dynamic")]
 
     def em_conv_transpose(self, s: fx.Node, weight: torch.Tensor, op: ops.Op) -> fx.Node:
         """conv's transposed map, shaped like the conv's input, as stride-1 convolutions (see `optimize`)."""

@@ -325,6 +325,12 @@ def trace(model: torch.nn.Module, example_input: torch.Tensor) -> Traced:
     _functionalize(gm)
     with torch.no_grad():
         out = ValueProp(gm).run(x1)
+    from .decompose import decompose_attention  # needs the shapes just recorded
+
+    if decompose_attention(gm):
+        with torch.no_grad():
+            out = ValueProp(gm).run(x1)
+    with torch.no_grad():
         if not isinstance(out, torch.Tensor) or out.dim() != 2:
             raise TraceError("the model must return one logits tensor of shape [N, classes]")
         BatchDims(gm).run(x2.to("meta"))

@@ -294,3 +294,41 @@ def test_stochastic_depth_is_the_identity_in_eval_mode():
             return x + self.sd(x * 2) + torchvision_ops.stochastic_depth(x, 0.5, "row", training=False)
 
     check_module(Block().eval(), (3, 4, 4))
+
+
+class ClassToken(nn.Module):
+    """torchvision ViT's class token: a parameter expanded to the batch size read from the input, then
+    concatenated with the tokens; the batch size comes from the input at run time, not the example's."""
+
+    def __init__(self):
+        super().__init__()
+        self.class_token = nn.Parameter(torch.randn(1, 1, 6))
+
+    def forward(self, x):  # x: [N, 4, 6]
+        n = x.shape[0]
+        return torch.cat([self.class_token.expand(n, -1, -1), x], dim=1) * 2
+
+
+def test_class_token_expanded_to_the_batch_size():
+    check_module(ClassToken().eval(), (4, 6))
+
+
+class WindowAttention(nn.Module):
+    """Swin's window partition and reverse (the batch and the windows share dim 0: B·windows), its q/k/v axis in
+    front of them, and MaxViT's swapaxes."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(4, 12)
+
+    def forward(self, x):  # x: [N, 4, 4, 4] (B, H, W, C), windows of 2×2
+        b = x.shape[0]
+        w = x.view(b, 2, 2, 2, 2, 4).permute(0, 1, 3, 2, 4, 5).reshape(-1, 4, 4)  # [B·4, 4 tokens, C]
+        q, k, v = self.qkv(w).reshape(-1, 4, 3, 2, 2).permute(2, 0, 3, 1, 4).unbind(0)  # [B·4, heads, tokens, d]
+        a = torch.softmax(q @ k.transpose(-2, -1), dim=-1) @ v
+        a = a.transpose(1, 2).reshape(-1, 2, 2, 2, 2, 4).permute(0, 1, 3, 2, 4, 5).reshape(b, 4, 4, 4)
+        return a + torch.swapaxes(x, 1, 2) + x.swapdims(-1, -2)
+
+
+def test_window_partition_keeps_the_batch_in_dim_0():
+    check_module(WindowAttention().eval(), (4, 4, 4))

@@ -21,12 +21,14 @@ def _fraction(text: str) -> float:
 def register(sub) -> None:
     p = sub.add_parser("compile", help="compile a ResNet into an ONNX LRP explainer",
                        description="Trace MODEL, rewrite it into an LRP explainer and export it to ONNX. "
-                                   "Defaults to the paper's method (otsuki2024: ratio split, identity included).")
+                                   "Defaults to the paper's method (otsuki2024: ratio split, identity included), "
+                                   "and to cp-lrp for vision transformers.")
     p.add_argument("model", help="torchvision name (resnet50, ...), timm:NAME, or path/to/file.py:factory")
     p.add_argument("-o", "--output", required=True, help="where to write the .onnx file")
     p.add_argument("--weights", default="DEFAULT",
                    help="DEFAULT (pretrained; needs network or cache), none (random), or PATH (.pt/.pth/.safetensors)")
-    p.add_argument("--rules", default="otsuki2024", help="preset name or path to a preset .toml (default otsuki2024)")
+    p.add_argument("--rules", default=None, help="preset name or path to a preset .toml (default: otsuki2024, or "
+                   "cp-lrp for models with attention)")
     p.add_argument("--split", choices=["ratio", "symmetric", "signed"], help="relevance split at merges "
                    "(default: the preset's)")
     p.add_argument("--no-identity", action="store_true", help="identity skips receive no relevance")
@@ -63,6 +65,15 @@ def parse_size(text: str | None, default):
     return tuple(parts)
 
 
+def default_preset(model) -> str:
+    """cp-lrp for a model with attention (LXT's choice for ViTs), else the paper's otsuki2024."""
+    import torch
+
+    attention = any(isinstance(m, torch.nn.MultiheadAttention) or "Attention" in type(m).__name__
+                    for m in model.modules())
+    return "cp-lrp" if attention else "otsuki2024"
+
+
 def run(args) -> int:
     import torch
 
@@ -76,7 +87,8 @@ def run(args) -> int:
     model, info = load_model(args.model, args.weights)
     h, w = parse_size(args.input_size, info.input_size)
     example = torch.randn(1, info.channels, h, w)
-    explainer = graphlrp.compile(model, example, rules=args.rules, split=args.split,
+    rules = args.rules or default_preset(model)
+    explainer = graphlrp.compile(model, example, rules=rules, split=args.split,
                                  include_identity=False if args.no_identity else None, model_name=info.name,
                                  preprocessing=info.preprocessing, resize=args.resize, crop_pct=args.crop_pct,
                                  interpolation=args.interpolation, mean=args.mean, std=args.std,

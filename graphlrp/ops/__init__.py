@@ -2,13 +2,13 @@
 
 The registry and the generic fallbacks are in `base`; describers are grouped by op family: `layers` (conv,
 linear, batch norm), `elementwise` (activations, identities, gates and scales), `merges` (sums of input-dependent
-tensors), `pooling` (pools and reductions), `norms` (layer/group/instance norms) and `structure` (ops that only
-move values). Adding a spelling means adding one describer to its family.
+tensors), `pooling` (pools and reductions), `norms` (layer/group/instance norms), `structure` (ops that only
+move values) and `attention` (softmax, products of two signals). Adding a spelling means adding one describer to its family.
 """
 from .base import *  # noqa: F401,F403
-from .base import (AVGPOOL, BATCHNORM, BIAS_ADD, CAT, CONV, GATE, IDENTITY, LINEAR, MAXPOOL, MERGE, MOVE, NORM,  # noqa: F401
+from .base import (AVGPOOL, BATCHNORM, BIAS_ADD, CAT, CONST_CAT, MATMUL, SOFTMAX, CONV, GATE, IDENTITY, LINEAR, MAXPOOL, MERGE, MOVE, NORM,  # noqa: F401
                    PAD, REDUCE, RESHAPE, SCALE, SLICE, UNSUPPORTED, ACTIVATION, Op, arg, describe, describes,
                    dynamic_tensor_inputs, evaluate_constant, is_dynamic_tensor, is_tensor, pair, value)
-from . import layers, elementwise, merges, pooling, norms, structure  # noqa: E402,F401  (registration)
+from . import layers, elementwise, merges, pooling, norms, structure, attention  # noqa: E402,F401  (registration)
 
 _arg, _pair, _evaluate_constant = arg, pair, evaluate_constant  # older private names

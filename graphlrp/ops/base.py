@@ -30,6 +30,7 @@ CONV, LINEAR, BATCHNORM, ACTIVATION, IDENTITY = "conv", "linear", "batchnorm", "
 MERGE, BIAS_ADD, SCALE, GATE = "merge", "bias_add", "scale", "gate"
 MAXPOOL, AVGPOOL, RESHAPE, SLICE, PAD, CAT = "maxpool", "avgpool", "reshape", "slice", "pad", "cat"
 MOVE, NORM, REDUCE, UNSUPPORTED = "move", "norm", "reduce", "unsupported"
+SOFTMAX, MATMUL, CONST_CAT = "softmax", "matmul", "constant_cat"
 
 
 @dataclass

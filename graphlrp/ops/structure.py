@@ -18,7 +18,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .base import CAT, MOVE, PAD, RESHAPE, SLICE, Op, arg, describes, is_dynamic_tensor, is_tensor, value
+from .base import CAT, CONST_CAT, MOVE, PAD, RESHAPE, SLICE, Op, arg, describes, is_dynamic_tensor, is_tensor, value
 
 
 def _batch_first(*nodes) -> bool:
@@ -68,8 +68,12 @@ def _cat(node, traced):
         return move_op(node, traced)
     tensors = list(node.args[0])
     dim = value(arg(node, 1, "dim", 0), traced)
-    if not all(is_dynamic_tensor(t) for t in tensors) or not _batch_first(node, *tensors):
+    if not _batch_first(node, *tensors) or not all(is_tensor(t) for t in tensors):
         return move_op(node, traced)
+    dynamic = tuple(is_dynamic_tensor(t) for t in tensors)
+    if not all(dynamic):  # a class token: constants join the input-dependent tokens (rule category constant_cat)
+        return Op(CONST_CAT, node, tuple(tensors), dict(dim=dim % len(node.meta["shape"]), dynamic=dynamic,
+                                                        sizes=[t.meta["shape"][dim] for t in tensors]))
     return Op(CAT, node, tuple(tensors), dict(dim=dim % len(node.meta["shape"]),
                                               sizes=[t.meta["shape"][dim] for t in tensors]))
 

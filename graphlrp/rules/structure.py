@@ -96,6 +96,24 @@ def move_map(op) -> list:
     return result
 
 
+def _to_batch_major(shape, b):
+    """Positions in the flat per-sample layout (batch dim moved to the front) of each flat position of a batch-1
+    tensor of `shape`; None when the layouts agree. The batch dim may hold k·B entries (Swin's B·windows), B-major
+    as a view of a batch-first tensor gives them: a sample's values are then k consecutive blocks."""
+    if not b or shape[b] == 1:
+        return None
+    n = int(torch.Size(shape).numel())
+    order = torch.arange(n).reshape(shape).movedim(b, 0).reshape(-1)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(n)
+    return inverse
+
+
+def _moved(shape, b):
+    shape = list(shape)
+    return tuple([shape.pop(b)] + shape) if b else tuple(shape)
+
+
 def move_relevance(ctx) -> list:
     op = ctx.op
     b_out = op.node.meta.get("batch_dim", 0)
@@ -104,16 +122,22 @@ def move_relevance(ctx) -> list:
         raise UnsupportedOpError(f"{describe_node(op.node)}: its output does not keep the batch dim")
     if b_out != 0:
         R = ctx.call(torch.movedim, R, b_out, 0)
-    n_out = int(torch.Size(_per_sample(op.out_shape, b_out)).numel())
+    n_out = int(torch.Size(op.out_shape).numel())  # shapes are of the batch-1 example: one sample's values
     R = ctx.call(torch.reshape, R, (-1, n_out))
+    layout_out = _to_batch_major(op.out_shape, b_out)
     out = []
     for x, (source, target) in zip(op.inputs, move_map(op)):
         b_in = x.meta.get("batch_dim", 0)
-        shape = _per_sample(x.meta["shape"], b_in)
-        n_in = int(torch.Size(shape).numel())
+        shape = _moved(x.meta["shape"], b_in)[1:]
+        n_in = int(torch.Size(x.meta["shape"]).numel())
         if b_in is None or len(source) == 0:
             out.append(None)
             continue
+        layout_in = _to_batch_major(x.meta["shape"], b_in)
+        if layout_in is not None:
+            source = layout_in[source]
+        if layout_out is not None:
+            target = layout_out[target]
         counts = torch.bincount(source, minlength=n_in)
         if bool((counts <= 1).all()):
             if len(source) == n_in and torch.equal(source, torch.arange(n_in)) and torch.equal(

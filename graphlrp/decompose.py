@@ -1,0 +1,332 @@
+"""Attention decomposed at compile time into the ops that carry LRP rules.
+
+`nn.MultiheadAttention` (a leaf module to torch.fx) and `F.scaled_dot_product_attention` (one fused kernel) hide
+the parts that AttnLRP and CP-LRP give different rules: the projections (linear layers), the scores Q·Kᵀ and the
+weighted values A·V (products of two input-dependent tensors), and the softmax. This pass rewrites each of them in
+the traced graph as those parts, written with `F.linear`, `reshape`, `einsum` and `softmax`, so the ordinary
+describers and rules apply. The forward value is unchanged (up to float rounding of a different kernel).
+"""
+from __future__ import annotations
+
+import math
+import operator
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .errors import UnsupportedOpError
+from .trace import describe_node
+
+
+def _arg(node: fx.Node, index: int, name: str, default=None):
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+def _attention(graph: fx.Graph, q, k, v, scale: float, mask, equation_scores: str, equation_values: str):
+    """softmax(scale·Q·Kᵀ + mask)·V as separate nodes; returns (output, attention weights)."""
+    q = graph.call_function(operator.mul, (q, scale))
+    scores = graph.call_function(torch.einsum, (equation_scores, q, k))
+    if mask is not None:
+        scores = graph.call_function(operator.add, (scores, mask))
+    weights = graph.call_function(torch.softmax, (scores, -1))
+    return graph.call_function(torch.einsum, (equation_values, weights, v)), weights
+
+
+def _additive_mask(gm: fx.GraphModule, node: fx.Node, mask, is_causal: bool, shape_q, shape_k):
+    """An attention mask as a tensor added to the scores: float masks as they are, boolean masks (True = attend)
+    as 0 / -inf, `is_causal` as a lower-triangular 0 / -inf constant."""
+    graph = gm.graph
+    if isinstance(mask, fx.Node):
+        if mask.meta.get("dynamic"):
+            raise UnsupportedOpError(f"{describe_node(node)}: an attention mask that depends on the input")
+        if mask.meta.get("dtype") == torch.bool:
+            mask = graph.call_function(torch.where, (mask, 0.0, float("-inf")))
+    elif mask is not None:
+        raise UnsupportedOpError(f"{describe_node(node)}: attention mask {type(mask).__name__}")
+    if is_causal:
+        L, S = shape_q[-2], shape_k[-2]
+        causal = torch.zeros(L, S).masked_fill(~torch.ones(L, S, dtype=torch.bool).tril(), float("-inf"))
+        name = f"_lrp_causal_{node.name}"
+        gm.register_buffer(name, causal)
+        causal_node = graph.get_attr(name)
+        mask = causal_node if mask is None else graph.call_function(operator.add, (mask, causal_node))
+    return mask
+
+
+def _sdpa(gm: fx.GraphModule, node: fx.Node) -> None:
+    q, k, v = (_arg(node, i, n) for i, n in enumerate(("query", "key", "value")))
+    mask = _arg(node, 3, "attn_mask")
+    dropout = _arg(node, 4, "dropout_p", 0.0)
+    is_causal = _arg(node, 5, "is_causal", False)
+    scale = _arg(node, 6, "scale")
+    if not (isinstance(dropout, (int, float)) and dropout == 0):
+        raise UnsupportedOpError(f"{describe_node(node)}: attention dropout {dropout!r} (the explainer runs in eval "
+                                 "mode; pass dropout_p=0.0 outside training)")
+    if not isinstance(is_causal, bool) or not (scale is None or isinstance(scale, (int, float))):
+        raise UnsupportedOpError(f"{describe_node(node)}: is_causal and scale must be compile-time constants")
+    shape_q, shape_k = q.meta["shape"], k.meta["shape"]
+    if shape_q[:-2] != shape_k[:-2] or shape_k[:-1] != v.meta["shape"][:-1]:
+        raise UnsupportedOpError(f"{describe_node(node)}: attention over shapes {shape_q}, {shape_k} "
+                                 "(grouped-query attention and broadcasting are not supported)")
+    scale = 1.0 / math.sqrt(shape_q[-1]) if scale is None else float(scale)
+    with gm.graph.inserting_before(node):
+        mask = _additive_mask(gm, node, mask, is_causal, shape_q, shape_k)
+        out, _ = _attention(gm.graph, q, k, v, scale, mask, "...ld,...sd->...ls", "...ls,...sd->...ld")
+    node.replace_all_uses_with(out)
+    gm.graph.erase_node(node)
+
+
+def _mha(gm: fx.GraphModule, node: fx.Node, m: nn.MultiheadAttention) -> None:
+    query, key, value = (_arg(node, i, n) for i, n in enumerate(("query", "key", "value")))
+    need_weights = _arg(node, 4, "need_weights", True)
+    average = _arg(node, 6, "average_attn_weights", True)
+    if not m.batch_first:
+        raise UnsupportedOpError(f"{describe_node(node)}: nn.MultiheadAttention with batch_first=False")
+    if m.bias_k is not None or m.add_zero_attn:
+        raise UnsupportedOpError(f"{describe_node(node)}: nn.MultiheadAttention with add_bias_kv or add_zero_attn")
+    for i, name in ((3, "key_padding_mask"), (5, "attn_mask")):
+        if _arg(node, i, name) is not None:
+            raise UnsupportedOpError(f"{describe_node(node)}: nn.MultiheadAttention with {name}")
+    if _arg(node, 7, "is_causal", False):
+        raise UnsupportedOpError(f"{describe_node(node)}: nn.MultiheadAttention with is_causal")
+    E, H = m.embed_dim, m.num_heads
+    d = E // H
+    if m._qkv_same_embed_dim:
+        weights = m.in_proj_weight.detach().chunk(3)
+    else:
+        weights = (m.q_proj_weight.detach(), m.k_proj_weight.detach(), m.v_proj_weight.detach())
+    biases = m.in_proj_bias.detach().chunk(3) if m.in_proj_bias is not None else (None,) * 3
+    prefix = f"_lrp_{node.name}"
+    graph = gm.graph
+    existing = set(graph.nodes)
+
+    def constant(name, t):
+        if t is None:
+            return None
+        gm.register_buffer(f"{prefix}_{name}", t.clone())
+        return graph.get_attr(f"{prefix}_{name}")
+
+    L, S = query.meta["shape"][1], key.meta["shape"][1]
+    projections = []
+    with graph.inserting_before(node):
+        heads = []
+        for name, x, w, b, n in (("q", query, weights[0], biases[0], L), ("k", key, weights[1], biases[1], S),
+                                 ("v", value, weights[2], biases[2], S)):
+            y = graph.call_function(F.linear, (x, constant(f"{name}_weight", w), constant(f"{name}_bias", b)))
+            projections.append(y)
+            heads.append(graph.call_method("reshape", (y, (-1, n, H, d))))
+        out, attn = _attention(graph, *heads, 1.0 / math.sqrt(d), None, "nlhd,nshd->nhls", "nhls,nshd->nlhd")
+        out = graph.call_method("reshape", (out, (-1, L, E)))
+        out_proj = m.out_proj
+        out = graph.call_function(F.linear, (out, constant("out_weight", out_proj.weight.detach()),
+                                             constant("out_bias", None if out_proj.bias is None
+                                                      else out_proj.bias.detach())))
+        projections.append(out)
+    # the parts belong to the attention module: overrides that name it ("*.self_attention") reach its projections
+    # ("<mha>.in_proj" for the q/k/v projections, "<mha>.out_proj", "<mha>" for the rest)
+    stack = {**(node.meta.get("nn_module_stack") or {}), node.target: (node.target, type(m))}
+    for part in graph.nodes:
+        if part not in existing:
+            part.meta["nn_module_stack"] = stack
+    for proj in projections:
+        path = f"{node.target}.out_proj" if proj is projections[-1] else f"{node.target}.in_proj"
+        proj.meta["nn_module_stack"] = {**stack, path: (path, nn.Linear)}
+    for user in list(node.users):
+        if user.op != "call_function" or user.target is not operator.getitem:
+            raise UnsupportedOpError(f"{describe_node(user)}: uses nn.MultiheadAttention's output tuple as a whole")
+        if user.args[1] == 0:
+            user.replace_all_uses_with(out)
+        elif user.users:
+            if not need_weights:
+                raise UnsupportedOpError(f"{describe_node(user)}: reads attention weights with need_weights=False")
+            with graph.inserting_before(user):
+                mean = graph.call_method("mean", (attn, 1)) if average else attn
+            user.replace_all_uses_with(mean)
+        graph.erase_node(user)
+    graph.erase_node(node)
+
+
+def decompose_attention(gm: fx.GraphModule) -> int:
+    """Rewrite every attention in `gm` (shapes from a first value propagation) into its parts; returns how many."""
+    count = 0
+    for node in list(gm.graph.nodes):
+        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.MultiheadAttention):
+            _mha(gm, node, gm.get_submodule(node.target))
+            count += 1
+        elif node.op == "call_function" and node.target is F.scaled_dot_product_attention:
+            _sdpa(gm, node)
+            count += 1
+        elif node.op == "call_function" and node.meta.get("dynamic") and is_wrapped_function(node.target):
+            from .ops import value
+            from .trace import Traced
+
+            inline_wrapped(gm, node, lambda a: value(a, Traced(gm, None)))
+            count += 1
+    if count:
+        gm.recompile()
+    return count
+
+
+# ------------------------------------------------------------------------------------------------ wrapped functions
+_DUNDER = {"__add__": operator.add, "__radd__": operator.add, "__mul__": operator.mul, "__rmul__": operator.mul,
+           "__sub__": operator.sub, "__truediv__": operator.truediv, "__matmul__": operator.matmul,
+           "__getitem__": operator.getitem, "__neg__": operator.neg}
+
+
+# results that depend on an input-dependent tensor's size only, which is fixed at compile time
+_SIZE_ONLY = {"new_zeros", "new_ones", "new_full", "new_empty", "zeros_like", "ones_like", "full_like",
+              "empty_like", "size", "dim", "numel"}
+
+
+def is_wrapped_function(target) -> bool:
+    """A function registered with torch.fx.wrap: fx keeps it as one opaque call (torchvision's Swin attention)."""
+    from torch.fx import _symbolic_trace
+
+    globals_ = getattr(target, "__globals__", None)
+    return globals_ is not None and (id(globals_), getattr(target, "__name__", "")) in \
+        _symbolic_trace._wrapped_fns_to_patch
+
+
+class _Recorder(torch.overrides.TorchFunctionMode):
+    """Runs a function on example tensors and records, as fx nodes, every torch call that touches a tensor
+    derived from the function's input. Sizes and Python control flow resolve to the example's concrete values
+    (the explainer is compiled for one input size); tensors computed from constants alone (a shifted-window mask)
+    are computed now and enter the graph as constants."""
+
+    def __init__(self, gm: fx.GraphModule, env: dict, constants: dict, where: fx.Node):
+        super().__init__()
+        self.gm, self.env, self.constants, self.where, self.keep = gm, env, constants, where, []
+
+    def _arg(self, a):
+        if isinstance(a, torch.Tensor):
+            if id(a) in self.env:
+                return self.env[id(a)]
+            if id(a) in self.constants:
+                return self.constants[id(a)]
+            name = f"_lrp_const_{self.where.name}_{len(self.keep)}"
+            self.gm.register_buffer(name, a.detach().clone())
+            self.keep.append(a)
+            return self.gm.graph.get_attr(name)
+        if isinstance(a, (list, tuple)):
+            return type(a)(self._arg(x) for x in a)
+        if isinstance(a, dict):
+            return {k: self._arg(v) for k, v in a.items()}
+        return a
+
+    def _touches_input(self, obj) -> bool:
+        if isinstance(obj, torch.Tensor):
+            return id(obj) in self.env
+        if isinstance(obj, (list, tuple)):
+            return any(self._touches_input(x) for x in obj)
+        if isinstance(obj, dict):
+            return any(self._touches_input(x) for x in obj.values())
+        return False
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        name = getattr(func, "__name__", "")
+        if name in _SIZE_ONLY or not (self._touches_input(args) or self._touches_input(kwargs)):
+            return out  # a constant: computed now
+        if not isinstance(out, (torch.Tensor, tuple, list)) or (
+                isinstance(out, (tuple, list)) and not any(isinstance(o, torch.Tensor) for o in out)):
+            return out  # sizes, dims: concrete values
+        if name.endswith("_") and not name.startswith("_") or name.startswith("__i") or name == "__setitem__":
+            raise UnsupportedOpError(f"{describe_node(self.where)}: in-place {name} on an input-dependent tensor")
+        graph = self.gm.graph
+        fargs, fkwargs = self._arg(args), self._arg(kwargs)
+        if name in _DUNDER:
+            node = graph.call_function(_DUNDER[name], fargs, fkwargs)
+        elif getattr(torch.Tensor, name, None) is func:
+            node = graph.call_method(name, fargs, fkwargs)
+        else:
+            node = graph.call_function(func, fargs, fkwargs)
+        if isinstance(out, torch.Tensor):
+            self.env[id(out)] = node
+            node.meta.update(shape=tuple(out.shape), dtype=out.dtype, dynamic=True)  # until value propagation
+        else:
+            node.meta["dynamic"] = True
+            for i, o in enumerate(out):
+                if isinstance(o, torch.Tensor):
+                    item = graph.call_function(operator.getitem, (node, i))
+                    item.meta.update(shape=tuple(o.shape), dtype=o.dtype, dynamic=True)
+                    self.env[id(o)] = item
+        self.keep.append(out)
+        return out
+
+
+def _record(gm: fx.GraphModule, node: fx.Node, value_of, batch: int):
+    """Run node's function on examples with the given batch size under a _Recorder; (recorded nodes, output)."""
+    env, constants, examples = {}, {}, []
+
+    def example(a):
+        if isinstance(a, fx.Node):
+            if a.meta.get("dynamic"):
+                shape = a.meta["shape"]
+                t = torch.randn((shape[0] * batch, *shape[1:]))
+                env[id(t)] = a
+            else:
+                t = value_of(a)
+                constants[id(t)] = a
+            examples.append(t)
+            return t
+        if isinstance(a, (list, tuple)):
+            return type(a)(example(x) for x in a)
+        return a
+
+    args = tuple(example(a) for a in node.args)
+    kwargs = {k: example(v) for k, v in node.kwargs.items()}
+    before = set(gm.graph.nodes)
+    recorder = _Recorder(gm, env, constants, node)
+    with gm.graph.inserting_before(node), torch.no_grad(), recorder:
+        out = node.target(*args, **kwargs)
+    if not isinstance(out, torch.Tensor) or id(out) not in env:
+        raise UnsupportedOpError(f"{describe_node(node)}: its result does not depend on its input")
+    return [n for n in gm.graph.nodes if n not in before], env[id(out)]
+
+
+def _ints(args) -> list:
+    flat = []
+    fx.node.map_aggregate(args, lambda a: flat.append(a) if isinstance(a, int) and not isinstance(a, bool) else a)
+    return flat
+
+
+def inline_wrapped(gm: fx.GraphModule, node: fx.Node, value_of) -> None:
+    """Replace a call of an fx-wrapped function by the torch ops it runs for this input size. It is recorded at
+    batch 1 and 2: integer arguments that follow the batch size (view(B, ...), B·windows) become B·k computed
+    from the input in the graph, so the explainer keeps a free batch size."""
+    nodes, out = _record(gm, node, value_of, 1)
+    probe, _ = _record(gm, node, value_of, 2)
+    if len(probe) != len(nodes):
+        raise UnsupportedOpError(f"{describe_node(node)}: runs different ops at another batch size")
+    batch_size = None
+    source = next(a for a in node.all_input_nodes if a.meta.get("dynamic"))
+    for mine, other in zip(nodes, probe):
+        ones, twos = _ints((mine.args, mine.kwargs)), _ints((other.args, other.kwargs))
+        if ones == twos:
+            continue
+        if len(ones) != len(twos) or any(b not in (a, 2 * a) for a, b in zip(ones, twos)):
+            raise UnsupportedOpError(f"{describe_node(node)}: a size that is not a multiple of the batch size")
+        if batch_size is None:
+            with gm.graph.inserting_before(nodes[0]):
+                batch_size = gm.graph.call_method("size", (source, 0))
+        scaled = iter([(a, b) for a, b in zip(ones, twos)])
+
+        def replace(a):
+            if isinstance(a, int) and not isinstance(a, bool):
+                one, two = next(scaled)
+                if two == 2 * one and one != two:
+                    with gm.graph.inserting_before(mine):
+                        return batch_size if one == 1 else gm.graph.call_function(operator.mul, (batch_size, one))
+            return a
+
+        mine.args = fx.node.map_aggregate(mine.args, replace)
+        mine.kwargs = fx.node.map_aggregate(mine.kwargs, replace)
+    for n in reversed(probe):
+        gm.graph.erase_node(n)
+    node.replace_all_uses_with(out)
+    gm.graph.erase_node(node)

@@ -1,0 +1,95 @@
+"""Attention: the softmax and products of two input-dependent tensors (Q·Kᵀ, A·V).
+
+`graphlrp.decompose` writes `nn.MultiheadAttention` and `F.scaled_dot_product_attention` as these parts at trace
+time. A SOFTMAX (rule category `softmax`) gets AttnLRP's Taylor rule or CP-LRP's constant rule; a MATMUL (category
+`matmul`) is described as an einsum equation, so one pair of rules (`uniform`, `constant_weights`) covers matmul,
+bmm and einsum. A softmax whose value only gates a product (`x * softmax(s)`) stays a gate (`elementwise`).
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import UnsupportedOpError
+from ..trace import describe_node
+from .base import IDENTITY, MATMUL, SOFTMAX, Op, arg, describe, describes, is_dynamic_tensor, is_tensor, value
+
+
+@describes(modules=[nn.Softmax], functions=[F.softmax, torch.softmax], methods=["softmax"])
+def _softmax(node, traced):
+    rank = len(node.meta["shape"])
+    dim = traced.module(node).dim if node.op == "call_module" else value(arg(node, 1, "dim"), traced)
+    if dim is None:
+        raise UnsupportedOpError(f"{describe_node(node)}: softmax without an explicit dim")
+    return Op(SOFTMAX, node, (node.args[0],), dict(dim=dim % rank, masked=_masked(node.args[0], traced)))
+
+
+def _masked(scores, traced) -> bool:
+    """Whether softmax scores come from an add of a constant holding -inf (a boolean or causal attention mask)."""
+    if not (isinstance(scores, fx.Node) and scores.op == "call_function" and scores.target in (operator.add, torch.add)):
+        return False
+    for a in scores.args[:2]:
+        if is_tensor(a) and not a.meta.get("dynamic", False):
+            if bool(torch.isinf(value(a, traced)).any()):
+                return True
+    return False
+
+
+def _attention_weights(a, traced) -> bool:
+    """Whether `a` is a softmax output, possibly behind identity ops (eval-mode dropout): the attention weights
+    that CP-LRP holds constant."""
+    while isinstance(a, fx.Node):
+        op = describe(a, traced) if a.op != "placeholder" else None
+        if op is None:
+            return False
+        if op.kind == SOFTMAX:
+            return True
+        if op.kind != IDENTITY:
+            return False
+        a = op.inputs[0]
+    return False
+
+
+_LETTERS = "abcdefghijklmnopqrstuvwxyz"
+
+
+@describes(functions=[torch.matmul, operator.matmul, torch.bmm, torch.einsum], methods=["matmul", "bmm"])
+def _matmul(node, traced):
+    """A product of two input-dependent tensors as an einsum equation. A product with a constant operand is a
+    layer, not a product of signals: it has no rule here (write it as nn.Linear or F.linear)."""
+    if node.target is torch.einsum:
+        equation, operands = value(node.args[0], traced), list(node.args[1:])
+        if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
+            operands = list(operands[0])
+    else:
+        operands, equation = list(node.args[:2]), None
+    if len(operands) != 2 or not all(is_dynamic_tensor(t) for t in operands):
+        raise UnsupportedOpError(f"{describe_node(node)}: only products of two input-dependent tensors have a rule "
+                                 "(a product with a constant is a layer; write it as nn.Linear or F.linear)")
+    a, b = operands
+    if equation is None:
+        sa, sb = a.meta["shape"], b.meta["shape"]
+        if len(sa) != len(sb) or len(sa) < 2 or sa[:-2] != sb[:-2]:
+            raise UnsupportedOpError(f"{describe_node(node)}: matmul of shapes {sa} and {sb} (only equal batch "
+                                     "dimensions, no broadcasting)")
+        batch = _LETTERS[:len(sa) - 2]
+        equation = f"{batch}xy,{batch}yz->{batch}xz"
+    equation = equation.replace(" ", "")
+    lhs, _, out = equation.partition("->")
+    ins = lhs.split(",")
+    if not out or len(ins) != 2:
+        raise UnsupportedOpError(f"{describe_node(node)}: einsum {equation!r} needs an explicit output")
+    for term in ins:
+        letters = term.replace("...", "")
+        if len(set(letters)) != len(letters):
+            raise UnsupportedOpError(f"{describe_node(node)}: einsum {equation!r} with a repeated index (a trace)")
+    for i, term in enumerate(ins):
+        if any(c not in out and c not in ins[1 - i] for c in term.replace("...", "")):
+            raise UnsupportedOpError(f"{describe_node(node)}: einsum {equation!r} sums an index of one operand alone")
+    weights = [_attention_weights(t, traced) for t in (a, b)]
+    return Op(MATMUL, node, (a, b), dict(equation=equation, inputs=tuple(ins), output=out,
+                                         attention_weights=weights.index(True) if any(weights) else None))

@@ -1,0 +1,136 @@
+"""Rules of vision transformers: softmax, products of two signals, LayerNorm linearized, x + constant in
+proportion, class-token concatenation.
+
+AttnLRP (Achtibat et al., ICML 2024): the softmax Taylor rule (Prop. 3.1) and the uniform rule at Q·Kᵀ and A·V
+(Prop. 3.3); LayerNorm with 1/σ held constant and the ε-rule on what is left. CP-LRP (Ali et al., ICML 2022): the
+attention weights held constant (`constant` at the softmax, `constant_weights` at A·V).
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import ops
+from ..errors import PresetError, UnsupportedOpError
+from ..trace import describe_node
+from .base import rule, stabilize
+from .merges import _TINY
+
+
+@rule("linearized", (ops.NORM,))
+def linearized_norm_rule(ctx, epsilon=1e-6, stabilizer="signed", bias="keep"):
+    """LayerNorm with the normaliser 1/σ held constant (AttnLRP's identity rule on it): what remains, the centring
+    x − mean(x) and the affine part, is a linear layer y = W x + b, and it gets the ε-rule. bias='zero' leaves the
+    bias out of z, so the layer conserves relevance. Other norms have only the identity rule, `pass`."""
+    p = ctx.op.params
+    if not p.get("layer_norm"):
+        raise UnsupportedOpError(f"{describe_node(ctx.op.node)}: 'linearized' is a LayerNorm rule; use 'pass' "
+                                 "(the identity rule) for other norms")
+    if bias not in ("keep", "zero"):
+        raise PresetError(f"bias must be 'keep' or 'zero' for layer norms, got {bias!r}")
+    x = ctx.a
+    dims = tuple(range(-p["dims"], 0))
+    z = ctx.forward_output
+    if bias == "zero" and p["bias"] is not None:
+        z = ctx.call(torch.sub, z, p["bias"])
+    s = ctx.call(torch.div, ctx.R, stabilize(ctx, z, epsilon, stabilizer))
+    centred = ctx.call(torch.sub, x, ctx.call(torch.mean, x, dims, True))
+    variance = ctx.call(torch.mean, ctx.call(torch.mul, centred, centred), dims, True)
+    g = ctx.call(torch.mul, s, ctx.call(torch.rsqrt, ctx.call(torch.add, variance, p["eps"])))
+    if p["weight"] is not None:
+        g = ctx.call(torch.mul, g, p["weight"])
+    # Wᵀ g for W = diag(w/σ)(I − 11ᵀ/n): the centring's transpose subtracts the mean again
+    return [ctx.call(torch.mul, x, ctx.call(torch.sub, g, ctx.call(torch.mean, g, dims, True)))]
+
+
+@rule("taylor", (ops.SOFTMAX,))
+def softmax_taylor_rule(ctx):
+    """AttnLRP's softmax rule (Prop. 3.1): R_in = x ⊙ (R − s ⊙ ΣR) along the softmax dim. Not conservative by
+    construction (the share of the bias term is dropped). Masked scores (−inf) get nothing."""
+    x = ctx.a
+    if ctx.op.params.get("masked"):
+        x = ctx.call(torch.where, ctx.call(torch.isinf, x), 0.0, x)
+    total = ctx.call(torch.sum, ctx.R, ctx.op.params["dim"], True)
+    return [ctx.call(torch.mul, x, ctx.call(torch.sub, ctx.R, ctx.call(torch.mul, ctx.forward_output, total)))]
+
+
+@rule("constant", (ops.SOFTMAX,))
+def softmax_constant_rule(ctx):
+    """CP-LRP: the attention weights are held constant, so no relevance flows into the scores."""
+    return [None]
+
+
+def _product_transpose(ctx, s, which: int):
+    """∂/∂operand of Σ s ⊙ (a ∘ b): the other operand contracted with s, shaped like operand `which`."""
+    p = ctx.op.params
+    a, b = (ctx.fwd(t) for t in ctx.op.inputs)
+    ins, out = p["inputs"], p["output"]
+    if which == 0:
+        return ctx.call(torch.einsum, f"{out},{ins[1]}->{ins[0]}", s, b)
+    return ctx.call(torch.einsum, f"{ins[0]},{out}->{ins[1]}", a, s)
+
+
+@rule("uniform", (ops.MATMUL,))
+def uniform_rule(ctx, epsilon=1e-8, stabilizer="signed"):
+    """AttnLRP's rule for a product of two signals (Prop. 3.3): the ε-rule on the bilinear map with half of the
+    relevance to each factor, R_a = a ⊙ ∂_a⟨s, a∘b⟩, R_b likewise, s = R / stab(2·a∘b)."""
+    s = ctx.call(torch.div, ctx.R, stabilize(ctx, ctx.call(torch.mul, ctx.forward_output, 2.0), epsilon, stabilizer))
+    return [ctx.call(torch.mul, ctx.fwd(t), _product_transpose(ctx, s, i)) for i, t in enumerate(ctx.op.inputs)]
+
+
+@rule("constant_weights", (ops.MATMUL,))
+def constant_weights_rule(ctx, epsilon=1e-6, stabilizer="signed"):
+    """CP-LRP's A·V: the attention weights A (a softmax output) are held constant, so the product is a linear map
+    of the values and all relevance goes to them by the ε-rule. A product with no softmax operand is an error."""
+    held = ctx.op.params.get("attention_weights")
+    if held is None:
+        raise UnsupportedOpError(f"{describe_node(ctx.op.node)}: 'constant_weights' needs one operand to be "
+                                 "attention weights (a softmax output); neither is")
+    s = ctx.call(torch.div, ctx.R, stabilize(ctx, ctx.forward_output, epsilon, stabilizer))
+    out = [None, None]
+    other = 1 - held
+    out[other] = ctx.call(torch.mul, ctx.fwd(ctx.op.inputs[other]), _product_transpose(ctx, s, other))
+    return out
+
+
+@rule("proportional", (ops.BIAS_ADD,))
+def proportional_rule(ctx, epsilon=1e-6, stabilizer="signed"):
+    """x + c (position embedding): the ε-rule on the sum, x keeps its share x / (x + c) and the constant's share is
+    dropped, as Gradient×Input does. ('pass' gives x everything.)"""
+    if ctx.op.in_shape != ctx.op.out_shape:
+        raise UnsupportedOpError(f"{describe_node(ctx.op.node)}: 'proportional' where the constant broadcasts x")
+    s = ctx.call(torch.div, ctx.R, stabilize(ctx, ctx.forward_output, epsilon, stabilizer))
+    return [ctx.call(torch.mul, ctx.a, s)]
+
+
+def _cat_parts(ctx):
+    p = ctx.op.params
+    return list(ctx.call_multi(torch.split, len(p["sizes"]), ctx.R, p["sizes"], p["dim"]))
+
+
+@rule("drop", (ops.CONST_CAT,))
+def constant_cat_drop_rule(ctx):
+    """cat of constants (a class token) and input-dependent tensors: each part gets its slice of the relevance
+    back; the constants' slices are dropped, as Gradient×Input does."""
+    return [r if dynamic else None for r, dynamic in zip(_cat_parts(ctx), ctx.op.params["dynamic"])]
+
+
+@rule("spread", (ops.CONST_CAT,))
+def constant_cat_spread_rule(ctx):
+    """cat of constants (a class token) and input-dependent tensors: the constants' relevance is spread over the
+    input-dependent parts in proportion to |x|, per sample, so the cat conserves relevance."""
+    parts, dynamic = _cat_parts(ctx), ctx.op.params["dynamic"]
+    dims = tuple(range(1, len(ctx.op.out_shape)))
+    constant = None
+    for r, dyn in zip(parts, dynamic):
+        if not dyn:
+            total = ctx.call(torch.sum, r, dims, True)
+            constant = total if constant is None else ctx.call(torch.add, constant, total)
+    sizes = [ctx.call(torch.abs, ctx.fwd(t)) if dyn else None for t, dyn in zip(ctx.op.inputs, dynamic)]
+    norm = None
+    for a in sizes:
+        if a is not None:
+            total = ctx.call(torch.sum, a, dims, True)
+            norm = total if norm is None else ctx.call(torch.add, norm, total)
+    share = ctx.call(torch.div, constant, ctx.call(torch.add, norm, _TINY))
+    return [ctx.call(torch.add, r, ctx.call(torch.mul, a, share)) if dyn else None
+            for r, a, dyn in zip(parts, sizes, dynamic)]
