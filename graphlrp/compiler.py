@@ -54,8 +54,9 @@ def _module_path(node: fx.Node) -> str:
     return next(reversed(stack.values()))[0] if stack else ""
 
 
-# transformer categories a CNN preset need not name: without a rule such a node may only be off the relevance path
-OPTIONAL_CATEGORIES = {"softmax", "matmul"}
+# a category a CNN preset need not name: a softmax under a gate (split attention, SK) or under attention pooling
+# (a matmul's default `constant_weights`) takes no relevance; the rewrite names any that does
+OPTIONAL_CATEGORIES = {"softmax"}
 
 
 def make_plan(traced: Traced, preset: Preset, split: str, include_identity: bool, box) -> Plan:

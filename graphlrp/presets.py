@@ -56,7 +56,7 @@ CATEGORY_KINDS = {
 }
 DEFAULT_RULES = {"activation": "pass", "identity": "pass", "constant_add": "pass", "scale": "pass", "gate": "pass",
                  "batchnorm": "pass", "merge": "split", "normalization": "pass", "reduction": "z",
-                 "constant_cat": "drop"}
+                 "constant_cat": "drop", "matmul": "constant_weights"}
 TOP_KEYS = {"description", "output", "split", "include_identity", "batchnorm", "rules", "overrides", "name"}
 
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from ..errors import UnsupportedOpError
 from ..trace import describe_node
-from .base import IDENTITY, MATMUL, SOFTMAX, Op, arg, describe, describes, is_dynamic_tensor, is_tensor, value
+from .base import IDENTITY, MATMUL, MOVE, RESHAPE, SLICE, SOFTMAX, Op, arg, describe, describes, is_dynamic_tensor, is_tensor, value
 
 
 @describes(modules=[nn.Softmax], functions=[F.softmax, torch.softmax], methods=["softmax"])
@@ -40,15 +40,16 @@ def _masked(scores, traced) -> bool:
 
 
 def _attention_weights(a, traced) -> bool:
-    """Whether `a` is a softmax output, possibly behind identity ops (eval-mode dropout): the attention weights
-    that CP-LRP holds constant."""
+    """Whether `a` is a softmax output, possibly behind identity ops (eval-mode dropout) and moves (reshape,
+    unsqueeze, transpose): the attention weights that CP-LRP holds constant, or a global-context block's pooling
+    weights."""
     while isinstance(a, fx.Node):
         op = describe(a, traced) if a.op != "placeholder" else None
         if op is None:
             return False
         if op.kind == SOFTMAX:
             return True
-        if op.kind != IDENTITY:
+        if op.kind not in (IDENTITY, MOVE, RESHAPE, SLICE):
             return False
         a = op.inputs[0]
     return False
