@@ -171,8 +171,9 @@ def test_relevance_path_keeps_the_symbolic_batch_size(explainer_onnx):
 
 def test_reshapes_copy_the_batch_size_and_may_not_move_it():
     """A reshape is written with target 0 (copy the input's size) in the batch entry, so shape inference keeps the
-    symbolic batch; a reshape that folds the batch into another dimension is an ExportError, not a file that
-    only works at the example's batch size."""
+    symbolic batch; a batch-major regrouping (dim 0 holding k·B entries) writes -1 there and serves any batch size;
+    a reshape that moves the batch out of dim 0 is an ExportError, not a file that only works at the example's
+    batch size."""
     class Net(torch.nn.Module):
         def forward(self, x):
             return x.reshape(-1, 6, 2, 2) + 1, torch.flatten(x, 1)
@@ -192,12 +193,21 @@ def test_reshapes_copy_the_batch_size_and_may_not_move_it():
     for a, b in zip(got, Net()(x5)):
         assert np.array_equal(a, b.numpy())
 
-    class Regroup(torch.nn.Module):  # folds the batch into the rows: -1 is not the batch size here
+    class Regroup(torch.nn.Module):  # batch-major regrouping: dim 0 holds 3·B rows (Swin's B·windows)
         def forward(self, x):
-            return x.reshape(-1, 4)
+            return x.reshape(-1, 4) * 2
+
+    model, _ = fx_to_onnx.lower(torch.fx.symbolic_trace(Regroup()), (torch.randn(2, 3, 4),), ["x"], ["y"])
+    x5 = torch.randn(5, 3, 4)
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x5.numpy()})
+    assert np.array_equal(got[0], Regroup()(x5).numpy())
+
+    class MoveBatch(torch.nn.Module):  # the batch ends up inside dim 1: no file can serve another batch size
+        def forward(self, x):
+            return x.reshape(3, -1)
 
     with pytest.raises(graphlrp.ExportError, match="batch"):
-        fx_to_onnx.lower(torch.fx.symbolic_trace(Regroup()), (torch.randn(2, 3, 4),), ["x"], ["y"])
+        fx_to_onnx.lower(torch.fx.symbolic_trace(MoveBatch()), (torch.randn(2, 3, 4),), ["x"], ["y"])
 
 
 def test_no_sign_work_on_values_known_nonnegative(explainer_onnx):
