@@ -1,7 +1,8 @@
 """Relevance splitting at merges (Otsuki et al. 2024), generalised to k operands.
 
 For h = Σ_i c_i h_i (an add chain, or a sum over a branch dim whose slices are the h_i):
-* ratio: R_i = R·|c_i h_i| / Σ_j |c_j h_j| (an even split where all are 0);
+* ratio: R_i = R·|c_i h_i| / Σ_j |c_j h_j| (where all are 0: the last term of an add, a mainstream branch, takes R;
+  an even split over a branch dim);
 * symmetric: R_i = R / k;
 * signed: R_i = R·c_i h_i / stab(h) (Zennit's Norm rule on sums; the z-rule).
 With include_identity false an identity skip operand gets nothing; the others share R. Σ_i R_i = R to float
@@ -16,7 +17,16 @@ from ..errors import PresetError
 from .base import rule, stabilize
 
 SPLITS = ("ratio", "symmetric", "signed")
-_TINY = 1e-30  # ratio split: keeps 0/0 an even split; a normal float32 (smallest normal ≈ 1.2e-38)
+_TINY = 1e-30  # a normal float32 (smallest normal ≈ 1.2e-38) that keeps a denominator away from 0
+
+
+def _branch_magnitudes(ctx, x, dim: int):
+    """|x| over a branch dim and its sum, with an even split where every slice is 0 (each magnitude becomes 1
+    there, so no relevance is lost); elsewhere a zero slice gets exactly 0 relevance, not a subnormal float."""
+    mag = ctx.call(torch.abs, x)
+    total = ctx.call(torch.sum, mag, dim, True)
+    empty = ctx.call(torch.add, ctx.call(torch.mul, ctx.call(torch.sign, total), -1.0), 1.0)  # 1 where Σ|h_j| = 0
+    return ctx.call(torch.add, mag, empty), ctx.call(torch.add, total, ctx.call(torch.mul, empty, float(ctx.op.in_shape[dim])))
 
 
 def _shares(ctx, h: list, split: str, epsilon, stabilizer, support=None):
@@ -30,12 +40,14 @@ def _shares(ctx, h: list, split: str, epsilon, stabilizer, support=None):
             else:
                 out.append(ctx.call(torch.mul, R, 1.0 / k))
     elif split == "ratio":
-        mags = [ctx.call(torch.add, ctx.call(torch.abs, x), _TINY) for x in h]
+        # |h_i| / (Σ|h_j| + tiny): a zero term gets exactly 0 (not a subnormal float that slows every later op
+        # on x86 CPUs); where all are 0 the last term, a mainstream branch, takes R
+        mags = [ctx.call(torch.abs, x) for x in h]
         den = mags[0]
         for m in mags[1:]:
             den = ctx.call(torch.add, den, m)
-        scale = ctx.call(torch.div, R, den)
-        out = [ctx.call(torch.mul, scale, m) for m in mags[:-1]]
+        den = ctx.call(torch.add, den, _TINY)
+        out = [ctx.call(torch.mul, R, ctx.call(torch.div, m, den)) for m in mags[:-1]]
     elif split == "signed":
         total = h[0]
         for x in h[1:]:
@@ -95,8 +107,8 @@ def _split_branch_dim(ctx, epsilon, stabilizer):
     if ctx.split == "symmetric":
         R_in = ctx.call(torch.mul, ctx.call(torch.cat, [R] * k, dim), 1.0 / k)
     elif ctx.split == "ratio":
-        mag = ctx.call(torch.add, ctx.call(torch.abs, x), _TINY)
-        R_in = ctx.call(torch.mul, mag, ctx.call(torch.div, R, ctx.call(torch.sum, mag, dim, True)))
+        mag, den = _branch_magnitudes(ctx, x, dim)
+        R_in = ctx.call(torch.mul, mag, ctx.call(torch.div, R, den))
     elif ctx.split == "signed":
         total = ctx.call(torch.sum, x, dim, True)
         R_in = ctx.call(torch.mul, x, ctx.call(torch.div, R, stabilize(ctx, total, epsilon, stabilizer)))
