@@ -4,7 +4,7 @@ optionally the onnxruntime speed of the explainer files they write.
     git archive OLD_COMMIT | tar -x -C /tmp/old
     python tools/compare_export_time.py /tmp/old . --models resnet50,resnet152 --rounds 3
     python tools/compare_export_time.py /tmp/old . --models resnet50 --rounds 1 \
-        --presets otsuki2024,epsilon-plus-flat --speed 7 [--dir DIR]
+        --presets otsuki2024,epsilon-plus-flat --speed 7 [--dir DIR] [--out results/export-before-after.md]
 
 Each measurement is a fresh process (benchmark.py's `compile` child: `graphlrp.compile` then `export_onnx` with
 onnx.checker and the onnxruntime parity check, ResNet at 224², random weights) with that tree first on
@@ -46,7 +46,7 @@ def measure(tree: Path, arch: str, preset: str, path: str, threads: int) -> dict
     return result
 
 
-def speed(tmp: str, models: list, presets: list, labels: list, rounds: int, threads: int) -> None:
+def speed(tmp: str, models: list, presets: list, labels: list, rounds: int, threads: int) -> list:
     import time
 
     import numpy as np
@@ -55,6 +55,7 @@ def speed(tmp: str, models: list, presets: list, labels: list, rounds: int, thre
 
     from graphlrp.export import forward_onnx
 
+    lines: list = []
     for arch in models:
         forward = os.path.join(tmp, f"{arch}-forward.onnx")
         onnx.save(forward_onnx(benchmark.build_model(arch), torch.randn(1, 3, 224, 224)), forward)
@@ -75,10 +76,11 @@ def speed(tmp: str, models: list, presets: list, labels: list, rounds: int, thre
                 if r:  # round 0 warms up
                     times[name].append(time.perf_counter() - t0)
         base = statistics.median(times["forward"])
-        print(f"\n{arch}, batch 1, onnxruntime, median of {rounds} interleaved rounds\n")
-        print("| file | ms | × forward |\n|---|---:|---:|")
+        lines += ["", f"{arch}, batch 1, onnxruntime, median of {rounds} interleaved rounds after one warm-up round:",
+                  "", "| file | ms | × forward |", "|---|---:|---:|"]
         for name, ts in times.items():
-            print(f"| {name} | {1000 * statistics.median(ts):.1f} | {statistics.median(ts) / base:.2f} |")
+            lines.append(f"| {name} | {1000 * statistics.median(ts):.1f} | {statistics.median(ts) / base:.2f} |")
+    return lines
 
 
 def main(argv=None) -> int:
@@ -92,7 +94,9 @@ def main(argv=None) -> int:
                                                "time the BEFORE/AFTER-ARCH-PRESET.onnx files already there")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", type=Path, default=None, help="also write the tables to this markdown file")
     args = p.parse_args(argv)
+    start_load = os.getloadavg()[0]
     trees = {"before": args.before.resolve(), "after": args.after.resolve()}
     runs: dict = {}
     presets = args.presets.split(",")
@@ -106,21 +110,29 @@ def main(argv=None) -> int:
                         res = measure(tree, arch, preset, path, args.threads)
                         print(label, arch, preset, res, flush=True)
                         runs.setdefault((arch, preset, label), []).append(res)
-        if args.speed:
-            speed(tmp, args.models.split(","), presets, list(trees), args.speed, args.threads)
-    print("\n| model | preset | tree | compile (s) | export + checks (s) | total (s) | CPU of the process (s) "
-          "| file (MiB) | parity |")
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|")
+        lines = speed(tmp, args.models.split(","), presets, list(trees), args.speed, args.threads) if args.speed else []
+    lines += ["", f"Compile + export + checks, fresh process per measurement, median of {args.rounds} round(s):", "",
+              "| model | preset | tree | compile (s) | export + checks (s) | total (s) | CPU of the process (s) "
+              "| file (MiB) | parity |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for (arch, preset, label), rs in runs.items():
         ok = [x for x in rs if "error" not in x]
         if not ok:
-            print(f"| {arch} | {preset} | {label} | error: {rs[0]['error']} | | | | | |")
+            lines.append(f"| {arch} | {preset} | {label} | error: {rs[0]['error']} | | | | | |")
             continue
         med = lambda k: statistics.median(x[k] for x in ok)  # noqa: E731
-        print(f"| {arch} | {preset} | {label} | {med('compile_s'):.1f} | {med('export_s'):.1f} | "
-              f"{statistics.median(x['compile_s'] + x['export_s'] for x in ok):.1f} | {med('cpu_s'):.1f} | "
-              f"{med('size_mb'):.0f} | "
-              f"{max(x['parity'] for x in ok):.1e} |")
+        lines.append(f"| {arch} | {preset} | {label} | {med('compile_s'):.1f} | {med('export_s'):.1f} | "
+                     f"{statistics.median(x['compile_s'] + x['export_s'] for x in ok):.1f} | {med('cpu_s'):.1f} | "
+                     f"{med('size_mb'):.0f} | {max(x['parity'] for x in ok):.1e} |")
+    print("\n".join(lines))
+    if args.out:
+        info = benchmark.machine()
+        head = ["# Export before and after a change, same run", "",
+                "Command: `python tools/compare_export_time.py " + " ".join(argv if argv is not None else sys.argv[1:])
+                + "`", "", f"Trees: before = {args.before}, after = {args.after}. Machine: {info['cpu']}, "
+                f"{info['cores']} cores; load average {start_load:.1f} at the start, {os.getloadavg()[0]:.1f} at the "
+                f"end; onnxruntime {info['versions']['onnxruntime']}, torch {info['versions']['torch']}, "
+                f"{args.threads} threads. ResNets at 224², random weights (seed 0)."]
+        args.out.write_text("\n".join(head + lines) + "\n")
     return 0
 
 
