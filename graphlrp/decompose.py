@@ -267,7 +267,7 @@ def _record(gm: fx.GraphModule, node: fx.Node, value_of, batch: int):
         if isinstance(a, fx.Node):
             if a.meta.get("dynamic"):
                 shape = a.meta["shape"]
-                t = torch.randn((shape[0] * batch, *shape[1:]))
+                t = torch.randn((shape[0] * batch, *shape[1:]), dtype=a.meta.get("dtype") or torch.get_default_dtype())
                 env[id(t)] = a
             else:
                 t = value_of(a)

@@ -46,8 +46,9 @@ class Plan:
 class Emitter:
     """Appends nodes to the explainer graph and registers constants (rule weights) as buffers of its root."""
 
-    def __init__(self, graph: fx.Graph, root: torch.nn.Module):
+    def __init__(self, graph: fx.Graph, root: torch.nn.Module, dtype: torch.dtype = torch.float32):
         self.graph, self.root, self._count = graph, root, 0
+        self.dtype = dtype  # floating constants are stored in the model's dtype (float32, or float64 for checks)
         self._consts: dict = {}  # fingerprint -> [(tensor, get_attr node)]: equal constants are stored once
 
     def call(self, fn, *args, **kwargs) -> fx.Node:
@@ -65,7 +66,7 @@ class Emitter:
         the ONNX export computes it from the stored base tensor instead of storing it a second time."""
         recipe = derived.recipe(tensor)
         value = tensor.detach()
-        value = (value.float() if value.is_floating_point() else value).contiguous()
+        value = (value.to(self.dtype) if value.is_floating_point() else value).contiguous()
         if value._base is not None:  # a view would keep (and save) its whole base tensor
             value = value.clone()
         flat = value.reshape(-1)
@@ -372,7 +373,8 @@ class Rewriter:
     def build(self) -> fx.GraphModule:
         graph = fx.Graph()
         root = torch.nn.Module()
-        self.em = Emitter(graph, root)
+        dtype = next(n for n in self.traced.graph.nodes if n.op == "placeholder").meta.get("dtype")
+        self.em = Emitter(graph, root, torch.float64 if dtype == torch.float64 else torch.float32)
         x, target, logits = self._copy_forward(graph)
         em = self.em
         k = next(n for n in self.traced.graph.nodes if n.op == "output").args[0].meta["shape"][-1]

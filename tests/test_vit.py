@@ -562,3 +562,16 @@ def test_windowed_models_export_at_any_batch_size(name, tmp_path):
     _, pytorch = explainer(x, target)
     assert rel(torch.from_numpy(logits), ref_logits) <= 1e-4
     assert rel(torch.from_numpy(relevance), ref) <= max(1e-4, 2 * rel(pytorch, ref))
+
+
+def test_float64_swin_compiles():
+    """Swin's fx-wrapped attention is recorded on example tensors of the model's own dtype: a float64 model (the
+    way to check a float32 explainer's rounding) compiles and reproduces its forward."""
+    torch.manual_seed(0)
+    model = torchvision.models.SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[2, 2], num_heads=[1, 2],
+                                               window_size=[4, 4], num_classes=10).eval().double()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    logits, relevance = graphlrp.compile(model, x[:1], rules="cp-lrp-conserving")(x)
+    with torch.no_grad():
+        assert rel(logits, model(x)) <= 1e-10
+    assert relevance.dtype == torch.float64 and torch.isfinite(relevance).all()
