@@ -21,13 +21,43 @@ def inspect(model: torch.nn.Module, example_input: torch.Tensor) -> list[Merge]:
     return find_merges(trace(model, example_input))
 
 
-def _category(op: ops.Op, first_layers: set) -> str:
+def _category(op: ops.Op, first_layers: set, score_biases: set = frozenset()) -> str:
     if op.kind in (ops.CONV, ops.LINEAR) and op.node.name in first_layers:
         return "first_layer"
+    if op.kind == ops.BIAS_ADD and op.node.name in score_biases:
+        return "attention_bias"
     for category, kinds in CATEGORY_KINDS.items():
-        if category != "first_layer" and op.kind in kinds:
+        if category not in ("first_layer", "attention_bias") and op.kind in kinds:
             return category
     return ""
+
+
+_SCORE_PATH = (ops.BIAS_ADD, ops.SCALE, ops.IDENTITY, ops.MOVE, ops.RESHAPE, ops.SLICE)
+
+
+def _score_biases(traced: Traced) -> set:
+    """Constant adds whose result reaches a softmax through moves, scales and further constant adds only: biases of
+    attention scores (Swin's relative position bias and shift mask), not position embeddings of tokens."""
+    found = set()
+    for node in traced.graph.nodes:
+        if node.op == "output" or not node.meta.get("dynamic"):
+            continue
+        op = ops.describe(node, traced)
+        if op is None or op.kind != ops.BIAS_ADD:
+            continue
+        frontier, seen = [node], set()
+        while frontier:
+            n = frontier.pop()
+            for user in n.users:
+                if user in seen or user.op == "output":
+                    continue
+                seen.add(user)
+                used = ops.describe(user, traced)
+                if used is not None and used.kind == ops.SOFTMAX:
+                    found.add(node.name)
+                elif used is not None and used.kind in _SCORE_PATH:
+                    frontier.append(user)
+    return found
 
 
 def _first_layers(traced: Traced) -> set:
@@ -61,6 +91,7 @@ OPTIONAL_CATEGORIES = {"softmax"}
 
 def make_plan(traced: Traced, preset: Preset, split: str, include_identity: bool, box) -> Plan:
     first = _first_layers(traced)
+    score_biases = _score_biases(traced)
     assignments = {}
     for node in traced.graph.nodes:
         if not node.meta.get("dynamic") or node.op in ("placeholder", "output"):
@@ -68,7 +99,7 @@ def make_plan(traced: Traced, preset: Preset, split: str, include_identity: bool
         op = ops.describe(node, traced)
         if op is None:
             continue  # only an error if relevance reaches it (the rewrite says so, naming the node)
-        category = _category(op, first)
+        category = _category(op, first, score_biases)
         if not category:
             continue
         names = (_module_path(node), node.name, str(node.meta.get("folded_from", ("",))[0]))

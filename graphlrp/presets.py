@@ -45,6 +45,7 @@ CATEGORY_KINDS = {
     "avgpool": (ops.AVGPOOL, ops.REDUCE),
     "merge": (ops.MERGE,),
     "constant_add": (ops.BIAS_ADD,),
+    "attention_bias": (ops.BIAS_ADD,),  # a constant added to attention scores (Swin's position bias, shift mask)
     "scale": (ops.SCALE,),
     "gate": (ops.GATE,),
     "identity": (ops.IDENTITY,),
@@ -56,7 +57,8 @@ CATEGORY_KINDS = {
 }
 DEFAULT_RULES = {"activation": "pass", "identity": "pass", "constant_add": "pass", "scale": "pass", "gate": "pass",
                  "batchnorm": "pass", "merge": "split", "normalization": "pass", "reduction": "z",
-                 "constant_cat": "drop", "matmul": "constant_weights"}
+                 "constant_cat": "drop", "matmul": "constant_weights",
+                 "attention_bias": "proportional"}
 TOP_KEYS = {"description", "output", "split", "include_identity", "batchnorm", "rules", "overrides", "name"}
 
 

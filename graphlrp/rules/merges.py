@@ -1,8 +1,7 @@
 """Relevance splitting at merges (Otsuki et al. 2024), generalised to k operands.
 
 For h = Σ_i c_i h_i (an add chain, or a sum over a branch dim whose slices are the h_i):
-* ratio: R_i = R·|c_i h_i| / Σ_j |c_j h_j| (where all are 0: the last term of an add, a mainstream branch, takes R;
-  an even split over a branch dim);
+* ratio: R_i = R·|c_i h_i| / Σ_j |c_j h_j| (an even split where all are 0);
 * symmetric: R_i = R / k;
 * signed: R_i = R·c_i h_i / stab(h) (Zennit's Norm rule on sums; the z-rule).
 With include_identity false an identity skip operand gets nothing; the others share R. Σ_i R_i = R to float
@@ -40,13 +39,13 @@ def _shares(ctx, h: list, split: str, epsilon, stabilizer, support=None):
             else:
                 out.append(ctx.call(torch.mul, R, 1.0 / k))
     elif split == "ratio":
-        # |h_i| / (Σ|h_j| + tiny): a zero term gets exactly 0 (not a subnormal float that slows every later op
-        # on x86 CPUs); where all are 0 the last term, a mainstream branch, takes R
-        mags = [ctx.call(torch.abs, x) for x in h]
+        # R·(|h_i| + tiny) / (Σ|h_j| + k·tiny): an even split where all are 0. The last term takes what is left,
+        # R − Σ others: a zero term placed last gets exactly 0 wherever another term is not tiny, rather than
+        # R·tiny/Σ|h_j|, a subnormal float after a few more divisions, which x86 CPUs process many times slower
+        mags = [ctx.call(torch.add, ctx.call(torch.abs, x), _TINY) for x in h]
         den = mags[0]
         for m in mags[1:]:
             den = ctx.call(torch.add, den, m)
-        den = ctx.call(torch.add, den, _TINY)
         out = [ctx.call(torch.mul, R, ctx.call(torch.div, m, den)) for m in mags[:-1]]
     elif split == "signed":
         total = h[0]
@@ -78,8 +77,15 @@ def split_rule(ctx, epsilon=1e-6, stabilizer="signed"):
     if len(keep) == 1:
         parts = {keep[0]: ctx.R}
     else:
-        # the skip's share is computed first so structural zeros of an option-A skip stay exact zeros
-        order = [skip_i] + [i for i in keep if i != skip_i] if skip_i in keep else keep
+        # the skip takes the remainder, so where an identity skip is 0 (a ReLU output) it gets exactly 0; an
+        # option-A skip's share is computed first instead, so its structural zeros stay exact zeros
+        main = [i for i in keep if i != skip_i]
+        if skip_i not in keep:
+            order = keep
+        elif merge is not None and merge.skip_support is not None:
+            order = [skip_i] + main
+        else:
+            order = main + [skip_i]
         sup = [merge.skip_support if (merge is not None and i == skip_i) else None for i in order]
         shares = _shares(ctx, [h[i] for i in order], split, epsilon, stabilizer, sup)
         parts = dict(zip(order, shares))
