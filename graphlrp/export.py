@@ -130,7 +130,8 @@ def check_parity(explainer, session, report: ExportReport, x, target, expected) 
     float32 (a stabiliser ε = 1e-6 dividing a sum that is nearly zero amplifies rounding); then PyTorch's own
     float32 result is not within the tolerance of the exact one either, and the export passes when onnxruntime
     is within the tolerance of a float64 run of the same graph, or no further from it than twice PyTorch's float32
-    error (and the two agree to 10 × the tolerance)."""
+    error (the logits, a well-conditioned forward, must agree to the tolerance in any case). The report keeps
+    both errors: `float32_error_pytorch`, `float32_error_onnxruntime`."""
     logits_pt, rel_pt = (t.numpy() for t in expected)
     logits_rt, rel_rt = session.run(["logits", "relevance"], {"input": x.numpy(), "target": target.numpy()})
     report.max_rel_diff_relevance = rel_diff(rel_rt, rel_pt)
@@ -139,7 +140,7 @@ def check_parity(explainer, session, report: ExportReport, x, target, expected) 
     if report.max_rel_diff <= tol:
         return
     conditioning = ""
-    if report.max_rel_diff_logits <= tol and report.max_rel_diff_relevance <= 10 * tol:
+    if report.max_rel_diff_logits <= tol:
         exact = _float64_relevance(explainer, x, target)
         report.float32_error_pytorch = rel_diff(rel_pt, exact)
         report.float32_error_onnxruntime = rel_diff(rel_rt, exact)

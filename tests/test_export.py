@@ -119,3 +119,25 @@ def test_cli_errors_are_clear(args, message, tmp_path):
 def test_cli_inspect_needs_no_weights():
     proc = graphlrp_cli("inspect", "resnet50", "--input-size", "64")
     assert "16 merges: 12 identity, 4 projection, 0 other" in proc.stdout
+
+
+def test_parity_is_judged_against_float64_only_when_pytorch_itself_is_off(tmp_path):
+    """A well-conditioned explainer (ResNet-18): an onnxruntime relevance 1e-2 off fails, although the logits agree
+    and the float64 fallback is consulted: PyTorch's own float32 error is far smaller."""
+    import graphlrp.export as export
+
+    torch.manual_seed(0)
+    explainer = graphlrp.compile(torchvision.models.resnet18().eval(), torch.randn(1, 3, 64, 64))
+    x, target = export._parity_batch(explainer)
+    with torch.no_grad():
+        logits, relevance = explainer(x, target)
+
+    class Off:  # a runtime whose relevance is off by 1% of its maximum
+        def run(self, names, feeds):
+            noise = 1e-2 * relevance.abs().max() * torch.sign(torch.randn_like(relevance))
+            return [logits.numpy(), (relevance + noise).numpy()]
+
+    report = export.ExportReport(str(tmp_path / "x.onnx"), 0.0, 0.0, 0, 17)
+    with pytest.raises(graphlrp.ExportError, match="against a float64 run"):
+        export.check_parity(explainer, Off(), report, x, target, (logits, relevance))
+    assert report.float32_error_pytorch < 1e-4 < report.float32_error_onnxruntime
