@@ -31,7 +31,7 @@ TIMM = ["resnet10t", "resnet18d", "resnet26t", "seresnet18", "seresnext26t_32x4d
         "dpn48b", "repvgg_a0", "hrnet_w18_small", "ese_vovnet19b_dw", "lcnet_050", "gernet_s", "cs3darknet_s",
         "xception41", "selecsls42b", "fbnetc_100", "tinynet_e", "densenet121", "mnasnet_small", "spnasnet_100",
         "darknet17", "legacy_seresnet18", "mobileone_s0", "hardcorenas_a", "efficientnetv2_rw_t",
-        "ghostnetv2_100", "poolformer_s12", "gcresnet33ts"]
+        "ghostnetv2_100", "poolformer_s12", "gcresnet33ts", "resnetv2_50d_frn"]
 TIMM_SIZES = {"hrnet_w18_small": 64, "regnetz_b16": 64, "xception41": 64, "poolformer_s12": 64, "ghostnetv2_100": 64}
 SPLIT_CHECK = {"res2net50_26w_4s", "resnest14d", "skresnet18", "repvgg_a0", "convnext_atto", "dpn48b"}
 
@@ -107,3 +107,21 @@ def test_global_context_pooling_gives_its_relevance_to_the_signal_and_other_prod
     torch.manual_seed(0)
     with pytest.raises(UnsupportedOpError, match=r"matmul.*attention weights"):
         graphlrp.compile(_SignalProduct().eval(), torch.randn(1, 3, 8, 8), rules="otsuki2024-conserving")
+
+
+class _SignalMaximum(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.fc = nn.Conv2d(3, 4, 3), nn.Conv2d(3, 4, 3), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(torch.maximum(self.a(x), self.b(x)).mean((2, 3)))
+
+
+def test_threshold_units_pass_and_a_maximum_of_two_signals_is_a_clear_error():
+    """max(x, τ) with a constant τ (FRN's TLU in resnetv2_50d_frn, in the zoo above) is an activation; the maximum of
+    two input-dependent tensors selects between signals and has no rule."""
+    from graphlrp.errors import UnsupportedOpError
+
+    with pytest.raises(UnsupportedOpError, match=r"maximum.*two input-dependent tensors"):
+        graphlrp.compile(_SignalMaximum().eval(), torch.randn(1, 3, 8, 8), rules="otsuki2024-conserving")

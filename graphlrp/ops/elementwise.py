@@ -43,6 +43,21 @@ def _activation(node, traced):
     return Op(ACTIVATION, node, (node.args[0],))
 
 
+@describes(functions=[torch.maximum, torch.minimum, torch.fmax, torch.fmin], methods=["maximum", "minimum"])
+def _threshold(node, traced):
+    """max(x, τ) / min(x, τ) with a constant τ (FRN's thresholded linear unit): an elementwise activation, so
+    relevance passes. Of two input-dependent tensors it is a selection with no rule."""
+    a, b = node.args[:2]
+    dynamic = [is_dynamic_tensor(t) for t in (a, b)]
+    if sum(dynamic) != 1:
+        raise UnsupportedOpError(f"{describe_node(node)}: {target_name(node, traced)} of two input-dependent tensors "
+                                 "has no LRP rule (only of a tensor and a constant threshold)")
+    x = a if dynamic[0] else b
+    if tuple(x.meta["shape"]) != tuple(node.meta["shape"]):
+        raise UnsupportedOpError(f"{describe_node(node)}: the threshold broadcasts the input to a larger shape")
+    return Op(ACTIVATION, node, (x,))
+
+
 def _stochastic_depth_functions():
     try:
         from torchvision.ops import stochastic_depth
@@ -95,7 +110,8 @@ def is_reduction(node, _depth=0) -> bool:
     if name in REDUCTIONS:
         return bool(node.kwargs.get("keepdim") or (len(node.args) > 2 and node.args[2] is True)
                     or (name == "norm" and len(node.args) > 3 and node.args[3] is True))
-    if name in ("truediv", "div", "add", "mul", "sub", "pow", "sqrt", "rsqrt", "clamp"):
+    if name in ("truediv", "div", "add", "mul", "sub", "pow", "sqrt", "rsqrt", "clamp", "to", "float", "type_as",
+                "expand", "expand_as", "contiguous"):
         first = node.args[0] if node.args else None
         return is_reduction(first, _depth + 1)
     return False
