@@ -125,3 +125,21 @@ def test_threshold_units_pass_and_a_maximum_of_two_signals_is_a_clear_error():
 
     with pytest.raises(UnsupportedOpError, match=r"maximum.*two input-dependent tensors"):
         graphlrp.compile(_SignalMaximum().eval(), torch.randn(1, 3, 8, 8), rules="otsuki2024-conserving")
+
+
+def test_coverage_command_reports_every_model_even_when_the_last_is_skipped(tmp_path):
+    """`graphlrp coverage` lists each model with its status; a model skipped by --max-params at the end of the list
+    still lands in the report, and a finished run is not marked partial."""
+    pytest.importorskip("timm")
+    import subprocess
+    import sys
+
+    out = tmp_path / "coverage.md"
+    proc = subprocess.run([sys.executable, "-m", "graphlrp.cli", "coverage", "--no-torchvision", "--timm",
+                           "resnet10t", "--timm", "vgg11", "--max-params", "100", "--size", "32", "-o", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = out.read_text()
+    assert "Partial run" not in report
+    assert "| timm | resnet10t | 32 | ok |" in report
+    assert "| timm | vgg11 | 32 | skipped |" in report

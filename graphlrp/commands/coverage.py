@@ -39,6 +39,11 @@ def run(args) -> int:
         todo += [("timm", n) for n in names]
     results = []
     tmp = tempfile.mkdtemp()
+
+    def write_report():  # rewritten as it goes: a long run leaves a usable partial report
+        with open(args.output, "w") as f:
+            f.write(cov.markdown(results, "graphlrp coverage " + " ".join(sys.argv[2:]), args.rules, len(todo)))
+
     for i, (source, name) in enumerate(todo):
         size = cov.SIZES.get(name, args.size)
         millions = cov.known_params(source, name)
@@ -63,8 +68,8 @@ def run(args) -> int:
         results.append(r)
         print(f"[{i + 1}/{len(todo)}] {source}:{name} {r.status} {r.error}", file=sys.stderr, flush=True)
         del model
-        with open(args.output, "w") as f:  # rewritten as it goes: a long run leaves a usable partial report
-            f.write(cov.markdown(results, "graphlrp coverage " + " ".join(sys.argv[2:]), args.rules, len(todo)))
+        write_report()
+    write_report()  # also after models skipped at the end of the list
     ok = sum(r.status == "ok" for r in results)
     print(f"{ok} of {len(results)} models ok; report: {args.output}")
     return 0
