@@ -24,6 +24,20 @@ EXPECTED_KIND = {"identity": "identity", "projection": "projection", "pool_proje
                  "option_a": "other"}
 
 
+def _compile_and_check_conservation(model, x, split, context=None):
+    """Compile with otsuki2024-conserving; the logits are the model's, relevance is finite and conserved per
+    sample. Returns (explainer, relevance, taps, p(ŷ))."""
+    explainer = graphlrp.compile(model, x[:1], rules="otsuki2024-conserving", split=split)
+    logits, relevance, taps = explainer.explain_with_taps(x)
+    with torch.no_grad():
+        assert torch.allclose(logits, model(x), rtol=1e-4, atol=1e-5)
+    assert torch.isfinite(relevance).all()
+    p = logits.softmax(-1).max(-1).values
+    ratio = relevance.flatten(1).sum(1) / p
+    assert ((ratio - 1).abs() <= 1e-3).all(), (context, ratio.tolist())
+    return explainer, relevance, taps, p
+
+
 @dataclass(frozen=True)
 class BlockSpec:
     cout: int
@@ -164,14 +178,7 @@ def test_random_residual_networks(case):
     merges = graphlrp.inspect(model, x[:1])
     assert [m.skip_kind for m in merges] == expected_kinds(blocks)
 
-    explainer = graphlrp.compile(model, x[:1], rules="otsuki2024-conserving", split=split)
-    logits, relevance, taps = explainer.explain_with_taps(x)
-    with torch.no_grad():
-        assert torch.allclose(logits, model(x), rtol=1e-4, atol=1e-5)
-    assert torch.isfinite(relevance).all()
-    p = logits.softmax(-1).max(-1).values
-    ratio = relevance.flatten(1).sum(1) / p
-    assert ((ratio - 1).abs() <= 1e-3).all(), ratio.tolist()
+    explainer, relevance, taps, p = _compile_and_check_conservation(model, x, split)
     assert torch.allclose(taps["input"], relevance.flatten(1).sum(1))
     assert torch.allclose(taps["output"], p)
     assert len(explainer.merges) == len(merges)
@@ -278,14 +285,7 @@ def test_random_zoo_networks(case):
     with torch.no_grad():
         model = ZooNet(c, blocks).eval()
     x = torch.randn(2, 3, size, size)
-    explainer = graphlrp.compile(model, x[:1], rules="otsuki2024-conserving", split=split)
-    logits, relevance, taps = explainer.explain_with_taps(x)
-    with torch.no_grad():
-        assert torch.allclose(logits, model(x), rtol=1e-4, atol=1e-5)
-    assert torch.isfinite(relevance).all()
-    p = logits.softmax(-1).max(-1).values
-    ratio = relevance.flatten(1).sum(1) / p
-    assert ((ratio - 1).abs() <= 1e-3).all(), (blocks, ratio.tolist())
+    explainer, relevance, taps, p = _compile_and_check_conservation(model, x, split, blocks)
     expected_merges = sum({"res2": 4, "nary": 1, "stack_sum": 1, "radix": 2}.get(k, 1) for k, _ in blocks)
     assert len(explainer.merges) == expected_merges, [m.node for m in explainer.merges]
     for m in explainer.merges:
