@@ -46,7 +46,8 @@ def _shares(ctx, h: list, split: str, epsilon, stabilizer, support=None):
         den = mags[0]
         for m in mags[1:]:
             den = ctx.call(torch.add, den, m)
-        out = [ctx.call(torch.mul, R, ctx.call(torch.div, m, den)) for m in mags[:-1]]
+        scale = ctx.call(torch.div, R, den)
+        out = [ctx.call(torch.mul, scale, m) for m in mags[:-1]]
     elif split == "signed":
         total = h[0]
         for x in h[1:]:
