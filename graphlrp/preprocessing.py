@@ -148,12 +148,49 @@ class Preprocessing:
             return None
         return shorter_side_to(size, self.resize)
 
+    def apply(self, im):
+        """Resize (with this record's interpolation) and crop a PIL image to the model's input geometry, before
+        normalisation: what the runtime, `explain`, `serve` and `evaluate` on image folders all do."""
+        resized = self.resized_size(im.size)
+        if resized is None:
+            return center_crop(im, self.crop) if (im.height, im.width) != tuple(self.crop) else im
+        im = im.resize(resized, resampling(self.interpolation))
+        if self.crop_mode == "border" and (im.width < self.crop[1] or im.height < self.crop[0]):
+            fill = tuple(round(255 * m) for m in self.mean)
+            im = pad_to(im, self.crop, fill[0] if im.mode == "L" else fill)
+        return center_crop(im, self.crop)
+
     def upscale(self, size: tuple[int, int]) -> float:
         """How much an image of (w, h) pixels is enlarged (1.0 when not resized or when shrunk)."""
         resized = self.resized_size(size)
         if resized is None:
             return 1.0
         return max(1.0, min(resized[0] / size[0], resized[1] / size[1]))
+
+
+def resampling(interpolation: str):
+    """PIL's resampling filter for an interpolation name."""
+    from PIL import Image
+
+    return getattr(Image.Resampling, interpolation.upper())
+
+
+def pad_to(im, size: Sequence[int], fill):
+    """Pad a PIL image to at least [H, W], centred, with `fill` (timm's CenterCropOrPad)."""
+    from PIL import Image
+
+    h, w = max(size[0], im.height), max(size[1], im.width)
+    canvas = Image.new(im.mode, (w, h), fill)
+    canvas.paste(im, ((w - im.width) // 2, (h - im.height) // 2))
+    return canvas
+
+
+def center_crop(im, size: Sequence[int]):
+    """Crop the central [H, W] region of a PIL image; pads with black when the image is smaller (like
+    torchvision)."""
+    h, w = size
+    left, top = int(round((im.width - w) / 2.0)), int(round((im.height - h) / 2.0))
+    return im.crop((left, top, left + w, top + h))
 
 
 def scale_size(crop: int, crop_pct: float) -> int:

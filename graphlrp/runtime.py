@@ -18,15 +18,12 @@ import onnxruntime as ort
 from PIL import Image, UnidentifiedImageError
 
 from .errors import ExplainerLoadError, ImageError, InputError
-from .preprocessing import Preprocessing
+from .preprocessing import Preprocessing, center_crop, pad_to  # noqa: F401 - runtime API
 
 ImageSource = Union[str, os.PathLike, bytes, Image.Image]
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 INPUTS = ("input", "target")
 OUTPUTS = ("logits", "relevance")
-RESAMPLING = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
-              "bicubic": Image.Resampling.BICUBIC, "box": Image.Resampling.BOX,
-              "hamming": Image.Resampling.HAMMING, "lanczos": Image.Resampling.LANCZOS}
 
 
 @dataclass
@@ -140,16 +137,7 @@ class ExplainerSession:
     def prepare_image(self, image: ImageSource) -> Image.Image:
         """Decode, convert and resize/crop an image to the model's input geometry, before normalisation."""
         im = open_image(image)
-        im = im.convert("L" if self.input_size[0] == 1 else "RGB")
-        prep = self.preprocessing
-        resized = prep.resized_size(im.size)
-        if resized is None:
-            return center_crop(im, prep.crop) if (im.height, im.width) != prep.crop else im
-        im = im.resize(resized, RESAMPLING[prep.interpolation])
-        if prep.crop_mode == "border" and (im.width < prep.crop[1] or im.height < prep.crop[0]):
-            fill = tuple(round(255 * m) for m in prep.mean)
-            im = pad_to(im, prep.crop, fill[0] if im.mode == "L" else fill)
-        return center_crop(im, prep.crop)
+        return self.preprocessing.apply(im.convert("L" if self.input_size[0] == 1 else "RGB"))
 
     def upscale(self, image: ImageSource) -> float:
         """How much preprocessing enlarges this image (1.0: not enlarged). Explaining a small image blown up
@@ -245,21 +233,6 @@ def open_image(source: ImageSource) -> Image.Image:
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise ImageError(f"{name}: cannot read image ({getattr(e, 'strerror', None) or e})") from None
     return im
-
-
-def pad_to(im: Image.Image, size: Sequence[int], fill) -> Image.Image:
-    """Pad an image to at least [H, W], centred, with `fill` (timm's CenterCropOrPad)."""
-    h, w = max(size[0], im.height), max(size[1], im.width)
-    canvas = Image.new(im.mode, (w, h), fill)
-    canvas.paste(im, ((w - im.width) // 2, (h - im.height) // 2))
-    return canvas
-
-
-def center_crop(im: Image.Image, size: Sequence[int]) -> Image.Image:
-    """Crop the central [H, W] region; pads with black when the image is smaller (like torchvision)."""
-    h, w = size
-    left, top = int(round((im.width - w) / 2.0)), int(round((im.height - h) / 2.0))
-    return im.crop((left, top, left + w, top + h))
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

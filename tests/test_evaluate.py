@@ -198,6 +198,25 @@ def test_image_folder_with_labels_file(tmp_path):
         load_image_set(str(tmp_path), (32, 32))
 
 
+def test_image_folder_gets_the_models_own_preprocessing(tmp_path):
+    """Images of a folder are resized and cropped as the model's preprocessing record says (here bicubic to a
+    shorter side of 40, centre crop 32): the same pixels as torchvision's Resize + CenterCrop + ToTensor."""
+    from torchvision import transforms
+
+    from graphlrp.preprocessing import Preprocessing
+
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 255, (50, 70, 3), dtype=np.uint8))
+    image.save(tmp_path / "a.png")
+    (tmp_path / "labels.txt").write_text("a.png 1\n")
+    prep = Preprocessing(crop=(32, 32), resize=40, crop_pct=None, interpolation="bicubic")
+    data = load_image_set(str(tmp_path), prep)
+    reference = transforms.Compose([transforms.Resize(40, interpolation=transforms.InterpolationMode.BICUBIC),
+                                    transforms.CenterCrop(32), transforms.ToTensor()])(image)
+    assert data.images.shape == (1, 3, 32, 32)
+    assert torch.allclose(data.images[0], reference, atol=1e-6)
+
+
 def test_unreadable_images_in_a_folder_are_reported_and_skipped(tmp_path, capsys):
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "good.png")

@@ -3,6 +3,8 @@
     python tools/benchmark.py            # full run: resnet18 + resnet50, batch 1 and 8, both presets, memory at
                                          # batch 16, compile + export time of resnet50 and resnet152
     python tools/benchmark.py --quick    # short run for CI / acceptance: resnet50, batch 1, speed only
+    python tools/benchmark.py --models vit_b_16 --compile-models vit_b_16 --out results/benchmark-vit
+                                         # torchvision ViT-B/16: graphlrp cp-lrp / attnlrp vs LXT in PyTorch
 
 Protocol: every method of one (model, batch) cell is set up first, warmed up, then timed in interleaved rounds
 (forward, explainer, Zennit, ... , forward, explainer, ...) with time.perf_counter; the table reports the median of
@@ -11,6 +13,12 @@ the rounds per image and its ratio to the onnxruntime forward measured in the sa
 Memory: peak resident set size of a fresh process that sets up one method and runs it once at batch 16.
 Compile time: `graphlrp.compile` + `export_onnx` (with onnx.checker and the onnxruntime parity check) in a fresh
 process. Writes results/benchmark.md and results/benchmark.csv (with --quick: results/benchmark-quick.*).
+
+Transformers (`vit_b_16`, `swin_t`, ... by name) take `--transformer-presets` (default cp-lrp,attnlrp) and are compared
+with LXT, the AttnLRP authors' package, run the way its documentation runs torchvision's ViT (its efficient-mode
+monkey patches with Zennit's ε-rule on linear layers, relevance = input × gradient); Zennit and Captum have no
+attention rules. torchvision zero-initialises the ViT head, so the benchmark gives it random weights (timings do not
+depend on weights; the LXT agreement note does).
 """
 from __future__ import annotations
 
@@ -52,12 +60,23 @@ def machine() -> dict:
             "load_average": os.getloadavg()}
 
 
+TRANSFORMERS = ("vit_", "swin_", "maxvit_")
+
+
+def is_transformer(arch: str) -> bool:
+    return arch.startswith(TRANSFORMERS)
+
+
 def build_model(arch: str):
     import torch
     import torchvision
 
     torch.manual_seed(0)  # random weights: timings do not depend on them
-    return getattr(torchvision.models, arch)().eval()
+    model = getattr(torchvision.models, arch)().eval()
+    head = getattr(getattr(model, "heads", None), "head", None)
+    if isinstance(head, torch.nn.Linear):  # torchvision zero-initialises the ViT head: every logit would be 0
+        torch.nn.init.normal_(head.weight, std=0.02)
+    return model
 
 
 def ort_session(path: str, threads: int):
@@ -121,6 +140,61 @@ def zennit_run(attributor, model, x):
     top = logits.argmax(-1)
     seed[idx, top] = logits[idx, top]
     return attributor(x, seed)[1]
+
+
+class LXTAttributor:
+    """LXT's recipe for torchvision's VisionTransformer: `lxt.efficient.monkey_patch(vision_transformer)` (identity
+    rule at GELU, normaliser held constant in LayerNorm, queries and keys detached in nn.MultiheadAttention: CP-LRP)
+    and `monkey_patch_zennit()` with Zennit's ε-rule on nn.Linear / nn.Conv2d; relevance = x ⊙ ∂logit/∂x. LXT's
+    patches replace class attributes process-wide, so they are applied around each call only and every attribute
+    is restored afterwards (the other methods of the same rounds run unpatched); Zennit binds its hook methods when
+    it registers them, so the hooks are registered inside the patches, per call, as LXT's examples do."""
+
+    def __init__(self, model, epsilon: float = 1e-6):
+        import copy
+
+        import torch.nn as nn
+        from zennit.composites import LayerMapComposite
+        from zennit.core import BasicHook
+        from zennit.rules import Epsilon
+
+        self.model = copy.deepcopy(model)  # Zennit's hooks stay on this copy only
+        self.touched = [(cls, name) for cls in (nn.GELU, nn.LayerNorm, nn.MultiheadAttention)
+                        for name in ("forward", "original_forward")]
+        self.touched += [(BasicHook, "forward"), (BasicHook, "backward")]
+        self.composite = LayerMapComposite([(nn.Conv2d, Epsilon(epsilon)), (nn.Linear, Epsilon(epsilon))])
+
+    def __call__(self, x, target=None):
+        from lxt.efficient import monkey_patch, monkey_patch_zennit
+        from torchvision.models import vision_transformer
+
+        saved = {key: key[0].__dict__[key[1]] for key in self.touched if key[1] in key[0].__dict__}
+        monkey_patch(vision_transformer)
+        monkey_patch_zennit()
+        try:
+            with self.composite.context(self.model) as hooked:
+                x = x.detach().clone().requires_grad_(True)
+                logits = hooked(x)
+                target = logits.argmax(-1) if target is None else target
+                logits.gather(1, target.view(-1, 1)).sum().backward()
+            return (x * x.grad).detach()
+        finally:
+            for cls, name in self.touched:
+                if (cls, name) in saved:
+                    setattr(cls, name, saved[(cls, name)])
+                elif name in cls.__dict__:
+                    delattr(cls, name)
+
+
+def lxt_agreement(lxt: LXTAttributor, explainer, x) -> str:
+    """How far graphlrp's `cp-lrp` is from LXT on the same input and targets (max |difference| / max |LXT|)."""
+    import torch
+
+    with torch.no_grad():
+        target = explainer(x)[0].argmax(-1)
+        ours = explainer(x, target)[1]
+    theirs = lxt(x, target)
+    return f"graphlrp cp-lrp vs LXT relevance: {((ours - theirs).abs().max() / theirs.abs().max()).item():.1e}"
 
 
 def captum_check(model, x) -> tuple[bool, str]:
@@ -195,6 +269,7 @@ def make_runners(arch: str, model, presets: list, tmp: str, threads: int, with_t
         runners[f"graphlrp {preset} | onnxruntime"] = (
             lambda x, xn, tn, sess=sess: sess.run(None, {"input": xn, "target": tn}))
         runners[f"graphlrp {preset} | torch eager"] = lambda x, xn, tn, ex=ex: ex(x)
+        notes.setdefault("_explainers", {})[preset] = ex
         if with_torch_compile:
             compiled = torch.compile(ex.graph_module)
 
@@ -203,10 +278,16 @@ def make_runners(arch: str, model, presets: list, tmp: str, threads: int, with_t
                     return compiled(x, torch.from_numpy(tn))
 
             runners[f"graphlrp {preset} | torch.compile"] = run_compiled
-    if with_baselines:
+    if with_baselines and is_transformer(arch):
+        lxt = LXTAttributor(model)
+        name = "LXT efficient (CP-LRP, Zennit ε on linear layers) | torch eager"
+        runners[name] = lambda x, xn, tn: lxt(x)
+        if "cp-lrp" in notes.get("_explainers", {}):
+            notes[name] = lxt_agreement(lxt, notes["_explainers"]["cp-lrp"], torch.randn(2, 3, 224, 224))
+    elif with_baselines:
         attributor = zennit_attributor(model)
         attributor.__enter__()  # hooks stay registered for the whole cell; closed by the caller via notes
-        notes["_zennit"] = attributor
+        notes["_close"] = lambda: attributor.__exit__(None, None, None)
         runners["Zennit EpsilonPlusFlat+ResNetCanonizer | torch eager"] = (
             lambda x, xn, tn: zennit_run(attributor, model, x))
         ok, why = captum_check(build_model(arch), torch.randn(2, 3, 224, 224))
@@ -249,7 +330,8 @@ if kind == "compile":
     rep = ex.export_onnx(path)
     t2 = time.perf_counter()
     print(json.dumps({{"compile_s": t1 - t0, "export_s": t2 - t1, "size_mb": rep.size_bytes / 2**20,
-                      "parity": rep.max_rel_diff}}))
+                      "parity": rep.max_rel_diff, "torch_f64": rep.float32_error_pytorch,
+                      "ort_f64": rep.float32_error_onnxruntime}}))
     sys.exit(0)
 if kind == "ort":
     import numpy as np
@@ -269,6 +351,10 @@ elif kind == "torch-explainer":
     ex = graphlrp.compile(b.build_model(arch), x[:1], rules=preset)
     before = rss_mb()
     ex(x)
+elif kind == "lxt":
+    lxt = b.LXTAttributor(b.build_model(arch))
+    before = rss_mb()
+    lxt(x)
 elif kind == "zennit":
     model = b.build_model(arch)
     with b.zennit_attributor(model) as attributor:
@@ -338,14 +424,14 @@ def write_reports(out: Path, info: dict, speed_rows: list, memory_rows: list, pr
             macs = "" if r.get("macs") is None else f"{r['macs']:.2f}"
             lines.append(f"| {r['method']} | {r['runtime']} | {r['ms']:.1f} | {r['ratio']:.2f} | {macs} | "
                          f"{r['note']} |")
-        zen = next((r for r in speed_rows if r["model"] == model and r["batch"] == batch
-                    and r["method"].startswith("Zennit")), None)
-        if zen:
+        base = next((r for r in speed_rows if r["model"] == model and r["batch"] == batch
+                     and r["method"].startswith(("Zennit", "LXT"))), None)
+        if base:
             for r in speed_rows:
                 if r["model"] == model and r["batch"] == batch and r["method"].startswith("graphlrp") \
                         and r["runtime"] == "onnxruntime":
-                    lines.append(f"\n{r['method']} (onnxruntime) is {zen['ms'] / r['ms']:.1f}× faster per image "
-                                 "than Zennit.")
+                    lines.append(f"\n{r['method']} (onnxruntime) is {base['ms'] / r['ms']:.1f}× faster per image "
+                                 f"than {base['method'].split()[0]}.")
         lines.append("")
     for (model, batch), tables in sorted(profiles.items()):
         fwd_total = sum(tables["forward"].values())
@@ -353,9 +439,10 @@ def write_reports(out: Path, info: dict, speed_rows: list, memory_rows: list, pr
         lines += [f"## Where the time goes: {model}, batch {batch} (onnxruntime profiler)", "",
                   "Kernel time per op type in ms per run (onnxruntime's own profiler, mean of "
                   f"{PROFILE_RUNS} runs after a discarded warm-up), and its share as a multiple of the forward's "
-                  "total kernel time. Conv/ConvTranspose are the multiply-accumulate floor; everything else is "
-                  "elementwise work and NCHWc layout reorders that onnxruntime inserts around ops it cannot run in "
-                  "its blocked layout.", "",
+                  "total kernel time. Conv/ConvTranspose (CNNs) and MatMul/Einsum/Gemm (transformers) are the "
+                  "multiply-accumulate floor; everything else is elementwise work (Where + GreaterOrEqual: the "
+                  "ε-rule's signed stabiliser) and NCHWc layout reorders that onnxruntime inserts around ops it "
+                  "cannot run in its blocked layout.", "",
                   "| op type | " + " | ".join(f"{n} (ms)" for n in names) + " | " +
                   " | ".join(f"{n} (× forward)" for n in names[1:]) + " |",
                   "|---|" + "---:|" * (2 * len(names) - 1)]
@@ -384,14 +471,20 @@ def write_reports(out: Path, info: dict, speed_rows: list, memory_rows: list, pr
         lines += ["## Compile + export time", "",
                   "`graphlrp.compile` then `export_onnx` (fx → ONNX lowering, onnx.checker full check, onnxruntime "
                   "parity check), in a fresh process.", "",
-                  "| model | preset | compile (s) | export + checks (s) | total (s) | file (MiB) | parity |",
-                  "|---|---|---:|---:|---:|---:|---:|"]
+                  "Parity: max |difference| / max |value| of onnxruntime against PyTorch on the export's check batch. "
+                  "Where that exceeds 1e-4, the export measures both float32 runtimes against the same graph in "
+                  "float64 and passes when onnxruntime is as close to it as PyTorch (the last two columns).", "",
+                  "| model | preset | compile (s) | export + checks (s) | total (s) | file (MiB) | parity | "
+                  "PyTorch vs float64 | onnxruntime vs float64 |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
         for r in compile_rows:
             if "error" in r:
-                lines.append(f"| {r['model']} | {r['method']} | error: {r['error']} | | | | |")
+                lines.append(f"| {r['model']} | {r['method']} | error: {r['error']} | | | | | | |")
                 continue
+            f64 = [f"{r[k]:.1e}" if r.get(k) is not None else "" for k in ("torch_f64", "ort_f64")]
             lines.append(f"| {r['model']} | {r['method']} | {r['compile_s']:.1f} | {r['export_s']:.1f} | "
-                         f"{r['compile_s'] + r['export_s']:.1f} | {r['size_mb']:.0f} | {r['parity']:.1e} |")
+                         f"{r['compile_s'] + r['export_s']:.1f} | {r['size_mb']:.0f} | {r['parity']:.1e} | "
+                         f"{f64[0]} | {f64[1]} |")
         lines.append("")
     if notes:
         lines += ["## Notes", ""] + [f"- {k}: {v}" for k, v in notes.items()] + [""]
@@ -405,7 +498,8 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="resnet50, batch 1, speed only (CI / acceptance)")
     p.add_argument("--models", default=None, help="comma-separated torchvision ResNets (default resnet18,resnet50)")
     p.add_argument("--batches", default=None, help="comma-separated batch sizes (default 1,8)")
-    p.add_argument("--presets", default="otsuki2024,epsilon-plus-flat")
+    p.add_argument("--presets", default="otsuki2024,epsilon-plus-flat", help="presets of the ResNets")
+    p.add_argument("--transformer-presets", default="cp-lrp,attnlrp", help="presets of vit_*, swin_*, maxvit_*")
     p.add_argument("--repeats", type=int, default=None, help="timed rounds per cell (default 5, --quick 5)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=2)
@@ -425,7 +519,8 @@ def main(argv=None) -> int:
     args.argv = argv
     models = (args.models or ("resnet50" if args.quick else "resnet18,resnet50")).split(",")
     batches = [int(b) for b in (args.batches or ("1" if args.quick else "1,8")).split(",")]
-    presets = args.presets.split(",")
+    def presets_of(arch: str) -> list:
+        return (args.transformer_presets if is_transformer(arch) else args.presets).split(",")
     args.repeats = args.repeats or 5
     memory = (not args.quick) if args.memory is None else args.memory
     args.profile = (not args.quick) if args.profile is None else args.profile
@@ -441,6 +536,7 @@ def main(argv=None) -> int:
     for arch in models:
         model = build_model(arch)
         print(f"[{arch}] setting up", flush=True)
+        presets = presets_of(arch)
         runners, cell_notes = make_runners(arch, model, presets, tmp, args.threads, args.torch_compile,
                                            not args.no_baselines)
         for batch in [] if args.no_speed else batches:
@@ -454,7 +550,7 @@ def main(argv=None) -> int:
                                    "ms": seconds * 1000 / batch, "ratio": seconds / base, "note": note,
                                    "macs": cell_notes["_macs"].get(method, 1.0 if method == "forward" else None)})
                 print(f"    {name:60s} {seconds * 1000 / batch:9.1f} ms/img  {seconds / base:6.2f}x", flush=True)
-        if args.profile and arch == "resnet50":
+        if args.profile and arch in ("resnet50", "vit_b_16"):
             import numpy as np
 
             for batch in batches:
@@ -467,8 +563,9 @@ def main(argv=None) -> int:
                     tables[preset] = op_profile(os.path.join(tmp, f"{arch}-{preset}.onnx"),
                                                 {"input": x, "target": t}, args.threads, PROFILE_RUNS)
                 profiles[(arch, batch)] = tables
-        if "_zennit" in cell_notes:
-            cell_notes.pop("_zennit").__exit__(None, None, None)
+        if "_close" in cell_notes:
+            cell_notes.pop("_close")()
+        cell_notes.pop("_explainers", None)
         if memory:
             print(f"[{arch}] peak memory at batch 16", flush=True)
             jobs = [("forward", "onnxruntime", "ort", "", os.path.join(tmp, f"{arch}-forward.onnx")),
@@ -476,7 +573,9 @@ def main(argv=None) -> int:
             for preset in presets:
                 jobs += [(f"graphlrp {preset}", "onnxruntime", "ort", preset, os.path.join(tmp, f"{arch}-{preset}.onnx")),
                          (f"graphlrp {preset}", "torch eager", "torch-explainer", preset, "")]
-            if not args.no_baselines:
+            if not args.no_baselines and is_transformer(arch):
+                jobs.append(("LXT efficient (CP-LRP, Zennit ε on linear layers)", "torch eager", "lxt", "", ""))
+            elif not args.no_baselines:
                 jobs.append(("Zennit EpsilonPlusFlat+ResNetCanonizer", "torch eager", "zennit", "", ""))
             for method, runtime, kind, preset, path in jobs:
                 r = child(kind, arch, preset, path, 16, args.threads)
@@ -487,7 +586,7 @@ def main(argv=None) -> int:
         del runners
     if compile_time:
         for arch in args.compile_models.split(","):
-            for preset in presets:
+            for preset in presets_of(arch):
                 print(f"[{arch}] compile + export {preset}", flush=True)
                 r = child("compile", arch, preset, os.path.join(tmp, f"compile-{arch}-{preset}.onnx"), 1,
                           args.threads)

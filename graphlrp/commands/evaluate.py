@@ -34,8 +34,8 @@ def register(sub) -> None:
     p.add_argument("--std", type=_floats, help="normalisation std, comma-separated (default: the model's)")
     p.add_argument("--batch-size", type=positive_int, default=128, help="images per model call (default 128)")
     p.add_argument("--resize", type=positive_int, help="image folders: shorter side before the centre crop to the "
-                                                       "model's input size (default: the input size); .npz images "
-                                                       "are used as stored")
+                                                       "model's input size (default: the model's own preprocessing, "
+                                                       "as `explain` applies it); .npz images are used as stored")
     p.add_argument("--cam-layer", help="module name for Grad-CAM/Score-CAM (default: the last residual stage)")
     p.add_argument("--heatmap-images", type=positive_int, default=4, help="rows in heatmaps.png (default 4)")
     p.add_argument("-o", "--output", required=True, help="directory for the results")
@@ -81,7 +81,7 @@ def run(args) -> int:
 
     names = resolve(args.methods)
     model, info = load_model(args.model, args.weights)
-    data = load_image_set(args.data, info.input_size, args.resize, args.labels, args.limit)
+    data = load_image_set(args.data, info.preprocessing.with_overrides(resize=args.resize), args.labels, args.limit)
     mean, std = args.mean or info.mean, args.std or info.std
     if not len(mean) == len(std) == data.images.shape[1]:
         raise EvaluationError(f"--mean/--std need one value per channel ({data.images.shape[1]}): {mean} / {std}")

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from . import EvaluationError
 
@@ -26,15 +25,19 @@ class ImageSet:
         return len(self.labels)
 
 
-def load_image_set(path: str, size: tuple[int, int], resize: int | None = None, labels_file: str | None = None,
-                   limit: int | None = None) -> ImageSet:
+def load_image_set(path: str, preprocessing, labels_file: str | None = None, limit: int | None = None) -> ImageSet:
     """Read `path`: an .npz holds images as the model should see them and is used as stored; the images of a folder
-    come in any size and are resized (shorter side to `resize`, default the model's input `size`) and
-    centre-cropped to `size`, as ImageNet evaluations do."""
+    come in any size and get the model's own preprocessing geometry (`preprocessing`: a `Preprocessing` record,
+    whose resize, interpolation and crop are applied exactly as `explain` and the runtime apply them; or an input
+    size [H, W], meaning the default ImageNet crop ratio at that size)."""
+    from ..preprocessing import Preprocessing, default
+
+    if not isinstance(preprocessing, Preprocessing):
+        preprocessing = default(tuple(preprocessing))
     p = Path(path)
     if p.is_dir():
         images, labels, classes = _read_folder(p, Path(labels_file) if labels_file else None, limit)
-        images = [_fit(img, tuple(size), resize) for img in images]
+        images = [_to_tensor(preprocessing.apply(im)) for im in images]
     elif p.is_file() and p.suffix == ".npz":
         images, labels, classes = _read_npz(p, limit)
     else:
@@ -43,6 +46,10 @@ def load_image_set(path: str, size: tuple[int, int], resize: int | None = None, 
         raise EvaluationError(f"no images in {path}")
     return ImageSet(torch.stack(list(images)).contiguous(), torch.as_tensor(labels, dtype=torch.int64), classes,
                     str(path))
+
+
+def _to_tensor(im) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(im, dtype=np.float32) / 255).permute(2, 0, 1)
 
 
 def _read_npz(path: Path, limit):
@@ -86,24 +93,12 @@ def _read_folder(folder: Path, labels_file: Path | None, limit):
             if file.suffix.lower() not in IMAGE_SUFFIXES:
                 raise ValueError(f"not an image file name (expected one of {', '.join(sorted(IMAGE_SUFFIXES))})")
             with Image.open(file) as im:
-                pixels = np.asarray(im.convert("RGB"), dtype=np.float32) / 255
+                image = im.convert("RGB")
         except (OSError, ValueError, SyntaxError) as e:  # missing, unreadable or corrupt: say so, go on
             print(f"skipping {file}: {e}", file=sys.stderr)
             continue
-        images.append(torch.from_numpy(pixels).permute(2, 0, 1))
+        images.append(image)
         labels.append(label)
     names = folder / "classes.txt"
     classes = [c.strip() for c in names.read_text().splitlines() if c.strip()] if names.is_file() else None
     return images, labels, classes
-
-
-def _fit(img: torch.Tensor, size: tuple[int, int], resize: int | None) -> torch.Tensor:
-    if tuple(img.shape[-2:]) == size:
-        return img
-    h, w = img.shape[-2:]
-    short = resize or min(size)
-    scale = short / min(h, w)
-    new = (max(size[0], round(h * scale)), max(size[1], round(w * scale)))
-    img = F.interpolate(img[None], size=new, mode="bilinear", antialias=True, align_corners=False)[0].clamp(0, 1)
-    top, left = (new[0] - size[0]) // 2, (new[1] - size[1]) // 2
-    return img[:, top:top + size[0], left:left + size[1]].contiguous()
