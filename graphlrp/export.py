@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +34,9 @@ class ExportReport:
     # same graph (an ill-conditioned explainer, e.g. ε = 1e-6 at a near-zero sum, is not float32-exact anywhere)
     float32_error_pytorch: float | None = None
     float32_error_onnxruntime: float | None = None
+    # the relevance was 0 everywhere on the parity batch: the output does not depend on the input (a zero
+    # classification head, as torchvision initialises a ViT's), so parity holds trivially and proves nothing
+    zero_relevance: bool = False
 
     @property
     def max_rel_diff(self) -> float:
@@ -122,6 +126,12 @@ def _float64_relevance(explainer, x: torch.Tensor, target: torch.Tensor) -> np.n
     return rel.numpy()
 
 
+ZERO_RELEVANCE_WARNING = (
+    "the relevance is 0 everywhere on the parity images: the model's output does not depend on its input (a "
+    "zero-initialised head, as in torchvision's ViT with random weights?), so the explainer explains nothing and "
+    "the parity check proves nothing")
+
+
 def check_parity(explainer, session, report: ExportReport, x, target, expected) -> None:
     """Raise ExportError unless onnxruntime reproduces the PyTorch explainer's `expected` (logits, relevance) on
     (x, target).
@@ -136,6 +146,9 @@ def check_parity(explainer, session, report: ExportReport, x, target, expected) 
     logits_rt, rel_rt = session.run(["logits", "relevance"], {"input": x.numpy(), "target": target.numpy()})
     report.max_rel_diff_relevance = rel_diff(rel_rt, rel_pt)
     report.max_rel_diff_logits = rel_diff(logits_rt, logits_pt)
+    report.zero_relevance = not np.any(rel_pt)
+    if report.zero_relevance:
+        warnings.warn(ZERO_RELEVANCE_WARNING, stacklevel=3)
     tol = PARITY_TOLERANCE
     if report.max_rel_diff <= tol:
         return

@@ -496,6 +496,31 @@ def test_model_families_compile_and_conserve(preset):
             assert ((taps["input"] / taps["output"]) - 1).abs().max() <= 1e-3, name
 
 
+def test_a_zero_head_is_reported_not_passed_as_parity(tmp_path, capsys):
+    """torchvision initialises a ViT's head to zero: with random weights every logit is 0 and so is the relevance,
+    and onnxruntime "agrees" with PyTorch trivially. Export says so instead of reporting a clean parity."""
+    from graphlrp.cli import main
+
+    torch.manual_seed(0)
+    model = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=1, num_heads=2,
+                                                 hidden_dim=32, mlp_dim=64, num_classes=10).eval()
+    explainer = graphlrp.compile(model, torch.randn(1, 3, 32, 32), rules="cp-lrp")
+    with pytest.warns(UserWarning, match="relevance is 0 everywhere"):
+        report = explainer.export_onnx(tmp_path / "zero.onnx")
+    assert report.zero_relevance
+    nn.init.normal_(model.heads.head.weight, std=0.3)
+    assert not graphlrp.compile(model, torch.randn(1, 3, 32, 32), rules="cp-lrp").export_onnx(
+        tmp_path / "random.onnx").zero_relevance
+    factory = tmp_path / "zerohead.py"
+    factory.write_text(
+        "import torch, torchvision\n"
+        "def make():\n"
+        "    return torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=1, num_heads=2,\n"
+        "                                                hidden_dim=32, mlp_dim=64, num_classes=10)\n")
+    assert main(["compile", f"{factory}:make", "--input-size", "32", "-o", str(tmp_path / "cli.onnx")]) == 0
+    assert "relevance is 0 everywhere" in capsys.readouterr().err
+
+
 def test_cli_compiles_and_explains_a_vit(tmp_path, capsys):
     """`graphlrp compile` picks cp-lrp for a model with attention; `explain` writes the heatmap at the input image
     size from the exported file, and the runtime (onnxruntime only) serves the same relevance."""

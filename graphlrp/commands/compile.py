@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+import warnings
 
 from ..preprocessing import INTERPOLATIONS
 from ._types import floats, positive_int
@@ -105,9 +107,15 @@ def run(args) -> int:
     print(f"images    {resize}{image_prep.crop_mode} crop {image_prep.crop[0]}x{image_prep.crop[1]}, "
           f"mean {_short(image_prep.mean)}, std {_short(image_prep.std)} [{image_prep.source}]"
           + (f", {len(explainer.labels)} labels" if explainer.labels else ""))
-    report = explainer.export_onnx(args.output, opset=args.opset, metadata={"source_model": info.name})
+    with warnings.catch_warnings():  # the zero-relevance warning is printed below, in the command's own words
+        warnings.simplefilter("ignore", UserWarning)
+        report = explainer.export_onnx(args.output, opset=args.opset, metadata={"source_model": info.name})
     t2 = time.perf_counter()
     print(f"parity    onnxruntime vs PyTorch: max relative difference {report.max_rel_diff:.1e} (limit 1e-4)")
+    if report.zero_relevance:
+        from ..export import ZERO_RELEVANCE_WARNING
+
+        print(f"warning   {ZERO_RELEVANCE_WARNING}", file=sys.stderr)
     print(f"wrote     {report.path} ({report.size_bytes / 2**20:.1f} MiB, opset {report.opset})")
     print(f"time      {t2 - t0:.1f} s (compile {t1 - t0:.1f} s, export + check {t2 - t1:.1f} s)")
     return 0
