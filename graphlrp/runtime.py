@@ -11,14 +11,14 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence, Union
+from typing import Iterable, Union
 
 import numpy as np
 import onnxruntime as ort
 from PIL import Image, UnidentifiedImageError
 
 from .errors import ExplainerLoadError, ImageError, InputError
-from .preprocessing import Preprocessing, center_crop, pad_to  # noqa: F401 - runtime API
+from .preprocessing import Preprocessing
 
 ImageSource = Union[str, os.PathLike, bytes, Image.Image]
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}

@@ -38,21 +38,21 @@ MODELS = ["vit_b_16", "swin_t", "maxvit_t", "timm:vit_tiny_patch16_224", "timm:d
           "timm:swin_tiny_patch4_window7_224"]
 PRESETS = ["attnlrp", "cp-lrp", "cp-lrp-conserving"]
 
+sys.path.insert(0, str(ROOT / "tools"))
+from benchmark import LXTAttributor, build_model  # noqa: E402 - the benchmark's model builder and LXT runner
+
 
 def build(name: str):
+    """timm:NAME with timm's initialisation, or a torchvision name as the benchmark builds it (seed 0, the ViT
+    head drawn randomly)."""
     import torch
-    import torchvision
 
-    torch.manual_seed(0)
     if name.startswith("timm:"):
         import timm
 
+        torch.manual_seed(0)
         return timm.create_model(name[5:], pretrained=False).eval()
-    model = torchvision.models.get_model(name, weights=None).eval()
-    head = getattr(getattr(model, "heads", None), "head", None)
-    if isinstance(head, torch.nn.Linear):  # torchvision zero-initialises the ViT head
-        torch.nn.init.normal_(head.weight, std=0.02)
-    return model
+    return build_model(name)
 
 
 def rel(a, b) -> float:
@@ -97,9 +97,6 @@ def lxt_conditioning(x, target) -> str:
     import copy
 
     import torch
-
-    sys.path.insert(0, str(ROOT / "tools"))
-    from benchmark import LXTAttributor
 
     model = build("vit_b_16")
     with torch.no_grad():
