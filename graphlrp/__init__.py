@@ -3,8 +3,8 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .errors import (ExportError, GraphLRPError, ModelSpecError, PresetError, TraceError,  # noqa: F401
-                     UnsupportedOpError, WeightsError)
+from .errors import (CompileError, ConservationError, ExportError, GraphLRPError, ModelSpecError,  # noqa: F401
+                     PresetError, TraceError, UnsupportedOpError, VanishingRelevanceError, WeightsError)
 
 
 def __getattr__(name):

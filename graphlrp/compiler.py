@@ -13,6 +13,7 @@ from .presets import CATEGORY_KINDS, Preset, RuleChoice, load_preset, parse_pres
 from .rewrite import Assignment, Plan, Rewriter
 from .rules import SPLITS
 from .trace import Traced, trace
+from .verify import Certificate, certify
 
 
 
@@ -131,6 +132,7 @@ class Explainer(torch.nn.Module):
         self._traced = traced
         self._tap_module = None
         self.labels: list[str] | None = None
+        self.certificate: Certificate | None = None  # what compile measured on this explainer (graphlrp.verify)
         self.eval()
 
     @property
@@ -193,7 +195,7 @@ def compile(model: torch.nn.Module, example_input: torch.Tensor, rules="otsuki20
             include_identity: bool | None = None, overrides: dict | None = None, box=None,
             model_name: str | None = None, preprocessing=None, resize: int | None = None,
             crop_pct: float | None = None, interpolation: str | None = None, mean=None, std=None,
-            labels=None) -> Explainer:
+            labels=None, verify: bool = True, allow_vanishing: bool = False) -> Explainer:
     """Compile `model` into an explainer. `rules`: preset name, TOML path, or dict; `split` and `include_identity`
     default to the preset's; `overrides`: {glob: rule} per-layer choices on top of the preset (like Zennit name
     maps); `box`: (low, high) input bounds for the zbox rule (default: [0, 1] pixels under the model's mean/std).
@@ -202,16 +204,25 @@ def compile(model: torch.nn.Module, example_input: torch.Tensor, rules="otsuki20
     (a `graphlrp.preprocessing.Preprocessing` or its dict) or else what the model says (timm's `pretrained_cfg`,
     attributes `input_size`/`mean`/`std`/`crop_pct`/`interpolation`), or else the usual crop ratio at the
     example's size; `resize`, `crop_pct`, `interpolation`, `mean`, `std` override parts of it; `labels` are
-    class names (default: the model's `labels` attribute)."""
+    class names (default: the model's `labels` attribute).
+
+    Before it returns, the explainer checks itself (`graphlrp.verify`, `verify=True`): on the example's first
+    sample and a perturbed copy, its forward must reproduce the model's, its relevance be finite, every exact merge
+    split R = Σ R_i, and a preset with `conserving = true` conserve to 1e-3; relevance of another preset must not
+    vanish (ΣR_in / R_out in [0.5, 2]; `allow_vanishing=True` makes that a warning). A failure is a
+    `ConservationError` naming the node where the sum departs; the figures are in `explainer.certificate`."""
     preset = load_preset(rules)
     if overrides:
         extra = parse_preset({"overrides": overrides}, "overrides")
         # the compile() argument wins over the preset's own [overrides] (first matching pattern wins)
         merged = {**extra.overrides, **{k: v for k, v in preset.overrides.items() if k not in extra.overrides}}
-        preset = Preset(**{**preset.__dict__, "overrides": merged})
+        # the preset's promise of conservation was made for its own rules, not for the layers overridden here
+        preset = Preset(**{**preset.__dict__, "overrides": merged, "conserving": False})
     split = split or preset.split
     if split not in SPLITS:
         raise PresetError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    if split == "signed" and preset.conserving:  # x·R/(Σx + ε): not exact where the terms cancel
+        preset = Preset(**{**preset.__dict__, "conserving": False})
     include_identity = preset.include_identity if include_identity is None else bool(include_identity)
     image_prep = resolve_preprocessing(model, example_input, preprocessing, resize=resize, crop_pct=crop_pct,
                                        interpolation=interpolation, mean=mean, std=std)
@@ -237,6 +248,15 @@ def compile(model: torch.nn.Module, example_input: torch.Tensor, rules="otsuki20
     explainer = Explainer(gm, traced, merges, plan, preset, info)
     explainer.labels = check_labels(labels if labels is not None else getattr(model, "labels", None),
                                     explainer.num_classes, strict=labels is not None)
+    if verify:
+        try:
+            explainer.certificate = certify(explainer, model, example_input, allow_vanishing=allow_vanishing)
+        except GraphLRPError:
+            raise
+        except Exception as e:  # nothing but graphlrp's own errors leaves compile()
+            raise CompileError(f"checking the explainer of {type(model).__name__} failed: "
+                               f"{type(e).__name__}: {e}") from e
+        explainer.info["certificate"] = explainer.certificate.to_dict()
     return explainer
 
 

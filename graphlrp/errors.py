@@ -17,6 +17,17 @@ class CompileError(GraphLRPError):
     """Compilation failed for a reason graphlrp did not foresee; the message names the stage and the cause."""
 
 
+class ConservationError(CompileError):
+    """The compiled explainer failed its own check (`graphlrp.verify`): its forward differs from the model's, its
+    relevance is not finite, a merge does not split exactly, or a conserving preset does not conserve. The message
+    names the first node of the relevance pass where the sum departs: node, op, rule, source line, sums."""
+
+
+class VanishingRelevanceError(ConservationError):
+    """The relevance of a non-conserving preset vanishes (or grows) between output and input; the message names the
+    node where. `compile(..., allow_vanishing=True)` turns it into a warning."""
+
+
 class PresetError(GraphLRPError):
     """A rule preset (TOML) is unknown or malformed. The message names the offending key."""
 

@@ -20,7 +20,7 @@ from .errors import ExportError
 
 PARITY_TOLERANCE = 1e-4
 METADATA_KEYS = ("graphlrp_version", "preset", "split", "include_identity", "source_model", "input_size",
-                 "preprocessing", "labels", "output_relevance")
+                 "preprocessing", "labels", "output_relevance", "certificate")
 
 
 @dataclass
@@ -37,6 +37,9 @@ class ExportReport:
     # the relevance was 0 everywhere on the parity batch: the output does not depend on the input (a zero
     # classification head, as torchvision initialises a ViT's), so parity holds trivially and proves nothing
     zero_relevance: bool = False
+    # what the compile measured on this explainer (graphlrp.verify.Certificate.to_dict(): ΣR_in / R_out per
+    # sample, forward error, merge gap, largest per-node leaks); None for an explainer compiled with verify=False
+    certificate: dict | None = None
 
     @property
     def max_rel_diff(self) -> float:
@@ -74,6 +77,8 @@ def build_metadata(explainer, extra: dict | None, **preprocessing) -> dict:
     labels = check_labels(labels, explainer.num_classes, strict=True) if labels is not None else explainer.labels
     if labels:
         meta["labels"] = json.dumps(labels)
+    if info.get("certificate") is not None:
+        meta["certificate"] = json.dumps(info["certificate"])
     for key, value in (extra or {}).items():
         meta[key] = value if isinstance(value, str) else json.dumps(value)
     return meta
@@ -228,11 +233,16 @@ def export_onnx(explainer, path, opset: int = 17, check: bool = True, metadata: 
         entry = model.metadata_props.add()
         entry.key, entry.value = key, value
     data = model.SerializeToString()  # once: the checker and the file both take the bytes
-    onnx.checker.check_model(data, full_check=True)
+    try:
+        onnx.checker.check_model(data, full_check=True)
+    except onnx.checker.ValidationError as e:  # graphlrp wrote an invalid file: its bug, said as an ExportError
+        raise ExportError(f"the ONNX model graphlrp wrote for this explainer is invalid (onnx.checker: "
+                          f"{' '.join(str(e).split())[:300]}); nothing was written") from e
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
-    report = ExportReport(str(path), float("nan"), float("nan"), path.stat().st_size, opset)
+    report = ExportReport(str(path), float("nan"), float("nan"), path.stat().st_size, opset,
+                          certificate=explainer.info.get("certificate"))
     if check:
         import onnxruntime as ort
 

@@ -6,6 +6,8 @@ Schema (every key is validated; an unknown or malformed key is a PresetError nam
     output = "probability" | "logit"   # relevance put on the target class at the start
     split = "ratio" | "symmetric" | "signed"
     include_identity = true | false    # whether identity skips receive relevance
+    conserving = true | false          # the preset promises ΣR_input = R_output; every compile checks it to 1e-3
+                                       # (graphlrp/verify.py) and refuses an explainer that does not
     batchnorm = "pass" | "fold"        # relevance passes through BN, or BN is folded into an adjacent conv/linear
                                        # where that is exact (graphlrp/canonize.py); unfolded BNs get rules.batchnorm
 
@@ -59,7 +61,8 @@ DEFAULT_RULES = {"activation": "pass", "identity": "pass", "constant_add": "pass
                  "batchnorm": "pass", "merge": "split", "normalization": "pass", "reduction": "z",
                  "constant_cat": "drop", "matmul": "constant_weights",
                  "attention_bias": "proportional"}
-TOP_KEYS = {"description", "output", "split", "include_identity", "batchnorm", "rules", "overrides", "name"}
+TOP_KEYS = {"description", "output", "split", "include_identity", "batchnorm", "rules", "overrides", "name",
+            "conserving"}
 
 
 @dataclass
@@ -76,6 +79,7 @@ class Preset:
     split: str = "ratio"
     include_identity: bool = True
     batchnorm: str = "pass"
+    conserving: bool = False  # promises ΣR_input = R_output (checked by every compile, graphlrp.verify)
     rules: dict = field(default_factory=dict)  # category -> RuleChoice
     overrides: dict = field(default_factory=dict)  # pattern -> RuleChoice
 
@@ -131,6 +135,9 @@ def parse_preset(data: dict, name: str) -> Preset:
     p.include_identity = data.get("include_identity", p.include_identity)
     if not isinstance(p.include_identity, bool):
         raise PresetError(f"{name}: include_identity must be true or false")
+    p.conserving = data.get("conserving", p.conserving)
+    if not isinstance(p.conserving, bool):
+        raise PresetError(f"{name}: conserving must be true or false")
     p.batchnorm = data.get("batchnorm", p.batchnorm)
     if p.batchnorm not in ("pass", "fold"):
         raise PresetError(f"{name}: batchnorm must be 'pass' or 'fold', got {p.batchnorm!r}")

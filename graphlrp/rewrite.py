@@ -315,11 +315,16 @@ class RuleContext:
 class Rewriter:
     """Builds the explainer GraphModule from a traced model, its merges and a rule plan."""
 
-    def __init__(self, traced: Traced, merges: list[Merge], plan: Plan, taps: bool = False):
+    def __init__(self, traced: Traced, merges: list[Merge], plan: Plan, taps: bool = False,
+                 trace_nodes: bool = False):
         self.traced, self.plan = traced, plan
         self.merges = {m.node: m for m in merges}
         self.block_inputs = [m.fork for m in merges]
-        self.taps: dict | None = {} if taps else None
+        self.taps: dict | None = {} if (taps or trace_nodes) else None
+        # the conservation trace (`graphlrp.verify`): for every node of the relevance pass, in relevance order, the
+        # batch total of the relevance arriving at it ("node:NAME") and of each share it hands on ("node:NAME>i");
+        # summed where they are made, so no relevance tensor outlives its use
+        self.node_sums: dict | None = {} if trace_nodes else None
         self.env: dict[fx.Node, fx.Node] = {}
         self.nonnegative: dict[str, bool] = {}
 
@@ -400,19 +405,28 @@ class Rewriter:
             R = parts[0]
             for p in parts[1:]:
                 R = em.call(torch.add, R, p)
+            if self.node_sums is not None:  # accumulated in float64: relevance can cancel over many elements
+                self.node_sums[f"node:{node.name}"] = em.call(torch.sum, R, dtype=torch.float64)
+                if node.name in self.merges:  # the scale of a merge's rounding: Σ|R|
+                    self.node_sums[f"mass:{node.name}"] = em.call(torch.sum, em.call(torch.abs, R),
+                                                                  dtype=torch.float64)
             if node.op == "placeholder":
                 relevance = R
                 continue
             if self.taps is not None and node.name in self.block_inputs:
                 self.taps[f"block_input:{self.block_inputs.index(node.name)}"] = R
-            for src, r in self._apply_rule(node, R):
+            for i, (src, r) in enumerate(self._apply_rule(node, R)):
                 if r is not None:
                     incoming.setdefault(src, []).append(r)
+                    if self.node_sums is not None:
+                        self.node_sums[f"node:{node.name}>{i}"] = em.call(torch.sum, r, dtype=torch.float64)
         if relevance is None:  # the output does not depend on the input
             relevance = em.call(torch.zeros_like, x)
         if self.taps is not None:
             self.taps["input"] = relevance
-            sums = {name: em.call(torch.sum, em.call(torch.flatten, r, 1), 1) for name, r in self.taps.items()}
+            wide = {"dtype": torch.float64} if self.node_sums is not None else {}
+            sums = {name: em.call(torch.sum, em.call(torch.flatten, r, 1), 1, **wide) for name, r in self.taps.items()}
+            sums.update(self.node_sums or {})
             graph.output((logits, relevance, sums))
         else:
             graph.output((logits, relevance))

@@ -297,13 +297,37 @@ class Traced:
         return obj
 
 
+def copy_model(model: torch.nn.Module) -> torch.nn.Module:
+    """A deep copy of `model` to trace (the user's model stays as it is). Tensors an autograd forward left in the
+    model's attributes (timm's eval-mode attention-bias caches) are not graph leaves and refuse deepcopy: the copy
+    holds detached clones of them instead, so compiling after `model(x)` gives the same explainer as before."""
+    memo: dict = {}
+
+    def visit(value, depth=0):
+        if isinstance(value, torch.Tensor):
+            if value.grad_fn is not None and id(value) not in memo:
+                memo[id(value)] = value.detach().clone()
+        elif depth < 4 and isinstance(value, dict):
+            for v in value.values():
+                visit(v, depth + 1)
+        elif depth < 4 and isinstance(value, (list, tuple)):
+            for v in value:
+                visit(v, depth + 1)
+
+    for module in model.modules():
+        for name, value in vars(module).items():
+            if name not in ("_parameters", "_buffers", "_modules"):
+                visit(value)
+    return copy.deepcopy(model, memo)
+
+
 def trace(model: torch.nn.Module, example_input: torch.Tensor) -> Traced:
     """Symbolically trace a copy of `model` (eval mode), make it functional and propagate the example input."""
     if not isinstance(model, torch.nn.Module):
         raise TraceError(f"expected a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(example_input, torch.Tensor) or example_input.dim() < 2:
         raise TraceError("example_input must be a tensor with a batch dimension, e.g. torch.randn(1, 3, 224, 224)")
-    model = copy.deepcopy(model).eval()
+    model = copy_model(model).eval()
     x1 = example_input[:1].detach().clone()
     x2 = torch.cat([x1, torch.flip(x1, dims=(-1,))])  # two different samples of the same size
     tracer = _Tracer((x1, x2))

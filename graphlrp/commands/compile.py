@@ -47,6 +47,10 @@ def register(sub) -> None:
     g.add_argument("--std", type=floats, metavar="S,S,S", help="normalisation std per channel")
     g.add_argument("--labels", metavar="FILE", help="class names, one per line in class order (stored in the file; "
                    "`explain` and `serve` print them)")
+    p.add_argument("--allow-vanishing", action="store_true",
+                   help="write the explainer even where the relevance of a non-conserving preset vanishes between "
+                        "output and input (always so with --weights none, where random weights often make it "
+                        "vanish); a warning says where")
     p.add_argument("--opset", type=int, default=17)
     p.set_defaults(func=run)
 
@@ -90,11 +94,19 @@ def run(args) -> int:
     h, w = parse_size(args.input_size, info.input_size)
     example = torch.randn(1, info.channels, h, w)
     rules = args.rules or default_preset(model)
-    explainer = graphlrp.compile(model, example, rules=rules, split=args.split,
-                                 include_identity=False if args.no_identity else None, model_name=info.name,
-                                 preprocessing=info.preprocessing, resize=args.resize, crop_pct=args.crop_pct,
-                                 interpolation=args.interpolation, mean=args.mean, std=args.std,
-                                 labels=labels if labels is not None else info.labels)
+    options = dict(split=args.split, include_identity=False if args.no_identity else None, model_name=info.name,
+                   preprocessing=info.preprocessing, resize=args.resize, crop_pct=args.crop_pct,
+                   interpolation=args.interpolation, mean=args.mean, std=args.std,
+                   labels=labels if labels is not None else info.labels,
+                   allow_vanishing=args.allow_vanishing or str(args.weights).lower() == "none")
+    with warnings.catch_warnings():  # a vanishing-relevance warning is printed below, in the command's own words
+        warnings.filterwarnings("ignore", message="preset .*: the relevance (vanishes|grows)")
+        try:
+            explainer = graphlrp.compile(model, example, rules=rules, **options)
+        except (graphlrp.PresetError, graphlrp.UnsupportedOpError) as e:
+            if args.rules:
+                raise
+            raise type(e)(f"{e}\n{_other_presets(model, example, rules, options)}") from e
     t1 = time.perf_counter()
     merges = explainer.merges
     kinds = {k: sum(m.skip_kind == k for m in merges) for k in ("identity", "projection", "other")}
@@ -107,6 +119,11 @@ def run(args) -> int:
     print(f"images    {resize}{image_prep.crop_mode} crop {image_prep.crop[0]}x{image_prep.crop[1]}, "
           f"mean {_short(image_prep.mean)}, std {_short(image_prep.std)} [{image_prep.source}]"
           + (f", {len(explainer.labels)} labels" if explainer.labels else ""))
+    if explainer.certificate is not None:
+        cert = explainer.certificate
+        print(f"checked   {cert.summary()} ({cert.seconds:.1f} s)")
+        if cert.vanished:
+            print(f"warning   {cert.vanished}", file=sys.stderr)
     with warnings.catch_warnings():  # the zero-relevance warning is printed below, in the command's own words
         warnings.filterwarnings("ignore", message="the relevance is 0 everywhere")
         report = explainer.export_onnx(args.output, opset=args.opset, metadata={"source_model": info.name})
@@ -119,6 +136,25 @@ def run(args) -> int:
     print(f"wrote     {report.path} ({report.size_bytes / 2**20:.1f} MiB, opset {report.opset})")
     print(f"time      {t2 - t0:.1f} s (compile {t1 - t0:.1f} s, export + check {t2 - t1:.1f} s)")
     return 0
+
+
+def _other_presets(model, example, refused: str, options: dict) -> str:
+    """Which shipped preset takes the model the default preset refused: its own family's first (otsuki2024 →
+    otsuki2024-conserving), then the others, each tried without export until one compiles and passes its check."""
+    import graphlrp
+    from ..presets import available_presets
+
+    family = refused.split("-")[0]
+    candidates = sorted((n for n in available_presets() if n != refused), key=lambda n: (not n.startswith(family), n))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name in candidates:
+            try:
+                graphlrp.compile(model, example, rules=name, **options)
+            except graphlrp.GraphLRPError:
+                continue
+            return f"the default preset {refused!r} cannot take this model; {name!r} can: --rules {name}"
+    return f"no shipped preset takes this model (tried {', '.join(candidates)})"
 
 
 def _short(values) -> str:

@@ -1,0 +1,280 @@
+"""Stage 5 — verify: every compile checks its own explainer before handing it over (a certificate, not a test).
+
+The explainer runs once on the example (its first sample) and on a perturbed copy of it, and must:
+  * reproduce the model's forward (logits within FORWARD_TOLERANCE, max |a - b| / max |b|): a trace that baked in
+    a value-dependent path, or a rewrite that changed the forward, fails here;
+  * return finite relevance;
+  * split exactly at every merge (R = Σ R_i) where the split is exact by construction (ratio, symmetric);
+  * conserve, |ΣR_in / R_out − 1| ≤ CONSERVATION_TOLERANCE per sample, when its preset declares
+    `conserving = true`;
+  * for any other preset, not lose or multiply the relevance: ΣR_in / R_out within VANISHING_BOUNDS (relevance
+    that vanishes is an explanation of nothing, e.g. ε absorbing features that reach the head at 1e-14).
+
+A failure is a `ConservationError` naming the first node in relevance order where the sum departs: the
+conservation trace (`Rewriter(trace_nodes=True)`: the total relevance arriving at every node and handed on by it)
+locates it. The measured figures (`Certificate`) go into the compile summary, `Explainer.certificate`, the
+`ExportReport` and the ONNX metadata.
+"""
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from .errors import ConservationError, VanishingRelevanceError
+from .trace import describe_node
+
+FORWARD_TOLERANCE = 1e-4
+CONSERVATION_TOLERANCE = 1e-3
+MERGE_TOLERANCE = 1e-5  # Σ(R − Σ R_i) at a merge, relative to Σ|R| there (float32 rounding: ~1e-7)
+VANISHING_BOUNDS = (0.5, 2.0)
+PERTURBATION = 0.1  # the second sample: the example plus this fraction of its std in Gaussian noise
+LEAKS_REPORTED = 5
+
+
+@dataclass
+class Leak:
+    """Relevance one node of the relevance pass did not hand on (positive) or created (negative), as a fraction
+    of the relevance put on the output."""
+
+    node: str
+    op: str
+    rule: str
+    where: str
+    fraction: float
+
+
+@dataclass
+class Certificate:
+    """What the compile measured on its own explainer (per sample: the example, then its perturbed copy)."""
+
+    conserving: bool  # the preset promises conservation, so the ratio was held to CONSERVATION_TOLERANCE
+    ratio: list  # ΣR_in / R_out per sample (nan where the output relevance is 0)
+    forward_error: float  # explainer logits vs the model's
+    merge_gap: float | None  # max |Σ(R − Σ R_i)| / Σ|R| over exact merges (None: no exact merge)
+    leaks: list = field(default_factory=list)  # the largest per-node leaks, largest first
+    vanished: str = ""  # where relevance vanished, when that was allowed (compile(allow_vanishing=True))
+    seconds: float = 0.0
+
+    @property
+    def worst_ratio_error(self) -> float:
+        finite = [abs(r - 1) for r in self.ratio if not math.isnan(r)]
+        return max(finite) if finite else float("nan")
+
+    def summary(self) -> str:
+        """One line for the compile summary."""
+        ratios = ", ".join(f"{r:.6g}" for r in self.ratio)
+        text = (f"forward {self.forward_error:.1e}, ΣR_in/R_out {ratios}"
+                + (f" (conserving: limit |ratio − 1| ≤ {CONSERVATION_TOLERANCE:g})" if self.conserving else "")
+                + (f", merges exact to {self.merge_gap:.1e}" if self.merge_gap is not None else ""))
+        if self.leaks and not self.conserving:
+            top = self.leaks[0]
+            text += f"; largest leak {top.fraction:+.2%} at {top.node} ({top.op}, rule {top.rule})"
+        return text
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["ratio"] = [None if math.isnan(r) else r for r in self.ratio]
+        return data
+
+
+def example_pair(example: torch.Tensor) -> torch.Tensor:
+    """The example's first sample and a perturbed copy (a fixed seed: the same check on every run)."""
+    x = example[:1].detach()
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(x.shape, generator=g, dtype=torch.float64).to(x.dtype)
+    scale = float(x.double().std()) if x.numel() > 1 else 1.0
+    return torch.cat([x, x + PERTURBATION * (scale if scale > 0 else 1.0) * noise])
+
+
+def _model_logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The model's own forward in inference mode (the explainer's BN and dropout are in inference mode too);
+    every submodule's mode is restored afterwards."""
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        with torch.no_grad():
+            out = model(x)
+    finally:
+        for m, mode in modes:
+            m.training = mode
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    return out
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
+class _NodeTrace:
+    """The conservation trace, read in relevance order: per node, the relevance arriving and what it hands on."""
+
+    def __init__(self, sums: dict, traced, plan, output_total: float):
+        nodes = {n.name: n for n in traced.graph.nodes}
+        self.traced = traced
+        self.rows = []  # (node, total in, total out), in relevance order
+        arriving, shares = {}, {}
+        for key, value in sums.items():
+            if key.startswith("node:"):
+                name, _, share = key[len("node:"):].partition(">")
+                if share:
+                    shares[name] = shares.get(name, 0.0) + float(value)
+                else:
+                    arriving[name] = float(value)
+        for name, total in arriving.items():
+            node = nodes.get(name)
+            if node is not None and node.op != "placeholder":
+                self.rows.append((node, total, shares.get(name, 0.0)))
+        self.plan, self.scale = plan, max(output_total, 1e-30)
+
+    def kind(self, node) -> str:
+        """The node's op kind (what the rule saw), or its fx target where no describer knows it."""
+        from . import ops
+
+        try:
+            op = ops.describe(node, self.traced)
+        except Exception:  # noqa: BLE001 - a describer that cannot say: name the fx target instead
+            op = None
+        return op.kind if op is not None else str(node.target)
+
+    def rule(self, node) -> str:
+        assignment = self.plan.rules.get(node.name)
+        return assignment.rule if assignment else "structural"
+
+    def describe(self, node) -> str:
+        return f"{describe_node(node)} (op {self.kind(node)}, rule {self.rule(node)})"
+
+    def leak(self, node, arriving: float, handed_on: float) -> Leak:
+        return Leak(node.name, self.kind(node), self.rule(node), describe_node(node),
+                    (arriving - handed_on) / self.scale)
+
+    def largest(self, n: int = LEAKS_REPORTED) -> list:
+        leaks = [self.leak(*row) for row in self.rows]
+        leaks = [lk for lk in leaks if math.isfinite(lk.fraction) and lk.fraction != 0]
+        return sorted(leaks, key=lambda lk: -abs(lk.fraction))[:n]
+
+    def first_nonfinite(self):
+        for node, arriving, handed_on in self.rows:
+            if math.isfinite(arriving) and not math.isfinite(handed_on):
+                return node, arriving, handed_on
+        return None
+
+    def first_departure(self, low: float, high: float):
+        """The first node after which the relevance still in flight (the output's, less every leak so far) leaves
+        [low, high] of the output's."""
+        alive = 1.0
+        for node, arriving, handed_on in self.rows:
+            alive -= (arriving - handed_on) / self.scale
+            if not low <= alive <= high:
+                return node, arriving, handed_on, alive
+        return None
+
+
+def certify(explainer, model: torch.nn.Module, example: torch.Tensor, allow_vanishing: bool = False) -> Certificate:
+    """Run the checks above on `explainer` (compiled from `model`); raise ConservationError on a wrong explainer."""
+    from .rewrite import Rewriter
+
+    start = time.perf_counter()
+    traced, plan, preset = explainer._traced, explainer.plan, explainer.preset
+    x = example_pair(example)
+    target = torch.full((x.shape[0],), -1, dtype=torch.long)
+    reference = _model_logits(model, x)
+    tracer = Rewriter(traced, explainer.merges, plan, trace_nodes=True).build()
+    with torch.no_grad():
+        logits, relevance, sums = tracer(x, target)
+    out = sums["output"].double()
+    ratio = [float(r) for r in (sums["input"].double() / out).where(out != 0, torch.nan)]
+    node_trace = _NodeTrace(sums, traced, plan, float(out.abs().sum()))
+    cert = Certificate(conserving=preset.conserving, ratio=ratio, forward_error=float("nan"), merge_gap=None,
+                       leaks=node_trace.largest())
+    name = f"preset {preset.name!r}"
+
+    if tuple(reference.shape) != tuple(logits.shape):
+        raise ConservationError(f"the explainer's logits have shape {tuple(logits.shape)} but the model's "
+                                f"{tuple(reference.shape)}")
+    cert.forward_error = _rel(logits, reference)
+    if not cert.forward_error <= FORWARD_TOLERANCE:
+        raise ConservationError(
+            f"the explainer's forward does not reproduce the model: max relative difference "
+            f"{cert.forward_error:.2e} > {FORWARD_TOLERANCE:g} on the example and a perturbed copy (a traced path "
+            "that depends on the input's values, or a layer whose inference mode differs?)")
+    if not bool(torch.isfinite(relevance).all()):
+        found = node_trace.first_nonfinite()
+        where = (f": the relevance first stops being finite at {node_trace.describe(found[0])}: ΣR arriving "
+                 f"{found[1]:.4g}, handed on {found[2]:.4g}") if found else ""
+        raise ConservationError(f"{name} returns non-finite relevance on this model{where}")
+    merge_gap, merge = _merge_gap(node_trace, explainer, sums)
+    cert.merge_gap = merge_gap
+    if merge_gap is not None and not merge_gap <= MERGE_TOLERANCE:
+        raise ConservationError(f"{name}: a merge does not split exactly at {node_trace.describe(merge)}: "
+                                f"Σ(R − Σ_i R_i) = {merge_gap:.2e} of Σ|R| there (limit {MERGE_TOLERANCE:g})")
+    cert.seconds = time.perf_counter() - start
+    if all(math.isnan(r) for r in ratio):
+        return cert  # no relevance on the output (a zero head): nothing to conserve; the export warns
+    if preset.conserving:
+        if not cert.worst_ratio_error <= CONSERVATION_TOLERANCE:
+            found = node_trace.first_departure(1 - CONSERVATION_TOLERANCE, 1 + CONSERVATION_TOLERANCE)
+            found = found or _largest_row(node_trace)
+            raise ConservationError(
+                f"{name} declares itself conserving, but on this model ΣR_in / R_out = "
+                f"{', '.join(f'{r:.6g}' for r in ratio)} (limit |ratio − 1| ≤ {CONSERVATION_TOLERANCE:g})"
+                f"{_departure(found, node_trace)}{_leak_list(cert.leaks)}")
+        return cert
+    low, high = VANISHING_BOUNDS
+    if all(math.isnan(r) or low <= r <= high for r in ratio):
+        return cert
+    found = node_trace.first_departure(low, high) or _largest_row(node_trace)
+    vanishes = "vanishes" if min(r for r in ratio if not math.isnan(r)) < low else "grows"
+    message = (f"{name}: the relevance {vanishes} on this model, ΣR_in / R_out = "
+               f"{', '.join(f'{r:.4g}' for r in ratio)} (outside [{low:g}, {high:g}])"
+               f"{_departure(found, node_trace)}{_leak_list(cert.leaks)}; the explanation would show "
+               f"{'almost nothing' if vanishes == 'vanishes' else 'relevance the prediction does not have'}. "
+               "A conserving preset (otsuki2024-conserving, cp-lrp-conserving) keeps it; with random weights "
+               "features can reach the head at ~1e-14, where any ε absorbs them")
+    if not allow_vanishing:
+        raise VanishingRelevanceError(message)
+    cert.vanished = message
+    warnings.warn(message, stacklevel=3)
+    return cert
+
+
+def _largest_row(node_trace: _NodeTrace):
+    rows = [r for r in node_trace.rows if math.isfinite(r[1] - r[2])]
+    if not rows:
+        return None
+    node, arriving, handed_on = max(rows, key=lambda r: abs(r[1] - r[2]))
+    return node, arriving, handed_on, float("nan")
+
+
+def _departure(found, node_trace: _NodeTrace) -> str:
+    if found is None:
+        return ""
+    node, arriving, handed_on, _alive = found
+    return (f". The sum departs first at {node_trace.describe(node)}: ΣR {arriving:.6g} arriving, "
+            f"{handed_on:.6g} handed on")
+
+
+def _leak_list(leaks: list) -> str:
+    if not leaks:
+        return ""
+    return ". Largest leaks: " + "; ".join(f"{lk.node} ({lk.op}, {lk.rule}) {lk.fraction:+.2e}" for lk in leaks[:3])
+
+
+def _merge_gap(node_trace: _NodeTrace, explainer, sums: dict):
+    """The largest |Σ(R − Σ_i R_i)| over the merges whose split is exact by construction (ratio, symmetric), as a
+    fraction of Σ|R| at that merge (elementwise R = Σ R_i holds to float rounding, which scales with Σ|R| where
+    relevance of both signs cancels), and the merge where it is; (None, None) where there is none."""
+    if explainer.plan.split == "signed":
+        return None, None
+    names = {m.node for m in explainer.merges}
+    rows = [(abs(arriving - handed_on) / max(float(sums[f"mass:{node.name}"]), 1e-30), node)
+            for node, arriving, handed_on in node_trace.rows if node.name in names]
+    if not rows:
+        return None, None
+    gap, node = max(rows, key=lambda r: r[0] if math.isfinite(r[0]) else math.inf)
+    return gap, node

@@ -1,0 +1,202 @@
+"""Every compile checks its own explainer (graphlrp.verify): a wrong explainer is refused with an error that names
+the node where the relevance departs; the measured figures travel with the explainer into the ONNX file."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import textwrap
+
+import onnx
+import pytest
+import torch
+import torch.nn as nn
+
+import graphlrp
+from graphlrp import rules
+from graphlrp.errors import ConservationError, PresetError, VanishingRelevanceError
+from graphlrp.presets import load_preset
+from graphlrp.verify import CONSERVATION_TOLERANCE, certify, example_pair
+
+
+class Block(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return torch.relu(x + self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))))
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.block = nn.Conv2d(3, 8, 3, padding=1), Block(8)
+        self.pool, self.fc = nn.AdaptiveAvgPool2d(1), nn.Linear(8, 10)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.pool(self.block(torch.relu(self.stem(x)))), 1))
+
+
+@pytest.fixture
+def net():
+    torch.manual_seed(0)
+    return Net().eval()
+
+
+@pytest.fixture
+def x():
+    torch.manual_seed(1)
+    return torch.randn(1, 3, 16, 16)
+
+
+def leaky(rule_name: str, node_name: str, transform):
+    """A copy of a registered rule that applies `transform` to the relevance it hands on, at one node only."""
+    spec = rules.RULES[rule_name]
+
+    def fn(ctx, **params):
+        out = spec.fn(ctx, **params)
+        if ctx.op.node.name != node_name:
+            return out
+        return [transform(ctx, r) if r is not None else None for r in out]
+
+    return dataclasses.replace(spec, fn=fn)
+
+
+def test_conserving_preset_is_checked_and_the_certificate_says_so(net, x):
+    explainer = graphlrp.compile(net, x, rules="otsuki2024-conserving")
+    cert = explainer.certificate
+    assert cert.conserving and len(cert.ratio) == 2  # the example and its perturbed copy
+    assert max(abs(r - 1) for r in cert.ratio) <= CONSERVATION_TOLERANCE
+    assert cert.forward_error <= 1e-4 and cert.merge_gap is not None and cert.merge_gap <= 1e-4
+    # the certificate's ratio is the explainer's own, recomputed independently on the same pair
+    logits, relevance = explainer(example_pair(x))
+    R_out = torch.softmax(net(example_pair(x)), -1).max(-1).values
+    assert torch.allclose(relevance.flatten(1).sum(1) / R_out, torch.tensor(cert.ratio, dtype=R_out.dtype),
+                          rtol=0, atol=1e-5)
+
+
+def test_a_planted_leak_is_refused_naming_its_node(net, x, monkeypatch):
+    monkeypatch.setitem(rules.RULES, "zplus", leaky("zplus", "block_conv2", lambda ctx, r: ctx.call(torch.mul, r, 0.9)))
+    with pytest.raises(ConservationError) as err:
+        graphlrp.compile(net, x, rules="otsuki2024-conserving")
+    message = str(err.value)
+    assert "declares itself conserving" in message
+    assert "departs first at node 'block_conv2'" in message and "rule zplus" in message
+    assert "test_verify.py" in message  # the user's source line of that layer
+
+
+def test_non_finite_relevance_is_refused_naming_where_it_starts(net, x, monkeypatch):
+    monkeypatch.setitem(rules.RULES, "zplus", leaky("zplus", "block_conv1", lambda ctx, r: ctx.call(torch.div, r, 0.0)))
+    with pytest.raises(ConservationError, match="non-finite relevance.*node 'block_conv1'"):
+        graphlrp.compile(net, x, rules="otsuki2024")
+
+
+def test_a_merge_that_does_not_split_exactly_is_refused(net, x, monkeypatch):
+    monkeypatch.setitem(rules.RULES, "split", leaky("split", "add", lambda ctx, r: ctx.call(torch.mul, r, 1.01)))
+    with pytest.raises(ConservationError, match="merge does not split exactly.*node 'add'"):
+        graphlrp.compile(net, x, rules="otsuki2024")
+
+
+def test_a_forward_that_differs_from_the_model_is_refused(net, x):
+    explainer = graphlrp.compile(net, x, rules="otsuki2024", verify=False)
+    assert explainer.certificate is None
+    other = Net().eval()  # other weights: the explainer no longer computes this model
+    with pytest.raises(ConservationError, match="forward does not reproduce the model"):
+        certify(explainer, other, x)
+
+
+def test_relevance_that_vanishes_is_an_error_unless_allowed(net, x):
+    with torch.no_grad():  # features reach the head at ~1e-9: the ε = 1e-5 of otsuki2024 absorbs them
+        net.fc.weight.mul_(1e-8)
+        net.fc.bias.zero_()
+    with pytest.raises(VanishingRelevanceError) as err:
+        graphlrp.compile(net, x, rules="otsuki2024")
+    assert "vanishes" in str(err.value) and "node 'fc'" in str(err.value)
+    assert "otsuki2024-conserving" in str(err.value)  # what to use instead
+    with pytest.warns(UserWarning, match="vanishes"):
+        explainer = graphlrp.compile(net, x, rules="otsuki2024", allow_vanishing=True)
+    assert explainer.certificate.vanished and max(explainer.certificate.ratio) < 0.5
+    conserving = graphlrp.compile(net, x, rules="otsuki2024-conserving")  # the conserving preset keeps it
+    assert max(abs(r - 1) for r in conserving.certificate.ratio) <= CONSERVATION_TOLERANCE
+
+
+def test_non_conserving_presets_report_ratio_and_largest_leaks(net, x):
+    cert = graphlrp.compile(net, x, rules="epsilon-plus-flat").certificate
+    assert not cert.conserving and all(0.5 <= r <= 2 for r in cert.ratio)
+    assert cert.leaks and abs(cert.leaks[0].fraction) >= abs(cert.leaks[-1].fraction)
+    # the leaks add up to what the whole explainer lost (on the pair, relative to the output's relevance)
+    assert "largest leak" in cert.summary()
+
+
+def test_the_certificate_is_in_the_export_report_and_the_onnx_metadata(net, x, tmp_path):
+    explainer = graphlrp.compile(net, x, rules="otsuki2024-conserving")
+    report = explainer.export_onnx(tmp_path / "e.onnx")
+    assert report.certificate["ratio"] == explainer.certificate.ratio
+    meta = {p.key: p.value for p in onnx.load(str(tmp_path / "e.onnx")).metadata_props}
+    assert json.loads(meta["certificate"])["conserving"] is True
+
+
+def test_overrides_or_a_signed_split_withdraw_the_promise_of_conservation(net, x):
+    assert load_preset("otsuki2024-conserving").conserving and load_preset("cp-lrp-conserving").conserving
+    assert not load_preset("otsuki2024").conserving
+    assert not graphlrp.compile(net, x, rules="otsuki2024-conserving", overrides={"fc": "epsilon"}).certificate.conserving
+    assert not graphlrp.compile(net, x, rules="otsuki2024-conserving", split="signed").certificate.conserving
+
+
+def test_conserving_must_be_a_boolean():
+    with pytest.raises(PresetError, match="conserving must be true or false"):
+        load_preset({"conserving": "yes"})
+
+
+def test_compile_cli_names_a_preset_that_takes_what_the_default_refuses(tmp_path, capsys):
+    from graphlrp.cli import main
+
+    source = tmp_path / "pool_net.py"
+    source.write_text(textwrap.dedent("""
+        import torch.nn as nn
+
+        def build():  # a 3x3 stride-1 max-pool: otsuki2024's 2x2 stand-in cannot take it
+            return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(3, 1, 1),
+                                 nn.Flatten(), nn.Linear(4 * 16 * 16, 5)).eval()
+    """))
+    code = main(["compile", f"{source}:build", "--weights", "none", "--input-size", "16", "-o", str(tmp_path / "o.onnx")])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert "the 2x2 stand-in" in err and "'otsuki2024-conserving' can: --rules otsuki2024-conserving" in err
+    assert main(["compile", f"{source}:build", "--weights", "none", "--input-size", "16", "--rules",
+                 "otsuki2024-conserving", "-o", str(tmp_path / "o.onnx")]) == 0
+
+
+class CachedScale(nn.Module):
+    """An eval-mode cache filled by the forward, as timm's attention-bias caches are: after `model(x)` with
+    autograd on it holds a non-leaf tensor, which deepcopy refuses."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.scale, self.fc = nn.Conv2d(3, 4, 3, padding=1), nn.Parameter(torch.rand(4, 1, 1) + 0.5), nn.Linear(4, 3)
+        self.cache = {}
+
+    def forward(self, x):
+        if not self.training:
+            if "scale" not in self.cache:
+                self.cache["scale"] = self.scale * 2
+            s = self.cache["scale"]
+        else:
+            s = self.scale * 2
+        return self.fc(torch.relu(self.conv(x) * s).mean((2, 3)))
+
+
+def test_compiling_after_an_autograd_forward_gives_the_same_explainer(x):
+    torch.manual_seed(0)
+    model = CachedScale().eval()
+    before = graphlrp.compile(model, x, rules="otsuki2024-conserving")
+    model.cache.clear()  # (the compile's own check filled it without autograd)
+    model(x)  # autograd on: the cache now holds a tensor with a grad_fn
+    assert model.cache["scale"].grad_fn is not None
+    after = graphlrp.compile(model, x, rules="otsuki2024-conserving")
+    again = graphlrp.compile(model, x, rules="otsuki2024-conserving")
+    for other in (after, again):
+        for a, b in zip(before(x), other(x)):
+            assert torch.equal(a, b)
+    assert model.cache["scale"].grad_fn is not None  # the user's model is left as it was
