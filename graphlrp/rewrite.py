@@ -223,22 +223,28 @@ class RuleContext:
         structural ops just before the op. None when every position carries a value."""
         from .rules.structure import move_map
 
+        def per_sample(node) -> bool:  # batch in dim 0, one row per sample (not a k·B window layout)
+            return node.meta.get("batch_dim", 0) == 0 and tuple(node.meta["shape"][:1]) == (1,)
+
         def support(node):
             op = ops.describe(node, self.rw.traced) if node.op != "placeholder" else None
-            shape = (1, *node.meta["shape"][1:])
-            if op is None or node.meta.get("batch_dim", 0) != 0:
+            shape = tuple(node.meta["shape"])  # at the compile's batch of 1
+            if op is None or not per_sample(node) or not all(per_sample(i) for i in op.inputs
+                                                             if isinstance(i, fx.Node)):
                 return torch.ones(shape)
             if op.kind == ops.PAD:
                 return F.pad(support(op.inputs[0]), op.params["pad"])
             if op.kind == ops.RESHAPE:
                 return support(op.inputs[0]).reshape(shape)
-            if op.kind == ops.MOVE and all(i.meta.get("batch_dim", 0) == 0 for i in op.inputs):
+            if op.kind == ops.MOVE:
                 out = torch.zeros(int(torch.Size(shape).numel()))
                 for x, (source, target) in zip(op.inputs, move_map(op)):
                     out[target] = support(x).reshape(-1)[source]
                 return out.reshape(shape)
             return torch.ones(shape)
 
+        if not per_sample(self.op.inputs[0]):
+            return None
         mask = support(self.op.inputs[0])
         return None if bool((mask != 0).all()) else (mask != 0).float()
 
