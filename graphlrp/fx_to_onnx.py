@@ -344,9 +344,9 @@ class _BatchProbe(fx.Interpreter):
         return v.to("meta") if isinstance(v, torch.Tensor) else v
 
     def call_module(self, target, args, kwargs):
-        from .trace import _call_on_meta
+        from .graph import call_on_meta
 
-        return _call_on_meta(self.fetch_attr(target), args, kwargs)
+        return call_on_meta(self.fetch_attr(target), args, kwargs)
 
 
 def _probe_batch(gm: fx.GraphModule, inputs: tuple) -> dict:
