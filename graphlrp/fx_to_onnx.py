@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from . import derived
 from .errors import ExportError
 from .optimize import flipped_kernel
-from .trace import describe_node
+from .graph import describe_node
 
 MIN_OPSET = 17  # ScatterElements(reduction="add") needs 16; converters emit the opset-17 forms or newer
 

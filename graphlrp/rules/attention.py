@@ -11,7 +11,7 @@ import torch
 
 from .. import ops
 from ..errors import PresetError, UnsupportedOpError
-from ..trace import describe_node
+from ..graph import describe_node
 from .base import rule, stabilize
 from .base import TINY
 

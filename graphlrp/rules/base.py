@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from .. import ops
 from ..derived import derive
 from ..errors import PresetError, UnsupportedOpError
-from ..trace import describe_node
+from ..graph import describe_node
 
 AFFINE = (ops.CONV, ops.LINEAR)
 
