@@ -1,7 +1,7 @@
 """graphlrp: compile PyTorch ResNets into explicit, stateless LRP explainers (Otsuki et al., ECCV 2024)."""
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from .version import __version__  # noqa: F401
 
 from .errors import (CompileError, ConservationError, ExportError, GraphLRPError, ModelSpecError,  # noqa: F401
                      PresetError, TraceError, UnsupportedOpError, VanishingRelevanceError, WeightsError)

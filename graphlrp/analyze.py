@@ -13,7 +13,7 @@ import networkx as nx
 import torch.fx as fx
 
 from . import ops
-from .trace import Traced, source_line
+from .graph import Traced, source_line
 
 IDENTITY, PROJECTION, OTHER, BRANCHES = "identity", "projection", "other", "branch-dim"
 

@@ -12,7 +12,7 @@ COMMANDS = ["compile", "inspect", "explain", "evaluate", "serve", "export_triton
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from .version import __version__
 
     parser = argparse.ArgumentParser(prog="graphlrp", description="Compile ResNets into LRP explainers and use them.")
     parser.add_argument("--version", action="version", version=f"graphlrp {__version__}")

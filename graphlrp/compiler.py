@@ -9,6 +9,7 @@ from .analyze import Merge, find_merges, merge_table
 from .canonize import fold_batchnorm
 from . import preprocessing as prep
 from .errors import CompileError, GraphLRPError, PresetError
+from .labels import check_labels
 from .presets import CATEGORY_KINDS, Preset, RuleChoice, load_preset, parse_preset
 from .rewrite import Assignment, Plan, Rewriter
 from .rules import SPLITS
@@ -271,19 +272,6 @@ def resolve_preprocessing(model, example_input: torch.Tensor, given=None, **over
         raise prep.PreprocessingError(f"the model takes {channels} channels but the preprocessing normalises "
                                       f"{len(chosen.mean)} (mean {list(chosen.mean)}); pass mean/std for each")
     return chosen
-
-
-def check_labels(labels, num_classes: int | None, strict: bool) -> list[str] | None:
-    """Class names, one per class. A wrong count is an error when the user gave them, and dropped when they came
-    from the model's attributes (they would label the wrong classes)."""
-    if labels is None:
-        return None
-    labels = [str(v) for v in labels]
-    if num_classes is not None and len(labels) != num_classes:
-        if strict:
-            raise GraphLRPError(f"{len(labels)} labels given for a model with {num_classes} classes")
-        return None
-    return labels
 
 
 __all__ = ["compile", "inspect", "Explainer", "RuleChoice"]

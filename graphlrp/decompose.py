@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import UnsupportedOpError
-from .trace import describe_node
+from .graph import describe_node
 
 
 def _arg(node: fx.Node, index: int, name: str, default=None):
@@ -162,7 +162,7 @@ def decompose_attention(gm: fx.GraphModule) -> int:
             count += 1
         elif node.op == "call_function" and node.meta.get("dynamic") and is_wrapped_function(node.target):
             from .ops import value
-            from .trace import Traced
+            from .graph import Traced
 
             inline_wrapped(gm, node, lambda a: value(a, Traced(gm, None)))
             count += 1

@@ -55,8 +55,8 @@ def rel_diff(a: np.ndarray, b: np.ndarray) -> float:
 def build_metadata(explainer, extra: dict | None, **preprocessing) -> dict:
     """The metadata_props: what the compiler knows, the preprocessing the runtime must apply (with any
     `resize`/`crop_pct`/`interpolation`/`mean`/`std` overrides) and the class names (`labels`)."""
-    from . import __version__
-    from .compiler import check_labels
+    from .labels import check_labels
+    from .version import __version__
 
     info = explainer.info
     c, h, w = info["input_size"]

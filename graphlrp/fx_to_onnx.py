@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from . import derived
 from .errors import ExportError
 from .optimize import flipped_kernel
-from .trace import describe_node
+from .graph import describe_node
 
 MIN_OPSET = 17  # ScatterElements(reduction="add") needs 16; converters emit the opset-17 forms or newer
 
@@ -344,9 +344,9 @@ class _BatchProbe(fx.Interpreter):
         return v.to("meta") if isinstance(v, torch.Tensor) else v
 
     def call_module(self, target, args, kwargs):
-        from .trace import _call_on_meta
+        from .graph import call_on_meta
 
-        return _call_on_meta(self.fetch_attr(target), args, kwargs)
+        return call_on_meta(self.fetch_attr(target), args, kwargs)
 
 
 def _probe_batch(gm: fx.GraphModule, inputs: tuple) -> dict:

@@ -20,7 +20,7 @@ from . import derived, ops, rules
 from .analyze import Merge
 from .errors import UnsupportedOpError
 from .optimize import conv_transpose, optimize_graph
-from .trace import Traced, describe_node
+from .graph import Traced, describe_node
 
 
 @dataclass

@@ -11,14 +11,13 @@ from __future__ import annotations
 import copy
 import inspect
 import operator
-import os
-from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
 from torch.fx import _symbolic_trace
 
 from .errors import GraphLRPError, TraceError
+from .graph import Traced, call_on_meta, describe_node, source_line  # noqa: F401  (importable from here as before)
 
 # in-place function spellings and their functional equivalents
 _FUNCTIONAL = {
@@ -28,31 +27,6 @@ _FUNCTIONAL = {
     operator.itruediv: operator.truediv,
     torch.relu_: torch.relu,
 }
-
-
-def source_line(node: fx.Node) -> str:
-    """The user's source line fx recorded for `node` ("file, line N, in fn: code"), or "" when unknown.
-    Frames inside torch itself are skipped: the last frame outside torch is the user's."""
-    lines = [ln.strip() for ln in (node.stack_trace or "").strip().splitlines() if ln.strip()]
-    frames = []
-    for i, ln in enumerate(lines):
-        if ln.startswith("File "):
-            code = lines[i + 1] if i + 1 < len(lines) and not lines[i + 1].startswith("File ") else ""
-            frames.append((ln[len("File "):].replace('"', ""), code))
-    torch_dir = os.path.dirname(torch.__file__)
-    user = [f for f in frames if not f[0].startswith(torch_dir) and not f[0].startswith(__file__)]
-    if not user:
-        return ""
-    where, code = user[-1]
-    return f"{where}: {code}" if code else where
-
-
-def describe_node(node: fx.Node) -> str:
-    """`name (op target)` plus the source line where fx knows it; used in every user-facing error."""
-    target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
-    text = f"node '{node.name}' ({node.op} {target})"
-    where = source_line(node)
-    return f"{text} at {where}" if where else text
 
 
 _UNKNOWN = object()
@@ -122,12 +96,6 @@ def _to_meta(obj):
     return obj.to("meta") if isinstance(obj, torch.Tensor) else obj
 
 
-def _call_on_meta(module, args, kwargs):
-    """module(*args) with its parameters and buffers on the meta device: shapes without arithmetic."""
-    state = {k: v.to("meta") for k, v in list(module.named_parameters()) + list(module.named_buffers())}
-    return torch.func.functional_call(module, state, tuple(args), kwargs)
-
-
 class _Tracer(fx.Tracer):
     """torch.fx tracing with known sizes: every node is also run on the example input (at batch 1 and 2; the batch
     dim is where the two differ), so proxies can answer size questions with plain numbers."""
@@ -188,7 +156,7 @@ class _Tracer(fx.Tracer):
                     return getattr(args[0], node.target)(*args[1:], **kwargs)
                 if node.op == "call_module":
                     module = self.root.get_submodule(node.target)
-                    return _call_on_meta(module, args, kwargs) if i else module(*args, **kwargs)
+                    return call_on_meta(module, args, kwargs) if i else module(*args, **kwargs)
         except Exception:  # the value stays unknown; ValueProp reports a failure that matters
             return _UNKNOWN
         return _UNKNOWN
@@ -272,29 +240,7 @@ class BatchDims(fx.Interpreter):
         return _to_meta(super().get_attr(target, args, kwargs))
 
     def call_module(self, target, args, kwargs):
-        return _call_on_meta(self.fetch_attr(target), args, kwargs)
-
-
-@dataclass
-class Traced:
-    """A functional, shape-annotated fx graph of the model plus the example input it was specialised on."""
-
-    graph_module: fx.GraphModule
-    example_input: torch.Tensor
-
-    @property
-    def graph(self) -> fx.Graph:
-        return self.graph_module.graph
-
-    def module(self, node: fx.Node) -> torch.nn.Module:
-        return self.graph_module.get_submodule(node.target)
-
-    def attr(self, node: fx.Node):
-        """The tensor behind a get_attr node."""
-        obj = self.graph_module
-        for part in node.target.split("."):
-            obj = getattr(obj, part)
-        return obj
+        return call_on_meta(self.fetch_attr(target), args, kwargs)
 
 
 def copy_model(model: torch.nn.Module) -> torch.nn.Module:

@@ -13,11 +13,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .. import heatmap
 from ..errors import GraphLRPError, ImageError
+from ..explain_files import UPSCALE_WARNING, describe, load_image, write_outputs  # noqa: F401
 from ._types import add_ray_arguments, positive_int
-
-UPSCALE_WARNING = 2.0  # warn when an image is enlarged more than this
 
 
 def register(sub) -> None:
@@ -75,30 +73,10 @@ def run(args) -> int:
                     tqdm.write(warning, file=sys.stderr)
             if arrays:
                 for path, exp in zip(good, session.explain(np.stack(arrays), args.target)):
-                    _write(out, stems[path], exp, session)
-                    tqdm.write(f"{path}: {_describe(session, exp)}")
+                    write_outputs(out, stems[path], exp, session)
+                    tqdm.write(f"{path}: {describe(session, exp)}")
             bar.update(len(chunk))
     return _report_skipped(skipped, len(args.images), out)
-
-
-def load_image(session, source, name: str) -> tuple[np.ndarray, str | None]:
-    """Decode and preprocess one image (a path, or the file's bytes as Ray Data reads them) for `session`, and the
-    upscale warning if it has one. Raises ImageError naming `name`. The local loop and the Ray workers both call
-    this, so both explain the same pixels and report the same things."""
-    from ..runtime import open_image
-
-    try:
-        image = open_image(source)
-        array = session.preprocess(image)
-    except ImageError as e:
-        generic = "uploaded image"  # how the runtime names an image given as bytes
-        text = str(e)
-        raise ImageError(name + text[len(generic):] if text.startswith(generic) else text) from None
-    factor = session.upscale(image)
-    if factor <= UPSCALE_WARNING:
-        return array, None
-    return array, (f"warning: {name} is {image.width}x{image.height}; preprocessing enlarges it {factor:.1f}x to "
-                   f"explain {session.crop[0]}x{session.crop[1]} pixels, so the heatmap explains interpolated pixels")
 
 
 def _report_skipped(skipped: int, total: int, out: Path) -> int:
@@ -126,22 +104,6 @@ def expand_inputs(inputs: list[str]) -> list[str]:
             found = [item]
         paths += found
     return paths
-
-
-def _write(out: Path, stem: str, exp, session) -> None:
-    (out / f"{stem}_heatmap.png").write_bytes(heatmap.png_bytes(heatmap.heatmap(exp.relevance)))
-    overlay = heatmap.overlay(exp.relevance, session.to_rgb(exp.input))
-    (out / f"{stem}_overlay.png").write_bytes(heatmap.png_bytes(overlay))
-    np.save(out / f"{stem}_relevance.npy", exp.relevance)
-
-
-def _describe(session, exp) -> str:
-    def name(k):
-        label = session.label(k)
-        return f"{k} ({label})" if label else str(k)
-
-    text = f"predicted {name(exp.predicted)} p={exp.probabilities[exp.predicted]:.3f}"
-    return text if exp.target == exp.predicted else f"{text}; explained target {name(exp.target)}"
 
 
 def _unique_stems(paths: list[str]) -> dict[str, str]:

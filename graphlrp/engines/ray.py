@@ -70,7 +70,7 @@ class _ExplainWorker:
     def __call__(self, batch: dict) -> dict:
         import numpy as np
 
-        from ..commands.explain import _describe, _write, load_image
+        from ..explain_files import describe, load_image, write_outputs
         from ..errors import ImageError
 
         rows = {"index": [], "image": [], "predicted": [], "target": [], "probability": [], "relevance_sum": [],
@@ -89,9 +89,9 @@ class _ExplainWorker:
         if arrays:
             for path, warning, exp in zip(good, warnings, self.session.explain(np.stack(arrays), self.target)):
                 index, shown, stem = self.names[_key(path)]
-                _write(self.out, stem, exp, self.session)
+                write_outputs(self.out, stem, exp, self.session)
                 _add(rows, index, shown, exp.predicted, exp.target, float(exp.probabilities[exp.target]),
-                     float(exp.relevance.sum(dtype=np.float64)), f"{shown}: {_describe(self.session, exp)}", warning,
+                     float(exp.relevance.sum(dtype=np.float64)), f"{shown}: {describe(self.session, exp)}", warning,
                      False)
         return {k: np.asarray(v) for k, v in rows.items()}
 

@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import UnsupportedOpError
-from ..trace import describe_node
+from ..graph import describe_node
 from .base import IDENTITY, MATMUL, MOVE, RESHAPE, SLICE, SOFTMAX, Op, arg, describe, describes, is_dynamic_tensor, is_tensor, value
 
 

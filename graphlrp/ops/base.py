@@ -23,7 +23,7 @@ import torch
 import torch.fx as fx
 
 from ..errors import GraphLRPError, UnsupportedOpError
-from ..trace import Traced, describe_node
+from ..graph import Traced, describe_node
 
 # op kinds
 CONV, LINEAR, BATCHNORM, ACTIVATION, IDENTITY = "conv", "linear", "batchnorm", "activation", "identity"
@@ -103,7 +103,6 @@ def describe(node: fx.Node, traced: Traced) -> Op | None:
             if op is not None:
                 return op
         if is_tensor(node):
-            from .structure import move_op
             return move_op(node, traced)
         return None
     except GraphLRPError as e:
@@ -180,3 +179,46 @@ def target_name(node: fx.Node, traced: Traced) -> str:
     if node.op == "call_method":
         return str(node.target)
     return getattr(node.target, "__name__", str(node.target)).lower()
+
+
+# ---------------------------------------------------------------- the generic MOVE fallback
+def move_op(node: fx.Node, traced) -> Op | None:
+    """A MOVE candidate: the node's computation as a function of its input-dependent tensors (tuples such as
+    `chunk`'s result are inlined, so `getitem(chunk(x), i)` is one move of x). None when nothing input-dependent
+    flows in."""
+    leaves: list = []
+
+    def build(a):
+        if isinstance(a, fx.Node):
+            if is_dynamic_tensor(a):
+                if a not in leaves:
+                    leaves.append(a)
+                i = leaves.index(a)
+                return lambda env: env[i]
+            if a.meta.get("dynamic") and a.op in ("call_function", "call_method", "call_module"):
+                return call(a)  # a tuple of tensors computed from the input
+            v = value(a, traced)
+            if isinstance(v, torch.Tensor) and v.is_floating_point():
+                return lambda env: v.to(env[0].dtype) if env else v
+            return lambda env: v
+        if isinstance(a, (list, tuple)):
+            parts = [build(x) for x in a]
+            return lambda env: type(a)(p(env) for p in parts)
+        if isinstance(a, dict):
+            parts = {k: build(x) for k, x in a.items()}
+            return lambda env: {k: p(env) for k, p in parts.items()}
+        return lambda env: a
+
+    def call(n):
+        args, kwargs = build(tuple(n.args)), build(dict(n.kwargs))
+        if n.op == "call_function":
+            return lambda env: n.target(*args(env), **kwargs(env))
+        if n.op == "call_method":
+            return lambda env: (lambda a: getattr(a[0], n.target)(*a[1:], **kwargs(env)))(args(env))
+        module = traced.module(n)
+        return lambda env: module(*args(env), **kwargs(env))
+
+    fn = call(node)
+    if not leaves:
+        return None
+    return Op(MOVE, node, tuple(leaves), dict(fn=fn))

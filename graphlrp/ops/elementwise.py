@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import UnsupportedOpError
-from ..trace import describe_node
+from ..graph import describe_node
 from .base import (ACTIVATION, BIAS_ADD, GATE, IDENTITY, SCALE, Op, arg, describes, is_dynamic_tensor, target_name,
                    value)
 

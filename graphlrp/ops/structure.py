@@ -4,21 +4,21 @@ Four common ones have direct descriptions with cheap exact adjoints (RESHAPE, SL
 PAD, CAT). Everything else — permute, transpose, chunk/split/unbind/tensor_split and `getitem` on their results,
 stack, expand, repeat, flip, roll, narrow, select, index_select with constant indices, pixel_(un)shuffle, channel
 shuffle, nearest interpolation, reflect/replicate padding, and any op added to PyTorch later — is a MOVE: an op
-with no describer gets one here, its computation captured as a function of its input-dependent tensors. The rule
-(`graphlrp.rules.structure`) evaluates that function at compile time on an index encoding of the inputs, checks
-on random inputs that the op really is a rearrangement, and emits the exact adjoint (each unit's relevance goes
-back where the value came from; copies sum back). No op in this family needs a hand-written rule.
+with no describer gets one (`base.move_op`), its computation captured as a function of its input-dependent
+tensors. The rule (`graphlrp.rules.structure`) evaluates that function at compile time on an index encoding of the
+inputs, checks on random inputs that the op really is a rearrangement, and emits the exact adjoint (each unit's
+relevance goes back where the value came from; copies sum back). No op in this family needs a hand-written rule.
 """
 from __future__ import annotations
 
 import operator
 
 import torch
-import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .base import CAT, CONST_CAT, MOVE, PAD, RESHAPE, SLICE, Op, arg, describes, is_dynamic_tensor, is_tensor, value
+from .base import CAT, CONST_CAT, PAD, RESHAPE, SLICE, Op, arg, describes, is_dynamic_tensor, is_tensor, value
+from .base import move_op  # the generic MOVE fallback: in base, with the registry that falls back to it
 
 
 def _batch_first(*nodes) -> bool:
@@ -76,45 +76,3 @@ def _cat(node, traced):
                                                         sizes=[t.meta["shape"][dim] for t in tensors]))
     return Op(CAT, node, tuple(tensors), dict(dim=dim % len(node.meta["shape"]),
                                               sizes=[t.meta["shape"][dim] for t in tensors]))
-
-
-def move_op(node: fx.Node, traced) -> Op | None:
-    """A MOVE candidate: the node's computation as a function of its input-dependent tensors (tuples such as
-    `chunk`'s result are inlined, so `getitem(chunk(x), i)` is one move of x). None when nothing input-dependent
-    flows in."""
-    leaves: list = []
-
-    def build(a):
-        if isinstance(a, fx.Node):
-            if is_dynamic_tensor(a):
-                if a not in leaves:
-                    leaves.append(a)
-                i = leaves.index(a)
-                return lambda env: env[i]
-            if a.meta.get("dynamic") and a.op in ("call_function", "call_method", "call_module"):
-                return call(a)  # a tuple of tensors computed from the input
-            v = value(a, traced)
-            if isinstance(v, torch.Tensor) and v.is_floating_point():
-                return lambda env: v.to(env[0].dtype) if env else v
-            return lambda env: v
-        if isinstance(a, (list, tuple)):
-            parts = [build(x) for x in a]
-            return lambda env: type(a)(p(env) for p in parts)
-        if isinstance(a, dict):
-            parts = {k: build(x) for k, x in a.items()}
-            return lambda env: {k: p(env) for k, p in parts.items()}
-        return lambda env: a
-
-    def call(n):
-        args, kwargs = build(tuple(n.args)), build(dict(n.kwargs))
-        if n.op == "call_function":
-            return lambda env: n.target(*args(env), **kwargs(env))
-        if n.op == "call_method":
-            return lambda env: (lambda a: getattr(a[0], n.target)(*a[1:], **kwargs(env)))(args(env))
-        module = traced.module(n)
-        return lambda env: module(*args(env), **kwargs(env))
-
-    fn = call(node)
-    if not leaves:
-        return None
-    return Op(MOVE, node, tuple(leaves), dict(fn=fn))

@@ -7,15 +7,15 @@ import torch.nn.functional as F
 from .. import ops
 from ..derived import derive
 from ..errors import PresetError, UnsupportedOpError
-from ..trace import describe_node
-from .base import AFFINE, Term, affine_rule, bias_mode, negative, positive, rule, stabilize, _input, _signed_parts  # noqa: F401
+from ..graph import describe_node
+from .base import AFFINE, Term, affine_rule, bias_mode, negative, positive, rule, stabilize, input_of, signed_parts  # noqa: F401
 
 
 # ------------------------------------------------------------------------------------------ affine rules
 @rule("epsilon", AFFINE)
 def epsilon_rule(ctx, epsilon=1e-6, stabilizer="signed", bias="keep", input="activation"):
     """ε-rule: z = layer(a; W, b), R_in = a ⊙ layerᵀ(R / (z + ε·sign z)); reuses the forward output."""
-    a = _input(ctx, input)
+    a = input_of(ctx, input)
     if a is ctx.a and bias == "keep" and ctx.forward_output is not None:
         s = ctx.call(torch.div, ctx.R, stabilize(ctx, ctx.forward_output, epsilon, stabilizer))
         return [ctx.call(torch.mul, a, ctx.affine_transpose(s, ctx.weight))]
@@ -34,8 +34,8 @@ def zplus_rule(ctx, epsilon=1e-6, stabilizer="signed", bias="positive", input="a
     dead_units='spread': where no input contributes positively (z⁺ ≤ ε) relevance is not dropped but spread in
     proportion to W⁺, as if the inputs were ones (uniformly where W⁺ is zero too); every other unit divides by z⁺
     itself, not z⁺ + ε. This closes z⁺'s leaks: relevance is conserved to float precision."""
-    a = _input(ctx, input)
-    terms = _signed_parts(ctx, a, ctx.weight, ctx.bias, bias, "zero")
+    a = input_of(ctx, input)
+    terms = signed_parts(ctx, a, ctx.weight, ctx.bias, bias, "zero")
     if dead_units == "drop":
         return affine_rule(ctx, [terms], epsilon, stabilizer)
     if dead_units != "spread":

@@ -11,9 +11,9 @@ import torch
 
 from .. import ops
 from ..errors import PresetError, UnsupportedOpError
-from ..trace import describe_node
+from ..graph import describe_node
 from .base import rule, stabilize
-from .merges import _TINY
+from .base import TINY
 
 
 @rule("linearized", (ops.NORM,))
@@ -131,6 +131,6 @@ def constant_cat_spread_rule(ctx):
         if a is not None:
             total = ctx.call(torch.sum, a, dims, True)
             norm = total if norm is None else ctx.call(torch.add, norm, total)
-    share = ctx.call(torch.div, constant, ctx.call(torch.add, norm, _TINY))
+    share = ctx.call(torch.div, constant, ctx.call(torch.add, norm, TINY))
     return [ctx.call(torch.add, r, ctx.call(torch.mul, a, share)) if dyn else None
             for r, a, dyn in zip(parts, sizes, dynamic)]

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from .. import ops
 from ..derived import derive
 from ..errors import PresetError, UnsupportedOpError
-from ..trace import describe_node
+from ..graph import describe_node
 
 AFFINE = (ops.CONV, ops.LINEAR)
 
@@ -61,6 +61,7 @@ PARAM_CHOICES = {
     "dead_units": ("drop", "spread"),
 }
 NONNEGATIVE_PARAMS = ("epsilon", "gamma", "alpha", "beta")
+TINY = 1e-30  # a normal float32 (smallest normal ≈ 1.2e-38) that keeps a denominator away from 0
 
 
 def check_params(spec: RuleSpec, params: dict, where: str) -> None:
@@ -153,7 +154,7 @@ def affine_rule(ctx, groups: list[list[Term]], epsilon: float, stabilizer: str, 
     return [total]
 
 
-def _input(ctx, input: str):
+def input_of(ctx, input: str):
     if input == "ones":  # ones where the input carries values; zeros where it is padding (explicit F.pad)
         support = ctx.input_support()
         return "ones" if support is None else support
@@ -162,7 +163,7 @@ def _input(ctx, input: str):
     raise PresetError(f"input must be 'activation' or 'ones', got {input!r}")
 
 
-def _signed_parts(ctx, a, weight, bias, bias_pos: str, bias_neg: str):
+def signed_parts(ctx, a, weight, bias, bias_pos: str, bias_neg: str):
     """z⁺-style terms: (a⁺, W⁺) and (a⁻, W⁻); the a⁻ term is dropped where the input is known non-negative."""
     if isinstance(a, (str, torch.Tensor)) or ctx.nonnegative:
         return [Term(a, positive(weight), bias_mode(ctx.bias, bias_pos))]

@@ -6,8 +6,8 @@ import torch.nn.functional as F
 
 from .. import ops
 from ..errors import PresetError, UnsupportedOpError
-from ..trace import describe_node
-from .base import AFFINE, Term, affine_rule, bias_mode, negative, positive, rule, stabilize, _input, _signed_parts  # noqa: F401
+from ..graph import describe_node
+from .base import AFFINE, Term, affine_rule, bias_mode, negative, positive, rule, stabilize, input_of, signed_parts  # noqa: F401
 
 
 # ------------------------------------------------------------------------------------------ pass-through

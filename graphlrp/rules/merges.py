@@ -13,10 +13,9 @@ import torch
 
 from .. import ops
 from ..errors import PresetError
-from .base import rule, stabilize
+from .base import TINY, rule, stabilize
 
 SPLITS = ("ratio", "symmetric", "signed")
-_TINY = 1e-30  # a normal float32 (smallest normal ≈ 1.2e-38) that keeps a denominator away from 0
 
 
 def _branch_magnitudes(ctx, x, dim: int):
@@ -42,7 +41,7 @@ def _shares(ctx, h: list, split: str, epsilon, stabilizer, support=None):
         # R·(|h_i| + tiny) / (Σ|h_j| + k·tiny): an even split where all are 0. The last term takes what is left,
         # R − Σ others: a zero term placed last gets exactly 0 wherever another term is not tiny, rather than
         # R·tiny/Σ|h_j|, a subnormal float after a few more divisions, which x86 CPUs process many times slower
-        mags = [ctx.call(torch.add, ctx.call(torch.abs, x), _TINY) for x in h]
+        mags = [ctx.call(torch.add, ctx.call(torch.abs, x), TINY) for x in h]
         den = mags[0]
         for m in mags[1:]:
             den = ctx.call(torch.add, den, m)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from .. import ops
 from ..errors import UnsupportedOpError
-from ..trace import describe_node
+from ..graph import describe_node
 
 
 def structural_relevance(ctx) -> list:

@@ -1,0 +1,68 @@
+"""The traced graph and what every stage says about its nodes: `Traced` (an fx graph specialised on an example
+input), `describe_node`/`source_line` for user-facing errors, and `call_on_meta` (a module run on the meta device,
+shapes only). Tracing (`graphlrp.trace`), attention decomposition, the op registry (`graphlrp.ops`), the rules and
+the ONNX lowering all build on this module; it imports none of them.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+# frames of graphlrp's tracer (its sized proxies create nodes too) are not the user's source line
+_TRACE_FILE = os.path.join(os.path.dirname(__file__), "trace.py")
+
+
+def source_line(node: fx.Node) -> str:
+    """The user's source line fx recorded for `node` ("file, line N, in fn: code"), or "" when unknown.
+    Frames inside torch itself (and graphlrp's tracer) are skipped: the last frame outside torch is the user's."""
+    lines = [ln.strip() for ln in (node.stack_trace or "").strip().splitlines() if ln.strip()]
+    frames = []
+    for i, ln in enumerate(lines):
+        if ln.startswith("File "):
+            code = lines[i + 1] if i + 1 < len(lines) and not lines[i + 1].startswith("File ") else ""
+            frames.append((ln[len("File "):].replace('"', ""), code))
+    torch_dir = os.path.dirname(torch.__file__)
+    user = [f for f in frames if not f[0].startswith(torch_dir) and not f[0].startswith(_TRACE_FILE)]
+    if not user:
+        return ""
+    where, code = user[-1]
+    return f"{where}: {code}" if code else where
+
+
+def describe_node(node: fx.Node) -> str:
+    """`name (op target)` plus the source line where fx knows it; used in every user-facing error."""
+    target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+    text = f"node '{node.name}' ({node.op} {target})"
+    where = source_line(node)
+    return f"{text} at {where}" if where else text
+
+
+def call_on_meta(module, args, kwargs):
+    """module(*args) with its parameters and buffers on the meta device: shapes without arithmetic."""
+    state = {k: v.to("meta") for k, v in list(module.named_parameters()) + list(module.named_buffers())}
+    return torch.func.functional_call(module, state, tuple(args), kwargs)
+
+
+@dataclass
+class Traced:
+    """A functional, shape-annotated fx graph of the model plus the example input it was specialised on."""
+
+    graph_module: fx.GraphModule
+    example_input: torch.Tensor
+
+    @property
+    def graph(self) -> fx.Graph:
+        return self.graph_module.graph
+
+    def module(self, node: fx.Node) -> torch.nn.Module:
+        return self.graph_module.get_submodule(node.target)
+
+    def attr(self, node: fx.Node):
+        """The tensor behind a get_attr node."""
+        obj = self.graph_module
+        for part in node.target.split("."):
+            obj = getattr(obj, part)
+        return obj
