@@ -24,8 +24,10 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from . import ops
 from .errors import ConservationError, VanishingRelevanceError
-from .trace import describe_node
+from .graph import describe_node
+from .rewrite import Rewriter
 
 FORWARD_TOLERANCE = 1e-4
 CONSERVATION_TOLERANCE = 1e-3
@@ -134,8 +136,6 @@ class _NodeTrace:
 
     def kind(self, node) -> str:
         """The node's op kind (what the rule saw), or its fx target where no describer knows it."""
-        from . import ops
-
         try:
             op = ops.describe(node, self.traced)
         except Exception:  # noqa: BLE001 - a describer that cannot say: name the fx target instead
@@ -177,8 +177,6 @@ class _NodeTrace:
 
 def certify(explainer, model: torch.nn.Module, example: torch.Tensor, allow_vanishing: bool = False) -> Certificate:
     """Run the checks above on `explainer` (compiled from `model`); raise ConservationError on a wrong explainer."""
-    from .rewrite import Rewriter
-
     start = time.perf_counter()
     traced, plan, preset = explainer._traced, explainer.plan, explainer.preset
     x = example_pair(example)
