@@ -60,18 +60,23 @@ def describes(modules=(), functions=(), methods=()):
     Functions may be given as dotted names ("torch.avg_pool2d", "F.mish") where a torch build may lack them."""
     import torch.nn.functional as F
 
+    def register(table: dict, key, fn: Describer) -> None:
+        if key in table and table[key] is not fn:  # one describer per spelling: a second would silently win
+            raise ValueError(f"{key!r} is already described by {table[key].__name__}; not registering {fn.__name__}")
+        table[key] = fn
+
     def deco(fn: Describer) -> Describer:
         for m in modules:
-            _BY_MODULE[m] = fn
+            register(_BY_MODULE, m, fn)
         for f in functions:
             if isinstance(f, str):
                 owner, name = f.split(".", 1)
                 f = getattr({"torch": torch, "F": F}[owner], name, None)
                 if f is None:
                     continue
-            _BY_FUNCTION[f] = fn
+            register(_BY_FUNCTION, f, fn)
         for m in methods:
-            _BY_METHOD[m] = fn
+            register(_BY_METHOD, m, fn)
         return fn
 
     return deco

@@ -41,6 +41,8 @@ def rule(name: str, kinds: tuple):
 
     def deco(fn):
         params = {k: p.default for k, p in list(_inspect.signature(fn).parameters.items())[1:]}
+        if name in RULES:  # one function per rule name: a second would silently replace the first
+            raise ValueError(f"rule {name!r} is already registered ({RULES[name].fn.__module__}.{RULES[name].fn.__name__})")
         RULES[name] = RuleSpec(name, fn, tuple(kinds), params, (fn.__doc__ or "").strip().splitlines()[0])
         return fn
 
