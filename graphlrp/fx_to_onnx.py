@@ -129,13 +129,14 @@ class OnnxGraph:
         return name
 
     # nodes -------------------------------------------------------------------------------------------
-    def op(self, op_type: str, inputs: list, outputs: int = 1, **attrs):
-        """Append one ONNX node; inputs are names, Values or numbers; returns its output name(s)."""
+    def op(self, op_type: str, inputs: list, outputs: int | None = None, **attrs):
+        """Append one ONNX node; inputs are names, Values or numbers. Returns its output's name, or with `outputs`
+        given the list of its `outputs` output names (a list even of one: a one-piece Split is still a sequence)."""
         names = [i if isinstance(i, str) else self.name(i) for i in inputs]
-        outs = [self.fresh(f"{self.scope}_{op_type}") for _ in range(outputs)]
+        outs = [self.fresh(f"{self.scope}_{op_type}") for _ in range(1 if outputs is None else outputs)]
         self.nodes.append(self.helper.make_node(op_type, names, outs, name=self.fresh(f"{self.scope}/{op_type}"),
                                                 **{k: v for k, v in attrs.items() if v is not None}))
-        return outs[0] if outputs == 1 else outs
+        return outs[0] if outputs is None else outs
 
     def name(self, v, dtype: torch.dtype = torch.float32) -> str:
         """ONNX name of a Value (materialising a constant on first use) or of a Python number as a scalar of
@@ -318,6 +319,10 @@ class _Lowering(fx.Interpreter):
             if not isinstance(out, str):
                 raise ExportError(f"converter returned {type(out).__name__}, expected one ONNX name")
             return Value(out, tuple(result.shape), result.dtype, self._batched(result, probe))
+        if not isinstance(out, (tuple, list)) or len(out) != len(result):
+            got = f"{len(out)} outputs" if isinstance(out, (tuple, list)) else f"one {type(out).__name__}"
+            raise ExportError(f"converter returned {got} for a result of {len(result)}")  # not zipped: a str's
+            # characters would pass for names
         probes = probe if isinstance(probe, (tuple, list)) and len(probe) == len(result) else [_UNPROBED] * len(result)
         return tuple(self._wrap(o, r, p) for o, r, p in zip(out, result, probes))
 
@@ -1001,7 +1006,6 @@ def _chunk(g, x, chunks, dim=0):
 def _unbind(g, x, dim=0):
     dim = dim % x.rank
     parts = g.op("Split", [x, g.ints([1] * x.shape[dim])], outputs=x.shape[dim], axis=dim)
-    parts = parts if isinstance(parts, list) else [parts]
     return tuple(g.op("Squeeze", [p, g.ints([dim])]) for p in parts)
 
 
