@@ -902,18 +902,36 @@ def _batch_norm_module(g, m, x):
                        c(m.weight, "weight"), c(m.bias, "bias"), m.eps)
 
 
+def _ceil_crop(g, x: Value, kernel, stride, padding, dilation, ceil_mode):
+    """With ceil_mode, PyTorch drops a last window that would start in the end padding; ONNX's shape rule keeps
+    it. The first windows agree (same starts, same divisors): returns a function that slices ONNX's output to
+    PyTorch's size, or None where the sizes agree."""
+    if not ceil_mode:
+        return None
+    ends = []
+    for size, k, s, p, d in zip(x.shape[-2:], kernel, stride, padding, dilation):
+        onnx_out = -(-(size + 2 * p - d * (k - 1) - 1) // s) + 1
+        ends.append(onnx_out - 1 if (onnx_out - 1) * s >= size + p else onnx_out)
+    if all(-(-(size + 2 * p - d * (k - 1) - 1) // s) + 1 == e
+           for size, k, s, p, d, e in zip(x.shape[-2:], kernel, stride, padding, dilation, ends)):
+        return None
+    axes = [x.rank - 2, x.rank - 1]
+    return lambda out: g.op("Slice", [out, g.ints([0, 0]), g.ints(ends), g.ints(axes)])
+
+
 def _max_pool(g, x, kernel, stride, padding, dilation, ceil_mode, return_indices):
     kernel = _pair(kernel)
     stride = _pair(stride) if stride not in (None, (), []) else kernel
     padding = _pair(padding)
     attrs = dict(kernel_shape=kernel, strides=stride, pads=padding + padding, dilations=_pair(dilation),
                  ceil_mode=int(bool(ceil_mode)))
+    crop = _ceil_crop(g, x, kernel, stride, padding, _pair(dilation), ceil_mode) or (lambda out: out)
     if not return_indices:
-        return g.op("MaxPool", [x], **attrs)
+        return crop(g.op("MaxPool", [x], **attrs))
     out, flat = g.op("MaxPool", [x], outputs=2, **attrs)
     # ONNX numbers positions across the whole tensor, PyTorch within each (sample, channel) plane
     plane = int(np.prod(x.shape[2:]))
-    return out, g.op("Mod", [flat, g.scalar(plane, torch.int64)])
+    return crop(out), crop(g.op("Mod", [flat, g.scalar(plane, torch.int64)]))
 
 
 @converts(F.max_pool2d, _torch("max_pool2d"), F.max_pool2d_with_indices)
@@ -947,17 +965,23 @@ def _adaptive_max_module(g, m, x):
 
 def _avg_pool(g, x, kernel, stride=None, padding=0, ceil_mode=False, count_include_pad=True, divisor_override=None):
     if divisor_override is not None:
-        raise ExportError("average pooling with divisor_override")
+        raise ExportError(f"average pooling with divisor_override={divisor_override!r} (ONNX AveragePool divides "
+                          "by the window size)")
     kernel = _pair(kernel)
     stride = _pair(stride) if stride not in (None, (), []) else kernel
     padding = _pair(padding)
     if kernel == list(x.shape[-2:]) and padding == [0, 0]:
         return g.op("GlobalAveragePool", [x])
-    return g.op("AveragePool", [x], kernel_shape=kernel, strides=stride, pads=padding + padding,
-                ceil_mode=int(bool(ceil_mode)), count_include_pad=int(bool(count_include_pad)))
+    crop = _ceil_crop(g, x, kernel, stride, padding, [1, 1], ceil_mode) or (lambda out: out)
+    return crop(g.op("AveragePool", [x], kernel_shape=kernel, strides=stride, pads=padding + padding,
+                     ceil_mode=int(bool(ceil_mode)), count_include_pad=int(bool(count_include_pad))))
 
 
-converts(F.avg_pool2d, _torch("avg_pool2d"))(_avg_pool)
+@converts(F.avg_pool2d, _torch("avg_pool2d"))
+def _avg_pool_function(g, input, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True,
+                       divisor_override=None):
+    """F.avg_pool2d under its own parameter names, so that every spelling (positional or keyword) binds."""
+    return _avg_pool(g, input, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override)
 
 
 @converts(nn.AvgPool2d)

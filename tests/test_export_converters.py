@@ -65,3 +65,51 @@ def test_densenet_style_concat_of_one_exports(tmp_path):
     assert report.max_rel_diff <= 1e-4
 
 
+
+# ---------------------------------------------------------------- pooling: every keyword of F.avg_pool2d
+class AvgPoolSpellings(nn.Module):
+    """Inception's `F.avg_pool2d(x, kernel_size=3, stride=1, padding=1)`, the other keywords, and ceil_mode
+    windows that PyTorch drops because they would start in the end padding (ONNX's shape rule keeps them)."""
+
+    def __init__(self):
+        super().__init__()
+        self.pool = nn.AvgPool2d(2, 2, 1, ceil_mode=True)
+
+    def forward(self, x):  # x: [N, 3, 7, 8]
+        return (F.avg_pool2d(x, kernel_size=3, stride=1, padding=1),
+                F.avg_pool2d(x, 3, 2, 1, ceil_mode=True, count_include_pad=False),
+                F.avg_pool2d(input=x, kernel_size=(2, 3), stride=(2, 1), padding=(1, 0), ceil_mode=True,
+                             count_include_pad=True, divisor_override=None),
+                F.avg_pool2d(x, 2, 2, 1, True, True),  # 7 + 2 → ONNX 5 rows, PyTorch 4
+                self.pool(x),
+                F.max_pool2d(x, 2, 2, 1, ceil_mode=True),
+                F.max_pool2d(x, 2, 2, 1, ceil_mode=True, return_indices=True)[1])
+
+
+def test_avg_pool_keywords_and_ceil_mode_match_pytorch():
+    check_module(AvgPoolSpellings().eval(), (3, 7, 8))
+
+
+def test_avg_pool_with_divisor_override_is_refused_clearly():
+    class Divisor(nn.Module):
+        def forward(self, x):
+            return F.avg_pool2d(x, 2, divisor_override=3)
+
+    with pytest.raises(ExportError, match="divisor_override=3"):
+        fx_to_onnx.lower(fx.symbolic_trace(Divisor()), (torch.randn(2, 3, 4, 4),), ["x"], ["y"])
+
+
+def test_inception_style_avg_pool_branch_exports(tmp_path):
+    class Branch(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 1)
+            self.fc = nn.Linear(4, 5)
+
+        def forward(self, x):
+            x = F.relu(self.conv(F.avg_pool2d(x, kernel_size=3, stride=1, padding=1)))
+            return self.fc(F.adaptive_avg_pool2d(x, (1, 1)).flatten(1))
+
+    torch.manual_seed(0)
+    explainer = graphlrp.compile(Branch().eval(), torch.randn(1, 3, 9, 9))
+    assert explainer.export_onnx(tmp_path / "branch.onnx").max_rel_diff <= 1e-4
