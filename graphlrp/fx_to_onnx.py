@@ -1271,3 +1271,227 @@ converts(nn.Hardtanh, F.hardtanh)(lambda g, *a, **k: g.op(
     "Clip", [_input_of(a), g.scalar(float(a[0].min_val if isinstance(a[0], nn.Module) else k.get("min_val", -1.0)),
                                     torch.float32),
              g.scalar(float(a[0].max_val if isinstance(a[0], nn.Module) else k.get("max_val", 1.0)), torch.float32)]))
+
+
+# ------------------------------------------------------------------------------------------ every describer's op
+# The ops graphlrp's describers (graphlrp/ops) accept and the converters above lacked: the remaining nn
+# activations, dropouts in eval mode, norms and the odd spellings. `missing_converters()` (below) checks that every
+# describer target has a converter; tests/test_registry.py runs it.
+def _number(v, default):
+    return float(default if v is None else v)
+
+
+@converts(F.normalize)
+def _normalize(g, input, p=2.0, dim=1, eps=1e-12, out=None):
+    """x / max(‖x‖_p, eps) along `dim` (Swin-V2's cosine attention), for every p (2, 1, ±inf, 0 and general)."""
+    if out is not None:
+        raise ExportError("F.normalize with out=")
+    x, dims = input, [dim] if isinstance(dim, int) else list(dim)
+    p = float(p)
+    if p == 2:
+        norm = g.reduce("ReduceL2", x, dims, True)
+    elif p == 1:
+        norm = g.reduce("ReduceL1", x, dims, True)
+    elif math.isinf(p):
+        absx = Value(g.op("Abs", [x]), x.shape, x.dtype, x.batched)
+        norm = g.reduce("ReduceMax" if p > 0 else "ReduceMin", absx, dims, True)
+    elif p == 0:  # the number of nonzero entries
+        nonzero = g.op("Cast", [g.op("Not", [g.op("Equal", [x, g.scalar(0, x.dtype)])])], to=onnx_type(x.dtype))
+        norm = g.reduce("ReduceSum", Value(nonzero, x.shape, x.dtype, x.batched), dims, True)
+    else:
+        powered = g.op("Pow", [g.op("Abs", [x]), g.scalar(p, x.dtype)])
+        norm = g.op("Pow", [g.reduce("ReduceSum", Value(powered, x.shape, x.dtype, x.batched), dims, True),
+                            g.scalar(1 / p, x.dtype)])
+    return g.op("Div", [x, g.op("Max", [norm, g.scalar(float(eps), x.dtype)])])
+
+
+def _prelu(g, x, weight):
+    """PRelu with the slope (one per channel, dim 1, or one for all) shaped to broadcast over x."""
+    if weight.rank == 1 and weight.shape[0] > 1 and x.rank > 2:
+        weight = g.op("Reshape", [weight, g.ints([weight.shape[0]] + [1] * (x.rank - 2))])
+    return g.op("PRelu", [x, weight])
+
+
+converts(F.prelu, _torch("prelu"))(lambda g, input, weight: _prelu(g, input, weight))
+converts(nn.PReLU)(lambda g, m, x: _prelu(g, x, constant(m.weight, f"{g.scope}.weight")))
+
+
+def _selu(g, *args, **kwargs):
+    return g.op("Selu", [_input_of(args)], alpha=1.6732632423543772848170429916717,
+                gamma=1.0507009873554804934193349852946)
+
+
+converts(nn.SELU, F.selu, _torch("selu"))(_selu)
+
+
+def _celu(g, x, alpha):
+    """CELU(x, α) = α·ELU(x/α, 1) (ONNX's Celu takes float32 only)."""
+    alpha = float(alpha)
+    if alpha == 1:
+        return g.op("Elu", [x], alpha=1.0)
+    scaled = g.op("Div", [x, g.scalar(alpha, x.dtype)])
+    return g.op("Mul", [g.op("Elu", [scaled], alpha=1.0), g.scalar(alpha, x.dtype)])
+
+
+converts(nn.CELU)(lambda g, m, x: _celu(g, x, m.alpha))
+converts(F.celu, _torch("celu"))(lambda g, input, alpha=1.0, inplace=False: _celu(g, input, alpha))
+converts(nn.Softsign, F.softsign)(lambda g, *a, **k: g.op("Softsign", [_input_of(a)]))
+converts(nn.Tanhshrink, F.tanhshrink)(lambda g, *a, **k: g.op("Sub", [_input_of(a), g.op("Tanh", [_input_of(a)])]))
+converts(F.sigmoid)(lambda g, input: g.op("Sigmoid", [input]))
+converts(F.tanh)(lambda g, input: g.op("Tanh", [input]))
+
+
+def _log_sigmoid(g, *args, **kwargs):
+    """log σ(x) = min(x, 0) - log(1 + exp(-|x|)): exact in both tails."""
+    x = _input_of(args)
+    tail = g.op("Log", [g.op("Add", [g.op("Exp", [g.op("Neg", [g.op("Abs", [x])])]), g.scalar(1.0, x.dtype)])])
+    return g.op("Sub", [g.op("Min", [x, g.scalar(0.0, x.dtype)]), tail])
+
+
+converts(nn.LogSigmoid, F.logsigmoid)(_log_sigmoid)
+
+
+def _shrink(g, x, lambd, soft: bool):
+    lambd = float(lambd)
+    return g.op("Shrink", [x], lambd=lambd, bias=lambd if soft else 0.0)
+
+
+converts(nn.Softshrink)(lambda g, m, x: _shrink(g, x, m.lambd, True))
+converts(F.softshrink)(lambda g, input, lambd=0.5: _shrink(g, input, lambd, True))
+converts(nn.Hardshrink)(lambda g, m, x: _shrink(g, x, m.lambd, False))
+converts(F.hardshrink, _torch("hardshrink"))(lambda g, input, lambd=0.5: _shrink(g, input, lambd, False))
+
+
+def _threshold_op(g, x, threshold, value):
+    """x where x > threshold, else value."""
+    return g.op("Where", [g.op("Greater", [x, g.scalar(float(threshold), x.dtype)]), x,
+                          g.scalar(float(value), x.dtype)])
+
+
+converts(nn.Threshold)(lambda g, m, x: _threshold_op(g, x, m.threshold, m.value))
+converts(F.threshold, _torch("threshold"))(
+    lambda g, input, threshold, value, inplace=False: _threshold_op(g, input, threshold, value))
+
+
+def _rrelu(g, x, lower, upper, training):
+    """RReLU in eval mode: a leaky ReLU of slope (lower + upper) / 2."""
+    if training:
+        raise ExportError("RReLU in training mode (a random slope)")
+    return g.op("LeakyRelu", [x], alpha=(float(lower) + float(upper)) / 2)
+
+
+converts(nn.RReLU)(lambda g, m, x: _rrelu(g, x, m.lower, m.upper, m.training))
+converts(F.rrelu, _torch("rrelu"))(lambda g, input, lower=1 / 8, upper=1 / 3, training=False, *a, **k: _rrelu(
+    g, input, lower, upper, training))
+
+
+def _dropout(g, *args, **kwargs):
+    """Every dropout (alpha, feature-alpha, 1-d/2-d/3-d) in eval mode: the identity. (input, p, training, ...);
+    torch.dropout(input, p, train)."""
+    if isinstance(args[0], nn.Module):
+        return args[1]
+    training = kwargs.get("training", kwargs.get("train", args[2] if len(args) > 2 else False))
+    if training:
+        raise ExportError("dropout in training mode")
+    return args[0]
+
+
+converts(nn.Dropout1d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout, F.dropout1d, F.dropout2d,
+         F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout, _torch("dropout"))(_dropout)
+
+
+def _clamp_bound(op_type):
+    def convert(g, x, bound):
+        dtype = _compute_dtype(x, bound)
+        return g.op(op_type, [g.cast(x, dtype), g.cast(bound, dtype)])
+
+    return convert
+
+
+converts(_torch("clamp_min"), "clamp_min")(_clamp_bound("Max"))
+converts(_torch("clamp_max"), "clamp_max")(_clamp_bound("Min"))
+# fmax/fmin differ from maximum/minimum only where an operand is NaN (they return the other one); the explainer's
+# operands are finite
+converts(_torch("fmax"), "maximum", "fmax")(_binary("Max"))
+converts(_torch("fmin"), "minimum", "fmin")(_binary("Min"))
+converts(_torch("true_divide"), "true_divide")(_binary("Div"))
+
+
+@converts(torch.addcmul, "addcmul")
+def _addcmul(g, input, tensor1, tensor2, *, value=1):
+    dtype = _compute_dtype(input, tensor1, tensor2)
+    prod = g.op("Mul", [g.cast(tensor1, dtype), g.cast(tensor2, dtype)])
+    if value != 1:
+        prod = g.op("Mul", [prod, g.scalar(value, dtype)])
+    return g.op("Add", [g.cast(input, dtype), prod])
+
+
+@converts(nn.modules.batchnorm._BatchNorm)
+def _batch_norm_any(g, m, x):
+    """BatchNorm3d, SyncBatchNorm and the other _BatchNorm subclasses (eval mode: the running statistics)."""
+    if m.training and m.track_running_stats:
+        raise ExportError("batch norm in training mode")
+    return _batch_norm_module(g, m, x)
+
+
+def _instance_norm(g, x, weight, bias, eps):
+    c = x.shape[1]
+    weight = weight if weight is not None else constant(torch.ones(c, dtype=x.dtype))
+    bias = bias if bias is not None else constant(torch.zeros(c, dtype=x.dtype))
+    return g.op("InstanceNormalization", [x, weight, bias], epsilon=float(eps))
+
+
+@converts(nn.modules.instancenorm._InstanceNorm)
+def _instance_norm_module(g, m, x):
+    c = lambda t, part: None if t is None else constant(t, f"{g.scope}.{part}")  # noqa: E731
+    if x.rank == m._get_no_batch_dim():
+        raise ExportError("instance norm of an unbatched input")
+    if m.track_running_stats and not m.training:  # eval with running statistics: a batch norm
+        return _batch_norm(g, x, c(m.running_mean, "running_mean"), c(m.running_var, "running_var"),
+                           c(m.weight, "weight"), c(m.bias, "bias"), m.eps)
+    return _instance_norm(g, x, c(m.weight, "weight"), c(m.bias, "bias"), m.eps)
+
+
+@converts(F.instance_norm)
+def _instance_norm_function(g, input, running_mean=None, running_var=None, weight=None, bias=None,
+                            use_input_stats=True, momentum=0.1, eps=1e-5):
+    if not use_input_stats:
+        return _batch_norm(g, input, running_mean, running_var, weight, bias, eps)
+    return _instance_norm(g, input, weight, bias, eps)
+
+
+@converts(_torch("instance_norm"))
+def _torch_instance_norm(g, input, weight, bias, running_mean, running_var, use_input_stats, momentum, eps,
+                         cudnn_enabled=False):
+    return _instance_norm_function(g, input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps)
+
+
+def _local_response_norm(g, x, size, alpha=1e-4, beta=0.75, k=1.0):
+    """ONNX LRN sums the channels [c - ⌊(n-1)/2⌋, c + ⌈(n-1)/2⌉], PyTorch [c - ⌊n/2⌋, c + ⌊(n-1)/2⌋]: equal for odd n."""
+    size = int(size)
+    if size % 2 == 0:
+        raise ExportError(f"local response norm of even size {size} (ONNX LRN centres the window differently)")
+    if x.rank < 3:
+        raise ExportError("local response norm of a rank-2 input")
+    return g.op("LRN", [x], size=size, alpha=float(alpha), beta=float(beta), bias=float(k))
+
+
+converts(nn.LocalResponseNorm)(lambda g, m, x: _local_response_norm(g, x, m.size, m.alpha, m.beta, m.k))
+converts(F.local_response_norm)(
+    lambda g, input, size, alpha=1e-4, beta=0.75, k=1.0: _local_response_norm(g, input, size, alpha, beta, k))
+
+
+def _rms_norm(g, x, normalized_shape, weight=None, eps=None):
+    """x / sqrt(mean(x², trailing dims) + eps) · weight; eps None: the dtype's machine epsilon (PyTorch's default)."""
+    n = len(normalized_shape) if isinstance(normalized_shape, (tuple, list)) else 1
+    eps = torch.finfo(x.dtype).eps if eps is None else float(eps)
+    square = Value(g.op("Mul", [x, x]), x.shape, x.dtype, x.batched)
+    mean = g.reduce("ReduceMean", square, list(range(x.rank - n, x.rank)), True)
+    out = g.op("Div", [x, g.op("Sqrt", [g.op("Add", [mean, g.scalar(eps, x.dtype)])])])
+    return g.op("Mul", [out, weight]) if weight is not None else out
+
+
+converts(getattr(F, "rms_norm", None), _torch("rms_norm"))(_rms_norm)
+if hasattr(nn, "RMSNorm"):
+    converts(nn.RMSNorm)(lambda g, m, x: _rms_norm(
+        g, x, m.normalized_shape, None if m.weight is None else constant(m.weight, f"{g.scope}.weight"), m.eps))
