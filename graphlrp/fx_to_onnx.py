@@ -71,15 +71,38 @@ CONVERTERS: dict[Any, Callable] = {}
 
 
 def converts(*targets):
-    """Register a converter for functions, Tensor method names (strings) and nn.Module classes."""
+    """Register a converter for functions, Tensor method names (strings) and nn.Module classes. A target may be
+    registered once: a second converter for it raises (as onnx2torch's add_converter does) instead of silently
+    replacing the first. Repeating a target within one call is fine (F.prelu is torch.prelu)."""
 
     def deco(fn):
+        unique = []
         for t in targets:
-            if t is not None:  # a torch function this torch build lacks
-                CONVERTERS[t] = fn
+            if t is not None and not any(t is u for u in unique):  # None: a torch function this build lacks
+                unique.append(t)
+        for t in unique:
+            if t in CONVERTERS:
+                raise ValueError(f"an ONNX converter for {_target_name(t)} is registered already "
+                                 f"({CONVERTERS[t].__name__}); one converter per target")
+        for t in unique:
+            CONVERTERS[t] = fn
         return fn
 
     return deco
+
+
+def _target_name(t) -> str:
+    """A readable name: Tensor.<method>, torch.<fn>, F.<fn>, operator.<fn>, nn.<Module>, else module.qualname."""
+    if isinstance(t, str):
+        return f"Tensor.{t}"
+    for prefix, namespace in (("nn", nn), ("F", F), ("torch", torch), ("operator", operator)):
+        name = getattr(t, "__name__", None)
+        if name and getattr(namespace, name, None) is t:
+            return f"{prefix}.{name}"
+        for alias in dir(namespace) if prefix in ("F", "nn") else ():  # F.max_pool2d is a boolean_dispatch fn
+            if not alias.startswith("_") and getattr(namespace, alias, None) is t:
+                return f"{prefix}.{alias}"
+    return f"{getattr(t, '__module__', None) or ''}.{getattr(t, '__qualname__', None) or getattr(t, '__name__', t)}"
 
 
 def _torch(name: str):
@@ -764,20 +787,6 @@ def _getitem(g, x, index):
     if unsqueeze:
         out = g.op("Unsqueeze", [out, g.ints(unsqueeze)])
     return out
-
-
-@converts(F.pad)
-def _pad(g, x, pad, mode="constant", value=None):
-    if mode != "constant":
-        raise ExportError(f"padding mode {mode!r}")
-    pad = list(pad)
-    begins, ends = [0] * x.rank, [0] * x.rank
-    for i in range(len(pad) // 2):
-        d = x.rank - 1 - i
-        begins[d], ends[d] = pad[2 * i], pad[2 * i + 1]
-    if any(p < 0 for p in pad):
-        raise ExportError("negative padding")
-    return g.op("Pad", [x, g.ints(begins + ends), g.scalar(float(value or 0), x.dtype)], mode="constant")
 
 
 @converts(torch.zeros_like)
@@ -1495,3 +1504,36 @@ converts(getattr(F, "rms_norm", None), _torch("rms_norm"))(_rms_norm)
 if hasattr(nn, "RMSNorm"):
     converts(nn.RMSNorm)(lambda g, m, x: _rms_norm(
         g, x, m.normalized_shape, None if m.weight is None else constant(m.weight, f"{g.scope}.weight"), m.eps))
+
+
+# ------------------------------------------------------------------------------------------ registry check
+# Describer targets that need no converter of their own because the compiler rewrites them into ops that have one
+# before the lowering sees them: target -> what it becomes. (Empty today: every describer target has a converter.)
+CANONICAL_REWRITES: dict[Any, str] = {}
+
+
+def describer_targets() -> list:
+    """Every target graphlrp's describers register (graphlrp.ops: modules, functions, Tensor method names), as
+    (kind, target, name) with kind "module", "function" or "method", sorted by name."""
+    from .ops import base
+
+    rows = [("module", m, _target_name(m)) for m in base._BY_MODULE]
+    rows += [("function", f, _target_name(f)) for f in base._BY_FUNCTION]
+    rows += [("method", m, _target_name(m)) for m in base._BY_METHOD]
+    return sorted(rows, key=lambda r: (r[0], r[2]))
+
+
+def has_converter(kind: str, target) -> bool:
+    """Whether the lowering can write `target` (a module class by its MRO, as `_converter` looks it up), directly
+    or through a documented canonical rewrite (CANONICAL_REWRITES)."""
+    if target in CANONICAL_REWRITES:
+        return True
+    if kind == "module":
+        return any(cls in CONVERTERS for cls in target.__mro__)
+    return target in CONVERTERS
+
+
+def missing_converters() -> list[str]:
+    """Names of the describer targets (ops graphlrp compiles) that the ONNX lowering has no converter for: each is
+    an op a model can contain that compiles but does not export. [] when the registries agree."""
+    return [name for kind, target, name in describer_targets() if not has_converter(kind, target)]
