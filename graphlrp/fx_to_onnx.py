@@ -889,8 +889,8 @@ def _linear_module(g, m: nn.Linear, x):
 
 def _batch_norm(g, x, mean, var, weight, bias, eps):
     channels = x.shape[1]
-    weight = weight if weight is not None else constant(torch.ones(channels))
-    bias = bias if bias is not None else constant(torch.zeros(channels))
+    weight = weight if weight is not None else constant(torch.ones(channels, dtype=x.dtype))
+    bias = bias if bias is not None else constant(torch.zeros(channels, dtype=x.dtype))
     if mean is None or var is None:
         raise ExportError("batch norm without running statistics")
     return g.op("BatchNormalization", [x, weight, bias, mean, var], epsilon=float(eps))
@@ -1261,9 +1261,10 @@ def _einsum(g, equation, *operands):
     return g.op("Einsum", list(operands), equation=equation.replace(" ", ""))
 
 
+# the catch-all converters below follow their operand's dtype (a float64 lowering writes a float64 graph)
 converts(torch.baddbmm)(lambda g, inp, a, b, beta=1, alpha=1: g.op(
-    "Add", [g.op("Mul", [inp, g.scalar(float(beta), torch.float32)]) if beta != 1 else inp,
-            g.op("Mul", [g.op("MatMul", [a, b]), g.scalar(float(alpha), torch.float32)]) if alpha != 1
+    "Add", [g.op("Mul", [inp, g.scalar(float(beta), inp.dtype)]) if beta != 1 else inp,
+            g.op("Mul", [g.op("MatMul", [a, b]), g.scalar(float(alpha), a.dtype)]) if alpha != 1
             else g.op("MatMul", [a, b])]))
 converts(torch.rsqrt, "rsqrt")(lambda g, x: g.op("Reciprocal", [g.op("Sqrt", [x])]))
 converts(torch.log, "log")(_unary("Log"))
@@ -1276,10 +1277,17 @@ converts(nn.Softplus, F.softplus)(lambda g, *a, **k: g.op("Softplus", [_input_of
 converts(nn.Mish, F.mish)(lambda g, *a, **k: g.op("Mul", [_input_of(a), g.op("Tanh", [g.op("Softplus",
                                                                                          [_input_of(a)])])]))
 converts(nn.Softmax)(lambda g, m, x: g.op("Softmax", [x], axis=int(m.dim) % x.rank))
-converts(nn.Hardtanh, F.hardtanh)(lambda g, *a, **k: g.op(
-    "Clip", [_input_of(a), g.scalar(float(a[0].min_val if isinstance(a[0], nn.Module) else k.get("min_val", -1.0)),
-                                    torch.float32),
-             g.scalar(float(a[0].max_val if isinstance(a[0], nn.Module) else k.get("max_val", 1.0)), torch.float32)]))
+def _hardtanh(g, *args, **kwargs):
+    x = _input_of(args)
+    if isinstance(args[0], nn.Module):
+        lo, hi = args[0].min_val, args[0].max_val
+    else:  # F.hardtanh(input, min_val=-1.0, max_val=1.0, inplace=False)
+        lo = kwargs.get("min_val", args[1] if len(args) > 1 else -1.0)
+        hi = kwargs.get("max_val", args[2] if len(args) > 2 else 1.0)
+    return g.op("Clip", [x, g.scalar(float(lo), x.dtype), g.scalar(float(hi), x.dtype)])
+
+
+converts(nn.Hardtanh, F.hardtanh)(_hardtanh)
 
 
 # ------------------------------------------------------------------------------------------ every describer's op

@@ -249,3 +249,37 @@ def test_an_explainer_with_the_op_exports_with_parity(name, tmp_path):
     explainer = graphlrp.compile(model, torch.randn(1, 3, 8, 8))
     report = explainer.export_onnx(tmp_path / "op.onnx")
     assert report.max_rel_diff <= 1e-4 and not report.zero_relevance
+
+
+# ---------------------------------------------------------------- converters follow the operand's dtype
+class Float64Ops(nn.Module):
+    """The catch-all converters that wrote float32 constants whatever the operand (baddbmm's alpha/beta, hardtanh's
+    bounds, batch norm's default affine part)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("mean", torch.randn(4))
+        self.register_buffer("var", torch.rand(4) + 0.5)
+        self.hardtanh = nn.Hardtanh(-0.5, 0.3)
+
+    def forward(self, x):  # x: [N, 4, 6]
+        att = torch.baddbmm(x[:, :, :4], x, x.transpose(1, 2)[:, :, :4], beta=0.5, alpha=2.0)
+        return (att, self.hardtanh(x), F.hardtanh(x, -2.0, 0.25),
+                F.batch_norm(x, self.mean, self.var, None, None, False, 0.1, 1e-3))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_catch_all_converters_follow_the_input_dtype(dtype):
+    import onnx
+
+    gm = fx.symbolic_trace(Float64Ops().eval()).to(dtype)
+    example = torch.randn(2, 4, 6, dtype=dtype)
+    model, _ = fx_to_onnx.lower(gm, (example,), ["x"], [f"y{i}" for i in range(4)])
+    want = onnx.TensorProto.DOUBLE if dtype == torch.float64 else onnx.TensorProto.FLOAT
+    assert all(o.type.tensor_type.elem_type == want for o in model.graph.output)
+    x = torch.randn(3, 4, 6, dtype=dtype)
+    with torch.no_grad():
+        expected = gm(x)
+    for got, exp in zip(run_onnx(model, {"x": x}), expected):
+        assert got.dtype == exp.numpy().dtype
+        assert abs(got - exp.numpy()).max() <= 1e-5 * abs(exp.numpy()).max()
