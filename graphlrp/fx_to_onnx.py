@@ -71,15 +71,38 @@ CONVERTERS: dict[Any, Callable] = {}
 
 
 def converts(*targets):
-    """Register a converter for functions, Tensor method names (strings) and nn.Module classes."""
+    """Register a converter for functions, Tensor method names (strings) and nn.Module classes. A target may be
+    registered once: a second converter for it raises (as onnx2torch's add_converter does) instead of silently
+    replacing the first. Repeating a target within one call is fine (F.prelu is torch.prelu)."""
 
     def deco(fn):
+        unique = []
         for t in targets:
-            if t is not None:  # a torch function this torch build lacks
-                CONVERTERS[t] = fn
+            if t is not None and not any(t is u for u in unique):  # None: a torch function this build lacks
+                unique.append(t)
+        for t in unique:
+            if t in CONVERTERS:
+                raise ValueError(f"an ONNX converter for {_target_name(t)} is registered already "
+                                 f"({CONVERTERS[t].__name__}); one converter per target")
+        for t in unique:
+            CONVERTERS[t] = fn
         return fn
 
     return deco
+
+
+def _target_name(t) -> str:
+    """A readable name: Tensor.<method>, torch.<fn>, F.<fn>, operator.<fn>, nn.<Module>, else module.qualname."""
+    if isinstance(t, str):
+        return f"Tensor.{t}"
+    for prefix, namespace in (("nn", nn), ("F", F), ("torch", torch), ("operator", operator)):
+        name = getattr(t, "__name__", None)
+        if name and getattr(namespace, name, None) is t:
+            return f"{prefix}.{name}"
+        for alias in dir(namespace) if prefix in ("F", "nn") else ():  # F.max_pool2d is a boolean_dispatch fn
+            if not alias.startswith("_") and getattr(namespace, alias, None) is t:
+                return f"{prefix}.{alias}"
+    return f"{getattr(t, '__module__', None) or ''}.{getattr(t, '__qualname__', None) or getattr(t, '__name__', t)}"
 
 
 def _torch(name: str):
@@ -129,13 +152,14 @@ class OnnxGraph:
         return name
 
     # nodes -------------------------------------------------------------------------------------------
-    def op(self, op_type: str, inputs: list, outputs: int = 1, **attrs):
-        """Append one ONNX node; inputs are names, Values or numbers; returns its output name(s)."""
+    def op(self, op_type: str, inputs: list, outputs: int | None = None, **attrs):
+        """Append one ONNX node; inputs are names, Values or numbers. Returns its output's name, or with `outputs`
+        given the list of its `outputs` output names (a list even of one: a one-piece Split is still a sequence)."""
         names = [i if isinstance(i, str) else self.name(i) for i in inputs]
-        outs = [self.fresh(f"{self.scope}_{op_type}") for _ in range(outputs)]
+        outs = [self.fresh(f"{self.scope}_{op_type}") for _ in range(1 if outputs is None else outputs)]
         self.nodes.append(self.helper.make_node(op_type, names, outs, name=self.fresh(f"{self.scope}/{op_type}"),
                                                 **{k: v for k, v in attrs.items() if v is not None}))
-        return outs[0] if outputs == 1 else outs
+        return outs[0] if outputs is None else outs
 
     def name(self, v, dtype: torch.dtype = torch.float32) -> str:
         """ONNX name of a Value (materialising a constant on first use) or of a Python number as a scalar of
@@ -318,6 +342,10 @@ class _Lowering(fx.Interpreter):
             if not isinstance(out, str):
                 raise ExportError(f"converter returned {type(out).__name__}, expected one ONNX name")
             return Value(out, tuple(result.shape), result.dtype, self._batched(result, probe))
+        if not isinstance(out, (tuple, list)) or len(out) != len(result):
+            got = f"{len(out)} outputs" if isinstance(out, (tuple, list)) else f"one {type(out).__name__}"
+            raise ExportError(f"converter returned {got} for a result of {len(result)}")  # not zipped: a str's
+            # characters would pass for names
         probes = probe if isinstance(probe, (tuple, list)) and len(probe) == len(result) else [_UNPROBED] * len(result)
         return tuple(self._wrap(o, r, p) for o, r, p in zip(out, result, probes))
 
@@ -761,20 +789,6 @@ def _getitem(g, x, index):
     return out
 
 
-@converts(F.pad)
-def _pad(g, x, pad, mode="constant", value=None):
-    if mode != "constant":
-        raise ExportError(f"padding mode {mode!r}")
-    pad = list(pad)
-    begins, ends = [0] * x.rank, [0] * x.rank
-    for i in range(len(pad) // 2):
-        d = x.rank - 1 - i
-        begins[d], ends[d] = pad[2 * i], pad[2 * i + 1]
-    if any(p < 0 for p in pad):
-        raise ExportError("negative padding")
-    return g.op("Pad", [x, g.ints(begins + ends), g.scalar(float(value or 0), x.dtype)], mode="constant")
-
-
 @converts(torch.zeros_like)
 def _zeros_like(g, x, *args, **kwargs):
     """Zeros of x's shape: Where(true, 0, x). Unlike x·0 it is 0 where x is inf or NaN, and unlike
@@ -875,8 +889,8 @@ def _linear_module(g, m: nn.Linear, x):
 
 def _batch_norm(g, x, mean, var, weight, bias, eps):
     channels = x.shape[1]
-    weight = weight if weight is not None else constant(torch.ones(channels))
-    bias = bias if bias is not None else constant(torch.zeros(channels))
+    weight = weight if weight is not None else constant(torch.ones(channels, dtype=x.dtype))
+    bias = bias if bias is not None else constant(torch.zeros(channels, dtype=x.dtype))
     if mean is None or var is None:
         raise ExportError("batch norm without running statistics")
     return g.op("BatchNormalization", [x, weight, bias, mean, var], epsilon=float(eps))
@@ -897,18 +911,36 @@ def _batch_norm_module(g, m, x):
                        c(m.weight, "weight"), c(m.bias, "bias"), m.eps)
 
 
+def _ceil_crop(g, x: Value, kernel, stride, padding, dilation, ceil_mode):
+    """With ceil_mode, PyTorch drops a last window that would start in the end padding; ONNX's shape rule keeps
+    it. The first windows agree (same starts, same divisors): returns a function that slices ONNX's output to
+    PyTorch's size, or None where the sizes agree."""
+    if not ceil_mode:
+        return None
+    ends = []
+    for size, k, s, p, d in zip(x.shape[-2:], kernel, stride, padding, dilation):
+        onnx_out = -(-(size + 2 * p - d * (k - 1) - 1) // s) + 1
+        ends.append(onnx_out - 1 if (onnx_out - 1) * s >= size + p else onnx_out)
+    if all(-(-(size + 2 * p - d * (k - 1) - 1) // s) + 1 == e
+           for size, k, s, p, d, e in zip(x.shape[-2:], kernel, stride, padding, dilation, ends)):
+        return None
+    axes = [x.rank - 2, x.rank - 1]
+    return lambda out: g.op("Slice", [out, g.ints([0, 0]), g.ints(ends), g.ints(axes)])
+
+
 def _max_pool(g, x, kernel, stride, padding, dilation, ceil_mode, return_indices):
     kernel = _pair(kernel)
     stride = _pair(stride) if stride not in (None, (), []) else kernel
     padding = _pair(padding)
     attrs = dict(kernel_shape=kernel, strides=stride, pads=padding + padding, dilations=_pair(dilation),
                  ceil_mode=int(bool(ceil_mode)))
+    crop = _ceil_crop(g, x, kernel, stride, padding, _pair(dilation), ceil_mode) or (lambda out: out)
     if not return_indices:
-        return g.op("MaxPool", [x], **attrs)
+        return crop(g.op("MaxPool", [x], **attrs))
     out, flat = g.op("MaxPool", [x], outputs=2, **attrs)
     # ONNX numbers positions across the whole tensor, PyTorch within each (sample, channel) plane
     plane = int(np.prod(x.shape[2:]))
-    return out, g.op("Mod", [flat, g.scalar(plane, torch.int64)])
+    return crop(out), crop(g.op("Mod", [flat, g.scalar(plane, torch.int64)]))
 
 
 @converts(F.max_pool2d, _torch("max_pool2d"), F.max_pool2d_with_indices)
@@ -942,17 +974,23 @@ def _adaptive_max_module(g, m, x):
 
 def _avg_pool(g, x, kernel, stride=None, padding=0, ceil_mode=False, count_include_pad=True, divisor_override=None):
     if divisor_override is not None:
-        raise ExportError("average pooling with divisor_override")
+        raise ExportError(f"average pooling with divisor_override={divisor_override!r} (ONNX AveragePool divides "
+                          "by the window size)")
     kernel = _pair(kernel)
     stride = _pair(stride) if stride not in (None, (), []) else kernel
     padding = _pair(padding)
     if kernel == list(x.shape[-2:]) and padding == [0, 0]:
         return g.op("GlobalAveragePool", [x])
-    return g.op("AveragePool", [x], kernel_shape=kernel, strides=stride, pads=padding + padding,
-                ceil_mode=int(bool(ceil_mode)), count_include_pad=int(bool(count_include_pad)))
+    crop = _ceil_crop(g, x, kernel, stride, padding, [1, 1], ceil_mode) or (lambda out: out)
+    return crop(g.op("AveragePool", [x], kernel_shape=kernel, strides=stride, pads=padding + padding,
+                     ceil_mode=int(bool(ceil_mode)), count_include_pad=int(bool(count_include_pad))))
 
 
-converts(F.avg_pool2d, _torch("avg_pool2d"))(_avg_pool)
+@converts(F.avg_pool2d, _torch("avg_pool2d"))
+def _avg_pool_function(g, input, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True,
+                       divisor_override=None):
+    """F.avg_pool2d under its own parameter names, so that every spelling (positional or keyword) binds."""
+    return _avg_pool(g, input, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override)
 
 
 @converts(nn.AvgPool2d)
@@ -1001,7 +1039,6 @@ def _chunk(g, x, chunks, dim=0):
 def _unbind(g, x, dim=0):
     dim = dim % x.rank
     parts = g.op("Split", [x, g.ints([1] * x.shape[dim])], outputs=x.shape[dim], axis=dim)
-    parts = parts if isinstance(parts, list) else [parts]
     return tuple(g.op("Squeeze", [p, g.ints([dim])]) for p in parts)
 
 
@@ -1224,9 +1261,10 @@ def _einsum(g, equation, *operands):
     return g.op("Einsum", list(operands), equation=equation.replace(" ", ""))
 
 
+# the catch-all converters below follow their operand's dtype (a float64 lowering writes a float64 graph)
 converts(torch.baddbmm)(lambda g, inp, a, b, beta=1, alpha=1: g.op(
-    "Add", [g.op("Mul", [inp, g.scalar(float(beta), torch.float32)]) if beta != 1 else inp,
-            g.op("Mul", [g.op("MatMul", [a, b]), g.scalar(float(alpha), torch.float32)]) if alpha != 1
+    "Add", [g.op("Mul", [inp, g.scalar(float(beta), inp.dtype)]) if beta != 1 else inp,
+            g.op("Mul", [g.op("MatMul", [a, b]), g.scalar(float(alpha), a.dtype)]) if alpha != 1
             else g.op("MatMul", [a, b])]))
 converts(torch.rsqrt, "rsqrt")(lambda g, x: g.op("Reciprocal", [g.op("Sqrt", [x])]))
 converts(torch.log, "log")(_unary("Log"))
@@ -1239,7 +1277,271 @@ converts(nn.Softplus, F.softplus)(lambda g, *a, **k: g.op("Softplus", [_input_of
 converts(nn.Mish, F.mish)(lambda g, *a, **k: g.op("Mul", [_input_of(a), g.op("Tanh", [g.op("Softplus",
                                                                                          [_input_of(a)])])]))
 converts(nn.Softmax)(lambda g, m, x: g.op("Softmax", [x], axis=int(m.dim) % x.rank))
-converts(nn.Hardtanh, F.hardtanh)(lambda g, *a, **k: g.op(
-    "Clip", [_input_of(a), g.scalar(float(a[0].min_val if isinstance(a[0], nn.Module) else k.get("min_val", -1.0)),
-                                    torch.float32),
-             g.scalar(float(a[0].max_val if isinstance(a[0], nn.Module) else k.get("max_val", 1.0)), torch.float32)]))
+def _hardtanh(g, *args, **kwargs):
+    x = _input_of(args)
+    if isinstance(args[0], nn.Module):
+        lo, hi = args[0].min_val, args[0].max_val
+    else:  # F.hardtanh(input, min_val=-1.0, max_val=1.0, inplace=False)
+        lo = kwargs.get("min_val", args[1] if len(args) > 1 else -1.0)
+        hi = kwargs.get("max_val", args[2] if len(args) > 2 else 1.0)
+    return g.op("Clip", [x, g.scalar(float(lo), x.dtype), g.scalar(float(hi), x.dtype)])
+
+
+converts(nn.Hardtanh, F.hardtanh)(_hardtanh)
+
+
+# ------------------------------------------------------------------------------------------ every describer's op
+# The ops graphlrp's describers (graphlrp/ops) accept and the converters above lacked: the remaining nn
+# activations, dropouts in eval mode, norms and the odd spellings. `missing_converters()` (below) checks that every
+# describer target has a converter; tests/test_registry.py runs it.
+def _number(v, default):
+    return float(default if v is None else v)
+
+
+@converts(F.normalize)
+def _normalize(g, input, p=2.0, dim=1, eps=1e-12, out=None):
+    """x / max(‖x‖_p, eps) along `dim` (Swin-V2's cosine attention), for every p (2, 1, ±inf, 0 and general)."""
+    if out is not None:
+        raise ExportError("F.normalize with out=")
+    x, dims = input, [dim] if isinstance(dim, int) else list(dim)
+    p = float(p)
+    if p == 2:
+        norm = g.reduce("ReduceL2", x, dims, True)
+    elif p == 1:
+        norm = g.reduce("ReduceL1", x, dims, True)
+    elif math.isinf(p):
+        absx = Value(g.op("Abs", [x]), x.shape, x.dtype, x.batched)
+        norm = g.reduce("ReduceMax" if p > 0 else "ReduceMin", absx, dims, True)
+    elif p == 0:  # the number of nonzero entries
+        nonzero = g.op("Cast", [g.op("Not", [g.op("Equal", [x, g.scalar(0, x.dtype)])])], to=onnx_type(x.dtype))
+        norm = g.reduce("ReduceSum", Value(nonzero, x.shape, x.dtype, x.batched), dims, True)
+    else:
+        powered = g.op("Pow", [g.op("Abs", [x]), g.scalar(p, x.dtype)])
+        norm = g.op("Pow", [g.reduce("ReduceSum", Value(powered, x.shape, x.dtype, x.batched), dims, True),
+                            g.scalar(1 / p, x.dtype)])
+    return g.op("Div", [x, g.op("Max", [norm, g.scalar(float(eps), x.dtype)])])
+
+
+def _prelu(g, x, weight):
+    """PRelu with the slope (one per channel, dim 1, or one for all) shaped to broadcast over x."""
+    if weight.rank == 1 and weight.shape[0] > 1 and x.rank > 2:
+        weight = g.op("Reshape", [weight, g.ints([weight.shape[0]] + [1] * (x.rank - 2))])
+    return g.op("PRelu", [x, weight])
+
+
+converts(F.prelu, _torch("prelu"))(lambda g, input, weight: _prelu(g, input, weight))
+converts(nn.PReLU)(lambda g, m, x: _prelu(g, x, constant(m.weight, f"{g.scope}.weight")))
+
+
+def _selu(g, *args, **kwargs):
+    return g.op("Selu", [_input_of(args)], alpha=1.6732632423543772848170429916717,
+                gamma=1.0507009873554804934193349852946)
+
+
+converts(nn.SELU, F.selu, _torch("selu"))(_selu)
+
+
+def _celu(g, x, alpha):
+    """CELU(x, α) = α·ELU(x/α, 1) (ONNX's Celu takes float32 only)."""
+    alpha = float(alpha)
+    if alpha == 1:
+        return g.op("Elu", [x], alpha=1.0)
+    scaled = g.op("Div", [x, g.scalar(alpha, x.dtype)])
+    return g.op("Mul", [g.op("Elu", [scaled], alpha=1.0), g.scalar(alpha, x.dtype)])
+
+
+converts(nn.CELU)(lambda g, m, x: _celu(g, x, m.alpha))
+converts(F.celu, _torch("celu"))(lambda g, input, alpha=1.0, inplace=False: _celu(g, input, alpha))
+converts(nn.Softsign, F.softsign)(lambda g, *a, **k: g.op("Softsign", [_input_of(a)]))
+converts(nn.Tanhshrink, F.tanhshrink)(lambda g, *a, **k: g.op("Sub", [_input_of(a), g.op("Tanh", [_input_of(a)])]))
+converts(F.sigmoid)(lambda g, input: g.op("Sigmoid", [input]))
+converts(F.tanh)(lambda g, input: g.op("Tanh", [input]))
+
+
+def _log_sigmoid(g, *args, **kwargs):
+    """log σ(x) = min(x, 0) - log(1 + exp(-|x|)): exact in both tails."""
+    x = _input_of(args)
+    tail = g.op("Log", [g.op("Add", [g.op("Exp", [g.op("Neg", [g.op("Abs", [x])])]), g.scalar(1.0, x.dtype)])])
+    return g.op("Sub", [g.op("Min", [x, g.scalar(0.0, x.dtype)]), tail])
+
+
+converts(nn.LogSigmoid, F.logsigmoid)(_log_sigmoid)
+
+
+def _shrink(g, x, lambd, soft: bool):
+    lambd = float(lambd)
+    return g.op("Shrink", [x], lambd=lambd, bias=lambd if soft else 0.0)
+
+
+converts(nn.Softshrink)(lambda g, m, x: _shrink(g, x, m.lambd, True))
+converts(F.softshrink)(lambda g, input, lambd=0.5: _shrink(g, input, lambd, True))
+converts(nn.Hardshrink)(lambda g, m, x: _shrink(g, x, m.lambd, False))
+converts(F.hardshrink, _torch("hardshrink"))(lambda g, input, lambd=0.5: _shrink(g, input, lambd, False))
+
+
+def _threshold_op(g, x, threshold, value):
+    """x where x > threshold, else value."""
+    return g.op("Where", [g.op("Greater", [x, g.scalar(float(threshold), x.dtype)]), x,
+                          g.scalar(float(value), x.dtype)])
+
+
+converts(nn.Threshold)(lambda g, m, x: _threshold_op(g, x, m.threshold, m.value))
+converts(F.threshold, _torch("threshold"))(
+    lambda g, input, threshold, value, inplace=False: _threshold_op(g, input, threshold, value))
+
+
+def _rrelu(g, x, lower, upper, training):
+    """RReLU in eval mode: a leaky ReLU of slope (lower + upper) / 2."""
+    if training:
+        raise ExportError("RReLU in training mode (a random slope)")
+    return g.op("LeakyRelu", [x], alpha=(float(lower) + float(upper)) / 2)
+
+
+converts(nn.RReLU)(lambda g, m, x: _rrelu(g, x, m.lower, m.upper, m.training))
+converts(F.rrelu, _torch("rrelu"))(lambda g, input, lower=1 / 8, upper=1 / 3, training=False, *a, **k: _rrelu(
+    g, input, lower, upper, training))
+
+
+def _dropout(g, *args, **kwargs):
+    """Every dropout (alpha, feature-alpha, 1-d/2-d/3-d) in eval mode: the identity. (input, p, training, ...);
+    torch.dropout(input, p, train)."""
+    if isinstance(args[0], nn.Module):
+        return args[1]
+    training = kwargs.get("training", kwargs.get("train", args[2] if len(args) > 2 else False))
+    if training:
+        raise ExportError("dropout in training mode")
+    return args[0]
+
+
+converts(nn.Dropout1d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout, F.dropout1d, F.dropout2d,
+         F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout, _torch("dropout"))(_dropout)
+
+
+def _clamp_bound(op_type):
+    def convert(g, x, bound):
+        dtype = _compute_dtype(x, bound)
+        return g.op(op_type, [g.cast(x, dtype), g.cast(bound, dtype)])
+
+    return convert
+
+
+converts(_torch("clamp_min"), "clamp_min")(_clamp_bound("Max"))
+converts(_torch("clamp_max"), "clamp_max")(_clamp_bound("Min"))
+# fmax/fmin differ from maximum/minimum only where an operand is NaN (they return the other one); the explainer's
+# operands are finite
+converts(_torch("fmax"), "maximum", "fmax")(_binary("Max"))
+converts(_torch("fmin"), "minimum", "fmin")(_binary("Min"))
+converts(_torch("true_divide"), "true_divide")(_binary("Div"))
+
+
+@converts(torch.addcmul, "addcmul")
+def _addcmul(g, input, tensor1, tensor2, *, value=1):
+    dtype = _compute_dtype(input, tensor1, tensor2)
+    prod = g.op("Mul", [g.cast(tensor1, dtype), g.cast(tensor2, dtype)])
+    if value != 1:
+        prod = g.op("Mul", [prod, g.scalar(value, dtype)])
+    return g.op("Add", [g.cast(input, dtype), prod])
+
+
+@converts(nn.modules.batchnorm._BatchNorm)
+def _batch_norm_any(g, m, x):
+    """BatchNorm3d, SyncBatchNorm and the other _BatchNorm subclasses (eval mode: the running statistics)."""
+    if m.training and m.track_running_stats:
+        raise ExportError("batch norm in training mode")
+    return _batch_norm_module(g, m, x)
+
+
+def _instance_norm(g, x, weight, bias, eps):
+    c = x.shape[1]
+    weight = weight if weight is not None else constant(torch.ones(c, dtype=x.dtype))
+    bias = bias if bias is not None else constant(torch.zeros(c, dtype=x.dtype))
+    return g.op("InstanceNormalization", [x, weight, bias], epsilon=float(eps))
+
+
+@converts(nn.modules.instancenorm._InstanceNorm)
+def _instance_norm_module(g, m, x):
+    c = lambda t, part: None if t is None else constant(t, f"{g.scope}.{part}")  # noqa: E731
+    if x.rank == m._get_no_batch_dim():
+        raise ExportError("instance norm of an unbatched input")
+    if m.track_running_stats and not m.training:  # eval with running statistics: a batch norm
+        return _batch_norm(g, x, c(m.running_mean, "running_mean"), c(m.running_var, "running_var"),
+                           c(m.weight, "weight"), c(m.bias, "bias"), m.eps)
+    return _instance_norm(g, x, c(m.weight, "weight"), c(m.bias, "bias"), m.eps)
+
+
+@converts(F.instance_norm)
+def _instance_norm_function(g, input, running_mean=None, running_var=None, weight=None, bias=None,
+                            use_input_stats=True, momentum=0.1, eps=1e-5):
+    if not use_input_stats:
+        return _batch_norm(g, input, running_mean, running_var, weight, bias, eps)
+    return _instance_norm(g, input, weight, bias, eps)
+
+
+@converts(_torch("instance_norm"))
+def _torch_instance_norm(g, input, weight, bias, running_mean, running_var, use_input_stats, momentum, eps,
+                         cudnn_enabled=False):
+    return _instance_norm_function(g, input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps)
+
+
+def _local_response_norm(g, x, size, alpha=1e-4, beta=0.75, k=1.0):
+    """ONNX LRN sums the channels [c - ⌊(n-1)/2⌋, c + ⌈(n-1)/2⌉], PyTorch [c - ⌊n/2⌋, c + ⌊(n-1)/2⌋]: equal for odd n."""
+    size = int(size)
+    if size % 2 == 0:
+        raise ExportError(f"local response norm of even size {size} (ONNX LRN centres the window differently)")
+    if x.rank < 3:
+        raise ExportError("local response norm of a rank-2 input")
+    return g.op("LRN", [x], size=size, alpha=float(alpha), beta=float(beta), bias=float(k))
+
+
+converts(nn.LocalResponseNorm)(lambda g, m, x: _local_response_norm(g, x, m.size, m.alpha, m.beta, m.k))
+converts(F.local_response_norm)(
+    lambda g, input, size, alpha=1e-4, beta=0.75, k=1.0: _local_response_norm(g, input, size, alpha, beta, k))
+
+
+def _rms_norm(g, x, normalized_shape, weight=None, eps=None):
+    """x / sqrt(mean(x², trailing dims) + eps) · weight; eps None: the dtype's machine epsilon (PyTorch's default)."""
+    n = len(normalized_shape) if isinstance(normalized_shape, (tuple, list)) else 1
+    eps = torch.finfo(x.dtype).eps if eps is None else float(eps)
+    square = Value(g.op("Mul", [x, x]), x.shape, x.dtype, x.batched)
+    mean = g.reduce("ReduceMean", square, list(range(x.rank - n, x.rank)), True)
+    out = g.op("Div", [x, g.op("Sqrt", [g.op("Add", [mean, g.scalar(eps, x.dtype)])])])
+    return g.op("Mul", [out, weight]) if weight is not None else out
+
+
+converts(getattr(F, "rms_norm", None), _torch("rms_norm"))(_rms_norm)
+if hasattr(nn, "RMSNorm"):
+    converts(nn.RMSNorm)(lambda g, m, x: _rms_norm(
+        g, x, m.normalized_shape, None if m.weight is None else constant(m.weight, f"{g.scope}.weight"), m.eps))
+
+
+# ------------------------------------------------------------------------------------------ registry check
+# Describer targets that need no converter of their own because the compiler rewrites them into ops that have one
+# before the lowering sees them: target -> what it becomes. (Empty today: every describer target has a converter.)
+CANONICAL_REWRITES: dict[Any, str] = {}
+
+
+def describer_targets() -> list:
+    """Every target graphlrp's describers register (graphlrp.ops: modules, functions, Tensor method names), as
+    (kind, target, name) with kind "module", "function" or "method", sorted by name."""
+    from .ops import base
+
+    rows = [("module", m, _target_name(m)) for m in base._BY_MODULE]
+    rows += [("function", f, _target_name(f)) for f in base._BY_FUNCTION]
+    rows += [("method", m, _target_name(m)) for m in base._BY_METHOD]
+    return sorted(rows, key=lambda r: (r[0], r[2]))
+
+
+def has_converter(kind: str, target) -> bool:
+    """Whether the lowering can write `target` (a module class by its MRO, as `_converter` looks it up), directly
+    or through a documented canonical rewrite (CANONICAL_REWRITES)."""
+    if target in CANONICAL_REWRITES:
+        return True
+    if kind == "module":
+        return any(cls in CONVERTERS for cls in target.__mro__)
+    return target in CONVERTERS
+
+
+def missing_converters() -> list[str]:
+    """Names of the describer targets (ops graphlrp compiles) that the ONNX lowering has no converter for: each is
+    an op a model can contain that compiles but does not export. [] when the registries agree."""
+    return [name for kind, target, name in describer_targets() if not has_converter(kind, target)]

@@ -141,3 +141,22 @@ def test_parity_is_judged_against_float64_only_when_pytorch_itself_is_off(tmp_pa
     with pytest.raises(graphlrp.ExportError, match="against a float64 run"):
         export.check_parity(explainer, Off(), report, x, target, (logits, relevance))
     assert report.float32_error_pytorch < 1e-4 < report.float32_error_onnxruntime
+
+
+def test_the_float64_reference_needs_no_copy_of_the_graph():
+    """The float64 run of the parity fallback casts weights as nodes read them (no deep copy of the explainer):
+    the same numbers as the whole graph module converted to float64, and the explainer is left as it was."""
+    import copy
+
+    import graphlrp.export as export
+
+    torch.manual_seed(0)
+    explainer = graphlrp.compile(torchvision.models.resnet18().eval(), torch.randn(1, 3, 64, 64))
+    x, target = export._parity_batch(explainer)
+    before = {k: v.clone() for k, v in explainer.graph_module.state_dict().items()}
+    got = export._float64_relevance(explainer, x, target)
+    with torch.no_grad():
+        _, expected = copy.deepcopy(explainer.graph_module).double()(x.double(), target)
+    assert got.dtype == np.float64 and np.array_equal(got, expected.numpy())
+    after = explainer.graph_module.state_dict()
+    assert all(after[k].dtype == v.dtype and torch.equal(after[k], v) for k, v in before.items())
