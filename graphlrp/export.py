@@ -20,6 +20,10 @@ import torch.fx
 from .errors import ExportError
 
 PARITY_TOLERANCE = 1e-4
+# an ill-conditioned explainer's float32 relevance is off a float64 run on every runtime; onnxruntime passes within
+# this factor of PyTorch's own float32 error. Different CPUs' kernels (AVX2, AVX-512) and thread counts move the two
+# errors by ~2-3x against each other; a translation error is a fixed offset orders of magnitude above rounding
+CONDITIONING_MARGIN = 10.0
 METADATA_KEYS = ("graphlrp_version", "preset", "split", "include_identity", "source_model", "input_size",
                  "preprocessing", "labels", "output_relevance", "certificate")
 
@@ -161,9 +165,11 @@ def check_parity(explainer, session, report: ExportReport, x, target, expected) 
     Passes when they agree to PARITY_TOLERANCE (max |a - b| / max |b|). An explainer can be ill-conditioned in
     float32 (a stabiliser ε = 1e-6 dividing a sum that is nearly zero amplifies rounding); then PyTorch's own
     float32 result is not within the tolerance of the exact one either, and the export passes when onnxruntime
-    is within the tolerance of a float64 run of the same graph, or no further from it than twice PyTorch's float32
-    error (the logits, a well-conditioned forward, must agree to the tolerance in any case). The report keeps
-    both errors: `float32_error_pytorch`, `float32_error_onnxruntime`.
+    is within max(tolerance, CONDITIONING_MARGIN × PyTorch's float32 error) of a float64 run of the same graph (the
+    logits, a well-conditioned forward, must agree to the tolerance in any case). The bound is continuous in the
+    errors and leaves a 10x margin, so the verdict does not depend on which x86 CPU or thread count computed
+    them, while a 1% error on a well-conditioned explainer still fails. The report keeps both errors:
+    `float32_error_pytorch`, `float32_error_onnxruntime`.
 
     (Verifying the translation itself in float64, a float64 ONNX model run in onnxruntime, would give a verdict
     that rounding cannot sway; onnxruntime's CPU provider has no float64 kernel for Conv, ConvTranspose,
@@ -184,9 +190,7 @@ def check_parity(explainer, session, report: ExportReport, x, target, expected) 
         exact = _float64_relevance(explainer, x, target)
         report.float32_error_pytorch = rel_diff(rel_pt, exact)
         report.float32_error_onnxruntime = rel_diff(rel_rt, exact)
-        if report.float32_error_onnxruntime <= tol or (
-                report.float32_error_pytorch > tol
-                and report.float32_error_onnxruntime <= 2 * report.float32_error_pytorch):
+        if report.float32_error_onnxruntime <= max(tol, CONDITIONING_MARGIN * report.float32_error_pytorch):
             return
         conditioning = (f"; against a float64 run: onnxruntime {report.float32_error_onnxruntime:.2e}, "
                         f"PyTorch {report.float32_error_pytorch:.2e}")
