@@ -182,7 +182,7 @@ def test_n_ary_merge_splits(spelling, split):
     torch.manual_seed(1)
     model = Branches(spelling).eval()
     x = torch.randn(2, 6, 1, 1)
-    explainer = graphlrp.compile(model, x[:1], rules={**LOGIT, "split": split})
+    explainer = graphlrp.compile(model, x[:1], rules={**LOGIT, "split": split}, allow_vanishing=True)
     (merge,) = explainer.merges
     assert merge.arity == 3
     assert merge.kind == ("add" if spelling == "chain" else "sum")
