@@ -7,7 +7,8 @@ function (sigmoid, hard-sigmoid, softmax, tanh, hard-tanh, relu6, erf, clamp to 
 that keep it a gate (reshapes and other moves, identities, adding or multiplying constants). All relevance goes to
 the other operand, the gated signal, whatever the broadcast (SE, ECA, CBAM, split attention, x·sigmoid(x)).
 Without a recognised gate, an operand that broadcasts over the other is held constant (a normaliser such as
-FRN's rsqrt(ν²+ε)); a product of two same-shape signals is an UnsupportedOpError. A quotient of two
+FRN's rsqrt(ν²+ε)); any other product of two signals (SwiGLU's x₁·act(x₂), gMLP's spatial gating u·v, FocalNet's
+modulation q·h) is a PRODUCT (rule category `product`: AttnLRP's uniform rule). A quotient of two
 input-dependent tensors holds the divisor constant (normalisers spelled out).
 """
 from __future__ import annotations
@@ -21,8 +22,8 @@ import torch.nn.functional as F
 
 from ..errors import UnsupportedOpError
 from ..trace import describe_node
-from .base import (ACTIVATION, BIAS_ADD, GATE, IDENTITY, SCALE, Op, arg, describes, is_dynamic_tensor, target_name,
-                   value)
+from .base import (ACTIVATION, BIAS_ADD, GATE, IDENTITY, PRODUCT, SCALE, Op, arg, describes, is_dynamic_tensor,
+                   target_name, value)
 
 ACTIVATION_MODULES = [nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ELU, nn.CELU, nn.SELU, nn.GELU, nn.SiLU,
                       nn.Mish, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Sigmoid, nn.Tanh, nn.Softplus,
@@ -135,9 +136,8 @@ def _mul(node, traced):
     if reduced[0] != reduced[1]:  # a normaliser computed by a keepdim reduction whose reduced dims are 1 already
         signal, gate = (b, a) if reduced[0] else (a, b)
         return Op(GATE, node, (signal,), dict(gate=gate, recognised="broadcast"))
-    raise UnsupportedOpError(
-        f"{describe_node(node)}: a product of two input-dependent tensors of the same shape, neither of which is a "
-        "gate (a sigmoid/softmax/tanh-like value) or broadcasts over the other, has no LRP rule")
+    # two signals, neither a gate nor a normaliser: AttnLRP's uniform rule (category `product`) splits R in half
+    return Op(PRODUCT, node, (a, b))
 
 
 @describes(functions=[operator.truediv, torch.div, torch.true_divide], methods=["div", "true_divide"])

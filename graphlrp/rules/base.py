@@ -59,6 +59,7 @@ PARAM_CHOICES = {
     "bias": ("keep", "zero", "positive", "negative"),
     "input": ("activation", "ones"),
     "dead_units": ("drop", "spread"),
+    "otherwise": ("error", "uniform"),
 }
 NONNEGATIVE_PARAMS = ("epsilon", "gamma", "alpha", "beta")
 
