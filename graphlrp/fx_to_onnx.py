@@ -1243,3 +1243,9 @@ converts(nn.Hardtanh, F.hardtanh)(lambda g, *a, **k: g.op(
     "Clip", [_input_of(a), g.scalar(float(a[0].min_val if isinstance(a[0], nn.Module) else k.get("min_val", -1.0)),
                                     torch.float32),
              g.scalar(float(a[0].max_val if isinstance(a[0], nn.Module) else k.get("max_val", 1.0)), torch.float32)]))
+
+
+# ------------------------------------------------------------------------------------------ functions of one signal
+# (graphlrp.ops.elementwise: square and abs are activations; forward ops of models such as MetaFormer's StarReLU)
+converts(torch.square, "square")(lambda g, x: g.op("Mul", [x, x]))
+converts(operator.abs)(_unary("Abs"))

@@ -8,6 +8,7 @@ reference computed in float64 (autograd or a hand computation), with conservatio
   with the other operand held fixed, since Gradient×Input gives each factor of a bilinear map the full z;
 * attention weights behind talking heads (a linear map across heads after the softmax, CaiT) are still attention
   weights: `constant_weights` holds them constant;
+* square, pow with a constant exponent, abs: relevance passes as through an activation (R_in = R_out);
 * presets that name no `product` rule refuse such a product only where relevance reaches it.
 """
 from __future__ import annotations
@@ -257,3 +258,31 @@ def test_talking_heads_weights_are_attention_weights_held_constant():
     assert rel_diff(rel, xr.detach() * g) <= 1e-9
     _, shipped, taps = graphlrp.compile(model, x[:1], rules="cp-lrp-conserving").explain_with_taps(x)
     assert rel_diff(taps["input"], taps["output"]) <= 1e-6
+
+
+# ------------------------------------------------------------------ elementwise functions of one signal
+@pytest.mark.parametrize("name,f", [
+    ("square", torch.square), ("square method", lambda y: y.square()), ("pow 2", lambda y: y ** 2),
+    ("pow 3 method", lambda y: y.pow(3)), ("torch.pow", lambda y: torch.pow(y, 1.5 * torch.ones(6))),
+    ("abs", torch.abs), ("abs builtin", abs)])
+def test_functions_of_one_signal_pass_relevance(name, f):
+    class M(nn.Module):
+        def forward(self, x):
+            return f(x.flatten(1).abs() if "1.5" in name or "torch.pow" in name else x.flatten(1))
+
+    torch.manual_seed(5)
+    x, target = torch.randn(3, 1, 2, 3, dtype=torch.float64), torch.tensor([0, 3, 5])
+    model = M().eval()
+    logits, rel, taps = graphlrp.compile(model, x[:1], rules=EXACT).explain_with_taps(x, target)
+    assert rel_diff(rel.flatten(1), start_relevance(model(x), target)) <= 1e-12  # identity rule: R_in = R_out
+    assert rel_diff(taps["input"], taps["output"]) <= 1e-12
+
+
+def test_a_power_with_an_input_dependent_exponent_is_refused():
+    class M(nn.Module):
+        def forward(self, x):
+            f = x.flatten(1)
+            return f.abs() ** f
+
+    with pytest.raises(UnsupportedOpError, match="exponent"):
+        graphlrp.compile(M().eval(), torch.randn(1, 1, 2, 3), rules=EXACT)

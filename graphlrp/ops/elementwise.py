@@ -10,6 +10,8 @@ Without a recognised gate, an operand that broadcasts over the other is held con
 FRN's rsqrt(ν²+ε)); any other product of two signals (SwiGLU's x₁·act(x₂), gMLP's spatial gating u·v, FocalNet's
 modulation q·h) is a PRODUCT (rule category `product`: AttnLRP's uniform rule). A quotient of two
 input-dependent tensors holds the divisor constant (normalisers spelled out).
+
+Elementwise functions of one signal — `square`, `pow` with a constant exponent, `abs` — are ACTIVATIONs too.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ import torch.nn.functional as F
 from ..errors import UnsupportedOpError
 from ..trace import describe_node
 from .base import (ACTIVATION, BIAS_ADD, GATE, IDENTITY, PRODUCT, SCALE, Op, arg, describes, is_dynamic_tensor,
-                   target_name, value)
+                   is_tensor, target_name, value)
 
 ACTIVATION_MODULES = [nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ELU, nn.CELU, nn.SELU, nn.GELU, nn.SiLU,
                       nn.Mish, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Sigmoid, nn.Tanh, nn.Softplus,
@@ -42,6 +44,25 @@ SQUASHING = {"sigmoid", "hardsigmoid", "hard_sigmoid", "softmax", "tanh", "hardt
 @describes(modules=ACTIVATION_MODULES, functions=ACTIVATION_FUNCTIONS, methods=ACTIVATION_METHODS)
 def _activation(node, traced):
     return Op(ACTIVATION, node, (node.args[0],))
+
+
+@describes(functions=[torch.square, torch.abs, operator.abs], methods=["square", "abs"])
+def _one_signal(node, traced):
+    """x², |x|: elementwise functions of one signal, through which relevance passes as through an activation."""
+    return Op(ACTIVATION, node, (node.args[0],))
+
+
+@describes(functions=[torch.pow, operator.pow], methods=["pow"])
+def _pow(node, traced):
+    """x ** p with a constant exponent p (StarReLU's relu(x)², an explicit x.pow(2)): an elementwise function of
+    one signal, an ACTIVATION. An input-dependent exponent has no rule."""
+    x, p = node.args[0], arg(node, 1, "exponent")
+    if not is_dynamic_tensor(x) or is_dynamic_tensor(p):
+        raise UnsupportedOpError(f"{describe_node(node)}: a power with an input-dependent exponent has no LRP rule "
+                                 "(only x ** constant)")
+    if is_tensor(p) and tuple(x.meta["shape"]) != tuple(node.meta["shape"]):
+        raise UnsupportedOpError(f"{describe_node(node)}: the exponent broadcasts the input to a larger shape")
+    return Op(ACTIVATION, node, (x,))
 
 
 @describes(functions=[torch.maximum, torch.minimum, torch.fmax, torch.fmin], methods=["maximum", "minimum"])
