@@ -1249,3 +1249,29 @@ converts(nn.Hardtanh, F.hardtanh)(lambda g, *a, **k: g.op(
 # (graphlrp.ops.elementwise: square and abs are activations; forward ops of models such as MetaFormer's StarReLU)
 converts(torch.square, "square")(lambda g, x: g.op("Mul", [x, x]))
 converts(operator.abs)(_unary("Abs"))
+
+
+# ------------------------------------------------------------------------------------------ max/min over dims
+# (graphlrp.ops.pooling's MAX_REDUCE: Hiera's amax max-pool, x.max(dim).values, and its winner-take-all rule)
+@converts(_torch("amin"), "amin")
+def _amin(g, x, dim=(), keepdim=False):
+    dims = range(x.rank) if dim in ((), None) else (dim if isinstance(dim, (tuple, list)) else (dim,))
+    return g.reduce("ReduceMin", x, dims, keepdim)
+
+
+def _max_or_min(reduce: str, arg: str, binary: str):
+    def convert(g, x, dim=None, keepdim=False, *, other=None):
+        if isinstance(dim, Value) or other is not None:  # max(a, b): elementwise
+            return _binary(binary)(g, x, dim if other is None else other)
+        if dim is None:
+            return g.reduce(reduce, x, range(x.rank), False)
+        d = dim % x.rank
+        return [g.reduce(reduce, x, (d,), keepdim), g.op(arg, [x], axis=d, keepdims=int(keepdim))]  # (values, indices)
+
+    return convert
+
+
+converts(torch.max, "max")(_max_or_min("ReduceMax", "ArgMax", "Max"))
+converts(torch.min, "min")(_max_or_min("ReduceMin", "ArgMin", "Min"))
+converts(getattr)(lambda g, x, name: x[{"values": 0, "indices": 1}[name]] if isinstance(x, (tuple, list))
+                  else getattr(x, name))

@@ -14,7 +14,7 @@ Schema (every key is validated; an unknown or malformed key is a PresetError nam
     normalization (layer/group/instance norm), reduction (sum/mean over non-spatial dims), softmax,
     matmul (matmul/einsum of two input-dependent tensors: Q·Kᵀ, A·V, linear attention), product (an elementwise
     product of two signals that is no gate: SwiGLU, gMLP's gating; default 'refuse', an error where relevance
-    reaches it), constant_cat (a class token joining the tokens)
+    reaches it), constant_cat (a class token joining the tokens); maxpool also covers max/min over dims (amax)
 
     [overrides]                        # glob on module path or node name -> rule (applied where the rule fits)
     "layer4.*" = "epsilon"             # first matching pattern wins; compile(overrides=...) comes before these
@@ -43,7 +43,7 @@ CATEGORY_KINDS = {
     "linear": (ops.LINEAR,),
     "batchnorm": (ops.BATCHNORM,),
     "activation": (ops.ACTIVATION,),
-    "maxpool": (ops.MAXPOOL,),
+    "maxpool": (ops.MAXPOOL, ops.MAX_REDUCE),  # max pools and max/min over dims (amax, max(dim).values)
     "avgpool": (ops.AVGPOOL, ops.REDUCE),
     "merge": (ops.MERGE,),
     "constant_add": (ops.BIAS_ADD,),

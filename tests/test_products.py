@@ -9,7 +9,9 @@ reference computed in float64 (autograd or a hand computation), with conservatio
 * attention weights behind talking heads (a linear map across heads after the softmax, CaiT) are still attention
   weights: `constant_weights` holds them constant;
 * square, pow with a constant exponent, abs: relevance passes as through an activation (R_in = R_out);
-* presets that name no `product` rule refuse such a product only where relevance reaches it.
+* amax / amin / max(dim).values: winner-take-all, ties split evenly — the same as the gradient of torch.amax;
+* presets that name no `product` rule refuse such a product only where relevance reaches it;
+* one ONNX export with onnxruntime parity.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ from graphlrp.trace import trace
 EXACT = {"output": "logit", "split": "ratio", "rules": {
     "first_layer": {"rule": "epsilon", "epsilon": 0.0, "bias": "zero"},
     "linear": {"rule": "epsilon", "epsilon": 0.0, "bias": "zero"},
-    "activation": "pass", "product": "uniform",
+    "activation": "pass", "product": "uniform", "maxpool": "winner_take_all",
     "matmul": {"rule": "uniform", "epsilon": 0.0}}}
 
 
@@ -286,3 +288,76 @@ def test_a_power_with_an_input_dependent_exponent_is_refused():
 
     with pytest.raises(UnsupportedOpError, match="exponent"):
         graphlrp.compile(M().eval(), torch.randn(1, 1, 2, 3), rules=EXACT)
+
+
+# ------------------------------------------------------------------ max / min over dims: winner-take-all
+@pytest.mark.parametrize("name,f,mode,dims", [
+    ("amax", lambda y: y.amax(dim=1), "max", (1,)),
+    ("torch.amax keepdim", lambda y: torch.amax(y, (1, 3), keepdim=True), "max", (1, 3)),
+    ("max.values", lambda y: y.max(dim=2).values, "max", (2,)),
+    ("max[0] keepdim", lambda y: torch.max(y, 2, keepdim=True)[0], "max", (2,)),
+    ("amin", lambda y: y.amin(1), "min", (1,)),
+    ("min.values", lambda y: y.min(dim=-1).values, "min", (3,))])
+def test_max_over_dims_is_winner_take_all_with_ties_split(name, f, mode, dims):
+    class M(nn.Module):
+        def forward(self, x):
+            return f(x).flatten(1)
+
+    torch.manual_seed(6)
+    x = torch.randint(-2, 3, (3, 3, 4, 4)).double()  # few distinct values: many ties
+    target = torch.tensor([0, 2, 3])
+    model = M().eval()
+    explainer = graphlrp.compile(model, x[:1], rules=EXACT)
+    assert "max_reduce" in kinds(model, x[:1]).values()
+    logits, rel, taps = explainer.explain_with_taps(x, target)
+
+    # reference: torch.amax/amin's gradient sends each output's gradient to its extreme, split evenly on ties
+    xr = x.clone().requires_grad_(True)
+    extreme = (torch.amax if mode == "max" else torch.amin)(xr, dims, keepdim=False)
+    R = start_relevance(extreme.flatten(1).detach(), target)
+    (g,) = torch.autograd.grad((extreme.flatten(1) * R).sum(), xr)  # ∂/∂x of Σ R·max: R at the winners
+    assert rel_diff(rel, g) <= 1e-12
+    assert (rel != 0).sum() >= 2  # there were ties, or at least a winner per sample
+    assert rel_diff(taps["input"], taps["output"]) <= 1e-12
+
+
+def test_max_over_the_batch_or_everything_is_refused():
+    class All(nn.Module):
+        def forward(self, x):
+            return x.flatten(1) * 0 + x.max()
+
+    with pytest.raises(UnsupportedOpError, match="mixes the samples"):
+        graphlrp.compile(All().eval(), torch.randn(1, 1, 2, 3), rules=EXACT)
+
+
+# ------------------------------------------------------------------ ONNX export
+class Everything(nn.Module):
+    """SwiGLU, linear attention, StarReLU's relu(x)², abs and a max over a dim in one model."""
+
+    def __init__(self, d=8):
+        super().__init__()
+        self.stem = nn.Conv2d(3, d, 3, padding=1)
+        self.w1, self.w2 = nn.Linear(d, d), nn.Linear(d, d)
+        self.att = LinearAttention(d)
+        self.fc = nn.Linear(2 * d, 5)
+
+    def forward(self, x):
+        t = self.stem(x).flatten(2).transpose(1, 2)
+        t = t + self.w1(t) * F.silu(self.w2(t))
+        t = t + self.att(t.transpose(1, 2).unsqueeze(-1)).view_as(t)
+        t = F.relu(t) ** 2 + t.abs()
+        return self.fc(torch.cat([t.amax(1), t.max(dim=1).values], 1))
+
+
+def test_new_mechanisms_export_to_onnx_with_parity(tmp_path):
+    pytest.importorskip("onnxruntime")
+    torch.manual_seed(7)
+    model = Everything().eval()
+    x = torch.randn(2, 3, 6, 6)
+    explainer = graphlrp.compile(model, x[:1], rules="cp-lrp-conserving")
+    logits, rel, taps = explainer.explain_with_taps(x)
+    with torch.no_grad():
+        assert rel_diff(logits, model(x)) < 1e-5
+    assert ((taps["input"] / taps["output"] - 1).abs() < 1e-3).all()
+    report = explainer.export_onnx(tmp_path / "m.onnx")
+    assert report.max_rel_diff <= 1e-4
