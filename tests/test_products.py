@@ -361,3 +361,20 @@ def test_new_mechanisms_export_to_onnx_with_parity(tmp_path):
     assert ((taps["input"] / taps["output"] - 1).abs() < 1e-3).all()
     report = explainer.export_onnx(tmp_path / "m.onnx")
     assert report.max_rel_diff <= 1e-4
+
+
+@pytest.mark.parametrize("preset", ["otsuki2024-conserving", "cp-lrp-conserving"])
+def test_timm_cait_talking_heads_and_class_token_conserve(preset):
+    """A small timm CaiT: talking heads before A·V (attention weights held constant behind a linear map across
+    heads), class attention with a class token joined to the tokens (its relevance spread, not dropped)."""
+    timm = pytest.importorskip("timm")
+    from timm.models.cait import Cait
+
+    torch.manual_seed(0)
+    model = Cait(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=4, depth_token_only=2,
+                 num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    logits, rel, taps = graphlrp.compile(model, x[:1], rules=preset).explain_with_taps(x)
+    with torch.no_grad():
+        assert rel_diff(logits, model(x)) < 1e-5
+    assert ((taps["input"] / taps["output"] - 1).abs() <= 1e-3).all()
