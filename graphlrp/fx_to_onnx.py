@@ -1425,6 +1425,32 @@ def _clamp_bound(op_type):
     return convert
 
 
+# ------------------------------------------------------------------------------------------ functions of one signal
+# (graphlrp.ops.elementwise: square and abs are activations; forward ops of models such as MetaFormer's StarReLU)
+converts(torch.square, "square")(lambda g, x: g.op("Mul", [x, x]))
+converts(operator.abs)(_unary("Abs"))
+
+
+# ------------------------------------------------------------------------------------------ max/min over dims
+# (graphlrp.ops.pooling's MAX_REDUCE: Hiera's amax max-pool, x.max(dim).values, and its winner-take-all rule)
+@converts(_torch("amin"), "amin")
+def _amin(g, x, dim=(), keepdim=False):
+    dims = range(x.rank) if dim in ((), None) else (dim if isinstance(dim, (tuple, list)) else (dim,))
+    return g.reduce("ReduceMin", x, dims, keepdim)
+
+
+def _max_or_min(reduce: str, arg: str, binary: str):
+    def convert(g, x, dim=None, keepdim=False, *, other=None):
+        if isinstance(dim, Value) or other is not None:  # max(a, b): elementwise
+            return _binary(binary)(g, x, dim if other is None else other)
+        if dim is None:
+            return g.reduce(reduce, x, range(x.rank), False)
+        d = dim % x.rank
+        return [g.reduce(reduce, x, (d,), keepdim), g.op(arg, [x], axis=d, keepdims=int(keepdim))]  # (values, indices)
+
+    return convert
+
+
 converts(_torch("clamp_min"), "clamp_min")(_clamp_bound("Max"))
 converts(_torch("clamp_max"), "clamp_max")(_clamp_bound("Min"))
 # fmax/fmin differ from maximum/minimum only where an operand is NaN (they return the other one); the explainer's
@@ -1545,3 +1571,9 @@ def missing_converters() -> list[str]:
     """Names of the describer targets (ops graphlrp compiles) that the ONNX lowering has no converter for: each is
     an op a model can contain that compiles but does not export. [] when the registries agree."""
     return [name for kind, target, name in describer_targets() if not has_converter(kind, target)]
+
+
+converts(torch.max, "max")(_max_or_min("ReduceMax", "ArgMax", "Max"))
+converts(torch.min, "min")(_max_or_min("ReduceMin", "ArgMin", "Min"))
+converts(getattr)(lambda g, x, name: x[{"values": 0, "indices": 1}[name]] if isinstance(x, (tuple, list))
+                  else getattr(x, name))

@@ -14,7 +14,9 @@ Schema (every key is validated; an unknown or malformed key is a PresetError nam
     [rules]                            # layer category -> rule name, or a table {rule = NAME, param = value, ...}
     first_layer, conv, linear, batchnorm, activation, maxpool, avgpool, merge, constant_add, scale, gate, identity,
     normalization (layer/group/instance norm), reduction (sum/mean over non-spatial dims), softmax,
-    matmul (products of two input-dependent tensors: Q·Kᵀ, A·V), constant_cat (a class token joining the tokens)
+    matmul (matmul/einsum of two input-dependent tensors: Q·Kᵀ, A·V, linear attention), product (an elementwise
+    product of two signals that is no gate: SwiGLU, gMLP's gating; default 'refuse', an error where relevance
+    reaches it), constant_cat (a class token joining the tokens); maxpool also covers max/min over dims (amax)
 
     [overrides]                        # glob on module path or node name -> rule (applied where the rule fits)
     "layer4.*" = "epsilon"             # first matching pattern wins; compile(overrides=...) comes before these
@@ -43,7 +45,7 @@ CATEGORY_KINDS = {
     "linear": (ops.LINEAR,),
     "batchnorm": (ops.BATCHNORM,),
     "activation": (ops.ACTIVATION,),
-    "maxpool": (ops.MAXPOOL,),
+    "maxpool": (ops.MAXPOOL, ops.MAX_REDUCE),  # max pools and max/min over dims (amax, max(dim).values)
     "avgpool": (ops.AVGPOOL, ops.REDUCE),
     "merge": (ops.MERGE,),
     "constant_add": (ops.BIAS_ADD,),
@@ -55,11 +57,12 @@ CATEGORY_KINDS = {
     "reduction": (ops.REDUCE,),
     "softmax": (ops.SOFTMAX,),
     "matmul": (ops.MATMUL,),
+    "product": (ops.PRODUCT,),  # elementwise a·b of two signals, neither a gate (SwiGLU, gMLP, FocalNet)
     "constant_cat": (ops.CONST_CAT,),
 }
 DEFAULT_RULES = {"activation": "pass", "identity": "pass", "constant_add": "pass", "scale": "pass", "gate": "pass",
                  "batchnorm": "pass", "merge": "split", "normalization": "pass", "reduction": "z",
-                 "constant_cat": "drop", "matmul": "constant_weights",
+                 "constant_cat": "drop", "matmul": "constant_weights", "product": "refuse",
                  "attention_bias": "proportional"}
 TOP_KEYS = {"description", "output", "split", "include_identity", "batchnorm", "rules", "overrides", "name",
             "conserving"}

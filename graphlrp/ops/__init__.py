@@ -7,7 +7,7 @@ move values) and `attention` (softmax, products of two signals). Adding a spelli
 """
 from .base import *  # noqa: F401,F403
 from .base import (AVGPOOL, BATCHNORM, BIAS_ADD, CAT, CONST_CAT, MATMUL, SOFTMAX, CONV, GATE, IDENTITY, LINEAR, MAXPOOL, MERGE, MOVE, NORM,  # noqa: F401
-                   PAD, REDUCE, RESHAPE, SCALE, SLICE, UNSUPPORTED, ACTIVATION, Op, arg, describe, describes,
+                   PAD, PRODUCT, MAX_REDUCE, REDUCE, RESHAPE, SCALE, SLICE, UNSUPPORTED, ACTIVATION, Op, arg, describe, describes,
                    dynamic_tensor_inputs, evaluate_constant, is_dynamic_tensor, is_tensor, pair, value)
 from . import layers, elementwise, merges, pooling, norms, structure, attention  # noqa: E402,F401  (registration)
 

@@ -3,7 +3,7 @@
 `graphlrp.decompose` writes `nn.MultiheadAttention` and `F.scaled_dot_product_attention` as these parts at trace
 time. A SOFTMAX (rule category `softmax`) gets AttnLRP's Taylor rule or CP-LRP's constant rule; a MATMUL (category
 `matmul`) is described as an einsum equation, so one pair of rules (`uniform`, `constant_weights`) covers matmul,
-bmm and einsum. A softmax whose value only gates a product (`x * softmax(s)`) stays a gate (`elementwise`).
+bmm and einsum; an operand that is a softmax output, also behind talking heads, is marked as attention weights. A softmax whose value only gates a product (`x * softmax(s)`) stays a gate (`elementwise`).
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from ..errors import UnsupportedOpError
 from ..graph import describe_node
-from .base import IDENTITY, MATMUL, MOVE, RESHAPE, SLICE, SOFTMAX, Op, arg, describe, describes, is_dynamic_tensor, is_tensor, value
+from .base import BIAS_ADD, CONV, IDENTITY, LINEAR, MATMUL, MOVE, RESHAPE, SCALE, SLICE, SOFTMAX, Op, arg, describe, describes, is_dynamic_tensor, is_tensor, value
 
 
 @describes(modules=[nn.Softmax], functions=[F.softmax, torch.softmax], methods=["softmax"])
@@ -39,17 +39,23 @@ def _masked(scores, traced) -> bool:
     return False
 
 
+# what attention weights may pass through and stay attention weights: identities, moves, and maps of one input with
+# constant parameters — talking heads (CaiT, EfficientFormerV2: a linear or 1×1 conv across heads after the softmax),
+# constant scales and shifts. The value still depends on the input only through the softmax.
+_WEIGHTS_PATH = (IDENTITY, MOVE, RESHAPE, SLICE, LINEAR, CONV, SCALE, BIAS_ADD)
+
+
 def _attention_weights(a, traced) -> bool:
-    """Whether `a` is a softmax output, possibly behind identity ops (eval-mode dropout) and moves (reshape,
-    unsqueeze, transpose): the attention weights that CP-LRP holds constant, or a global-context block's pooling
-    weights."""
+    """Whether `a` is a softmax output, possibly behind identity ops (eval-mode dropout), moves (reshape,
+    unsqueeze, transpose) and talking-heads maps (see _WEIGHTS_PATH): the attention weights that CP-LRP holds
+    constant, or a global-context block's pooling weights."""
     while isinstance(a, fx.Node):
         op = describe(a, traced) if a.op != "placeholder" else None
         if op is None:
             return False
         if op.kind == SOFTMAX:
             return True
-        if op.kind not in (IDENTITY, MOVE, RESHAPE, SLICE):
+        if op.kind not in _WEIGHTS_PATH or len(op.inputs) != 1:
             return False
         a = op.inputs[0]
     return False

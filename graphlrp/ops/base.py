@@ -31,6 +31,7 @@ MERGE, BIAS_ADD, SCALE, GATE = "merge", "bias_add", "scale", "gate"
 MAXPOOL, AVGPOOL, RESHAPE, SLICE, PAD, CAT = "maxpool", "avgpool", "reshape", "slice", "pad", "cat"
 MOVE, NORM, REDUCE, UNSUPPORTED = "move", "norm", "reduce", "unsupported"
 SOFTMAX, MATMUL, CONST_CAT = "softmax", "matmul", "constant_cat"
+PRODUCT, MAX_REDUCE = "product", "max_reduce"  # a·b of two signals (not a gate); max/min over dims
 
 
 @dataclass

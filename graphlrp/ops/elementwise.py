@@ -7,8 +7,11 @@ function (sigmoid, hard-sigmoid, softmax, tanh, hard-tanh, relu6, erf, clamp to 
 that keep it a gate (reshapes and other moves, identities, adding or multiplying constants). All relevance goes to
 the other operand, the gated signal, whatever the broadcast (SE, ECA, CBAM, split attention, x·sigmoid(x)).
 Without a recognised gate, an operand that broadcasts over the other is held constant (a normaliser such as
-FRN's rsqrt(ν²+ε)); a product of two same-shape signals is an UnsupportedOpError. A quotient of two
+FRN's rsqrt(ν²+ε)); any other product of two signals (SwiGLU's x₁·act(x₂), gMLP's spatial gating u·v, FocalNet's
+modulation q·h) is a PRODUCT (rule category `product`: AttnLRP's uniform rule). A quotient of two
 input-dependent tensors holds the divisor constant (normalisers spelled out).
+
+Elementwise functions of one signal — `square`, `pow` with a constant exponent, `abs` — are ACTIVATIONs too.
 """
 from __future__ import annotations
 
@@ -21,8 +24,8 @@ import torch.nn.functional as F
 
 from ..errors import UnsupportedOpError
 from ..graph import describe_node
-from .base import (ACTIVATION, BIAS_ADD, GATE, IDENTITY, SCALE, Op, arg, describes, is_dynamic_tensor, target_name,
-                   value)
+from .base import (ACTIVATION, BIAS_ADD, GATE, IDENTITY, PRODUCT, SCALE, Op, arg, describes, is_dynamic_tensor,
+                   is_tensor, target_name, value)
 
 ACTIVATION_MODULES = [nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ELU, nn.CELU, nn.SELU, nn.GELU, nn.SiLU,
                       nn.Mish, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Sigmoid, nn.Tanh, nn.Softplus,
@@ -43,8 +46,27 @@ def _activation(node, traced):
     return Op(ACTIVATION, node, (node.args[0],))
 
 
+@describes(functions=[torch.square, torch.abs, operator.abs], methods=["square", "abs"])
+def _one_signal(node, traced):
+    """x², |x|: elementwise functions of one signal, through which relevance passes as through an activation."""
+    return Op(ACTIVATION, node, (node.args[0],))
+
+
+@describes(functions=[torch.pow, operator.pow], methods=["pow"])
+def _pow(node, traced):
+    """x ** p with a constant exponent p (StarReLU's relu(x)², an explicit x.pow(2)): an elementwise function of
+    one signal, an ACTIVATION. An input-dependent exponent has no rule."""
+    x, p = node.args[0], arg(node, 1, "exponent")
+    if not is_dynamic_tensor(x) or is_dynamic_tensor(p):
+        raise UnsupportedOpError(f"{describe_node(node)}: a power with an input-dependent exponent has no LRP rule "
+                                 "(only x ** constant)")
+    if is_tensor(p) and tuple(x.meta["shape"]) != tuple(node.meta["shape"]):
+        raise UnsupportedOpError(f"{describe_node(node)}: the exponent broadcasts the input to a larger shape")
+    return Op(ACTIVATION, node, (x,))
+
+
 @describes(functions=[torch.maximum, torch.minimum, torch.fmax, torch.fmin], methods=["maximum", "minimum"])
-def _threshold(node, traced):
+def threshold(node, traced):
     """max(x, τ) / min(x, τ) with a constant τ (FRN's thresholded linear unit): an elementwise activation, so
     relevance passes. Of two input-dependent tensors it is a selection with no rule."""
     a, b = node.args[:2]
@@ -135,9 +157,8 @@ def _mul(node, traced):
     if reduced[0] != reduced[1]:  # a normaliser computed by a keepdim reduction whose reduced dims are 1 already
         signal, gate = (b, a) if reduced[0] else (a, b)
         return Op(GATE, node, (signal,), dict(gate=gate, recognised="broadcast"))
-    raise UnsupportedOpError(
-        f"{describe_node(node)}: a product of two input-dependent tensors of the same shape, neither of which is a "
-        "gate (a sigmoid/softmax/tanh-like value) or broadcasts over the other, has no LRP rule")
+    # two signals, neither a gate nor a normaliser: AttnLRP's uniform rule (category `product`) splits R in half
+    return Op(PRODUCT, node, (a, b))
 
 
 @describes(functions=[operator.truediv, torch.div, torch.true_divide], methods=["div", "true_divide"])

@@ -7,6 +7,9 @@ A sum or mean is, by its reduced dims:
   sum), or a single dim of a tensor of rank >= 5 that is neither the batch dim nor one of the last three (C, H, W),
   such as ResNeSt's radix dim — an n-ary MERGE of the slices (category `merge`, the preset's split);
 * otherwise a REDUCE (category `reduction`, the z-rule: relevance in proportion to each term's contribution).
+
+A max or min over dims (`amax`, `amin`, `max(dim).values`, `min(dim)[0]`; Hiera's mask-unit max-pool) is a
+MAX_REDUCE (category `maxpool`): winner-take-all, each output's relevance to its arg-max, split evenly on ties.
 """
 from __future__ import annotations
 
@@ -16,7 +19,8 @@ import torch.nn.functional as F
 
 from ..errors import UnsupportedOpError
 from ..graph import describe_node
-from .base import AVGPOOL, MAXPOOL, MERGE, REDUCE, Op, arg, describes, pair, value
+from .elementwise import threshold
+from .base import AVGPOOL, MAX_REDUCE, MAXPOOL, MERGE, REDUCE, Op, arg, describes, is_dynamic_tensor, is_tensor, pair, value
 
 
 @describes(modules=[nn.MaxPool2d])
@@ -143,3 +147,66 @@ def _reduction(node, traced):
     if kind == MERGE:
         params.update(arity=shape[dims[0]])
     return Op(kind, node, (x,), params)
+
+
+# ------------------------------------------------------------------------------------------ max over dims
+def max_reduce_op(node, x, dims, keepdim, mode: str, traced) -> Op:
+    """`node` = max/min of `x` over `dims` (the values, not the indices)."""
+    shape = x.meta["shape"]
+    if dims is None or dims == () or dims == []:
+        raise UnsupportedOpError(f"{describe_node(node)}: a {mode} over all dims mixes the samples of a batch")
+    dims = tuple(sorted(d % len(shape) for d in ((dims,) if isinstance(dims, int) else dims)))
+    if x.meta.get("batch_dim", 0) in dims:
+        raise UnsupportedOpError(f"{describe_node(node)}: a {mode} over the batch dim mixes the samples")
+    return Op(MAX_REDUCE, node, (x,), dict(dims=dims, keepdim=bool(keepdim), mode=mode))
+
+
+@describes(functions=["torch.amax", "torch.amin"], methods=["amax", "amin"])
+def _amax(node, traced):
+    name = node.target if isinstance(node.target, str) else node.target.__name__
+    dims = value(arg(node, 1, "dim", ()), traced)
+    return max_reduce_op(node, node.args[0], dims, value(arg(node, 2, "keepdim", False), traced),
+                         "max" if name == "amax" else "min", traced)
+
+
+def _max_with_dim(producer, traced):
+    """(x, dim, keepdim, mode) when `producer` is `max(x, dim)` / `min(x, dim)` (a (values, indices) pair)."""
+    if not (isinstance(producer, torch.fx.Node) and producer.op in ("call_function", "call_method")):
+        return None
+    name = producer.target if isinstance(producer.target, str) else getattr(producer.target, "__name__", "")
+    if name not in ("max", "min") or producer.target not in ("max", "min", torch.max, torch.min):
+        return None
+    dim = arg(producer, 1, "dim")
+    if dim is None or is_tensor(dim):
+        return None
+    return (producer.args[0], value(dim, traced), value(arg(producer, 2, "keepdim", False), traced), name)
+
+
+@describes(functions=[torch.max, torch.min], methods=["max", "min"])
+def _max(node, traced):
+    """max(a, b) of two tensors is `maximum`; max(x, dim) is a (values, indices) pair, described where its values
+    are taken (`values_of`); max(x) over everything mixes the batch."""
+    other = arg(node, 1, "other") if arg(node, 1, "dim") is None else arg(node, 1, "dim")
+    if is_tensor(other):
+        return threshold(node, traced)
+    if other is None:
+        name = node.target if isinstance(node.target, str) else node.target.__name__
+        raise UnsupportedOpError(f"{describe_node(node)}: a {name} over all dims mixes the samples of a batch")
+    return None  # a (values, indices) pair: no tensor of its own
+
+
+def values_of(node, producer, index, traced):
+    """The Op of `max(x, dim)[0]` / `.values`, or None when `producer` is something else."""
+    found = _max_with_dim(producer, traced)
+    if found is None or index not in (0, "values"):
+        return None
+    x, dim, keepdim, mode = found
+    if not is_dynamic_tensor(x):
+        return None
+    return max_reduce_op(node, x, dim, keepdim, mode, traced)
+
+
+@describes(functions=[getattr])
+def _getattr(node, traced):
+    producer, name = node.args[0], node.args[1]
+    return values_of(node, producer, name, traced) if is_tensor(node) else None

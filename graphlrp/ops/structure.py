@@ -43,6 +43,10 @@ def _basic_index(index) -> bool:
 @describes(functions=[operator.getitem])
 def _getitem(node, traced):
     if not is_tensor(node.args[0]):
+        from .pooling import values_of
+        reduced = values_of(node, node.args[0], node.args[1], traced)  # max(x, dim)[0]
+        if reduced is not None:
+            return reduced
         return None  # an element of a tuple (chunk, split, …): a MOVE through the producer
     index = value(node.args[1], traced)
     index = index if isinstance(index, tuple) else (index,)

@@ -69,22 +69,40 @@ def _product_transpose(ctx, s, which: int):
     return ctx.call(torch.einsum, f"{ins[0]},{out}->{ins[1]}", a, s)
 
 
-@rule("uniform", (ops.MATMUL,))
+@rule("uniform", (ops.MATMUL, ops.PRODUCT))
 def uniform_rule(ctx, epsilon=1e-8, stabilizer="signed"):
     """AttnLRP's rule for a product of two signals (Prop. 3.3): the ε-rule on the bilinear map with half of the
-    relevance to each factor, R_a = a ⊙ ∂_a⟨s, a∘b⟩, R_b likewise, s = R / stab(2·a∘b)."""
+    relevance to each factor, R_a = a ⊙ ∂_a⟨s, a∘b⟩, R_b likewise, s = R / stab(2·a∘b). For an elementwise product
+    a·b that is exactly R/2 to each factor (summed back where it broadcasts): no ε, conserving."""
+    if ctx.op.kind == ops.PRODUCT:
+        half = ctx.call(torch.mul, ctx.R, 0.5)
+        return [ctx.to_input_shape(half, i) for i in range(len(ctx.op.inputs))]
     s = ctx.call(torch.div, ctx.R, stabilize(ctx, ctx.call(torch.mul, ctx.forward_output, 2.0), epsilon, stabilizer))
     return [ctx.call(torch.mul, ctx.fwd(t), _product_transpose(ctx, s, i)) for i, t in enumerate(ctx.op.inputs)]
 
 
+@rule("refuse", (ops.PRODUCT,))
+def refuse_rule(ctx):
+    """no rule: an UnsupportedOpError naming the node if relevance reaches it (the default for products of two
+    signals in presets that name no `product` rule)."""
+    raise UnsupportedOpError(
+        f"{describe_node(ctx.op.node)}: a product of two input-dependent tensors, neither of which is a gate (a "
+        "sigmoid/softmax/tanh-like value), attention weights or broadcasts over the other, has no rule in this "
+        "preset; name one in its [rules] (product = \"uniform\": AttnLRP's uniform rule, R/2 to each factor)")
+
+
 @rule("constant_weights", (ops.MATMUL,))
-def constant_weights_rule(ctx, epsilon=1e-6, stabilizer="signed"):
+def constant_weights_rule(ctx, epsilon=1e-6, stabilizer="signed", otherwise="error"):
     """CP-LRP's A·V: the attention weights A (a softmax output) are held constant, so the product is a linear map
-    of the values and all relevance goes to them by the ε-rule. A product with no softmax operand is an error."""
+    of the values and all relevance goes to them by the ε-rule. A product with no softmax operand (linear
+    attention) is an error, or with otherwise='uniform' gets AttnLRP's uniform rule."""
     held = ctx.op.params.get("attention_weights")
+    if held is None and otherwise == "uniform":
+        return uniform_rule(ctx, epsilon, stabilizer)
     if held is None:
         raise UnsupportedOpError(f"{describe_node(ctx.op.node)}: 'constant_weights' needs one operand to be "
-                                 "attention weights (a softmax output); neither is")
+                                 "attention weights (a softmax output); neither is (otherwise = \"uniform\" "
+                                 "gives such products AttnLRP's uniform rule)")
     s = ctx.call(torch.div, ctx.R, stabilize(ctx, ctx.forward_output, epsilon, stabilizer))
     out = [None, None]
     other = 1 - held

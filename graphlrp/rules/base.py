@@ -61,6 +61,7 @@ PARAM_CHOICES = {
     "bias": ("keep", "zero", "positive", "negative"),
     "input": ("activation", "ones"),
     "dead_units": ("drop", "spread"),
+    "otherwise": ("error", "uniform"),
 }
 NONNEGATIVE_PARAMS = ("epsilon", "gamma", "alpha", "beta")
 TINY = 1e-30  # a normal float32 (smallest normal ≈ 1.2e-38) that keeps a denominator away from 0

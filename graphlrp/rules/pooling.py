@@ -11,10 +11,13 @@ from .base import AFFINE, Term, affine_rule, bias_mode, negative, positive, rule
 
 
 # ------------------------------------------------------------------------------------------ pooling
-@rule("winner_take_all", (ops.MAXPOOL,))
+@rule("winner_take_all", (ops.MAXPOOL, ops.MAX_REDUCE))
 def winner_take_all_rule(ctx):
-    """Max-pool: all of a window's relevance goes to its maximum (ties: the first), summed where windows overlap."""
+    """Max-pool: all of a window's relevance goes to its maximum (ties: the first), summed where windows overlap.
+    A max (min) over dims: all of an output's relevance goes to its arg-max (arg-min), split evenly on ties."""
     p = ctx.op.params
+    if ctx.op.kind == ops.MAX_REDUCE:
+        return _winner_take_all_reduce(ctx)
     _, idx = ctx.call_multi(F.max_pool2d, 2, ctx.a, p["kernel"], p["stride"], p["padding"], p["dilation"],
                             p["ceil_mode"], True)
     n_in, n_out = ctx.op.in_shape, ctx.op.out_shape
@@ -24,6 +27,19 @@ def winner_take_all_rule(ctx):
     zeros = ctx.call(torch.zeros_like, ctx.call(torch.reshape, ctx.a, (-1, n_in[1], n_in[2] * n_in[3])))
     out = ctx.call(torch.scatter_add, zeros, 2, flat_idx, flat_r)
     return [ctx.call(torch.reshape, out, (-1, *n_in[1:]))]
+
+
+def _winner_take_all_reduce(ctx):
+    p = ctx.op.params
+    R = ctx.R
+    if not p["keepdim"]:
+        for d in p["dims"]:
+            R = ctx.call(torch.unsqueeze, R, d)
+    x = ctx.a
+    extreme = ctx.call(torch.amax if p["mode"] == "max" else torch.amin, x, p["dims"], True)
+    winners = ctx.call(torch.Tensor.to, ctx.call(torch.eq, x, extreme), torch.float32)  # 0/1: exact
+    count = ctx.call(torch.sum, winners, p["dims"], True)
+    return [ctx.call(torch.mul, winners, ctx.call(torch.div, R, count))]
 
 
 def _pool_z_rule(ctx, kernel, stride, padding, ceil_mode, epsilon, stabilizer):

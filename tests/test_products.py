@@ -1,0 +1,380 @@
+"""Products of two signals, elementwise functions of one signal and max reductions, each against an independent
+reference computed in float64 (autograd or a hand computation), with conservation checked:
+
+* an elementwise product a·b of two signals that is no gate (SwiGLU, gMLP's gating; category `product`, rule
+  `uniform`): R/2 to each factor, summed back where a factor broadcasts (AttnLRP, Prop. 3.3);
+* a matmul / einsum of two signals (linear attention; category `matmul`, rule `uniform`, or `constant_weights` with
+  `otherwise = "uniform"`): R_a = ½ a ⊙ ∂_a Σ (R/z)·z with R/z held fixed — half of the z-rule of the bilinear map
+  with the other operand held fixed, since Gradient×Input gives each factor of a bilinear map the full z;
+* attention weights behind talking heads (a linear map across heads after the softmax, CaiT) are still attention
+  weights: `constant_weights` holds them constant;
+* square, pow with a constant exponent, abs: relevance passes as through an activation (R_in = R_out);
+* amax / amin / max(dim).values: winner-take-all, ties split evenly — the same as the gradient of torch.amax;
+* presets that name no `product` rule refuse such a product only where relevance reaches it;
+* one ONNX export with onnxruntime parity.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import graphlrp
+from graphlrp import ops
+from graphlrp.errors import UnsupportedOpError
+from graphlrp.trace import trace
+
+# logit output relevance; stabilisers off where a reference is exact, so the comparison can be tight
+EXACT = {"output": "logit", "split": "ratio", "rules": {
+    "first_layer": {"rule": "epsilon", "epsilon": 0.0, "bias": "zero"},
+    "linear": {"rule": "epsilon", "epsilon": 0.0, "bias": "zero"},
+    "activation": "pass", "product": "uniform", "maxpool": "winner_take_all",
+    "matmul": {"rule": "uniform", "epsilon": 0.0}}}
+
+
+def rel_diff(a, b) -> float:
+    a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+def start_relevance(logits, target):
+    return F.one_hot(target, logits.shape[1]).double() * logits
+
+
+def kinds(model, x) -> dict:
+    traced = trace(model, x)
+    out = {}
+    for n in traced.graph.nodes:
+        if n.op not in ("placeholder", "output", "get_attr") and n.meta.get("dynamic"):
+            op = ops.describe(n, traced)
+            if op is not None:
+                out[n.name] = op.kind
+    return out
+
+
+# ------------------------------------------------------------------ elementwise products: uniform rule
+class SwiGLU(nn.Module):
+    """logits = W_o (W_1 x ⊙ silu(W_2 x)): the product of two signals, neither a gate."""
+
+    def __init__(self, d=6, h=5, k=4):
+        super().__init__()
+        self.w1, self.w2, self.out = nn.Linear(d, h, bias=False), nn.Linear(d, h, bias=False), nn.Linear(h, k, bias=False)
+
+    def forward(self, x):
+        x = x.flatten(1)
+        return self.out(self.w1(x) * F.silu(self.w2(x)))
+
+
+def test_elementwise_product_gives_each_factor_half():
+    torch.manual_seed(0)
+    model = SwiGLU().double().eval()
+    x, target = torch.randn(3, 1, 2, 3, dtype=torch.float64), torch.tensor([0, 2, 3])
+    assert "product" in kinds(model, x[:1]).values()
+    logits, rel, taps = graphlrp.compile(model, x[:1], rules=EXACT).explain_with_taps(x, target)
+
+    # by hand: ε = 0 z-rule at the linear layers, R/2 at the product, identity through silu
+    f = x.flatten(1)
+    a, pre = f @ model.w1.weight.t(), f @ model.w2.weight.t()
+    m = a * F.silu(pre)
+    R_out = start_relevance(logits.detach(), target)
+    R_m = m * ((R_out / (m @ model.out.weight.t())) @ model.out.weight)
+    R_a, R_pre = R_m / 2, R_m / 2
+    R_x = f * ((R_a / a) @ model.w1.weight) + f * ((R_pre / pre) @ model.w2.weight)
+    assert rel_diff(rel.flatten(1), R_x) <= 1e-9
+    assert rel_diff(taps["input"], taps["output"]) <= 1e-9  # conserving
+
+
+class OuterProduct(nn.Module):
+    """a [N, C, 1] · b [N, 1, L]: neither factor has the output shape; each factor's half is summed back."""
+
+    def forward(self, x):
+        f = x.flatten(1)
+        a, b = f[:, :3].unsqueeze(2), f[:, 3:].unsqueeze(1)
+        return (a * b).flatten(1)
+
+
+def test_broadcast_product_sums_each_half_back():
+    torch.manual_seed(1)
+    model = OuterProduct().eval()
+    x = torch.randn(2, 1, 1, 7, dtype=torch.float64)
+    target = torch.tensor([4, 9])
+    logits, rel, taps = graphlrp.compile(model, x[:1], rules=EXACT).explain_with_taps(x, target)
+
+    # autograd reference: R_a = ½ a ⊙ ∂_a Σ (R/z)·z, R/z held fixed
+    f = x.flatten(1).clone().requires_grad_(True)
+    z = (f[:, :3].unsqueeze(2) * f[:, 3:].unsqueeze(1)).flatten(1)
+    R = start_relevance(z.detach(), target)
+    s = torch.where(z != 0, R / z, torch.zeros_like(z)).detach()
+    (g,) = torch.autograd.grad((s * z).sum(), f)
+    assert rel_diff(rel.flatten(1), 0.5 * f.detach() * g) <= 1e-12
+    assert rel_diff(taps["input"], taps["output"]) <= 1e-12
+
+
+def test_a_preset_without_a_product_rule_refuses_only_where_relevance_reaches_it():
+    class OffPath(nn.Module):  # the product only feeds a gate: held constant, it takes no relevance
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.fc = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 4, 1), nn.Linear(4, 2)
+
+        def forward(self, x):
+            y = self.a(x)
+            return self.fc((y * torch.sigmoid(y * self.b(x))).mean((2, 3)))
+
+    class OnPath(OffPath):
+        def forward(self, x):
+            return self.fc((self.a(x) * self.b(x)).mean((2, 3)))
+
+    x = torch.randn(2, 3, 4, 4)
+    explainer = graphlrp.compile(OffPath().eval(), x[:1], rules="epsilon-plus-flat")
+    assert torch.isfinite(explainer(x)[1]).all()
+    with pytest.raises(UnsupportedOpError, match="product of two input-dependent tensors.*product = \"uniform\""):
+        graphlrp.compile(OnPath().eval(), x[:1], rules="epsilon-plus-flat")
+    graphlrp.compile(OnPath().eval(), x[:1], rules="otsuki2024-conserving")  # names `product = "uniform"`
+
+
+# ------------------------------------------------------------------ matmul / einsum of two signals
+class LinearAttention(nn.Module):
+    """q (kᵀ v) with relu kernels, no softmax anywhere: both matmuls are products of two signals."""
+
+    def __init__(self, d=4, einsum=False):
+        super().__init__()
+        self.q, self.k, self.v = (nn.Linear(d, d, bias=False) for _ in range(3))
+        self.einsum = einsum
+
+    def forward(self, x):
+        t = x.flatten(2).transpose(1, 2)  # [N, T, D]
+        q, k, v = F.relu(self.q(t)), F.relu(self.k(t)), self.v(t)
+        if self.einsum:
+            kv = torch.einsum("ntd,nte->nde", k, v)
+            return torch.einsum("ntd,nde->nte", q, kv).flatten(1)
+        return (q @ (k.transpose(1, 2) @ v)).flatten(1)
+
+
+class Bilinear(nn.Module):
+    """a @ bᵀ of two slices of the input: the rule's relevance at a and b is the input relevance itself."""
+
+    def forward(self, x):
+        a, b = x[:, 0], x[:, 1]  # [N, T, D] each
+        return (a @ b.transpose(1, 2)).flatten(1)
+
+
+def test_matmul_of_two_signals_is_half_the_z_rule_of_the_bilinear_map():
+    torch.manual_seed(2)
+    model = Bilinear().eval()
+    x, target = torch.randn(3, 2, 4, 5, dtype=torch.float64), torch.tensor([0, 7, 15])
+    logits, rel, taps = graphlrp.compile(model, x[:1], rules=EXACT).explain_with_taps(x, target)
+
+    a = x[:, 0].clone().requires_grad_(True)
+    b = x[:, 1].clone().requires_grad_(True)
+    z = a @ b.transpose(1, 2)
+    R = start_relevance(z.detach().flatten(1), target).view_as(z)
+    s = (R / z).detach()
+    ga, gb = torch.autograd.grad((s * z).sum(), (a, b))
+    # Gradient×Input of a bilinear map gives each factor the full z: Σ a ⊙ ga = Σ b ⊙ gb = Σ R; the rule halves it
+    assert rel_diff((a * ga).sum(), R.sum()) <= 1e-12 and rel_diff((b * gb).sum(), R.sum()) <= 1e-12
+    expected = torch.stack([0.5 * a * ga, 0.5 * b * gb], 1).detach()
+    assert rel_diff(rel, expected) <= 1e-12
+    assert rel_diff(taps["input"], taps["output"]) <= 1e-12
+
+
+@pytest.mark.parametrize("einsum", [False, True])
+@pytest.mark.parametrize("rules", ["uniform", "constant_weights"])
+def test_linear_attention_gets_the_uniform_rule_and_conserves(einsum, rules):
+    torch.manual_seed(3)
+    model = LinearAttention(einsum=einsum).double().eval()
+    x, target = torch.randn(2, 4, 3, 2, dtype=torch.float64), torch.tensor([1, 20])
+    preset = {**EXACT, "rules": {**EXACT["rules"], "matmul": (
+        {"rule": "uniform", "epsilon": 0.0} if rules == "uniform" else
+        {"rule": "constant_weights", "epsilon": 0.0, "otherwise": "uniform"})}}
+    logits, rel, taps = graphlrp.compile(model, x[:1], rules=preset).explain_with_taps(x, target)
+
+    # reference by autograd, rule by rule: half the bilinear z-rule at each product, ε = 0 z-rule at the linears
+    t = x.flatten(2).transpose(1, 2)
+    W = {n: getattr(model, n).weight for n in "qkv"}
+    pre = {n: t @ W[n].t() for n in "qkv"}
+    q, k, v = F.relu(pre["q"]), F.relu(pre["k"]), pre["v"]
+
+    def half_z_rule(f, R, *operands):
+        operands = [o.detach().clone().requires_grad_(True) for o in operands]
+        z = f(*operands)
+        grads = torch.autograd.grad(((R / z).detach() * z).sum(), operands)
+        return [0.5 * o.detach() * g for o, g in zip(operands, grads)]
+
+    kv = k.transpose(1, 2) @ v
+    out = q @ kv
+    R_out = start_relevance(out.flatten(1), target).view_as(out)
+    R_q, R_kv = half_z_rule(torch.matmul, R_out, q, kv)
+    R_k, R_v = half_z_rule(lambda k_, v_: k_.transpose(1, 2) @ v_, R_kv, k, v)
+    R_t = sum(t * ((R / pre[n]) @ W[n]) for n, R in (("q", R_q), ("k", R_k), ("v", R_v)))
+    assert rel_diff(rel, R_t.transpose(1, 2).reshape(x.shape)) <= 1e-9
+    assert rel_diff(taps["input"], taps["output"]) <= 1e-9
+
+
+def test_constant_weights_still_refuses_a_product_without_attention_weights_by_default():
+    x = torch.randn(1, 4, 3, 2)
+    with pytest.raises(UnsupportedOpError, match="attention weights"):
+        graphlrp.compile(LinearAttention().eval(), x, rules={**EXACT, "rules": {**EXACT["rules"], "matmul": "constant_weights"}})
+
+
+class TalkingHeads(nn.Module):
+    """softmax, then a linear map across heads (CaiT's proj_w), then A·V. Bias-free on the relevance path."""
+
+    def __init__(self, d=4, heads=2):
+        super().__init__()
+        self.qkv, self.fc = nn.Linear(d, 3 * d * heads, bias=False), nn.Linear(d * heads, 3, bias=False)
+        self.mix = nn.Linear(heads, heads)
+        self.heads, self.d, self.frozen = heads, d, False
+
+    def forward(self, x):
+        t = x.flatten(2).transpose(1, 2)  # [N, T, d]
+        n, T, _ = t.shape
+        q, k, v = self.qkv(t).view(n, T, 3, self.heads, self.d).permute(2, 0, 3, 1, 4)
+        attn = (q @ k.transpose(-1, -2)).softmax(-1)
+        attn = self.mix(attn.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        if self.frozen:
+            attn = attn.detach()
+        return self.fc((attn @ v).transpose(1, 2).reshape(n, T, -1).mean(1))
+
+
+def test_talking_heads_weights_are_attention_weights_held_constant():
+    torch.manual_seed(4)
+    model = TalkingHeads().double().eval()
+    x, target = torch.randn(2, 4, 3, 2, dtype=torch.float64), torch.tensor([2, 0])
+    traced = trace(model, x[:1])
+    av = [ops.describe(n, traced) for n in traced.graph.nodes if n.op == "call_function" and "matmul" in n.name]
+    assert [op.params["attention_weights"] for op in av] == [None, 0]  # Q·Kᵀ: none; mix(A)·V: A is held
+    preset = {"output": "logit", "split": "ratio", "rules": {
+        "first_layer": {"rule": "epsilon", "epsilon": 0.0, "bias": "zero"},
+        "linear": {"rule": "epsilon", "epsilon": 0.0, "bias": "zero"}, "softmax": "constant",
+        "matmul": {"rule": "constant_weights", "epsilon": 0.0}, "avgpool": {"rule": "z", "epsilon": 0.0}}}
+    logits, rel, taps = graphlrp.compile(model, x[:1], rules=preset).explain_with_taps(x, target)
+    assert rel_diff(taps["input"], taps["output"]) <= 1e-9
+
+    # reference: with the mixed weights held constant the relevance path is linear and bias-free, where the
+    # ε = 0 rules are Gradient×Input
+    model.frozen = True
+    xr = x.clone().requires_grad_(True)
+    out = model(xr)
+    (g,) = torch.autograd.grad(out.gather(1, target[:, None]).sum(), xr)
+    assert rel_diff(rel, xr.detach() * g) <= 1e-9
+    _, shipped, taps = graphlrp.compile(model, x[:1], rules="cp-lrp-conserving").explain_with_taps(x)
+    assert rel_diff(taps["input"], taps["output"]) <= 1e-6
+
+
+# ------------------------------------------------------------------ elementwise functions of one signal
+@pytest.mark.parametrize("name,f", [
+    ("square", torch.square), ("square method", lambda y: y.square()), ("pow 2", lambda y: y ** 2),
+    ("pow 3 method", lambda y: y.pow(3)), ("torch.pow", lambda y: torch.pow(y, 1.5 * torch.ones(6))),
+    ("abs", torch.abs), ("abs builtin", abs)])
+def test_functions_of_one_signal_pass_relevance(name, f):
+    class M(nn.Module):
+        def forward(self, x):
+            return f(x.flatten(1).abs() if "1.5" in name or "torch.pow" in name else x.flatten(1))
+
+    torch.manual_seed(5)
+    x, target = torch.randn(3, 1, 2, 3, dtype=torch.float64), torch.tensor([0, 3, 5])
+    model = M().eval()
+    logits, rel, taps = graphlrp.compile(model, x[:1], rules=EXACT).explain_with_taps(x, target)
+    assert rel_diff(rel.flatten(1), start_relevance(model(x), target)) <= 1e-12  # identity rule: R_in = R_out
+    assert rel_diff(taps["input"], taps["output"]) <= 1e-12
+
+
+def test_a_power_with_an_input_dependent_exponent_is_refused():
+    class M(nn.Module):
+        def forward(self, x):
+            f = x.flatten(1)
+            return f.abs() ** f
+
+    with pytest.raises(UnsupportedOpError, match="exponent"):
+        graphlrp.compile(M().eval(), torch.randn(1, 1, 2, 3), rules=EXACT)
+
+
+# ------------------------------------------------------------------ max / min over dims: winner-take-all
+@pytest.mark.parametrize("name,f,mode,dims", [
+    ("amax", lambda y: y.amax(dim=1), "max", (1,)),
+    ("torch.amax keepdim", lambda y: torch.amax(y, (1, 3), keepdim=True), "max", (1, 3)),
+    ("max.values", lambda y: y.max(dim=2).values, "max", (2,)),
+    ("max[0] keepdim", lambda y: torch.max(y, 2, keepdim=True)[0], "max", (2,)),
+    ("amin", lambda y: y.amin(1), "min", (1,)),
+    ("min.values", lambda y: y.min(dim=-1).values, "min", (3,))])
+def test_max_over_dims_is_winner_take_all_with_ties_split(name, f, mode, dims):
+    class M(nn.Module):
+        def forward(self, x):
+            return f(x).flatten(1)
+
+    torch.manual_seed(6)
+    x = torch.randint(-2, 3, (3, 3, 4, 4)).double()  # few distinct values: many ties
+    target = torch.tensor([0, 2, 3])
+    model = M().eval()
+    explainer = graphlrp.compile(model, x[:1], rules=EXACT)
+    assert "max_reduce" in kinds(model, x[:1]).values()
+    logits, rel, taps = explainer.explain_with_taps(x, target)
+
+    # reference: torch.amax/amin's gradient sends each output's gradient to its extreme, split evenly on ties
+    xr = x.clone().requires_grad_(True)
+    extreme = (torch.amax if mode == "max" else torch.amin)(xr, dims, keepdim=False)
+    R = start_relevance(extreme.flatten(1).detach(), target)
+    (g,) = torch.autograd.grad((extreme.flatten(1) * R).sum(), xr)  # ∂/∂x of Σ R·max: R at the winners
+    assert rel_diff(rel, g) <= 1e-12
+    assert (rel != 0).sum() >= 2  # there were ties, or at least a winner per sample
+    assert rel_diff(taps["input"], taps["output"]) <= 1e-12
+
+
+def test_max_over_the_batch_or_everything_is_refused():
+    class All(nn.Module):
+        def forward(self, x):
+            return x.flatten(1) * 0 + x.max()
+
+    with pytest.raises(UnsupportedOpError, match="mixes the samples"):
+        graphlrp.compile(All().eval(), torch.randn(1, 1, 2, 3), rules=EXACT)
+
+
+# ------------------------------------------------------------------ ONNX export
+class Everything(nn.Module):
+    """SwiGLU, linear attention, StarReLU's relu(x)², abs and a max over a dim in one model."""
+
+    def __init__(self, d=8):
+        super().__init__()
+        self.stem = nn.Conv2d(3, d, 3, padding=1)
+        self.w1, self.w2 = nn.Linear(d, d), nn.Linear(d, d)
+        self.att = LinearAttention(d)
+        self.fc = nn.Linear(2 * d, 5)
+
+    def forward(self, x):
+        t = self.stem(x).flatten(2).transpose(1, 2)
+        t = t + self.w1(t) * F.silu(self.w2(t))
+        t = t + self.att(t.transpose(1, 2).unsqueeze(-1)).view_as(t)
+        t = F.relu(t) ** 2 + t.abs()
+        return self.fc(torch.cat([t.amax(1), t.max(dim=1).values], 1))
+
+
+def test_new_mechanisms_export_to_onnx_with_parity(tmp_path):
+    pytest.importorskip("onnxruntime")
+    torch.manual_seed(7)
+    model = Everything().eval()
+    x = torch.randn(2, 3, 6, 6)
+    explainer = graphlrp.compile(model, x[:1], rules="cp-lrp-conserving")
+    logits, rel, taps = explainer.explain_with_taps(x)
+    with torch.no_grad():
+        assert rel_diff(logits, model(x)) < 1e-5
+    assert ((taps["input"] / taps["output"] - 1).abs() < 1e-3).all()
+    report = explainer.export_onnx(tmp_path / "m.onnx")
+    assert report.max_rel_diff <= 1e-4
+
+
+@pytest.mark.parametrize("preset", ["otsuki2024-conserving", "cp-lrp-conserving"])
+def test_timm_cait_talking_heads_and_class_token_conserve(preset):
+    """A small timm CaiT: talking heads before A·V (attention weights held constant behind a linear map across
+    heads), class attention with a class token joined to the tokens (its relevance spread, not dropped)."""
+    timm = pytest.importorskip("timm")
+    from timm.models.cait import Cait
+
+    torch.manual_seed(0)
+    model = Cait(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=4, depth_token_only=2,
+                 num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    logits, rel, taps = graphlrp.compile(model, x[:1], rules=preset).explain_with_taps(x)
+    with torch.no_grad():
+        assert rel_diff(logits, model(x)) < 1e-5
+    assert ((taps["input"] / taps["output"] - 1).abs() <= 1e-3).all()
