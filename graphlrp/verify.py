@@ -212,8 +212,15 @@ def certify(explainer, model: torch.nn.Module, example: torch.Tensor, allow_vani
         raise ConservationError(f"{name}: a merge does not split exactly at {node_trace.describe(merge)}: "
                                 f"Σ(R − Σ_i R_i) = {merge_gap:.2e} of Σ|R| there (limit {MERGE_TOLERANCE:g})")
     cert.seconds = time.perf_counter() - start
-    if all(math.isnan(r) for r in ratio):
-        return cert  # no relevance on the output (a zero head): nothing to conserve; the export warns
+    if all(math.isnan(r) for r in ratio):  # no relevance on the output: the explanation shows nothing
+        message = (f"{name}: the relevance put on the output is 0 for every sample, so the explainer explains "
+                   "nothing: the output does not depend on the input (a zero-initialised head, as timm and "
+                   "torchvision initialise ViT and MLP-Mixer heads; train the model or load its weights)")
+        if not allow_vanishing:
+            raise VanishingRelevanceError(message)
+        cert.vanished = message
+        warnings.warn(message, stacklevel=3)
+        return cert
     if preset.conserving:
         if not cert.worst_ratio_error <= CONSERVATION_TOLERANCE:
             found = node_trace.first_departure(1 - CONSERVATION_TOLERANCE, 1 + CONSERVATION_TOLERANCE)

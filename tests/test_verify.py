@@ -3,6 +3,7 @@ the node where the relevance departs; the measured figures travel with the expla
 from __future__ import annotations
 
 import dataclasses
+import math
 import json
 import textwrap
 
@@ -200,3 +201,16 @@ def test_compiling_after_an_autograd_forward_gives_the_same_explainer(x):
         for a, b in zip(before(x), other(x)):
             assert torch.equal(a, b)
     assert model.cache["scale"].grad_fn is not None  # the user's model is left as it was
+
+
+def test_a_zero_head_is_refused_unless_vanishing_is_allowed(net, x):
+    with torch.no_grad():  # a zero-initialised head (timm's and torchvision's ViT/Mixer init): every logit is 0
+        net.fc.weight.zero_()
+        net.fc.bias.zero_()
+    logit_preset = {"output": "logit", "conserving": True,
+                    "rules": {"conv": "zplus", "linear": "zplus", "first_layer": "zplus", "avgpool": "z"}}
+    with pytest.raises(VanishingRelevanceError, match="relevance put on the output is 0"):
+        graphlrp.compile(net, x, rules=logit_preset)
+    with pytest.warns(UserWarning, match="explains nothing"):
+        cert = graphlrp.compile(net, x, rules=logit_preset, allow_vanishing=True).certificate
+    assert cert.vanished and all(math.isnan(r) for r in cert.ratio)
