@@ -246,7 +246,7 @@ def test_an_explainer_with_the_op_exports_with_parity(name, tmp_path):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), EXPLAINED_OPS[name](), nn.Conv2d(4, 6, 3, padding=1),
                           nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 5)).eval()
-    explainer = graphlrp.compile(model, torch.randn(1, 3, 8, 8))
+    explainer = graphlrp.compile(model, torch.randn(1, 3, 8, 8), allow_vanishing=True)  # random: z+ may lose R
     report = explainer.export_onnx(tmp_path / "op.onnx")
     assert report.max_rel_diff <= 1e-4 and not report.zero_relevance
 

@@ -49,8 +49,8 @@ def register(sub) -> None:
                    "`explain` and `serve` print them)")
     p.add_argument("--allow-vanishing", action="store_true",
                    help="write the explainer even where the relevance of a non-conserving preset vanishes between "
-                        "output and input (always so with --weights none, where random weights often make it "
-                        "vanish); a warning says where")
+                        "output and input (always so with random weights: --weights none, or a factory's own), where "
+                        "relevance often vanishes); a warning says where")
     p.add_argument("--opset", type=int, default=17)
     p.set_defaults(func=run)
 
@@ -98,7 +98,8 @@ def run(args) -> int:
                    preprocessing=info.preprocessing, resize=args.resize, crop_pct=args.crop_pct,
                    interpolation=args.interpolation, mean=args.mean, std=args.std,
                    labels=labels if labels is not None else info.labels,
-                   allow_vanishing=args.allow_vanishing or str(args.weights).lower() == "none")
+                   # random weights (--weights none, or a factory's own): relevance often vanishes; say so, write
+                   allow_vanishing=args.allow_vanishing or info.weights == "none")
     with warnings.catch_warnings():  # a vanishing-relevance warning is printed below, in the command's own words
         warnings.filterwarnings("ignore", message="preset .*: the relevance (vanishes|grows)")
         try:
