@@ -1,13 +1,31 @@
-"""Coverage: compile a list of models with one preset and report, per model, whether the explainer reproduces the
-forward and conserves relevance (`graphlrp coverage`, written to results/coverage.md).
+"""Coverage: compile every model of a list with three presets and report, per model, whether each explainer
+reproduces the forward and conserves relevance, and whether the main job — `graphlrp compile NAME --weights none`,
+the CLI's own preset choice exported to ONNX — works (`graphlrp coverage`, written to results/coverage.md).
 
 Random weights (BatchNorm statistics set away from the identity, so BN is not trivially exact), small inputs,
-batch 2. Per model: merges by kind, |logits − model| / max|model|, max over samples of |ΣR_input / p(ŷ) − 1|,
-optionally the onnxruntime parity of the exported explainer, and for a failure the error's type and first line.
+batch 2 of different random inputs. Per model and preset (`check_model`): the CLI's choice (`default_preset`:
+cp-lrp with attention, else otsuki2024; compiled with allow_vanishing=True as the CLI does with random weights),
+`otsuki2024-conserving` and `cp-lrp-conserving`, each one of
+
+    conserves   a conserving preset, forward within 1e-4 and |ΣR_in / R_out − 1| ≤ 1e-3 per sample
+    ok          a non-conserving preset, forward within 1e-4 (ratio ΣR_in / R_out shown)
+    refused     compile raised graphlrp's own error (GraphLRPError: the certificate's ConservationError, ...)
+    WRONG       compiled, but the coverage's own measurement (independent of the certificate) is out of bounds
+    CRASH       any other exception
+    timeout     the model's time limit ran out here
+
+and for the CLI choice the ONNX export with its onnxruntime parity and file size. Rows carry their data in a
+comment block at the end of the report, so a run can be resumed (`read_rows`).
+
+`check`, `Result` and `markdown` are the earlier single-preset check, kept for callers of the Python API.
 """
 from __future__ import annotations
 
 import fnmatch
+import json
+import math
+import os
+import signal
 import time
 import traceback
 from collections import Counter
@@ -47,11 +65,34 @@ def torchvision_models() -> list[str]:
     return [n for n in names if not any(n.startswith(p) for p in NOT_CNN)]
 
 
-def timm_models(patterns) -> list[str]:
+def timm_models(patterns, per_module: int = 0, limit: int = 0, cnn_only: bool = False) -> list[str]:
+    """timm models matching any of `patterns` (fnmatch), in pattern order; `limit`: at most K per pattern;
+    `per_module`: at most N per timm module (`timm.list_modules()`, each module's models alphabetically), the
+    result then in module order. `cnn_only` drops the transformer families (NOT_CNN), as the earlier CNN report."""
     import timm
-    names = timm.list_models()
-    chosen = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
-    return [n for n in chosen if not any(n.startswith(p) for p in NOT_CNN)]
+    names = list(timm.list_models())
+    chosen, seen = [], set()
+    for p in patterns:
+        matched = [n for n in names if fnmatch.fnmatchcase(n, p) and n not in seen]
+        matched = matched[:limit] if limit else matched
+        seen.update(matched)
+        chosen += matched
+    if cnn_only:
+        chosen = [n for n in chosen if not any(n.startswith(p) for p in NOT_CNN)]
+    if not per_module:
+        return chosen
+    wanted, out = set(chosen), []
+    for module in sorted(timm.list_modules()):
+        members = sorted(n for n in timm.list_models(module=module) if n in wanted)
+        out += members[:per_module]
+        wanted.difference_update(members)  # a name listed by two modules counts once
+    return out
+
+
+def torchvision_all() -> list[str]:
+    """Every torchvision classification model, CNNs and transformers."""
+    import torchvision
+    return list(torchvision.models.list_models(module=torchvision.models))
 
 
 def known_params(source: str, name: str) -> float | None:
@@ -72,6 +113,38 @@ def build(source: str, name: str) -> nn.Module:
         return torchvision.models.get_model(name, weights=None, **kw)
     import timm
     return timm.create_model(name, pretrained=False)
+
+
+def accepts(model: nn.Module, size: int) -> bool:
+    """Whether the model runs on a size² input (one sample)."""
+    try:
+        with torch.no_grad():
+            model(torch.randn(1, 3, size, size))
+        return True
+    except Exception:
+        return False
+
+
+def build_for_size(source: str, name: str, size: int) -> tuple[nn.Module, str]:
+    """The model built as `build` does; where it refuses size² (a transformer with a fixed image size), rebuilt
+    for that size where its builder takes one (timm's img_size, torchvision ViT's image_size). Returns the model
+    (eval mode) and a note saying so ("" when built as usual)."""
+    model = build(source, name).eval()
+    if accepts(model, size):
+        return model, ""
+    key = "img_size" if source == "timm" else "image_size"
+    try:
+        if source == "timm":
+            import timm
+            resized = timm.create_model(name, pretrained=False, img_size=size).eval()
+        else:
+            import torchvision
+            resized = torchvision.models.get_model(name, weights=None, image_size=size).eval()
+    except Exception:
+        return model, ""
+    if not accepts(resized, size):
+        return model, ""
+    return resized, f"built with {key}={size}"
 
 
 def settle_batchnorm(model: nn.Module) -> None:
@@ -150,4 +223,334 @@ def markdown(results: list[Result], command: str, rules: str, planned: int | Non
         err = r.error.replace("|", "\\|")
         lines.append(f"| {r.source} | {r.name} | {r.size} | {r.status} | {merges} | {fmt(r.forward_diff)} | "
                      f"{fmt(r.conservation)} | {fmt(r.onnx_parity)} | {r.seconds:.1f} | {err} |")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Three presets per model, the main job's export, a time limit per model, and a report that can be resumed.
+
+CONSERVING = ("otsuki2024-conserving", "cp-lrp-conserving")
+PRESET_COLUMNS = ("cli",) + CONSERVING  # "cli": the CLI's own choice, `default_preset(model)`
+FORWARD_BOUND = 1e-4
+CONSERVATION_BOUND = 1e-3
+DATA_BEGIN = "<!-- graphlrp coverage rows (one JSON object per line; read back by --resume)"
+DATA_END = "-->"
+ROW_STATUSES = ("ok", "refused", "WRONG", "CRASH", "timeout", "model-error", "skipped")
+
+
+class ModelTimeout(BaseException):
+    """The per-model time limit ran out (a BaseException, so no `except Exception` on the way swallows it)."""
+
+
+@dataclass
+class PresetResult:
+    preset: str
+    status: str = "timeout"  # conserves | ok | refused | WRONG | CRASH | timeout
+    ratio: list = field(default_factory=list)  # ΣR_in / R_out per sample, measured here
+    forward_diff: float | None = None
+    error: str = ""
+
+    def cell(self) -> str:
+        ratios = ", ".join(_g(r) for r in self.ratio)
+        if self.status == "conserves":
+            finite = [abs(r - 1) for r in self.ratio if r is not None and not math.isnan(r)]
+            return f"conserves ({_e(max(finite)) if finite else 'no output relevance'})"
+        if self.status == "ok":
+            return f"ok (ratio {ratios or 'n/a'})"
+        if self.status in ("refused", "CRASH", "WRONG"):
+            return f"{self.status}: {self.error}" if self.error else self.status
+        return self.status
+
+
+@dataclass
+class Row:
+    source: str
+    name: str
+    size: int
+    status: str = "ok"  # see ROW_STATUSES
+    large: bool = False  # over --max-params: run at --large-size (or the smallest size the model accepts)
+    params: float | None = None  # millions
+    cli_preset: str = ""
+    presets: dict = field(default_factory=dict)  # column ("cli" or a conserving preset) -> PresetResult
+    merges: dict = field(default_factory=dict)
+    onnx_parity: float | None = None
+    onnx_bytes: int | None = None
+    onnx_error: str = ""
+    seconds: float = 0.0
+    error: str = ""  # model-error / skipped / timeout: why
+
+    def to_json(self) -> str:
+        data = {k: v for k, v in self.__dict__.items() if k != "presets"}
+        data["presets"] = {k: v.__dict__ for k, v in self.presets.items()}
+        text = json.dumps(data, default=str, allow_nan=True)
+        return text.replace("-->", "--\\u003e")
+
+    @classmethod
+    def from_json(cls, text: str) -> "Row":
+        data = json.loads(text)
+        presets = {k: PresetResult(**v) for k, v in data.pop("presets", {}).items()}
+        row = cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+        row.presets = presets
+        return row
+
+    def settle(self) -> "Row":
+        """The row's status from its presets and export: CRASH or WRONG if any preset or the export is so,
+        refused if the main job (the CLI's choice, compiled and exported) was refused, else ok."""
+        if self.status in ("timeout", "model-error", "skipped"):
+            return self
+        found = [p.status for p in self.presets.values()]
+        if "CRASH" in found or self.onnx_error.startswith("export CRASH"):
+            self.status = "CRASH"
+        elif "WRONG" in found:
+            self.status = "WRONG"
+        elif self.presets.get("cli") is None or self.presets["cli"].status == "refused" or self.onnx_error:
+            self.status = "refused"
+        else:
+            self.status = "ok"
+        return self
+
+
+def _g(v) -> str:
+    return "nan" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4g}"
+
+
+def _e(v) -> str:
+    return "" if v is None else f"{v:.1e}"
+
+
+def output_relevance(logits: torch.Tensor, kind: str) -> torch.Tensor:
+    """R_out per sample for the target ŷ = argmax: p(ŷ) for output = "probability", the logit for "logit"."""
+    logits = logits.double()
+    if kind == "probability":
+        return logits.softmax(-1).max(-1).values
+    return logits.max(-1).values
+
+
+def _crash(e: BaseException) -> str:
+    frames = traceback.extract_tb(e.__traceback__)
+    where = f" [{frames[-1].name}]" if frames else ""
+    return f"{type(e).__name__}: {_first_line(e)}{where}"
+
+
+def check_preset(model: nn.Module, x: torch.Tensor, reference: torch.Tensor, preset: str,
+                 allow_vanishing: bool = False):
+    """Compile `model` with `preset` on x[:1] and measure it on the batch `x` against the model's `reference`
+    logits. Returns (PresetResult, explainer or None)."""
+    import warnings
+
+    import graphlrp
+    from .errors import GraphLRPError
+
+    res = PresetResult(preset)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            explainer = graphlrp.compile(model, x[:1], rules=preset, allow_vanishing=allow_vanishing)
+            logits, rel = explainer(x)
+    except GraphLRPError as e:
+        res.status, res.error = "refused", f"{type(e).__name__}: {_first_line(e)}"
+        return res, None
+    except Exception as e:  # compile() lets none through; anything else is graphlrp's code failing
+        res.status, res.error = "CRASH", _crash(e)
+        return res, None
+    res.forward_diff = rel_diff(logits, reference)
+    out = output_relevance(logits, explainer.info["output_relevance"])
+    ratio = rel.flatten(1).sum(1).double() / out
+    res.ratio = [float("nan") if o == 0 else float(r) for r, o in zip(ratio, out)]
+    conserving = bool(getattr(explainer.preset, "conserving", False))
+    problems = []
+    if not res.forward_diff <= FORWARD_BOUND:
+        problems.append(f"forward diff {res.forward_diff:.1e} > {FORWARD_BOUND:g}")
+    if not bool(torch.isfinite(rel).all()):
+        problems.append("non-finite relevance")
+    elif conserving:
+        finite = [abs(r - 1) for r in res.ratio if not math.isnan(r)]
+        if finite and not max(finite) <= CONSERVATION_BOUND:
+            problems.append(f"|ΣR_in/R_out − 1| = {max(finite):.1e} > {CONSERVATION_BOUND:g}")
+    if problems:
+        res.status, res.error = "WRONG", "; ".join(problems)
+    else:
+        res.status = "conserves" if conserving else "ok"
+    return res, explainer
+
+
+def input_sizes(model: nn.Module, size: int) -> list[int]:
+    """Sizes to try, smallest first: the one asked for, then the model's own (timm's pretrained_cfg, a
+    torchvision ViT's image_size), then 224."""
+    own = []
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    if isinstance(cfg, dict) and cfg.get("input_size"):
+        own.append(int(cfg["input_size"][-1]))
+    if isinstance(getattr(model, "image_size", None), int):
+        own.append(model.image_size)
+    return list(dict.fromkeys([size, *sorted(own), 224]))
+
+
+def check_model(model: nn.Module, size: int, source: str = "", name: str = "", onnx_dir: str | None = None,
+                row: Row | None = None) -> Row:
+    """The three presets on `model` (see the module docstring) and, with `onnx_dir`, the ONNX export of the
+    CLI's choice. The input is `size`² or, where the model refuses that, the next of `input_sizes`. Fills and
+    returns `row` (so a time limit that interrupts it leaves what was done)."""
+    from .commands.compile import default_preset
+    from .errors import GraphLRPError
+
+    row = row or Row(source, name or type(model).__name__, size)
+    row.params = row.params if row.params is not None else sum(p.numel() for p in model.parameters()) / 1e6
+    row.cli_preset = default_preset(model)
+    errors = []
+    for s in input_sizes(model, size):
+        torch.manual_seed(0)
+        x = torch.randn(2, 3, s, s)
+        try:
+            with torch.no_grad():
+                reference = model(x)
+            break
+        except Exception as e:
+            errors.append(f"{s}: {type(e).__name__}: {_first_line(e)}")
+    else:
+        row.status, row.error = "model-error", "; ".join(errors)[:300]
+        return row
+    row.size = s
+    for column in PRESET_COLUMNS:
+        row.presets[column] = PresetResult(row.cli_preset if column == "cli" else column)
+    for column in PRESET_COLUMNS:
+        preset = row.presets[column].preset
+        res, explainer = check_preset(model, x, reference, preset, allow_vanishing=column == "cli")
+        row.presets[column] = res
+        if explainer is None:
+            continue
+        if not row.merges or column == "cli":
+            row.merges = dict(Counter(m.skip_kind for m in explainer.merges))
+        if column == "cli" and onnx_dir:
+            path = os.path.join(onnx_dir, "coverage.onnx")
+            try:
+                report = explainer.export_onnx(path)
+                row.onnx_parity, row.onnx_bytes = float(report.max_rel_diff), int(report.size_bytes)
+            except GraphLRPError as e:
+                row.onnx_error = f"export refused: {type(e).__name__}: {_first_line(e)}"
+            except Exception as e:
+                row.onnx_error = f"export CRASH: {_crash(e)}"
+            finally:
+                for f in os.listdir(onnx_dir):
+                    os.remove(os.path.join(onnx_dir, f))
+        del explainer
+    return row.settle()
+
+
+class time_limit:
+    """`with time_limit(seconds):` raises ModelTimeout in the block after `seconds` (SIGALRM; Unix, main
+    thread). 0, or where SIGALRM is not available, sets no limit."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.active = bool(seconds) and hasattr(signal, "SIGALRM")
+
+    def __enter__(self):
+        if self.active:
+            try:
+                self.previous = signal.signal(signal.SIGALRM, self._expire)
+            except ValueError:  # not the main thread
+                self.active = False
+                return self
+            signal.setitimer(signal.ITIMER_REAL, self.seconds)
+        return self
+
+    def _expire(self, signum, frame):
+        raise ModelTimeout(f"over the time limit of {self.seconds:g} s")
+
+    def __exit__(self, *exc):
+        if self.active:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, self.previous)
+        return False
+
+
+def read_rows(path: str) -> list[Row]:
+    """The rows stored in a report written by `report`; [] for a missing file or one without the data block."""
+    if not os.path.exists(path):
+        return []
+    rows, inside = [], False
+    with open(path) as f:
+        for line in f:
+            line = line.rstrip("\n")
+            if line == DATA_BEGIN:
+                inside = True
+            elif inside and line == DATA_END:
+                break
+            elif inside and line.strip():
+                rows.append(Row.from_json(line))
+    return rows
+
+
+def _escape(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def report(rows: list[Row], command: str, planned: list[tuple[str, str]] | None = None) -> str:
+    """The markdown report: summary per source and per preset, one row per model, and the data block."""
+    planned = planned or []
+    order = {key: i for i, key in enumerate(planned)}
+    rows = sorted(rows, key=lambda r: order.get((r.source, r.name), len(order)))
+    done = sum((r.source, r.name) in order for r in rows)
+    lines = ["# Coverage", "",
+             f"`{command}` — random weights, batch 2 of different random inputs, torch {torch.__version__}.", ""]
+    if planned and done < len(planned):
+        lines += [f"**partial: {done} of {len(planned)} planned models** (the report is rewritten after each model; "
+                  "run the same command with `--resume` to go on).", ""]
+    sources = list(dict.fromkeys(r.source for r in rows))
+    lines += ["| source | models | " + " | ".join(ROW_STATUSES) + " | large |",
+              "|---|---:|" + "---:|" * (len(ROW_STATUSES) + 1)]
+    for s in sources + (["all"] if len(sources) > 1 else []):
+        sel = [r for r in rows if s == "all" or r.source == s]
+        lines.append(f"| {s} | {len(sel)} | " + " | ".join(str(sum(r.status == st for r in sel))
+                                                        for st in ROW_STATUSES) + f" | {sum(r.large for r in sel)} |")
+    preset_statuses = ("conserves", "ok", "refused", "WRONG", "CRASH", "timeout")
+    lines += ["", "| source | preset | " + " | ".join(preset_statuses) + " |",
+              "|---|---|" + "---:|" * len(preset_statuses)]
+    for s in sources:
+        sel = [r for r in rows if r.source == s]
+        for column in PRESET_COLUMNS:
+            results = [r.presets[column] for r in sel if column in r.presets]
+            label = "CLI choice" if column == "cli" else column
+            lines.append(f"| {s} | {label} | " + " | ".join(str(sum(p.status == st for p in results))
+                                                         for st in preset_statuses) + " |")
+    lines.append("")
+    for s in sources:
+        sel = [r for r in rows if r.source == s]
+        exported = sum(r.onnx_parity is not None for r in sel)
+        refused = sum(r.onnx_error.startswith("export refused") for r in sel)
+        crashed = sum(r.onnx_error.startswith("export CRASH") for r in sel)
+        lines.append(f"ONNX export of the CLI choice, {s}: {exported} exported with onnxruntime parity, "
+                     f"{refused} refused, {crashed} CRASH.")
+    lines += ["",
+              "status: ok — the main job works (the CLI's preset compiles, is exact and exports with onnxruntime "
+              "parity) and no preset is WRONG or CRASH; refused — the main job was refused with graphlrp's own "
+              "error; WRONG / CRASH — some preset (or the export) is; timeout — over `--timeout`; large — over "
+              "`--max-params`, run at `--large-size` (marked `L` after the input size).",
+              "CLI choice: `default_preset(model)` (cp-lrp with attention, else otsuki2024), compiled with "
+              "allow_vanishing as `graphlrp compile NAME --weights none`; ratio: ΣR_in / R_out per sample. "
+              "conserves (e): a conserving preset with max |ΣR_in / R_out − 1| = e ≤ 1e-3; forward: the largest "
+              "|logits − model| / max|model| over the compiled presets (≤ 1e-4).",
+              "ONNX: the CLI choice's onnxruntime parity (max relative difference) and file size. "
+              "s: build, three compiles with their checks, and the export.", "",
+              "| source | model | input | status | CLI choice | otsuki2024-conserving | cp-lrp-conserving | forward "
+              "| merges | ONNX | s | note |",
+              "|---|---|---:|---|---|---|---|---:|---|---|---:|---|"]
+    for r in rows:
+        cells = []
+        for column in PRESET_COLUMNS:
+            p = r.presets.get(column)
+            text = "" if p is None else p.cell()
+            cells.append(_escape(f"{p.preset}: {text}" if p is not None and column == "cli" else text))
+        diffs = [p.forward_diff for p in r.presets.values() if p.forward_diff is not None]
+        merges = ", ".join(f"{v} {k}" for k, v in sorted(r.merges.items())) or ("0" if r.presets else "")
+        if r.onnx_parity is not None:
+            onnx = f"{r.onnx_parity:.1e}, {r.onnx_bytes / 2**20:.1f} MiB"
+        else:
+            onnx = _escape(r.onnx_error)
+        size = f"{r.size} L" if r.large and r.status != "skipped" else f"{r.size}"
+        note = _escape(r.error)
+        lines.append(f"| {r.source} | {r.name} | {size} | {r.status} | " + " | ".join(cells)
+                     + f" | {_e(max(diffs)) if diffs else ''} | {merges} | {onnx} | {r.seconds:.1f} | {note} |")
+    lines += ["", DATA_BEGIN, *(r.to_json() for r in rows), DATA_END]
     return "\n".join(lines) + "\n"

@@ -136,7 +136,8 @@ def test_coverage_command_reports_every_model_even_when_the_last_is_skipped(tmp_
 
     out = tmp_path / "coverage.md"
     proc = subprocess.run([sys.executable, "-m", "graphlrp.cli", "coverage", "--no-torchvision", "--timm",
-                           "resnet10t", "--timm", "vgg11", "--max-params", "100", "--size", "32", "-o", str(out)],
+                           "resnet10t", "--timm", "vgg11", "--max-params", "100", "--skip-large", "--no-onnx",
+                           "--size", "32", "-o", str(out)],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = out.read_text()

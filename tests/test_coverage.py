@@ -1,0 +1,195 @@
+"""`graphlrp coverage`: three presets per model, the main job's ONNX export, large models at a small size, a time
+limit per model, --per-module selection and --resume. Fast: tiny models, and a fake check where the measurement
+itself is not under test."""
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+import torch.nn as nn
+
+from graphlrp import cli
+from graphlrp import coverage as cov
+
+
+def _tiny() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(4, 3)).eval()
+
+
+@pytest.fixture
+def zoo(monkeypatch):
+    """Planned models: the torchvision names in `zoo.names` (no timm), each built as a tiny CNN; `zoo.checked`
+    records (name, size) per call of the check, and `zoo.fake()` replaces the check by a fast fake."""
+
+    class Zoo:
+        names = ["net_a", "net_b"]
+        checked: list = []
+
+        def fake(self, sleep: float = 0.0, fail: str | None = None):
+            def check_model(model, size, source="", name="", onnx_dir=None, row=None):
+                self.checked.append((name, size))
+                if name == fail:
+                    raise RuntimeError("boom inside the check")
+                time.sleep(sleep)
+                row.cli_preset = "otsuki2024"
+                row.presets = {"cli": cov.PresetResult("otsuki2024", "ok", [0.9, 0.8], 0.0),
+                               "otsuki2024-conserving": cov.PresetResult("otsuki2024-conserving", "conserves",
+                                                                         [1.0, 1.0], 0.0),
+                               "cp-lrp-conserving": cov.PresetResult("cp-lrp-conserving", "refused", [], None,
+                                                                     "ConservationError: planted")}
+                return row.settle()
+            monkeypatch.setattr(cov, "check_model", check_model)
+
+    z = Zoo()
+    z.checked = []
+    monkeypatch.setattr(cov, "torchvision_all", lambda: list(z.names))
+    monkeypatch.setattr(cov, "timm_models", lambda *a, **k: [])
+    monkeypatch.setattr(cov, "build", lambda source, name: _tiny())
+    return z
+
+
+def _run(out, *extra):
+    assert cli.main(["coverage", "--no-onnx", "-o", str(out), *extra]) == 0
+    return out.read_text()
+
+
+def test_resume_keeps_the_rows_of_the_report_and_runs_only_the_models_not_there(zoo, tmp_path):
+    zoo.fake()
+    out = tmp_path / "coverage.md"
+    first = _run(out)
+    assert [n for n, _ in zoo.checked] == ["net_a", "net_b"]
+    assert "| torchvision | net_a | 64 | ok | otsuki2024: ok (ratio 0.9, 0.8) | conserves (0.0e+00) | refused: " \
+           "ConservationError: planted |" in first
+    rows = {r.name: r for r in cov.read_rows(str(out))}
+    assert set(rows) == {"net_a", "net_b"} and rows["net_a"].presets["cp-lrp-conserving"].status == "refused"
+
+    zoo.names.append("net_c")
+    zoo.checked.clear()
+    second = _run(out, "--resume")
+    assert [n for n, _ in zoo.checked] == ["net_c"]  # net_a, net_b not run again
+    kept = {r.name: r for r in cov.read_rows(str(out))}
+    assert set(kept) == {"net_a", "net_b", "net_c"}
+    assert kept["net_a"].to_json() == rows["net_a"].to_json()
+    assert "partial" not in second
+    assert second.index("| net_a |") < second.index("| net_b |") < second.index("| net_c |")
+
+    zoo.checked.clear()
+    _run(out, "--resume")
+    assert zoo.checked == []  # all done: nothing to run
+
+
+def test_a_report_short_of_the_plan_says_partial_and_counts_per_preset(zoo):
+    rows = [cov.Row("timm", "a", 32, presets={"cli": cov.PresetResult("cp-lrp", "ok", [1.2, 1.1], 0.0),
+                                              "otsuki2024-conserving": cov.PresetResult("otsuki2024-conserving",
+                                                                                        "refused", error="X: y"),
+                                              "cp-lrp-conserving": cov.PresetResult("cp-lrp-conserving",
+                                                                                    "conserves", [1.0, 1.0], 0.0)},
+                    cli_preset="cp-lrp").settle()]
+    text = cov.report(rows, "graphlrp coverage", [("timm", "a"), ("timm", "b"), ("timm", "c")])
+    assert "**partial: 1 of 3 planned models**" in text
+    assert "| timm | CLI choice | 0 | 1 | 0 | 0 | 0 | 0 |" in text
+    assert "| timm | otsuki2024-conserving | 0 | 0 | 1 | 0 | 0 | 0 |" in text
+    assert "| timm | cp-lrp-conserving | 1 | 0 | 0 | 0 | 0 | 0 |" in text
+    assert "| timm | 1 | 1 | 0 | 0 | 0 | 0 | 0 | 0 | 0 |" in text
+
+
+def test_three_presets_on_a_real_tiny_model_and_the_main_job_exported(tmp_path):
+    torch.manual_seed(0)
+    model = _tiny()
+    cov.settle_batchnorm(model)
+    row = cov.check_model(model, 16, "test", "tiny", onnx_dir=str(tmp_path))
+    assert row.cli_preset == "otsuki2024" and row.size == 16
+    assert [row.presets[c].preset for c in cov.PRESET_COLUMNS] == ["otsuki2024", "otsuki2024-conserving",
+                                                                   "cp-lrp-conserving"]
+    assert row.presets["otsuki2024-conserving"].status == "conserves"
+    assert row.presets["cli"].status == "ok" and len(row.presets["cli"].ratio) == 2
+    assert row.onnx_parity is not None and row.onnx_parity <= 1e-4 and row.onnx_bytes > 0
+    assert row.status in ("ok", "refused"), row
+    text = cov.report([row], "graphlrp coverage")
+    assert "| test | tiny | 16 |" in text and "otsuki2024: ok (ratio " in text and "MiB" in text
+
+
+def test_a_non_graphlrp_exception_is_a_crash_of_that_preset_or_model_not_of_the_command(zoo, tmp_path, monkeypatch):
+    import graphlrp
+
+    real = graphlrp.compile
+
+    def compile(model, example, rules=None, **kw):
+        if rules == "cp-lrp-conserving":
+            raise ValueError("planted bug")
+        return real(model, example, rules=rules, **kw)
+
+    monkeypatch.setattr(graphlrp, "compile", compile)
+    zoo.names = ["net_a"]
+    text = _run(tmp_path / "a.md", "--size", "16")
+    row = cov.read_rows(str(tmp_path / "a.md"))[0]
+    assert row.status == "CRASH"
+    assert row.presets["cp-lrp-conserving"].status == "CRASH"
+    assert "ValueError: planted bug" in row.presets["cp-lrp-conserving"].error
+    assert row.presets["otsuki2024-conserving"].status == "conserves"
+    assert "| torchvision | net_a | 16 | CRASH |" in text
+
+    zoo.fake(fail="net_a")  # the check function itself raises: a CRASH row, and the next model still runs
+    zoo.names = ["net_a", "net_b"]
+    text = _run(tmp_path / "b.md")
+    statuses = {r.name: r.status for r in cov.read_rows(str(tmp_path / "b.md"))}
+    assert statuses == {"net_a": "CRASH", "net_b": "ok"}
+    assert "RuntimeError: boom inside the check" in text
+
+
+def test_a_large_model_runs_at_the_large_size_unless_skip_large(zoo, tmp_path):
+    zoo.fake()
+    zoo.names = ["net_a"]
+    text = _run(tmp_path / "a.md", "--max-params", "0.00001", "--large-size", "24")
+    assert zoo.checked == [("net_a", 24)]
+    assert "| torchvision | net_a | 24 L | ok |" in text
+    row = cov.read_rows(str(tmp_path / "a.md"))[0]
+    assert row.large and row.size == 24
+
+    zoo.checked.clear()
+    text = _run(tmp_path / "b.md", "--max-params", "0.00001", "--skip-large")
+    assert zoo.checked == [] and "| torchvision | net_a | 64 | skipped |" in text
+
+
+def test_a_model_over_the_time_limit_is_a_timeout_row(zoo, tmp_path):
+    zoo.fake(sleep=5)
+    zoo.names = ["net_a"]
+    t = time.time()
+    text = _run(tmp_path / "a.md", "--timeout", "0.5")
+    assert time.time() - t < 4
+    assert "| torchvision | net_a | 64 | timeout |" in text
+
+
+def test_per_module_takes_at_most_n_architectures_of_every_timm_module(monkeypatch):
+    timm = pytest.importorskip("timm")
+    modules = {"resnet": ["resnet50", "resnet18", "resnet34", "resnet10t"], "vision_transformer": ["vit_b", "vit_a"],
+               "byobnet": ["gernet_s"], "empty": []}
+    everything = sorted(n for names in modules.values() for n in names)
+    monkeypatch.setattr(timm, "list_modules", lambda: list(modules))
+    monkeypatch.setattr(timm, "list_models", lambda filter="", module="", **kw: sorted(modules[module])
+                        if module else everything)
+    assert cov.timm_models(["*"], per_module=3) == ["gernet_s", "resnet10t", "resnet18", "resnet34",
+                                                    "vit_a", "vit_b"]
+    assert cov.timm_models(["*"], per_module=1) == ["gernet_s", "resnet10t", "vit_a"]
+    assert cov.timm_models(["resnet*"], per_module=2) == ["resnet10t", "resnet18"]
+    assert cov.timm_models(["resnet1*", "vit*"]) == ["resnet10t", "resnet18", "vit_a", "vit_b"]  # no cap
+    assert cov.timm_models(["*"], limit=2) == ["gernet_s", "resnet10t"]
+
+
+def test_torchvision_list_has_the_transformers():
+    pytest.importorskip("torchvision")
+    names = cov.torchvision_all()
+    assert "resnet18" in names and "vit_b_16" in names and "swin_t" in names and "maxvit_t" in names
+
+
+def test_a_transformer_with_a_fixed_image_size_is_rebuilt_for_the_small_size():
+    pytest.importorskip("timm")
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    model, note = cov.build_for_size("timm", "vit_tiny_patch16_224", 32)
+    assert note == "built with img_size=32" and cov.accepts(model, 32)
+    model, note = cov.build_for_size("timm", "resnet10t", 32)
+    assert note == ""
