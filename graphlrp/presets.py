@@ -8,6 +8,9 @@ Schema (every key is validated; an unknown or malformed key is a PresetError nam
     include_identity = true | false    # whether identity skips receive relevance
     conserving = true | false          # the preset promises ΣR_input = R_output; every compile checks it to 1e-3
                                        # (graphlrp/verify.py) and refuses an explainer that does not
+    on_vanishing = "error" | "warn"    # a non-conserving preset whose ΣR_in / R_out leaves [0.5, 2]: refused (error,
+                                       # the default) or warned about and recorded (warn: Gradient×Input-style
+                                       # transformer rules, whose sum is not meant to hold)
     batchnorm = "pass" | "fold"        # relevance passes through BN, or BN is folded into an adjacent conv/linear
                                        # where that is exact (graphlrp/canonize.py); unfolded BNs get rules.batchnorm
 
@@ -65,7 +68,7 @@ DEFAULT_RULES = {"activation": "pass", "identity": "pass", "constant_add": "pass
                  "constant_cat": "drop", "matmul": "constant_weights", "product": "refuse",
                  "attention_bias": "proportional"}
 TOP_KEYS = {"description", "output", "split", "include_identity", "batchnorm", "rules", "overrides", "name",
-            "conserving"}
+            "conserving", "on_vanishing"}
 
 
 @dataclass
@@ -83,6 +86,7 @@ class Preset:
     include_identity: bool = True
     batchnorm: str = "pass"
     conserving: bool = False  # promises ΣR_input = R_output (checked by every compile, graphlrp.verify)
+    on_vanishing: str = "error"  # relevance that vanishes or grows (ΣR_in / R_out outside [0.5, 2]): error | warn
     rules: dict = field(default_factory=dict)  # category -> RuleChoice
     overrides: dict = field(default_factory=dict)  # pattern -> RuleChoice
 
@@ -141,6 +145,9 @@ def parse_preset(data: dict, name: str) -> Preset:
     p.conserving = data.get("conserving", p.conserving)
     if not isinstance(p.conserving, bool):
         raise PresetError(f"{name}: conserving must be true or false")
+    p.on_vanishing = data.get("on_vanishing", p.on_vanishing)
+    if p.on_vanishing not in ("error", "warn"):
+        raise PresetError(f"{name}: on_vanishing must be 'error' or 'warn', got {p.on_vanishing!r}")
     p.batchnorm = data.get("batchnorm", p.batchnorm)
     if p.batchnorm not in ("pass", "fold"):
         raise PresetError(f"{name}: batchnorm must be 'pass' or 'fold', got {p.batchnorm!r}")

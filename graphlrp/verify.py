@@ -179,6 +179,7 @@ def certify(explainer, model: torch.nn.Module, example: torch.Tensor, allow_vani
     """Run the checks above on `explainer` (compiled from `model`); raise ConservationError on a wrong explainer."""
     start = time.perf_counter()
     traced, plan, preset = explainer._traced, explainer.plan, explainer.preset
+    allow_vanishing = allow_vanishing or preset.on_vanishing == "warn"
     x = example_pair(example)
     target = torch.full((x.shape[0],), -1, dtype=torch.long)
     reference = _model_logits(model, x)

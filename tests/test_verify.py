@@ -214,3 +214,20 @@ def test_a_zero_head_is_refused_unless_vanishing_is_allowed(net, x):
     with pytest.warns(UserWarning, match="explains nothing"):
         cert = graphlrp.compile(net, x, rules=logit_preset, allow_vanishing=True).certificate
     assert cert.vanished and all(math.isnan(r) for r in cert.ratio)
+
+
+def test_a_preset_may_ask_for_a_warning_instead_of_refusing_vanishing_relevance(net, x):
+    with torch.no_grad():
+        net.fc.weight.mul_(1e-8)
+        net.fc.bias.zero_()
+    warn = {"output": "probability", "on_vanishing": "warn",
+            "rules": {"conv": {"rule": "zplus", "epsilon": 1e-5}, "linear": {"rule": "zplus", "epsilon": 1e-5},
+                      "first_layer": {"rule": "zplus", "epsilon": 1e-5}, "avgpool": "z"}}
+    with pytest.raises(VanishingRelevanceError):
+        graphlrp.compile(net, x, rules={**warn, "on_vanishing": "error"})
+    with pytest.warns(UserWarning, match="vanishes"):
+        cert = graphlrp.compile(net, x, rules=warn).certificate
+    assert cert.vanished and max(cert.ratio) < 0.5
+    assert load_preset("cp-lrp").on_vanishing == "warn" and load_preset("otsuki2024").on_vanishing == "error"
+    with pytest.raises(PresetError, match="on_vanishing must be"):
+        load_preset({"on_vanishing": "ignore"})
