@@ -217,11 +217,7 @@ def certify(explainer, model: torch.nn.Module, example: torch.Tensor, allow_vani
         message = (f"{name}: the relevance put on the output is 0 for every sample, so the explainer explains "
                    "nothing: the output does not depend on the input (a zero-initialised head, as timm and "
                    "torchvision initialise ViT and MLP-Mixer heads; train the model or load its weights)")
-        if not allow_vanishing:
-            raise VanishingRelevanceError(message)
-        cert.vanished = message
-        warnings.warn(message, stacklevel=3)
-        return cert
+        return _vanished(cert, message, allow_vanishing)
     if preset.conserving:
         if not cert.worst_ratio_error <= CONSERVATION_TOLERANCE:
             found = node_trace.first_departure(1 - CONSERVATION_TOLERANCE, 1 + CONSERVATION_TOLERANCE)
@@ -242,10 +238,15 @@ def certify(explainer, model: torch.nn.Module, example: torch.Tensor, allow_vani
                f"{'almost nothing' if vanishes == 'vanishes' else 'relevance the prediction does not have'}. "
                "A conserving preset (otsuki2024-conserving, cp-lrp-conserving) keeps it; with random weights "
                "features can reach the head at ~1e-14, where any ε absorbs them")
-    if not allow_vanishing:
+    return _vanished(cert, message, allow_vanishing)
+
+
+def _vanished(cert: Certificate, message: str, allowed: bool) -> Certificate:
+    """Vanishing relevance: an error, or (allowed) a warning the certificate keeps."""
+    if not allowed:
         raise VanishingRelevanceError(message)
     cert.vanished = message
-    warnings.warn(message, stacklevel=3)
+    warnings.warn(message, stacklevel=4)
     return cert
 
 
