@@ -211,8 +211,8 @@ def compile(model: torch.nn.Module, example_input: torch.Tensor, rules="otsuki20
     sample and a perturbed copy, its forward must reproduce the model's, its relevance be finite, every exact merge
     split R = Σ R_i, and a preset with `conserving = true` conserve to 1e-3; relevance of another preset must not
     vanish (ΣR_in / R_out in [0.5, 2]; `allow_vanishing=True`, or the preset's `on_vanishing = "warn"`, makes
-    that a warning). A failure is a
-    `ConservationError` naming the node where the sum departs; the figures are in `explainer.certificate`."""
+    that a warning). A failure is a `ConservationError` naming the node where the sum departs; the figures are in
+    `explainer.certificate`. `verify=False` skips the check."""
     preset = load_preset(rules)
     if overrides:
         extra = parse_preset({"overrides": overrides}, "overrides")
