@@ -462,6 +462,9 @@ class Rewriter:
             if assignment is None:
                 raise UnsupportedOpError(f"the preset assigns no rule to {describe_node(node)} (op kind {op.kind})")
             spec = rules.RULES[assignment.rule]
+            if op.kind not in spec.kinds:  # a category spans kinds; its rule may not take every one of them
+                raise UnsupportedOpError(f"rule {assignment.rule!r} does not apply to {describe_node(node)} (op kind "
+                                         f"{op.kind}; it takes {', '.join(spec.kinds)})")
             out = spec.fn(ctx, **assignment.params)
         # constants (a class token, a position embedding) keep what a rule gives them: it leaves the explanation
         return [(src, r) for src, r in zip(op.inputs, out) if isinstance(src, fx.Node) and src.meta.get("dynamic")]

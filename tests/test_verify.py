@@ -153,20 +153,43 @@ def test_conserving_must_be_a_boolean():
 def test_compile_cli_names_a_preset_that_takes_what_the_default_refuses(tmp_path, capsys):
     from graphlrp.cli import main
 
-    source = tmp_path / "pool_net.py"
+    source = tmp_path / "product_net.py"
     source.write_text(textwrap.dedent("""
         import torch.nn as nn
 
-        def build():  # a 3x3 stride-1 max-pool: otsuki2024's 2x2 stand-in cannot take it
-            return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(3, 1, 1),
-                                 nn.Flatten(), nn.Linear(4 * 16 * 16, 5)).eval()
+        class ProductNet(nn.Module):  # a product of two signals, neither a gate: otsuki2024 has no rule for it
+            def __init__(self):
+                super().__init__()
+                self.a, self.b = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 4, 3, padding=1)
+                self.fc = nn.Linear(4, 5)
+
+            def forward(self, x):
+                return self.fc((self.a(x) * self.b(x)).mean(dim=(2, 3)))
+
+        def build():
+            return ProductNet().eval()
     """))
     code = main(["compile", f"{source}:build", "--weights", "none", "--input-size", "16", "-o", str(tmp_path / "o.onnx")])
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
-    assert "the 2x2 stand-in" in err and "'otsuki2024-conserving' can: --rules otsuki2024-conserving" in err
+    assert "a product of two input-dependent tensors" in err
+    assert "'otsuki2024-conserving' can: --rules otsuki2024-conserving" in err
     assert main(["compile", f"{source}:build", "--weights", "none", "--input-size", "16", "--rules",
                  "otsuki2024-conserving", "-o", str(tmp_path / "o.onnx")]) == 0
+
+
+def test_a_max_pool_with_no_2x2_stand_in_gets_the_z_rule_over_its_own_windows():
+    """GoogLeNet's 3x3/stride-1 max-pools: otsuki2024 falls back to window_average there (same ε), exactly."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(3, 1, 1),
+                        nn.Flatten(), nn.Linear(4 * 16 * 16, 5)).eval()
+    x = torch.randn(2, 3, 16, 16)
+    fallback = graphlrp.compile(net, x, rules="otsuki2024", allow_vanishing=True)
+    explicit = graphlrp.compile(net, x, rules="otsuki2024", allow_vanishing=True,
+                                overrides={"2": {"rule": "window_average", "epsilon": 1e-5, "stabilizer": "add"}})
+    torch.testing.assert_close(fallback(x)[1], explicit(x)[1], rtol=0, atol=0)
+    with pytest.raises(graphlrp.UnsupportedOpError, match="2x2 stand-in"):
+        graphlrp.compile(net, x, rules="otsuki2024", overrides={"2": "avg2x2"}, allow_vanishing=True)
 
 
 class CachedScale(nn.Module):

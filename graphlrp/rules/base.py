@@ -63,6 +63,10 @@ PARAM_CHOICES = {
     "dead_units": ("drop", "spread"),
     "otherwise": ("error", "uniform"),
 }
+# where one rule's parameter takes other values than the shared choices above
+RULE_PARAM_CHOICES = {
+    ("avg2x2", "otherwise"): ("error", "window_average"),
+}
 NONNEGATIVE_PARAMS = ("epsilon", "gamma", "alpha", "beta")
 TINY = 1e-30  # a normal float32 (smallest normal ≈ 1.2e-38) that keeps a denominator away from 0
 
@@ -74,9 +78,10 @@ def check_params(spec: RuleSpec, params: dict, where: str) -> None:
             raise PresetError(f"{where}.{k}: unknown parameter of rule {spec.name!r} "
                               f"(it takes: {', '.join(spec.defaults) or 'none'})")
         default = spec.defaults[k]
-        if k in PARAM_CHOICES:
-            if v not in PARAM_CHOICES[k]:
-                raise PresetError(f"{where}.{k}: must be one of {', '.join(map(repr, PARAM_CHOICES[k]))}, got {v!r}")
+        choices = RULE_PARAM_CHOICES.get((spec.name, k), PARAM_CHOICES.get(k))
+        if choices is not None:
+            if v not in choices:
+                raise PresetError(f"{where}.{k}: must be one of {', '.join(map(repr, choices))}, got {v!r}")
         elif isinstance(default, (int, float)) and not isinstance(default, bool):
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 raise PresetError(f"{where}.{k}: must be a number, got {v!r}")

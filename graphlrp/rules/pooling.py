@@ -57,14 +57,24 @@ def window_average_rule(ctx, epsilon=1e-6, stabilizer="signed"):
     return _pool_z_rule(ctx, p["kernel"], p["stride"], p["padding"], p["ceil_mode"], epsilon, stabilizer)
 
 
-@rule("avg2x2", (ops.MAXPOOL,))
-def avg2x2_rule(ctx, epsilon=1e-5, stabilizer="add"):
+@rule("avg2x2", (ops.MAXPOOL, ops.MAX_REDUCE))
+def avg2x2_rule(ctx, epsilon=1e-5, stabilizer="add", otherwise="error"):
     """What the released otsuki2024 code does at ResNet's max-pool: a 2×2/stride-2 average pool (z-rule) stands in
-    for the real 3×3 windows. Kept for fidelity to the paper's numbers; it does not conserve relevance."""
+    for the real 3×3 windows. Kept for fidelity to the paper's numbers; it does not conserve relevance.
+    A max-pool whose output is not half its input (GoogLeNet's 3×3/stride-1 pools) has no 2×2 stand-in: an error, or
+    with otherwise='window_average' the same z-rule over the pool's own windows (for a max over dims: over those dims)."""
+    if ctx.op.kind == ops.MAX_REDUCE:
+        if otherwise == "window_average":
+            return _z_reduce(ctx, epsilon, stabilizer, "drop")
+        raise UnsupportedOpError(f"{describe_node(ctx.op.node)}: a max over dims has no 2x2 stand-in; use "
+                                 f"winner_take_all, or otherwise = \"window_average\"")
     in_hw, out_hw = ctx.op.in_shape[-2:], ctx.op.out_shape[-2:]
     if tuple(s // 2 for s in in_hw) != tuple(out_hw):
+        if otherwise == "window_average":
+            return window_average_rule(ctx, epsilon=epsilon, stabilizer=stabilizer)
         raise UnsupportedOpError(f"{describe_node(ctx.op.node)}: the 2x2 stand-in needs the output to be half the "
-                                 f"input ({in_hw} -> {out_hw}); use winner_take_all")
+                                 f"input ({in_hw} -> {out_hw}); use winner_take_all or window_average, or "
+                                 f"otherwise = \"window_average\"")
     return _pool_z_rule(ctx, (2, 2), (2, 2), (0, 0), False, epsilon, stabilizer)
 
 

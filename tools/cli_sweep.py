@@ -1,0 +1,165 @@
+"""The main job, as a user runs it, on every torchvision classification model.
+
+For each model: `graphlrp compile NAME --weights none -o NAME.onnx` with the CLI's default preset, in its own
+process, at the model's own input size (224 px for ImageNet models; models over --max-params million parameters at
+--large-size). Per model it records the exit status, whether anything that looks like a traceback reached the user,
+the CLI's `checked` and warning lines, the file's size, the wall time, the process's CPU time and its peak resident
+memory (from the kernel's rusage of that child). The report is rewritten after every model and resumable:
+
+    python tools/cli_sweep.py -o results/cli-sweep.md            # all of torchvision
+    python tools/cli_sweep.py -o results/cli-sweep.md --resume   # go on where a stopped run ended
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+ROW_MARK = "<!-- row "
+
+
+def torchvision_models() -> list[str]:
+    import torchvision
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def params_millions(name: str) -> float:
+    import torchvision
+    return torchvision.models.get_model_weights(name).DEFAULT.meta["num_params"] / 1e6
+
+
+def run_one(name: str, size: int | None, timeout: float, workdir: str) -> dict:
+    out = os.path.join(workdir, f"{name}.onnx")
+    cmd = [sys.executable, "-m", "graphlrp.cli", "compile", name, "--weights", "none", "-o", out]
+    if size:
+        cmd += ["--input-size", str(size)]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    chunks: list[str] = []
+    reader = threading.Thread(target=lambda: chunks.append(proc.stdout.read()), daemon=True)
+    reader.start()
+    killer = threading.Timer(timeout, proc.kill)
+    killer.start()
+    # os.wait4 gives this child's own rusage: its CPU time and its peak resident memory
+    _, wait_status, usage = os.wait4(proc.pid, 0)
+    killer.cancel()
+    timed_out = time.perf_counter() - t0 >= timeout
+    proc.returncode = os.waitstatus_to_exitcode(wait_status)
+    reader.join()
+    text = "".join(chunks)
+    wall = time.perf_counter() - t0
+    row = {"model": name, "input": size or "", "rc": proc.returncode, "timeout": timed_out, "wall_s": round(wall, 1),
+           "traceback": "Traceback (most recent call last)" in text, "size_mb": None,
+           "cpu_s": round(usage.ru_utime + usage.ru_stime, 1), "rss_gib": round(usage.ru_maxrss / 2**20, 2)}
+    if os.path.exists(out):
+        row["size_mb"] = round(os.path.getsize(out) / 2**20, 1)
+        os.remove(out)
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    row["checked"] = next((ln for ln in lines if ln.startswith("checked")), "")
+    row["warning"] = next((ln for ln in lines if "warning" in ln.lower() or "vanish" in ln.lower()), "")
+    row["error"] = "" if proc.returncode == 0 else (lines[-1] if lines else "")
+    return row
+
+
+def read_rows(path: str) -> dict[str, dict]:
+    rows = {}
+    if os.path.exists(path):
+        for line in open(path):
+            if line.startswith(ROW_MARK):
+                row = json.loads(line[len(ROW_MARK):].rsplit("-->", 1)[0])
+                rows[row["model"]] = row
+    return rows
+
+
+def status(row: dict) -> str:
+    if row["timeout"]:
+        return "timeout"
+    if row["traceback"]:
+        return "TRACEBACK"
+    if row["rc"] != 0:
+        return "refused"
+    return "ok" if row["size_mb"] else "no file"
+
+
+def cell(text: str, n: int = 160) -> str:
+    text = text.replace("|", "\\|")
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def report(rows: dict[str, dict], planned: list[str], command: str, limits: tuple[float, float]) -> str:
+    done = [rows[m] for m in planned if m in rows]
+    counts = {}
+    for r in done:
+        counts[status(r)] = counts.get(status(r), 0) + 1
+    wall_limit, rss_limit = limits
+    normal = [r for r in done if not r.get("large")]
+    over = [r["model"] for r in normal if status(r) == "ok" and (r["wall_s"] > wall_limit or r["rss_gib"] > rss_limit)]
+    import torch
+    lines = ["# The main job on every torchvision classification model", "",
+             f"`{command}` — each model `graphlrp compile NAME --weights none -o NAME.onnx` in its own process, the "
+             f"CLI's default preset, torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+             f"{os.cpu_count()} cores.", ""]
+    if len(done) < len(planned):
+        lines += [f"**partial: {len(done)} of {len(planned)} models** (run the same command with `--resume` to go on).",
+                  ""]
+    lines += ["| models | " + " | ".join(sorted(counts)) + " |", "|---:|" + "---:|" * len(counts),
+              f"| {len(done)} | " + " | ".join(str(counts[k]) for k in sorted(counts)) + " |", ""]
+    if normal:
+        walls = sorted(r["wall_s"] for r in normal if status(r) == "ok")
+        rss = sorted(r["rss_gib"] for r in normal if status(r) == "ok")
+        if walls:
+            lines += [f"Models up to the parameter limit, at their own input size: wall time median {walls[len(walls) // 2]} s,"
+                      f" max {walls[-1]} s; peak memory median {rss[len(rss) // 2]} GiB, max {rss[-1]} GiB. "
+                      f"Over {wall_limit:g} s or {rss_limit:g} GiB: {', '.join(over) if over else 'none'}.", ""]
+    lines += ["status: ok — exit 0 and a file written (the CLI checks it: onnx.checker and onnxruntime parity); "
+              "refused — graphlrp's own error, exit ≠ 0; TRACEBACK — a Python traceback reached the user; "
+              "timeout — over the time limit. wall: the whole process (import, build, compile with its self-check, "
+              "export with its parity check); CPU: user + system time of the process; peak: its peak resident memory.",
+              "", "| model | input | status | wall s | CPU s | peak GiB | MB | checked | warning / error |",
+              "|---|---:|---|---:|---:|---:|---:|---|---|"]
+    for r in done:
+        size = f"{r['input']} L" if r.get("large") else (r["input"] or "own")
+        lines.append(f"| {r['model']} | {size} | {status(r)} | {r['wall_s']} | {r['cpu_s']} | {r['rss_gib']} | "
+                     f"{r['size_mb'] or ''} | {cell(r['checked'])} | {cell(r['error'] or r['warning'])} |")
+    lines.append("")
+    lines += [ROW_MARK + json.dumps(rows[m]) + " -->" for m in planned if m in rows]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("-o", "--output", default="results/cli-sweep.md")
+    ap.add_argument("--resume", action="store_true", help="keep the models already in the report")
+    ap.add_argument("--models", default="", help="comma-separated subset")
+    ap.add_argument("--max-params", type=float, default=100, help="millions; larger models run at --large-size")
+    ap.add_argument("--large-size", type=int, default=64)
+    ap.add_argument("--timeout", type=float, default=900)
+    a = ap.parse_args(argv)
+    planned = a.models.split(",") if a.models else torchvision_models()
+    rows = read_rows(a.output) if a.resume else {}
+    command = "python tools/cli_sweep.py -o " + a.output
+    with tempfile.TemporaryDirectory() as workdir:
+        for name in planned:
+            if name in rows:
+                continue
+            large = params_millions(name) > a.max_params
+            row = run_one(name, a.large_size if large else None, a.timeout, workdir)
+            row["large"] = large
+            rows[name] = row
+            print(f"{name}: {status(row)} {row['wall_s']} s {row['rss_gib']} GiB {row['error'][:120]}", flush=True)
+            tmp = a.output + ".tmp"
+            with open(tmp, "w") as f:
+                f.write(report(rows, planned, command, (60.0, 4.0)))
+            os.replace(tmp, a.output)
+    return 0
+
+
+
+if __name__ == "__main__":
+    sys.exit(main())
