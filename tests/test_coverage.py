@@ -153,6 +153,23 @@ def test_a_large_model_runs_at_the_large_size_unless_skip_large(zoo, tmp_path):
     assert zoo.checked == [] and "| torchvision | net_a | 64 | skipped |" in text
 
 
+def test_resume_runs_skipped_rows_again_without_skip_large_and_retry_names_statuses_to_run_again(zoo, tmp_path):
+    zoo.fake()
+    out = tmp_path / "a.md"
+    _run(out, "--max-params", "0.00001", "--skip-large")
+    assert zoo.checked == []
+    _run(out, "--max-params", "0.00001", "--skip-large", "--resume")
+    assert zoo.checked == []  # still skipped: the same choice
+    _run(out, "--max-params", "0.00001", "--resume")
+    assert [n for n, _ in zoo.checked] == ["net_a", "net_b"]  # now at the large size
+    zoo.checked.clear()
+    _run(out, "--max-params", "0.00001", "--resume", "--retry", "refused")
+    assert zoo.checked == []  # the rows are ok: nothing to retry
+    _run(out, "--max-params", "0.00001", "--resume", "--retry", "ok")
+    assert [n for n, _ in zoo.checked] == ["net_a", "net_b"]
+    assert cli.main(["coverage", "--no-onnx", "-o", str(out), "--resume", "--retry", "bogus"]) == 2
+
+
 def test_a_model_over_the_time_limit_is_a_timeout_row(zoo, tmp_path):
     zoo.fake(sleep=5)
     zoo.names = ["net_a"]

@@ -34,7 +34,22 @@ def params_millions(name: str) -> float:
     return torchvision.models.get_model_weights(name).DEFAULT.meta["num_params"] / 1e6
 
 
-def run_one(name: str, size: int | None, timeout: float, workdir: str) -> dict:
+def watch_memory(pid: int, limit_gib: float, tripped: list) -> None:
+    """Kill the child when its resident memory passes the limit (the machine's other work keeps running)."""
+    import psutil
+    try:
+        proc = psutil.Process(pid)
+        while proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
+            if proc.memory_info().rss > limit_gib * 2**30:
+                tripped.append(True)
+                proc.kill()
+                return
+            time.sleep(0.2)
+    except psutil.Error:
+        return
+
+
+def run_one(name: str, size: int | None, timeout: float, workdir: str, max_rss_gib: float = 0) -> dict:
     out = os.path.join(workdir, f"{name}.onnx")
     cmd = [sys.executable, "-m", "graphlrp.cli", "compile", name, "--weights", "none", "-o", out]
     if size:
@@ -46,6 +61,9 @@ def run_one(name: str, size: int | None, timeout: float, workdir: str) -> dict:
     reader.start()
     killer = threading.Timer(timeout, proc.kill)
     killer.start()
+    tripped: list = []
+    if max_rss_gib:
+        threading.Thread(target=watch_memory, args=(proc.pid, max_rss_gib, tripped), daemon=True).start()
     # os.wait4 gives this child's own rusage: its CPU time and its peak resident memory
     _, wait_status, usage = os.wait4(proc.pid, 0)
     killer.cancel()
@@ -54,7 +72,7 @@ def run_one(name: str, size: int | None, timeout: float, workdir: str) -> dict:
     reader.join()
     text = "".join(chunks)
     wall = time.perf_counter() - t0
-    row = {"model": name, "input": size or "", "rc": proc.returncode, "timeout": timed_out, "wall_s": round(wall, 1),
+    row = {"model": name, "input": size or "", "rc": proc.returncode, "timeout": timed_out, "memory": bool(tripped), "wall_s": round(wall, 1),
            "traceback": "Traceback (most recent call last)" in text, "size_mb": None,
            "cpu_s": round(usage.ru_utime + usage.ru_stime, 1), "rss_gib": round(usage.ru_maxrss / 2**20, 2)}
     if os.path.exists(out):
@@ -80,6 +98,8 @@ def read_rows(path: str) -> dict[str, dict]:
 def status(row: dict) -> str:
     if row["timeout"]:
         return "timeout"
+    if row.get("memory"):
+        return "memory"
     if row["traceback"]:
         return "TRACEBACK"
     if row["rc"] != 0:
@@ -119,7 +139,7 @@ def report(rows: dict[str, dict], planned: list[str], command: str, limits: tupl
                       f"Over {wall_limit:g} s or {rss_limit:g} GiB: {', '.join(over) if over else 'none'}.", ""]
     lines += ["status: ok — exit 0 and a file written (the CLI checks it: onnx.checker and onnxruntime parity); "
               "refused — graphlrp's own error, exit ≠ 0; TRACEBACK — a Python traceback reached the user; "
-              "timeout — over the time limit. wall: the whole process (import, build, compile with its self-check, "
+              "timeout — over the time limit; memory — stopped by this tool at --max-rss-gib. wall: the whole process (import, build, compile with its self-check, "
               "export with its parity check); CPU: user + system time of the process; peak: its peak resident memory.",
               "", "| model | input | status | wall s | CPU s | peak GiB | MB | checked | warning / error |",
               "|---|---:|---|---:|---:|---:|---:|---|---|"]
@@ -140,6 +160,7 @@ def main(argv=None) -> int:
     ap.add_argument("--max-params", type=float, default=100, help="millions; larger models run at --large-size")
     ap.add_argument("--large-size", type=int, default=64)
     ap.add_argument("--timeout", type=float, default=900)
+    ap.add_argument("--max-rss-gib", type=float, default=12, help="stop a compile whose memory passes this (0: none)")
     a = ap.parse_args(argv)
     planned = a.models.split(",") if a.models else torchvision_models()
     rows = read_rows(a.output) if a.resume else {}
@@ -149,7 +170,7 @@ def main(argv=None) -> int:
             if name in rows:
                 continue
             large = params_millions(name) > a.max_params
-            row = run_one(name, a.large_size if large else None, a.timeout, workdir)
+            row = run_one(name, a.large_size if large else None, a.timeout, workdir, a.max_rss_gib)
             row["large"] = large
             rows[name] = row
             print(f"{name}: {status(row)} {row['wall_s']} s {row['rss_gib']} GiB {row['error'][:120]}", flush=True)

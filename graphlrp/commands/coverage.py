@@ -28,7 +28,10 @@ def register(sub) -> None:
     p.add_argument("--timeout", type=float, default=600, metavar="SECONDS",
                    help="time limit per model (default 600; 0: none); a model over it is a 'timeout' row")
     p.add_argument("--resume", action="store_true",
-                   help="keep the rows already in the report (-o) and run only the models not there yet")
+                   help="keep the rows already in the report (-o) and run only the models not there yet "
+                        "('skipped' rows are run again unless --skip-large is given)")
+    p.add_argument("--retry", default="", metavar="STATUS,...",
+                   help="with --resume: run the rows of these statuses again (e.g. refused,timeout)")
     p.add_argument("--rules", help=argparse_suppress())
     p.add_argument("-o", "--output", default="results/coverage.md", help="report path (default results/coverage.md)")
     p.set_defaults(func=run)
@@ -65,6 +68,13 @@ def run(args) -> int:
               "otsuki2024-conserving and cp-lrp-conserving", file=sys.stderr)
     todo = planned_models(args)
     rows = cov.read_rows(args.output) if args.resume else []
+    again = {s for s in args.retry.split(",") if s} | (set() if args.skip_large else {"skipped"})
+    unknown = again - set(cov.ROW_STATUSES)
+    if unknown:
+        print(f"graphlrp coverage: --retry: unknown status {', '.join(sorted(unknown))} "
+              f"(known: {', '.join(cov.ROW_STATUSES)})", file=sys.stderr)
+        return 2
+    rows = [r for r in rows if r.status not in again]
     if args.resume and not rows and os.path.exists(args.output):
         print(f"graphlrp coverage: {args.output} holds no resumable rows; starting from the beginning",
               file=sys.stderr)
