@@ -155,8 +155,8 @@ class RuleContext:
 
     def affine_transpose(self, s: fx.Node, weight: torch.Tensor) -> fx.Node:
         """layerᵀ(s; weight): the input-side map of this op's linear part, shaped like the op's input."""
-        if self.op.kind == ops.LINEAR:
-            return self.call(F.linear, s, derived.derive(torch.t, weight))
+        if self.op.kind == ops.LINEAR:  # s @ W: no transposed copy of the weight is kept beside W
+            return self.call(torch.matmul, s, weight)
         return self.rw.em_conv_transpose(s, weight, self.op)
 
     def avgpool_transpose(self, s: fx.Node, kernel, stride, padding, ceil_mode: bool = False,
