@@ -37,8 +37,11 @@ def _torch_tensor(x) -> bool:
 
 def _is_compiled(explainer) -> bool:
     if "torch" not in sys.modules:
+        return False  # no torch imported: no compiled explainer can exist
+    try:
+        from .compiler import Explainer
+    except ModuleNotFoundError:  # torch without the rest of the compile extra
         return False
-    from .compiler import Explainer
 
     return isinstance(explainer, Explainer)
 
