@@ -6,7 +6,7 @@ import argparse
 import importlib
 import sys
 
-from .errors import GraphLRPError
+from .errors import GraphLRPError, missing_compile_extra
 
 COMMANDS = ["compile", "inspect", "explain", "evaluate", "serve", "export_triton", "coverage"]
 
@@ -14,7 +14,15 @@ COMMANDS = ["compile", "inspect", "explain", "evaluate", "serve", "export_triton
 def build_parser() -> argparse.ArgumentParser:
     from .version import __version__
 
-    parser = argparse.ArgumentParser(prog="graphlrp", description="Compile ResNets into LRP explainers and use them.")
+    parser = argparse.ArgumentParser(
+        prog="graphlrp", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Compile PyTorch CNNs (ResNets, ConvNeXts, ...) and transformers (ViT, DeiT, Swin, ...) into "
+                    "LRP explainers that verify\ntheir own conservation, export them to ONNX, and explain images, "
+                    "serve them over HTTP or lay them out\nfor Triton with onnxruntime alone.",
+        epilog="compile, inspect, evaluate and coverage need the compile extra (pip install 'graphlrp[compile]');\n"
+               "explain, serve (pip install 'graphlrp[serve]') and export-triton run without torch.\n"
+               "Quick start: graphlrp compile resnet18 --weights none -o resnet18.onnx && "
+               "graphlrp explain resnet18.onnx examples/photos -o out")
     parser.add_argument("--version", action="version", version=f"graphlrp {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
@@ -38,6 +46,12 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except GraphLRPError as e:
         print(f"graphlrp {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as e:
+        error = missing_compile_extra(e, f"graphlrp {args.command}")
+        if error is None:
+            raise
+        print(f"graphlrp {args.command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

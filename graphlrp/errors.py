@@ -54,3 +54,20 @@ class ImageError(GraphLRPError):
 
 class InputError(GraphLRPError):
     """An input array or target class does not fit the explainer (wrong shape, non-finite values, unknown class)."""
+
+
+class MissingExtraError(GraphLRPError, ImportError):
+    """A part of graphlrp needs an optional dependency that is not installed; the message says which extra to
+    install. The runtime (explain, serve, export-triton, `graphlrp.load`) needs none of the compile extra."""
+
+
+COMPILE_MODULES = ("torch", "torchvision", "networkx", "onnx")
+
+
+def missing_compile_extra(error: ModuleNotFoundError, what: str) -> MissingExtraError | None:
+    """The error to raise when `what` failed to import one of the compile extra's packages, else None."""
+    root = (error.name or "").split(".")[0]
+    if root not in COMPILE_MODULES:
+        return None
+    return MissingExtraError(f"{what} needs the compile extra: pip install 'graphlrp[compile]' "
+                             f"({root} is not installed; explain, serve and export-triton run without it)")

@@ -21,7 +21,7 @@ def _fraction(text: str) -> float:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("compile", help="compile a ResNet into an ONNX LRP explainer",
+    p = sub.add_parser("compile", help="compile a CNN or transformer into an ONNX LRP explainer (needs the compile extra)",
                        description="Trace MODEL, rewrite it into an LRP explainer and export it to ONNX. "
                                    "Defaults to the paper's method (otsuki2024: ratio split, identity included), "
                                    "and to cp-lrp for vision transformers.")
