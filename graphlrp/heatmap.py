@@ -156,15 +156,19 @@ def _inside(start: float, stop: float, n: int) -> tuple[int, int]:
     return first, max(first, min(n, int(np.ceil(stop - 0.5 - 1e-9))))
 
 
-def photo_map(relevance: np.ndarray, preprocessing, size: tuple[int, int]) -> np.ndarray:
+def photo_map(relevance: np.ndarray, preprocessing, size: tuple[int, int],
+              shown: tuple[int, int] | None = None) -> np.ndarray:
     """The relevance map on the pixels of the original photo of (w, h) pixels: float32 [h, w], bilinear resampling
     of the model-input map through `preprocessing`'s resize and crop (a graphlrp.preprocessing.Preprocessing), NaN
-    where the photo lies outside the crop (not explained). Values are the map's, resampled (for pictures): the raw
-    relevance, whose sum is the explained score, stays the model-input map."""
+    where the photo lies outside the crop (not explained). `shown` (w', h'): the same on a copy of the photo
+    resized to that size (the serve page caps large photos). Values are the map's, resampled (for pictures): the
+    raw relevance, whose sum is the explained score, stays the model-input map."""
     r = relevance_map(relevance)
     rows, cols = r.shape
-    w, h = int(size[0]), int(size[1])
-    x0, y0, x1, y1 = preprocessing.crop_window((w, h))
+    x0, y0, x1, y1 = preprocessing.crop_window((int(size[0]), int(size[1])))
+    w, h = (int(size[0]), int(size[1])) if shown is None else (int(shown[0]), int(shown[1]))
+    sx, sy = w / size[0], h / size[1]
+    x0, y0, x1, y1 = x0 * sx, y0 * sy, x1 * sx, y1 * sy
     (i0, i1), (j0, j1) = _inside(x0, x1, w), _inside(y0, y1, h)
     out = np.full((h, w), np.nan, np.float32)
     if i1 == i0 or j1 == j0:
