@@ -328,4 +328,7 @@ def app_from_env() -> FastAPI:
     """App factory for uvicorn worker processes (`--workers N`): settings come from $GRAPHLRP_SERVE_CONFIG."""
     config = json.loads(os.environ[ENV_CONFIG])
     session = load(config.pop("model"), providers=config.pop("provider"), threads=config.pop("threads"))
+    labels = config.pop("labels", None)
+    if labels is not None:
+        session.set_labels(labels)
     return create_app(session, **config)

@@ -8,6 +8,8 @@ import json
 import os
 import re
 import socket
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 
@@ -286,3 +288,25 @@ def test_multi_worker_settings_reach_each_worker_app(tiny_onnx, png, monkeypatch
         assert client.get("/v1/metadata").json()["max_batch"] == 4
         r = client.post("/v1/explain", files={"image": ("x.png", png)})
         assert r.status_code == 200 and len(r.json()["topk"]) == 5
+
+
+def test_a_labels_file_names_the_classes_in_every_worker(tiny_onnx, png, monkeypatch, tmp_path):
+    import uvicorn
+    from fastapi.testclient import TestClient
+
+    from graphlrp.cli import main
+    from graphlrp.server import ENV_CONFIG, app_from_env
+
+    names = tmp_path / "names.txt"
+    names.write_text("".join(f"thing {i}\n" for i in range(10)))
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: None)
+    monkeypatch.setenv(ENV_CONFIG, "")
+    assert main(["serve", tiny_onnx, "--workers", "2", "--port", "0", "--labels", str(names)]) == 0
+    with TestClient(app_from_env()) as client:
+        r = client.post("/v1/explain", files={"image": ("x.png", png)}).json()
+        assert r["predicted_name"] == f"thing {r['predicted']}"
+        assert all(c["name"] == f"thing {c['index']}" for c in r["topk"])
+    names.write_text("just one\n")
+    p = subprocess.run([sys.executable, "-m", "graphlrp.cli", "serve", tiny_onnx, "--labels", str(names)],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "1 labels given for a model with 10 classes" in p.stderr
