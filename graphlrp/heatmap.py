@@ -174,8 +174,11 @@ def photo_map(relevance: np.ndarray, preprocessing, size: tuple[int, int],
     if i1 == i0 or j1 == j0:
         return out
     fx, fy = cols / (x1 - x0), rows / (y1 - y0)  # input pixels per photo pixel
-    padded = np.pad(r, 1, mode="edge")  # PIL takes no box beyond the image; the edge value is bilinear's clamp
-    box = (1 + (i0 - x0) * fx, 1 + (j0 - y0) * fy, 1 + (i1 - x0) * fx, 1 + (j1 - y0) * fy)
+    # a photo pixel whose centre is inside reaches up to half a photo pixel (fx / 2 input pixels) beyond the crop,
+    # and PIL takes no box beyond the image: pad by that much with the edge values (bilinear's clamp at the edge)
+    px, py = int(np.ceil(fx / 2)) + 1, int(np.ceil(fy / 2)) + 1
+    padded = np.pad(r, ((py, py), (px, px)), mode="edge")
+    box = (px + (i0 - x0) * fx, py + (j0 - y0) * fy, px + (i1 - x0) * fx, py + (j1 - y0) * fy)
     resampled = Image.fromarray(padded.astype(np.float32), "F").resize((i1 - i0, j1 - j0), Image.Resampling.BILINEAR,
                                                                        box=box)
     out[j0:j1, i0:i1] = np.asarray(resampled, np.float32)

@@ -86,6 +86,21 @@ def test_the_photo_map_is_the_input_map_resampled_inside_the_crop_and_nan_outsid
         np.testing.assert_allclose(got[inside].reshape(32, 32), r.sum(0), rtol=0, atol=1e-6 * peak)
 
 
+@pytest.mark.parametrize("size", [(20, 16), (12, 30), (7, 7)])
+def test_a_photo_smaller_than_the_input_gets_the_map_averaged_onto_its_pixels(size):
+    """Enlarged by the preprocessing: each photo pixel covers several input pixels (PIL's bilinear filter widens
+    to average them); pixels inside the crop get values within the map's range, a constant map stays constant."""
+    prep = Preprocessing(crop=(32, 32), resize=36, crop_pct=32 / 36)
+    r = np.random.default_rng(3).standard_normal((32, 32)).astype(np.float32)
+    got = heatmap.photo_map(r, prep, size)
+    expected = reference_photo_map(r, prep.crop_window(size), size)
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(expected))
+    inside = np.isfinite(got)
+    assert inside.any() and (r.min() - 1e-6 <= got[inside]).all() and (got[inside] <= r.max() + 1e-6).all()
+    assert np.abs(got[inside]).max() < 0.8 * np.abs(r).max()  # averaged, not sampled: noise shrinks
+    np.testing.assert_allclose(heatmap.photo_map(np.full((32, 32), 2.5), prep, size)[inside], 2.5, rtol=1e-6)
+
+
 def test_padding_is_not_drawn_on_the_photo():
     prep = default((64, 64)).with_overrides(crop_mode="border")
     r = np.ones((3, 64, 64), np.float32)
