@@ -72,10 +72,14 @@ def class_name(session, k: int) -> str:
 def figure_title(session, exp) -> str:
     """The class explained and its probability (and the prediction where another class is explained), and the
     preset."""
-    text = f"{class_name(session, exp.target)}: p = {exp.probabilities[exp.target]:.3f}"
+    text = f"{class_name(session, exp.target)}: p = {_p(exp.probabilities[exp.target])}"
     if exp.target != exp.predicted:
-        text += f" (predicted {class_name(session, exp.predicted)}, p = {exp.probabilities[exp.predicted]:.3f})"
+        text += f" (predicted {class_name(session, exp.predicted)}, p = {_p(exp.probabilities[exp.predicted])})"
     return f"{text} · preset {session.metadata.get('preset', '?')}"
+
+
+def _p(p: float) -> str:
+    return f"{p:.3f}" if p >= 1e-3 else f"{p:.1e}"  # never "0.000" for a small but real probability
 
 
 def figure_notes(session) -> str:

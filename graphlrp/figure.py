@@ -33,7 +33,7 @@ def build(photo: Image.Image, pmap: np.ndarray, scale: ColourScale, title: str, 
     axes[1].set_title("overlay")
     cmap = _cmap(scale.cmap)
     shown = axes[2].imshow(np.ma.masked_invalid(pmap), cmap=cmap, norm=Normalize(scale.vmin, scale.vmax),
-                           interpolation="nearest", zorder=1)
+                           interpolation="antialiased", zorder=1)
     axes[2].add_patch(Rectangle((-0.5, -0.5), w, h, hatch="///", facecolor="none", edgecolor="0.65", linewidth=0,
                                 zorder=0))
     axes[2].set_title("heatmap")

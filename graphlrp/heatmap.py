@@ -30,7 +30,9 @@ NEGATIVE = "Blues_r"  # relevance <= 0 only: blue (min) to white (0)
 # step of a 256-colour map, invisible in either map, and float32 rounding of a never-negative preset stays far below
 SIGN_TOLERANCE = 1e-3
 OVERLAY_STRENGTH = 0.8  # opacity of the colour at the largest |R|; it falls to 0 with |R|
-HATCH_PERIOD, HATCH_WIDTH, HATCH_GREY, HATCH_MIX = 8, 3, 150.0, 0.6  # the stripes over "not explained" pixels
+# the stripes over "not explained" pixels: every HATCH_PERIOD pixels (more on large photos, so that they show when
+# the photo is viewed whole), HATCH_WIDTH of each period wide, mixed HATCH_MIX with grey
+HATCH_PERIOD, HATCH_WIDTH, HATCH_GREY, HATCH_MIX = 8, 3 / 8, 150.0, 0.6
 
 
 def relevance_map(relevance: np.ndarray) -> np.ndarray:
@@ -189,7 +191,8 @@ def unexplained(image) -> np.ndarray:
     """How pixels outside the model's crop are drawn: the photo under grey diagonal stripes. float32 [H, W, 3]."""
     base = _rgb(image)
     y, x = np.indices(base.shape[:2])
-    stripe = ((x + y) % HATCH_PERIOD < HATCH_WIDTH)[..., None]
+    period = max(HATCH_PERIOD, max(base.shape[:2]) // 80)
+    stripe = ((x + y) % period < max(1, round(HATCH_WIDTH * period)))[..., None]
     return np.where(stripe, base * (1 - HATCH_MIX) + HATCH_GREY * HATCH_MIX, base)
 
 
