@@ -95,3 +95,23 @@ def test_uploading_a_non_image_shows_the_error(browser, server, images):
     upload(browser, server[0], images["notes.txt"])
     WebDriverWait(browser, 30).until(lambda b: b.find_element(By.ID, "error").text)
     assert "notes.txt: not a readable image" in browser.find_element(By.ID, "error").text
+
+
+def test_dropping_a_photo_explains_it(browser, server, images):
+    """A file dropped on the drop zone (a DragEvent carrying a File, as the browser makes it) is explained."""
+    import base64
+
+    browser.get(server[0] + "/")
+    with open(images["tall.jpg"], "rb") as f:
+        data = base64.b64encode(f.read()).decode()
+    browser.execute_script("""
+        const bytes = Uint8Array.from(atob(arguments[0]), (c) => c.charCodeAt(0));
+        const files = new DataTransfer();
+        files.items.add(new File([bytes], "dropped.jpg", { type: "image/jpeg" }));
+        document.getElementById("drop").dispatchEvent(new DragEvent("drop", { dataTransfer: files, bubbles: true,
+                                                                              cancelable: true }));
+    """, data)
+    wait_for_result(browser)
+    assert browser.find_element(By.ID, "explained").text.startswith("dropped.jpg: class ")
+    assert natural_size(browser, "overlay") == [40, 52]
+    assert browser.execute_script("return document.getElementById('image').files[0].name") == "dropped.jpg"
