@@ -108,6 +108,33 @@ def _download_error(name: str, e: Exception) -> WeightsError:
     )
 
 
+def torchvision_labels(name: str) -> list[str] | None:
+    """The `categories` of torchvision model `name`'s DEFAULT weights' description (no download), or None."""
+    import torchvision
+
+    try:
+        categories = torchvision.models.get_model_weights(name).DEFAULT.meta.get("categories")
+    except (ValueError, KeyError, AttributeError):
+        return None
+    return [str(c) for c in categories] if categories else None
+
+
+def timm_labels(model) -> list[str] | None:
+    """ImageNet class names (timm's `ImageNetInfo` descriptions, e.g. "tench, Tinca tinca") for a timm model whose
+    class count is one of ImageNet's subsets (1k, 21k, ...; timm's `infer_imagenet_subset`), else None."""
+    try:
+        from timm.data import ImageNetInfo, infer_imagenet_subset
+    except ImportError:  # an older timm
+        return None
+    subset = infer_imagenet_subset(model)
+    if not subset:
+        return None
+    try:
+        return [str(d) for d in ImageNetInfo(subset).label_descriptions()]
+    except (OSError, ValueError, KeyError):  # a subset whose class-name files this timm does not ship
+        return None
+
+
 def load_model(spec: str, weights: str = "DEFAULT") -> tuple[torch.nn.Module, ModelInfo]:
     """Build the model named by `spec` in eval mode. weights: "DEFAULT" (pretrained), "none" or a file path."""
     weights = weights or "none"
@@ -139,7 +166,8 @@ def load_model(spec: str, weights: str = "DEFAULT") -> tuple[torch.nn.Module, Mo
             if use_pretrained:
                 raise _download_error(spec, e) from e
             raise ModelSpecError(f"timm could not build {name}: {e}") from e
-        info = ModelInfo(name=spec, preprocessing=prep.from_model(model) or default_preprocessing())
+        info = ModelInfo(name=spec, preprocessing=prep.from_model(model) or default_preprocessing(),
+                         labels=timm_labels(model))
         info.channels = int((getattr(model, "pretrained_cfg", None) or {}).get("input_size", (3,))[0])
     else:
         import torchvision
@@ -156,12 +184,9 @@ def load_model(spec: str, weights: str = "DEFAULT") -> tuple[torch.nn.Module, Mo
         tv_weights = None
         if use_pretrained:
             tv_weights = torchvision.models.get_model_weights(spec).DEFAULT
-        if use_pretrained or use_file:  # the class names of the weights' description, for their class indices
-            try:
-                info.labels = list(torchvision.models.get_model_weights(spec).DEFAULT.meta.get("categories") or [])
-            except (ValueError, KeyError, AttributeError):
-                info.labels = None
-            info.labels = info.labels or None
+        # the class names of the weights' description, for their class indices (also with --weights none or a
+        # PATH, as for the preprocessing; a count that does not fit the model is dropped at compile)
+        info.labels = torchvision_labels(spec)
         try:
             model = torchvision.models.get_model(spec, weights=tv_weights)
         except Exception as e:

@@ -128,6 +128,11 @@ class Preprocessing:
             return self
         return replace(self, **changes, source=f"{self.source} + overrides")
 
+    def summary(self) -> str:
+        """One line: "resize 256 (bilinear), center crop 224x224" (what pictures and the serve page show)."""
+        resize = f"resize {self.resize} ({self.interpolation}), " if self.resize else ""
+        return f"{resize}{self.crop_mode} crop {self.crop[0]}x{self.crop[1]}"
+
     # -- geometry ------------------------------------------------------------------------------------------
 
     def resized_size(self, size: tuple[int, int]) -> tuple[int, int] | None:
@@ -159,6 +164,26 @@ class Preprocessing:
             fill = tuple(round(255 * m) for m in self.mean)
             im = pad_to(im, self.crop, fill[0] if im.mode == "L" else fill)
         return center_crop(im, self.crop)
+
+    def crop_window(self, size: tuple[int, int]) -> tuple[float, float, float, float]:
+        """Where the model's input lies on an image of (w, h) pixels: (left, top, right, bottom) in the image's
+        pixel coordinates (pixel i spans [i, i + 1)), the inverse of `apply`'s resize, pad and crop. The window
+        reaches beyond the image where the crop pads it (`border` mode, or an image smaller than the crop); input
+        pixel (row r, column c) is centred at (left + (c + 0.5) * (right - left) / W, top + (r + 0.5) *
+        (bottom - top) / H) for an input of [H, W]."""
+        w, h = size
+        ch, cw = self.crop
+        rw, rh = self.resized_size(size) or (w, h)
+        px = py = 0  # where the resized image sits on the padded canvas
+        if self.crop_mode == "border" and self.resized_size(size) is not None and (rw < cw or rh < ch):
+            px, py = (max(cw, rw) - rw) // 2, (max(ch, rh) - rh) // 2
+            canvas_w, canvas_h = max(cw, rw), max(ch, rh)
+        else:
+            canvas_w, canvas_h = rw, rh
+        left = int(round((canvas_w - cw) / 2.0)) - px  # center_crop's offsets, on the resized image
+        top = int(round((canvas_h - ch) / 2.0)) - py
+        sx, sy = w / rw, h / rh
+        return left * sx, top * sy, (left + cw) * sx, (top + ch) * sy
 
     def upscale(self, size: tuple[int, int]) -> float:
         """How much an image of (w, h) pixels is enlarged (1.0 when not resized or when shrunk)."""

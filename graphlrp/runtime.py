@@ -115,6 +115,16 @@ class ExplainerSession:
     def providers(self) -> list[str]:
         return self.session.get_providers()
 
+    def set_labels(self, labels) -> None:
+        """Replace the stored class names: a list, or a labels file (one name per line, in class order). A count
+        that does not match the classes is an error."""
+        from .labels import check_labels
+        from .preprocessing import read_labels
+
+        if isinstance(labels, (str, os.PathLike)):
+            labels = read_labels(labels)
+        self.labels = check_labels(labels, self.num_classes, strict=True)
+
     def label(self, index: int) -> str | None:
         return self.labels[index] if self.labels and 0 <= index < len(self.labels) else None
 

@@ -26,12 +26,13 @@ from starlette.exceptions import HTTPException
 from . import heatmap
 from .errors import ImageError, InputError
 from .metrics import CONTENT_TYPE, Counter, Histogram, Registry
-from .runtime import ExplainerSession, Explanation, load
+from .runtime import ExplainerSession, Explanation, load, open_image
 from .webpage import INDEX_HTML
 
 ENV_CONFIG = "GRAPHLRP_SERVE_CONFIG"  # how `--workers N` hands the settings to each worker process
 PATHS = ("/", "/v1/explain", "/v1/metadata", "/healthz", "/metrics")
 TOPK = 5
+MAX_PHOTO_SIDE = 1600  # pictures at the photo's resolution, up to this many pixels on its longer side
 
 
 class BodyTooLarge(Exception):
@@ -197,19 +198,26 @@ def create_app(session: ExplainerSession, max_batch: int = 8, max_wait_ms: float
     @app.get("/v1/metadata")
     async def metadata():
         return {"metadata": session.metadata, "input_size": list(session.input_size),
+                "preprocessing": session.preprocessing.summary(),
                 "num_classes": session.num_classes, "providers": session.providers,
                 "max_batch": max_batch, "max_wait_ms": max_wait_ms, "max_body_mb": max_body_mb}
 
     @app.post("/v1/explain")
-    async def explain(request: Request, target: int | None = None, relevance: bool = False, overlay: bool = False):
+    async def explain(request: Request, target: int | None = None, relevance: bool = False, overlay: bool = False,
+                      photo: bool = False, cmap: str | None = None):
         """Body: multipart field `image` (+ optional field `target`), or JSON {"image_base64": ..., "target": k}
-        or {"array": [C][H][W] normalised floats, "target": k}. The body's target wins over `?target=`."""
-        source, body_target = await _read_input(request)
+        or {"array": [C][H][W] normalised floats, "target": k}. The body's target wins over `?target=`.
+        `?photo=1`: overlay and heatmap also at the photo's resolution (images only); `?cmap=`: a matplotlib
+        colour map instead of the one the relevance's signs call for."""
+        if cmap is not None:
+            heatmap.check_cmap(cmap)
+        source, body_target, name = await _read_input(request)
         if body_target is not None:
             target = body_target
-        x, t = await run_in_threadpool(_to_input, session, source, target)
+        x, t, image = await run_in_threadpool(_to_input, session, source, target, name)
         exp = await batcher.submit(x[0], int(t[0]))
-        return JSONResponse(await run_in_threadpool(_result, session, exp, relevance, overlay))
+        return JSONResponse(await run_in_threadpool(_result, session, exp, relevance, overlay,
+                                                    image if photo else None, cmap))
 
     return app
 
@@ -221,15 +229,15 @@ def _error_handler(status: int):
     return handler
 
 
-async def _read_input(request: Request) -> tuple[bytes | list, int | None]:
-    """(encoded image bytes or nested-list array, target from the body or None)."""
+async def _read_input(request: Request) -> tuple[bytes | list, int | None, str | None]:
+    """(encoded image bytes or nested-list array, target from the body or None, the uploaded file's name)."""
     content_type = request.headers.get("content-type", "")
     if content_type.startswith("multipart/form-data"):
         async with request.form(max_files=2, max_fields=8) as form:
             image = form.get("image")
             if not isinstance(image, UploadFile):
                 raise InputError("multipart field 'image' (a file upload) is required")
-            return await image.read(), _parse_target(form.get("target"))
+            return await image.read(), _parse_target(form.get("target")), image.filename or None
     if content_type.startswith("application/json"):
         try:
             body = json.loads(await request.body())
@@ -238,9 +246,9 @@ async def _read_input(request: Request) -> tuple[bytes | list, int | None]:
         if not isinstance(body, dict):
             raise InputError('JSON body must be an object: {"image_base64": ...} or {"array": ...}')
         if "image_base64" in body:
-            return _decode_base64(body["image_base64"]), _parse_target(body.get("target"))
+            return _decode_base64(body["image_base64"]), _parse_target(body.get("target")), None
         if "array" in body:
-            return body["array"], _parse_target(body.get("target"))
+            return body["array"], _parse_target(body.get("target")), None
         raise InputError("JSON body needs 'image_base64' (an encoded image) or 'array' (normalised [C][H][W])")
     raise HTTPException(415, "send multipart/form-data with an 'image' file, or application/json")
 
@@ -266,20 +274,50 @@ def _parse_target(value) -> int | None:
     raise InputError(f"target must be an integer class index, got {value!r}")
 
 
-def _to_input(session: ExplainerSession, source, target: int | None) -> tuple[np.ndarray, np.ndarray]:
-    """Decode (image) or convert (array) and check, off the event loop."""
-    return session.prepare(session.preprocess(source) if isinstance(source, bytes) else source, target)
+def _to_input(session: ExplainerSession, source, target: int | None, name: str | None = None):
+    """Decode (image) or convert (array) and check, off the event loop: (x, target, the decoded image or None).
+    An unreadable upload is named by its file name where it has one."""
+    if isinstance(source, bytes):
+        try:
+            image = open_image(source)
+            x = session.preprocess(image)
+        except ImageError as e:
+            generic, text = "uploaded image", str(e)  # how the runtime names an image given as bytes
+            if name and text.startswith(generic):
+                raise ImageError(name + text[len(generic):]) from None
+            raise
+        return (*session.prepare(x, target), image)
+    return (*session.prepare(source, target), None)
 
 
-def _result(session: ExplainerSession, exp: Explanation, relevance: bool, overlay: bool) -> dict:
+def _result(session: ExplainerSession, exp: Explanation, relevance: bool, overlay: bool, image, cmap) -> dict:
+    scale = heatmap.ColourScale.of(exp.relevance_map, cmap)
     result = {"target": exp.target, "predicted": exp.predicted,
-              "topk": [{"index": i, "label": session.label(i), "probability": p} for i, p in exp.topk(TOPK)],
-              "heatmap_png": _b64png(heatmap.heatmap(exp.relevance))}
+              "target_name": _name(session, exp.target), "predicted_name": _name(session, exp.predicted),
+              "probability": float(exp.probabilities[exp.target]),
+              "topk": [{"index": i, "label": session.label(i), "name": _name(session, i), "probability": p}
+                       for i, p in exp.topk(TOPK)],
+              "heatmap_png": _b64png(heatmap.heatmap(exp.relevance, scale)),
+              "scale": scale.to_dict(), "colorbar_png": _b64png(scale.colorbar())}
     if overlay:
-        result["overlay_png"] = _b64png(heatmap.overlay(exp.relevance, session.to_rgb(exp.input)))
+        result["overlay_png"] = _b64png(heatmap.overlay(exp.relevance, session.to_rgb(exp.input), scale=scale))
+    if image is not None:
+        photo = image.convert("RGB")
+        result["photo_size"] = list(photo.size)
+        if max(photo.size) > MAX_PHOTO_SIDE:
+            photo = photo.copy()
+            photo.thumbnail((MAX_PHOTO_SIDE, MAX_PHOTO_SIDE))
+        pmap = heatmap.photo_map(exp.relevance, session.preprocessing, image.size, shown=photo.size)
+        result["photo_shown_size"] = list(photo.size)
+        result["photo_overlay_png"] = _b64png(heatmap.photo_overlay(pmap, photo, scale))
+        result["photo_heatmap_png"] = _b64png(heatmap.photo_heatmap(pmap, scale))
     if relevance:
         result["relevance"] = heatmap.relevance_map(exp.relevance).tolist()
     return result
+
+
+def _name(session: ExplainerSession, index: int) -> str:
+    return session.label(index) or f"class {index}"
 
 
 def _b64png(image) -> str:
@@ -290,4 +328,7 @@ def app_from_env() -> FastAPI:
     """App factory for uvicorn worker processes (`--workers N`): settings come from $GRAPHLRP_SERVE_CONFIG."""
     config = json.loads(os.environ[ENV_CONFIG])
     session = load(config.pop("model"), providers=config.pop("provider"), threads=config.pop("threads"))
+    labels = config.pop("labels", None)
+    if labels is not None:
+        session.set_labels(labels)
     return create_app(session, **config)

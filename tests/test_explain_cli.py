@@ -34,9 +34,97 @@ def test_good_images_are_explained_and_bad_ones_skipped_by_name(tiny_onnx, image
         for kind in ("heatmap", "overlay"):
             with Image.open(tmp_path / "out" / f"{stem}_{kind}.png") as im:
                 assert im.size == (32, 32) and im.mode == "RGB"
+        with Image.open(images[name]) as photo:
+            size = photo.size
+        for kind, mode in (("photo_heatmap", "RGBA"), ("photo_overlay", "RGB")):
+            with Image.open(tmp_path / "out" / f"{stem}_{kind}.png") as im:
+                assert im.size == size and im.mode == mode
+        assert np.load(tmp_path / "out" / f"{stem}_photo_relevance.npy").shape == size[::-1]
         assert f"{name}: predicted {expected.predicted} (class {expected.predicted})" in p.stdout
+    kinds = ("heatmap.png", "overlay.png", "relevance.npy", "photo_heatmap.png", "photo_overlay.png",
+             "photo_relevance.npy")
     assert sorted(f.name for f in (tmp_path / "out").iterdir()) == sorted(
-        f"{s}_{k}" for s in ("wide", "tall", "grey") for k in ("heatmap.png", "overlay.png", "relevance.npy"))
+        f"{s}_{k}" for s in ("wide", "tall", "grey") for k in kinds)
+
+
+def test_the_photo_map_is_the_input_map_resampled_inside_the_crop_and_blank_outside(tiny_onnx, tmp_path):
+    """60x40 and 300x200 photos, resize 36 + centre crop 32 (the tiny explainer's metadata): inside the crop the
+    photo map is the relevance map resampled bilinearly (scipy, at each photo pixel centre), outside it NaN, and
+    the pictures draw nothing there that depends on the relevance."""
+    from scipy.ndimage import map_coordinates
+
+    from graphlrp import heatmap
+
+    rng = np.random.default_rng(5)
+    for w, h in ((60, 40), (300, 200)):
+        path = tmp_path / f"photo{w}.png"
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(path)
+        outs = []
+        for target in ("1", "6"):
+            out = tmp_path / f"out{w}-{target}"
+            assert main(["explain", tiny_onnx, str(path), "-o", str(out), "--target", target]) == 0
+            outs.append(out)
+        # by hand: Resize(36) then CenterCrop(32), as torchvision computes them
+        rw, rh = (36 * w // h, 36) if w >= h else (36, 36 * h // w)
+        left, top = round((rw - 32) / 2), round((rh - 32) / 2)
+        fx, fy = rw / w, rh / h  # resized pixels per photo pixel
+        j, i = np.mgrid[0:h, 0:w]
+        u, v = (i + 0.5) * fx - left - 0.5, (j + 0.5) * fy - top - 0.5  # input pixel index at each photo centre
+        inside = (u >= -0.5) & (u < 31.5) & (v >= -0.5) & (v < 31.5)
+        assert 0.3 < inside.mean() < 0.95
+        pictures = []
+        for out in outs:
+            r = np.load(out / f"photo{w}_relevance.npy").sum(axis=0).astype(np.float64)
+            pmap = np.load(out / f"photo{w}_photo_relevance.npy")
+            np.testing.assert_array_equal(np.isfinite(pmap), inside)
+            expected = map_coordinates(r, [v[inside], u[inside]], order=1, mode="nearest")
+            np.testing.assert_allclose(pmap[inside], expected, rtol=0, atol=1e-4 * np.abs(r).max())
+            with Image.open(out / f"photo{w}_photo_overlay.png") as im, \
+                    Image.open(out / f"photo{w}_photo_heatmap.png") as hm:
+                pictures.append((np.asarray(im), np.asarray(hm)))
+        (over_1, heat_1), (over_6, heat_6) = pictures
+        with Image.open(path) as photo:
+            hatched = heatmap.unexplained(photo).round().astype(np.uint8)
+        np.testing.assert_array_equal(over_1[~inside], hatched[~inside])  # the photo under the hatch, nothing else
+        np.testing.assert_array_equal(over_1[~inside], over_6[~inside])
+        assert (over_1[inside] != over_6[inside]).any()  # another class: other relevance, other colours inside
+        assert (heat_1[~inside] == 0).all() and (heat_6[~inside] == 0).all()  # transparent outside
+        assert (heat_1[inside][:, 3] == 255).all()
+
+
+def test_figure_and_cmap(tiny_onnx, images, tmp_path):
+    from graphlrp import figure, heatmap
+    from graphlrp.explain_files import figure_notes, figure_title
+
+    p = explain_cli(tiny_onnx, images["wide.png"], "-o", tmp_path, "--figure", "--target", "4")
+    assert p.returncode == 0, p.stderr
+    with Image.open(tmp_path / "wide_figure.png") as im:
+        assert im.format == "PNG" and im.width > 1000
+    session = graphlrp.load(tiny_onnx)
+    exp = session.explain(session.preprocess(images["wide.png"]), target=4)
+    title = figure_title(session, exp)
+    assert title.startswith(f"class 4 (4): p = {exp.probabilities[4]:.3f}") and "preset otsuki2024" in title
+    assert "resize 36 (bilinear), center crop 32x32" in figure_notes(session)
+    photo = Image.open(images["wide.png"])
+    pmap = heatmap.photo_map(exp.relevance, session.preprocessing, photo.size)
+    _, parts = figure.build(photo, pmap, heatmap.ColourScale.of(exp.relevance_map), title, figure_notes(session))
+    assert parts["title"].get_text() == title
+    assert parts["colorbar"].ax.get_xlabel().startswith("relevance: ")
+    p = explain_cli(tiny_onnx, images["wide.png"], "-o", tmp_path / "v", "--cmap", "viridis")
+    assert p.returncode == 0, p.stderr
+    p = explain_cli(tiny_onnx, images["wide.png"], "-o", tmp_path / "v", "--cmap", "no-such-map")
+    assert p.returncode == 2 and "unknown colour map 'no-such-map'" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_labels_file_names_the_classes(tiny_onnx, images, tmp_path):
+    names = tmp_path / "names.txt"
+    names.write_text("".join(f"thing {i}\n" for i in range(10)))
+    p = explain_cli(tiny_onnx, images["wide.png"], "-o", tmp_path / "o", "--labels", names, "--target", "2")
+    assert p.returncode == 0, p.stderr
+    assert "explained target 2 (thing 2)" in p.stdout or "predicted 2 (thing 2)" in p.stdout
+    names.write_text("a\nb\n")
+    p = explain_cli(tiny_onnx, images["wide.png"], "-o", tmp_path / "o", "--labels", names)
+    assert p.returncode == 2 and "2 labels given for a model with 10 classes" in p.stderr
 
 
 def test_all_good_exits_zero_and_honours_target(tiny_onnx, images, tmp_path, capsys):

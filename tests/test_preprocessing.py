@@ -179,11 +179,19 @@ def test_cli_stores_torchvision_and_timm_preprocessing_and_overrides(tmp_path):
     cli("compile", "regnet_y_400mf", "--weights", "none", "--input-size", "64", "-o", tv)
     p = stored(tv)["preprocessing"]
     assert p["crop"] == [64, 64] and p["resize"] == scale_size(64, 224 / 232) and p["interpolation"] == "bilinear"
+    import torchvision
+
+    categories = torchvision.models.get_model_weights("regnet_y_400mf").DEFAULT.meta["categories"]
+    assert stored(tv)["labels"] == categories and len(categories) == 1000  # also with --weights none
     tm = tmp_path / "timm.onnx"
     out = cli("compile", "timm:resnet18", "--weights", "none", "--input-size", "64", "-o", tm).stdout
     p = stored(tm)["preprocessing"]
     assert (p["crop_pct"], p["interpolation"], p["resize"]) == (0.95, "bicubic", scale_size(64, 0.95))
-    assert "bicubic" in out
+    assert "bicubic" in out and "1000 labels" in out
+    from timm.data import ImageNetInfo
+
+    assert stored(tm)["labels"] == ImageNetInfo("imagenet-1k").label_descriptions()
+    assert stored(tm)["labels"][0] == "tench, Tinca tinca"
     labels = tmp_path / "names.txt"
     labels.write_text("\n".join(f"name{i}" for i in range(1000)) + "\n\n")
     ov = tmp_path / "ov.onnx"
@@ -194,6 +202,19 @@ def test_cli_stores_torchvision_and_timm_preprocessing_and_overrides(tmp_path):
     assert meta["preprocessing"]["mean"] == [0.5] * 3 and meta["labels"][:2] == ["name0", "name1"]
     bad = cli("compile", "resnet18", "--weights", "none", "--labels", tmp_path / "missing.txt", "-o", ov, check=False)
     assert bad.returncode != 0 and "missing.txt" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_torchvision_labels_come_with_any_weights(tmp_path):
+    """The weights' description names the classes whether the weights are pretrained, random or a file's."""
+    torchvision = pytest.importorskip("torchvision")
+    from graphlrp.models import load_model
+
+    categories = torchvision.models.get_model_weights("mobilenet_v3_small").DEFAULT.meta["categories"]
+    model, info = load_model("mobilenet_v3_small", "none")
+    assert info.labels == categories
+    torch.save(model.state_dict(), tmp_path / "w.pt")
+    _, info = load_model("mobilenet_v3_small", str(tmp_path / "w.pt"))
+    assert info.labels == categories and info.weights == str(tmp_path / "w.pt")
 
 
 def test_explain_warns_when_it_enlarges_an_image_more_than_twice(tmp_path):

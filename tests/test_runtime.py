@@ -37,6 +37,9 @@ def test_runtime_and_serving_never_import_torch(tiny_onnx, images):
             f"s = graphlrp.load({tiny_onnx!r})\n"
             f"e = s.explain_images([{images['wide.png']!r}])[0]\n"
             "graphlrp.heatmap.overlay(e.relevance, s.to_rgb(e.input))\n"
+            "import graphlrp.explain_files, graphlrp.figure, pathlib, tempfile\n"
+            f"x, _, photo = graphlrp.explain_files.load_image(s, {images['wide.png']!r}, 'wide.png')\n"
+            "graphlrp.explain_files.write_outputs(pathlib.Path(tempfile.mkdtemp()), 'w', s.explain(x), s, photo, True)\n"
             "assert 'torch' not in sys.modules, 'torch was imported'\n")
     subprocess.run([sys.executable, "-c", code], check=True)
 
@@ -146,32 +149,7 @@ def test_cuda_provider_missing_is_a_clear_error(tiny_onnx):
         graphlrp.load(tiny_onnx, providers="cuda")
 
 
-def test_heatmap_colours_are_centred_on_zero():
-    relevance = np.zeros((3, 4, 4), np.float32)
-    relevance[:, 0, 0], relevance[:, 0, 1] = 1.0, -0.5  # summed over channels: +3 and -1.5
-    pixels = np.asarray(heatmap.heatmap(relevance))
-    assert pixels.shape == (4, 4, 3)
-    r, g, b = (int(v) for v in pixels[0, 0])
-    assert r > 200 and g < 40 and b < 40  # the maximum is full red
-    r, g, b = (int(v) for v in pixels[0, 1])
-    assert b > 200 and r < g + 10 and r < 160  # half the magnitude, negative: half-saturated blue
-    assert (pixels[3, 3] > 250).all()  # zero is white
-    assert (np.asarray(heatmap.heatmap(np.zeros((3, 4, 4)))) > 250).all()  # no relevance at all: white, no NaN
-
-
-def test_overlay_keeps_the_image_where_relevance_is_zero():
-    image = np.random.default_rng(3).integers(0, 255, (8, 8, 3), dtype=np.uint8)
-    relevance = np.zeros((3, 8, 8), np.float32)
-    relevance[0, 2, 2] = 5.0
-    out = np.asarray(heatmap.overlay(relevance, image))
-    grey = np.asarray(Image.fromarray(image).convert("L").convert("RGB"))
-    mask = np.ones((8, 8), bool)
-    mask[2, 2] = False
-    np.testing.assert_array_equal(out[mask], grey[mask])
-    assert out[2, 2, 0] > out[2, 2, 2]  # reddish where the relevance is
-    assert heatmap.png_bytes(heatmap.overlay(relevance, image))[:4] == b"\x89PNG"
-    with pytest.raises(ValueError):
-        heatmap.overlay(relevance, image[:4])
+# heatmap colours, overlays and pictures at the photo's resolution: tests/test_pictures.py
 
 
 def test_resnet18_explains_imagenet_sized_images(resnet18_onnx, images):

@@ -8,6 +8,8 @@ import json
 import os
 import re
 import socket
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 
@@ -75,12 +77,69 @@ def test_explain_matches_the_local_session(server, session, png):
     assert Image.open(io.BytesIO(base64.b64decode(r.json()["overlay_png"]))).size == (32, 32)
 
 
+def test_pictures_at_the_photos_resolution_names_and_colour_scale(server, session, png, images):
+    """?photo=1: overlay and heatmap on the photo's own pixels, drawn exactly as `graphlrp explain` draws them
+    (graphlrp.heatmap on the locally explained map), the colour scale and bar, class names."""
+    from graphlrp import heatmap
+
+    base, _ = server
+    r = httpx.post(base + "/v1/explain?photo=1&target=3", files={"image": ("wide.png", png)})
+    assert r.status_code == 200, r.text
+    result = r.json()
+    expected = session.explain(session.preprocess(png), target=3)
+    photo = Image.open(images["wide.png"]).convert("RGB")
+    assert result["photo_size"] == result["photo_shown_size"] == [60, 40]
+    scale = heatmap.ColourScale.of(expected.relevance_map)
+    assert result["scale"]["kind"] == scale.kind and result["scale"]["cmap"] == scale.cmap
+    assert result["scale"]["vmax"] == pytest.approx(scale.vmax, rel=1e-4, abs=1e-9)
+    assert result["scale"]["description"].split(" ")[0] in ("diverging", "sequential")
+    pmap = heatmap.photo_map(expected.relevance, session.preprocessing, photo.size)
+    overlay = np.asarray(Image.open(io.BytesIO(base64.b64decode(result["photo_overlay_png"]))), np.int16)
+    assert overlay.shape == (40, 60, 3)
+    assert np.abs(overlay - np.asarray(heatmap.photo_overlay(pmap, photo, scale), np.int16)).max() <= 1
+    heat = np.asarray(Image.open(io.BytesIO(base64.b64decode(result["photo_heatmap_png"]))))
+    assert heat.shape == (40, 60, 4) and (heat[..., 3][np.isnan(pmap)] == 0).all()
+    bar = Image.open(io.BytesIO(base64.b64decode(result["colorbar_png"])))
+    assert bar.size[0] == 256
+    assert result["target_name"] == "class 3" and result["probability"] == pytest.approx(
+        float(expected.probabilities[3]), rel=1e-5)
+    assert [c["name"] for c in result["topk"]] == [session.label(i) for i, _ in expected.topk(5)]
+    r = httpx.post(base + "/v1/explain?photo=1&cmap=viridis", files={"image": ("wide.png", png)})
+    assert r.status_code == 200 and r.json()["scale"]["cmap"] == "viridis"
+    r = httpx.post(base + "/v1/explain?photo=1&cmap=nonsense", files={"image": ("wide.png", png)})
+    assert r.status_code == 422 and "unknown colour map" in r.json()["detail"]
+    r = httpx.post(base + "/v1/explain?photo=1", json={"array": session.preprocess(png).tolist()})
+    assert r.status_code == 200 and "photo_overlay_png" not in r.json()  # an array has no photo
+
+
+def test_a_large_photo_is_drawn_at_a_capped_size(server, session):
+    from graphlrp.server import MAX_PHOTO_SIDE
+
+    big = Image.new("RGB", (2400, 1000), (90, 140, 200))
+    buf = io.BytesIO()
+    big.save(buf, format="PNG")
+    r = httpx.post(server[0] + "/v1/explain?photo=1", files={"image": ("big.png", buf.getvalue())})
+    assert r.status_code == 200, r.text
+    result = r.json()
+    assert result["photo_size"] == [2400, 1000] and result["photo_shown_size"] == [MAX_PHOTO_SIDE, 667]
+    heat = np.asarray(Image.open(io.BytesIO(base64.b64decode(result["photo_heatmap_png"]))))
+    assert heat.shape == (667, MAX_PHOTO_SIDE, 4)
+    # the crop on the shown copy: the full photo's window, scaled; its pixels opaque, the rest transparent
+    x0, y0, x1, y1 = session.preprocessing.crop_window((2400, 1000))
+    x0, x1, y0, y1 = x0 * MAX_PHOTO_SIDE / 2400, x1 * MAX_PHOTO_SIDE / 2400, y0 * 667 / 1000, y1 * 667 / 1000
+    cols = (np.arange(MAX_PHOTO_SIDE) + 0.5 >= x0) & (np.arange(MAX_PHOTO_SIDE) + 0.5 < x1)
+    rows = (np.arange(667) + 0.5 >= y0) & (np.arange(667) + 0.5 < y1)
+    inside = rows[:, None] & cols[None, :]
+    assert (heat[..., 3][inside] == 255).all() and (heat[..., 3][~inside] == 0).all() and inside.mean() < 0.5
+
+
 def test_metadata_health_metrics_and_page(server, session):
     base, _ = server
     assert httpx.get(base + "/healthz").json() == {"status": "ok"}
     meta = httpx.get(base + "/v1/metadata").json()
     assert meta["metadata"]["labels"] == session.labels and meta["input_size"] == [3, 32, 32]
     assert meta["num_classes"] == 10 and meta["max_batch"] == 16
+    assert meta["preprocessing"] == "resize 36 (bilinear), center crop 32x32"
     r = httpx.get(base + "/metrics")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
     for family in ("graphlrp_requests_total counter", "graphlrp_request_duration_seconds histogram",
@@ -91,7 +150,7 @@ def test_metadata_health_metrics_and_page(server, session):
 
 
 @pytest.mark.parametrize("kwargs, status, detail", [
-    (dict(files={"image": ("x.png", b"definitely not an image")}), 400, "not a readable image"),
+    (dict(files={"image": ("x.png", b"definitely not an image")}), 400, "x.png: not a readable image"),
     (dict(files={"image": ("x.png", b"\x89PNG\r\n\x1a\nnot really")}), 400, "cannot read image"),
     (dict(files={"other": ("x.png", b"")}), 422, "'image'"),
     (dict(data={"image": "a string, not a file"}, files={"other": ("x", b"")}), 422, "'image'"),
@@ -229,3 +288,25 @@ def test_multi_worker_settings_reach_each_worker_app(tiny_onnx, png, monkeypatch
         assert client.get("/v1/metadata").json()["max_batch"] == 4
         r = client.post("/v1/explain", files={"image": ("x.png", png)})
         assert r.status_code == 200 and len(r.json()["topk"]) == 5
+
+
+def test_a_labels_file_names_the_classes_in_every_worker(tiny_onnx, png, monkeypatch, tmp_path):
+    import uvicorn
+    from fastapi.testclient import TestClient
+
+    from graphlrp.cli import main
+    from graphlrp.server import ENV_CONFIG, app_from_env
+
+    names = tmp_path / "names.txt"
+    names.write_text("".join(f"thing {i}\n" for i in range(10)))
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: None)
+    monkeypatch.setenv(ENV_CONFIG, "")
+    assert main(["serve", tiny_onnx, "--workers", "2", "--port", "0", "--labels", str(names)]) == 0
+    with TestClient(app_from_env()) as client:
+        r = client.post("/v1/explain", files={"image": ("x.png", png)}).json()
+        assert r["predicted_name"] == f"thing {r['predicted']}"
+        assert all(c["name"] == f"thing {c['index']}" for c in r["topk"])
+    names.write_text("just one\n")
+    p = subprocess.run([sys.executable, "-m", "graphlrp.cli", "serve", tiny_onnx, "--labels", str(names)],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "1 labels given for a model with 10 classes" in p.stderr

@@ -20,8 +20,13 @@ from ._types import add_ray_arguments, positive_int
 
 def register(sub) -> None:
     p = sub.add_parser("explain", help="explain images with a compiled explainer (.onnx)",
-                       description="Write <stem>_heatmap.png, <stem>_overlay.png and <stem>_relevance.npy "
-                                   "(raw [C, H, W] relevance) for each image.")
+                       description="For each image: <stem>_photo_overlay.png and <stem>_photo_heatmap.png at the "
+                                   "photo's resolution (the part outside the model's crop hatched or transparent: not "
+                                   "explained), <stem>_photo_relevance.npy (that map, NaN outside the crop), "
+                                   "<stem>_heatmap.png and <stem>_overlay.png at the model's input, "
+                                   "<stem>_relevance.npy (raw [C, H, W] relevance), and with --figure "
+                                   "<stem>_figure.png. Colours: a diverging map with symmetric limits where the "
+                                   "relevance has both signs, a sequential one where it has one sign.")
     p.add_argument("model", help="explainer ONNX file from `graphlrp compile`")
     p.add_argument("images", nargs="+", metavar="INPUT",
                    help="image files, folders (every file in them and their subfolders) or glob patterns ('*.jpg')")
@@ -32,8 +37,28 @@ def register(sub) -> None:
                    help="onnxruntime execution provider (default: CUDA when available, else CPU)")
     p.add_argument("--batch-size", type=positive_int, default=8, metavar="B",
                    help="images per onnxruntime call (default 8)")
+    p.add_argument("--figure", action="store_true",
+                   help="also write <stem>_figure.png: photo, overlay, heatmap, colour bar, class name and "
+                        "probability, preset")
+    p.add_argument("--cmap", type=_cmap, default=None, metavar="NAME",
+                   help="matplotlib colour map (default: bwr where relevance has both signs, Reds where it is >= 0, "
+                        "Blues_r where it is <= 0); the limits follow the data either way")
+    p.add_argument("--labels", metavar="FILE",
+                   help="class names, one per line in class order (default: those stored in the explainer)")
     add_ray_arguments(p, "explanations (Ray Data reads the images; the table explanations.parquet is added)")
     p.set_defaults(func=run)
+
+
+def _cmap(name: str) -> str:
+    import argparse
+
+    from ..errors import InputError
+    from ..heatmap import check_cmap
+
+    try:
+        return check_cmap(name)
+    except InputError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def run(args) -> int:
@@ -41,6 +66,8 @@ def run(args) -> int:
 
     args.images = expand_inputs(args.images)
     session = load(args.model, providers=args.provider)
+    if args.labels:
+        session.set_labels(args.labels)
     session.prepare(np.zeros(session.input_size, np.float32), args.target)  # reject an unknown --target up front
     out = Path(args.output)
     try:
@@ -53,27 +80,29 @@ def run(args) -> int:
 
         _, skipped = ray_engine.explain(args.model, args.images, stems, out, target=args.target,
                                         provider=args.provider, batch_size=args.batch_size, address=args.ray,
-                                        workers=args.workers, threads=args.threads)
+                                        workers=args.workers, threads=args.threads, figure=args.figure,
+                                        cmap=args.cmap, labels=session.labels if args.labels else None)
         return _report_skipped(skipped, len(args.images), out)
     skipped = 0
     with tqdm(total=len(args.images), unit="image", disable=True if len(args.images) < 2 else None) as bar:
         for start in range(0, len(args.images), args.batch_size):
             chunk = args.images[start:start + args.batch_size]
-            good, arrays = [], []
+            good, arrays, photos = [], [], []
             for path in chunk:
                 try:
-                    array, warning = load_image(session, path, path)
+                    array, warning, photo = load_image(session, path, path)
                 except ImageError as e:
                     tqdm.write(f"skipped {e}", file=sys.stderr)
                     skipped += 1
                     continue
                 arrays.append(array)
+                photos.append(photo)
                 good.append(path)
                 if warning:
                     tqdm.write(warning, file=sys.stderr)
             if arrays:
-                for path, exp in zip(good, session.explain(np.stack(arrays), args.target)):
-                    write_outputs(out, stems[path], exp, session)
+                for path, photo, exp in zip(good, photos, session.explain(np.stack(arrays), args.target)):
+                    write_outputs(out, stems[path], exp, session, photo, figure=args.figure, cmap=args.cmap)
                     tqdm.write(f"{path}: {describe(session, exp)}")
             bar.update(len(chunk))
     return _report_skipped(skipped, len(args.images), out)

@@ -25,6 +25,8 @@ def register(sub) -> None:
                    help="largest accepted request body in MiB; larger ones get 413 (default 16)")
     p.add_argument("--provider", choices=["cpu", "cuda"], default=None,
                    help="onnxruntime execution provider (default: CUDA when available, else CPU)")
+    p.add_argument("--labels", metavar="FILE",
+                   help="class names, one per line in class order (default: those stored in the explainer)")
     p.set_defaults(func=run)
 
 
@@ -40,6 +42,8 @@ def run(args) -> int:
     # split the cores between worker processes instead of letting each onnxruntime take all of them
     threads = max(1, (os.cpu_count() or 1) // args.workers) if args.workers > 1 else None
     session = load(args.model, providers=args.provider, threads=threads)  # fail here, clearly, on a bad file
+    if args.labels:
+        session.set_labels(args.labels)  # likewise a labels file that does not fit
     settings = dict(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_body_mb=args.max_body_mb)
     print(f"graphlrp serve: {args.model} on http://{args.host}:{args.port} ({', '.join(session.providers)}, "
           f"workers {args.workers}, max batch {args.max_batch})", flush=True)
@@ -47,7 +51,8 @@ def run(args) -> int:
         uvicorn.run(create_app(session, **settings), host=args.host, port=args.port)
     else:
         os.environ[ENV_CONFIG] = json.dumps(dict(settings, model=os.path.abspath(args.model),
-                                                 provider=args.provider, threads=threads))
+                                                 provider=args.provider, threads=threads,
+                                                 labels=session.labels if args.labels else None))
         uvicorn.run("graphlrp.server:app_from_env", factory=True, host=args.host, port=args.port,
                     workers=args.workers)
     return 0

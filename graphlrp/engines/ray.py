@@ -61,11 +61,15 @@ class _ExplainWorker:
     """One actor of the pool: an onnxruntime session, and the local command's preprocessing and output writing."""
 
     def __init__(self, model: str, provider: str, threads: int, target, out: str,
-                 names: dict[str, tuple[int, str, str]]):  # absolute path -> (input index, path as given, stem)
+                 names: dict[str, tuple[int, str, str]],  # absolute path -> (input index, path as given, stem)
+                 figure: bool = False, cmap: str | None = None, labels: list[str] | None = None):
         from ..runtime import load
 
         self.session = load(model, providers=provider, threads=threads if provider == "cpu" else None)
+        if labels is not None:
+            self.session.set_labels(labels)
         self.target, self.out, self.names = target, Path(out), names
+        self.figure, self.cmap = figure, cmap
 
     def __call__(self, batch: dict) -> dict:
         import numpy as np
@@ -75,21 +79,23 @@ class _ExplainWorker:
 
         rows = {"index": [], "image": [], "predicted": [], "target": [], "probability": [], "relevance_sum": [],
                 "message": [], "warning": [], "skipped": []}
-        good, arrays, warnings = [], [], []
+        good, arrays, warnings, photos = [], [], [], []
         for data, path in zip(batch["bytes"], batch["path"]):
             index, shown, _ = self.names[_key(path)]
             try:
-                array, warning = load_image(self.session, bytes(data), shown)
+                array, warning, photo = load_image(self.session, bytes(data), shown)
             except ImageError as e:
                 _add(rows, index, shown, -1, -1, float("nan"), float("nan"), f"skipped {e}", "", True)
                 continue
             arrays.append(array)
+            photos.append(photo)
             good.append(path)
             warnings.append(warning or "")
         if arrays:
-            for path, warning, exp in zip(good, warnings, self.session.explain(np.stack(arrays), self.target)):
+            explained = self.session.explain(np.stack(arrays), self.target)
+            for path, warning, photo, exp in zip(good, warnings, photos, explained):
                 index, shown, stem = self.names[_key(path)]
-                write_outputs(self.out, stem, exp, self.session)
+                write_outputs(self.out, stem, exp, self.session, photo, figure=self.figure, cmap=self.cmap)
                 _add(rows, index, shown, exp.predicted, exp.target, float(exp.probabilities[exp.target]),
                      float(exp.relevance.sum(dtype=np.float64)), f"{shown}: {describe(self.session, exp)}", warning,
                      False)
@@ -107,7 +113,8 @@ def _key(path: str) -> str:
 
 
 def explain(model: str, paths: list[str], stems: dict[str, str], out: Path, *, target, provider: str | None,
-            batch_size: int, address: str | None, workers: int | None, threads: int) -> tuple[int, int]:
+            batch_size: int, address: str | None, workers: int | None, threads: int, figure: bool = False,
+            cmap: str | None = None, labels: list[str] | None = None) -> tuple[int, int]:
     """Explain `paths` on Ray, writing the local command's files per image plus `explanations.parquet`.
     Prints one line per image (skips on stderr); returns (explained, skipped)."""
     import pyarrow as pa
@@ -139,7 +146,8 @@ def explain(model: str, paths: list[str], stems: dict[str, str], out: Path, *, t
         ds = ds.map_batches(_ExplainWorker, batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=n_workers),
                             num_cpus=0 if gpus else threads, num_gpus=1 if gpus else 0,
                             fn_constructor_kwargs={"model": str(model), "provider": provider, "threads": threads,
-                                                   "target": target, "out": str(out), "names": names})
+                                                   "target": target, "out": str(out), "names": names,
+                                                   "figure": figure, "cmap": cmap, "labels": labels})
         for row in ds.iter_rows():
             if row["warning"]:
                 print(row["warning"], file=sys.stderr)
