@@ -132,6 +132,9 @@ class Explainer(torch.nn.Module):
         self.info = info
         self._traced = traced
         self._tap_module = None
+        # the rule weights of graph_module by fingerprint: the taps module and the self-check's conservation trace,
+        # built later from the same trace, hold these very tensors instead of copies (`rewrite.Emitter.pool`)
+        self.constant_pool: dict = {}
         self.labels: list[str] | None = None
         self.certificate: Certificate | None = None  # what compile measured on this explainer (graphlrp.verify)
         self.eval()
@@ -172,7 +175,8 @@ class Explainer(torch.nn.Module):
         "output", "input", "block_input:i" (input of residual block i, forward order), and for every merge
         "merge:<add>.R", ".R_skip", ".R_main"."""
         if self._tap_module is None:
-            self._tap_module = Rewriter(self._traced, self.merges, self.plan, taps=True).build().eval()
+            self._tap_module = Rewriter(self._traced, self.merges, self.plan, taps=True,
+                                        constant_pool=self.constant_pool).build().eval()
         with torch.no_grad():
             return self._tap_module(x, self._target(x, target))
 
@@ -236,7 +240,8 @@ def compile(model: torch.nn.Module, example_input: torch.Tensor, rules="otsuki20
         folded = fold_batchnorm(traced) if preset.batchnorm == "fold" else None
         merges = find_merges(traced)
         plan = make_plan(traced, preset, split, include_identity, box)
-        gm = Rewriter(traced, merges, plan).build()
+        rewriter = Rewriter(traced, merges, plan)
+        gm = rewriter.build()
     except GraphLRPError:
         raise
     except Exception as e:  # nothing but graphlrp's own errors leaves compile()
@@ -248,6 +253,7 @@ def compile(model: torch.nn.Module, example_input: torch.Tensor, rules="otsuki20
     if folded is not None:
         info["batchnorm_folded"] = folded  # {"into_producer": n, "into_consumer": n, "kept": n}
     explainer = Explainer(gm, traced, merges, plan, preset, info)
+    explainer.constant_pool = rewriter.constant_pool
     explainer.labels = check_labels(labels if labels is not None else getattr(model, "labels", None),
                                     explainer.num_classes, strict=labels is not None)
     if verify:

@@ -267,6 +267,7 @@ def export_onnx(explainer, path, opset: int = 17, check: bool = True, metadata: 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
+    del data, model  # onnxruntime reads the file: the bytes and the proto need not live beside its session
     report = ExportReport(str(path), float("nan"), float("nan"), path.stat().st_size, opset,
                           certificate=explainer.info.get("certificate"))
     if check:

@@ -46,10 +46,14 @@ class Plan:
 class Emitter:
     """Appends nodes to the explainer graph and registers constants (rule weights) as buffers of its root."""
 
-    def __init__(self, graph: fx.Graph, root: torch.nn.Module, dtype: torch.dtype = torch.float32):
+    def __init__(self, graph: fx.Graph, root: torch.nn.Module, dtype: torch.dtype = torch.float32,
+                 pool: dict | None = None):
         self.graph, self.root, self._count = graph, root, 0
         self.dtype = dtype  # floating constants are stored in the model's dtype (float32, or float64 for checks)
         self._consts: dict = {}  # fingerprint -> [(tensor, get_attr node)]: equal constants are stored once
+        # fingerprint -> [tensor]: constants of other graphs built from the same trace (the self-check's conservation
+        # trace, the taps module); an equal constant is registered as that very tensor, so it is held once in memory
+        self.pool = pool if pool is not None else {}
 
     def call(self, fn, *args, **kwargs) -> fx.Node:
         args = tuple(self.lift(a) for a in args)
@@ -70,12 +74,17 @@ class Emitter:
         if value._base is not None:  # a view would keep (and save) its whole base tensor
             value = value.clone()
         flat = value.reshape(-1)
-        key = (tuple(value.shape), float(flat.sum()), float(flat[0]) if flat.numel() else 0.0)  # then torch.equal
-        for other, node in self._consts.get(key, ()):
+        key = (tuple(value.shape), value.dtype, float(flat.sum()), float(flat[0]) if flat.numel() else 0.0)
+        for other, node in self._consts.get(key, ()):  # then torch.equal
             if torch.equal(other, value):
                 if recipe is not None:
                     node.meta.setdefault("recipe", recipe)
                 return node
+        shared = next((t for t in self.pool.get(key, ()) if torch.equal(t, value)), None)
+        if shared is None:
+            self.pool.setdefault(key, []).append(value)
+        else:
+            value = shared
         name = f"_lrp_{hint}{self._count}"
         self._count += 1
         self.root.register_buffer(name, value, persistent=True)
@@ -322,8 +331,9 @@ class Rewriter:
     """Builds the explainer GraphModule from a traced model, its merges and a rule plan."""
 
     def __init__(self, traced: Traced, merges: list[Merge], plan: Plan, taps: bool = False,
-                 trace_nodes: bool = False):
+                 trace_nodes: bool = False, constant_pool: dict | None = None):
         self.traced, self.plan = traced, plan
+        self.constant_pool = {} if constant_pool is None else constant_pool  # shared with later builds (Emitter)
         self.merges = {m.node: m for m in merges}
         self.block_inputs = [m.fork for m in merges]
         self.taps: dict | None = {} if (taps or trace_nodes) else None
@@ -385,7 +395,7 @@ class Rewriter:
         graph = fx.Graph()
         root = torch.nn.Module()
         dtype = next(n for n in self.traced.graph.nodes if n.op == "placeholder").meta.get("dtype")
-        self.em = Emitter(graph, root, torch.float64 if dtype == torch.float64 else torch.float32)
+        self.em = Emitter(graph, root, torch.float64 if dtype == torch.float64 else torch.float32, self.constant_pool)
         x, target, logits = self._copy_forward(graph)
         em = self.em
         k = next(n for n in self.traced.graph.nodes if n.op == "output").args[0].meta["shape"][-1]

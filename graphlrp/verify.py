@@ -183,7 +183,8 @@ def certify(explainer, model: torch.nn.Module, example: torch.Tensor, allow_vani
     x = example_pair(example)
     target = torch.full((x.shape[0],), -1, dtype=torch.long)
     reference = _model_logits(model, x)
-    tracer = Rewriter(traced, explainer.merges, plan, trace_nodes=True).build()
+    tracer = Rewriter(traced, explainer.merges, plan, trace_nodes=True,
+                      constant_pool=explainer.constant_pool).build()  # the explainer's rule weights, not copies
     with torch.no_grad():
         logits, relevance, sums = tracer(x, target)
     out = sums["output"].double()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 import time
 import warnings
@@ -108,6 +109,8 @@ def run(args) -> int:
             if args.rules:
                 raise
             raise type(e)(f"{e}\n{_other_presets(model, example, rules, options)}") from e
+    del model  # the explainer holds its own copy; the export's peak memory need not hold this one too
+    gc.collect()
     t1 = time.perf_counter()
     merges = explainer.merges
     kinds = {k: sum(m.skip_kind == k for m in merges) for k in ("identity", "projection", "other")}
