@@ -242,6 +242,13 @@ def count_macs(model) -> float:
     return total
 
 
+EXTERNAL_DATA_BYTES = 1_900_000_000  # weights over this: stored as ONNX external data (protobuf's 2 GiB limit)
+
+
+def _weight_bytes(model) -> int:
+    return sum(len(t.raw_data) or int(np.prod(t.dims)) * 4 for t in model.graph.initializer)
+
+
 def export_onnx(explainer, path, opset: int = 17, check: bool = True, metadata: dict | None = None,
                 verbose: bool = False, **preprocessing) -> ExportReport:
     import onnx
@@ -258,17 +265,33 @@ def export_onnx(explainer, path, opset: int = 17, check: bool = True, metadata: 
     for key, value in meta.items():
         entry = model.metadata_props.add()
         entry.key, entry.value = key, value
-    data = model.SerializeToString()  # once: the checker and the file both take the bytes
-    try:
-        onnx.checker.check_model(data, full_check=True)
-    except onnx.checker.ValidationError as e:  # graphlrp wrote an invalid file: its bug, said as an ExportError
-        raise ExportError(f"the ONNX model graphlrp wrote for this explainer is invalid (onnx.checker: "
-                          f"{' '.join(str(e).split())[:300]}); nothing was written") from e
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-    del data, model  # onnxruntime reads the file: the bytes and the proto need not live beside its session
-    report = ExportReport(str(path), float("nan"), float("nan"), path.stat().st_size, opset,
+    external = _weight_bytes(model) > EXTERNAL_DATA_BYTES
+    if external:  # a protobuf message holds at most 2 GiB: the weights go to PATH.data beside the graph
+        location = path.name + ".data"
+        if (path.parent / location).exists():
+            (path.parent / location).unlink()  # onnx appends to an existing file
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=location, size_threshold=1024)
+        del model
+        checked = str(path)
+    else:
+        checked = model.SerializeToString()  # once: the checker and the file both take the bytes
+        del model
+    try:
+        onnx.checker.check_model(checked, full_check=True)
+    except onnx.checker.ValidationError as e:  # graphlrp wrote an invalid file: its bug, said as an ExportError
+        if external:
+            path.unlink(missing_ok=True)
+            (path.parent / location).unlink(missing_ok=True)
+        raise ExportError(f"the ONNX model graphlrp wrote for this explainer is invalid (onnx.checker: "
+                          f"{' '.join(str(e).split())[:300]}); nothing was written") from e
+    if not external:
+        path.write_bytes(checked)
+    del checked  # onnxruntime reads the file: the bytes and the proto need not live beside its session
+    size = path.stat().st_size + ((path.parent / location).stat().st_size if external else 0)
+    report = ExportReport(str(path), float("nan"), float("nan"), size, opset,
                           certificate=explainer.info.get("certificate"))
     if check:
         import onnxruntime as ort

@@ -31,6 +31,9 @@ def export_triton(onnx_path: str | Path, repo_dir: str | Path, name: str | None 
     model_dir = Path(repo_dir) / name
     (model_dir / "1").mkdir(parents=True, exist_ok=True)
     shutil.copyfile(onnx_path, model_dir / "1" / "model.onnx")
+    weights = Path(str(onnx_path) + ".data")  # an explainer over 2 GiB keeps its weights beside it (export_onnx)
+    if weights.exists():
+        shutil.copyfile(weights, model_dir / "1" / weights.name)
     if session.labels:
         (model_dir / "labels.txt").write_text("".join(f"{label}\n" for label in session.labels), encoding="utf-8")
     (model_dir / "config.pbtxt").write_text(config, encoding="utf-8")

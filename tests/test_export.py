@@ -160,3 +160,30 @@ def test_the_float64_reference_needs_no_copy_of_the_graph():
     assert got.dtype == np.float64 and np.array_equal(got, expected.numpy())
     after = explainer.graph_module.state_dict()
     assert all(after[k].dtype == v.dtype and torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_weights_over_the_protobuf_limit_go_to_external_data_beside_the_file(tmp_path, monkeypatch):
+    """An explainer whose weights pass 2 GiB (ViT-H, RegNetY-128GF) cannot be one protobuf message: the export
+    writes PATH and PATH.data, checks them and runs the parity check from them; Triton's repository gets both."""
+    import graphlrp.export as export
+    from graphlrp.triton import export_triton
+
+    monkeypatch.setattr(export, "EXTERNAL_DATA_BYTES", 1000)  # this small net stands in for a 2 GiB one
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                              torch.nn.Flatten(), torch.nn.Linear(8, 4)).eval()
+    explainer = graphlrp.compile(net, torch.randn(1, 3, 16, 16), rules="otsuki2024-conserving")
+    path = tmp_path / "big.onnx"
+    report = explainer.export_onnx(path)
+    data = tmp_path / "big.onnx.data"
+    assert data.is_file() and data.stat().st_size > 8 * 3 * 3 * 3 * 4  # the conv weight lives there
+    assert report.size_bytes == path.stat().st_size + data.stat().st_size
+    assert report.max_rel_diff <= 1e-4
+    x = torch.randn(2, 3, 16, 16)
+    logits, relevance = ort.InferenceSession(str(path)).run(None, {"input": x.numpy(),
+                                                                  "target": np.array([-1, 1], dtype=np.int64)})
+    ref_logits, ref_relevance = explainer(x, torch.tensor([-1, 1]))
+    np.testing.assert_allclose(relevance, ref_relevance.numpy(), rtol=1e-4, atol=1e-6 * float(np.abs(relevance).max()))
+    model_dir = export_triton(path, tmp_path / "repo")
+    assert (model_dir / "1" / "big.onnx.data").is_file()
+    ort.InferenceSession(str(model_dir / "1" / "model.onnx"))  # finds its weights beside it
