@@ -828,7 +828,7 @@ def _pair(v) -> list:
     return [int(e) for e in v] if isinstance(v, (tuple, list)) else [int(v), int(v)]
 
 
-def _conv(g, x, weight, bias, stride=1, padding=0, dilation=1, groups=1):
+def _conv(g, x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     stride, dilation = _pair(stride), _pair(dilation)
     kernel = list(weight.shape[-2:])
     if isinstance(padding, str):
@@ -998,6 +998,28 @@ def _avg_pool_module(g, m, x):
     return _avg_pool(g, x, m.kernel_size, m.stride, m.padding, m.ceil_mode, m.count_include_pad, m.divisor_override)
 
 
+def _one(v):
+    return int(v[0]) if isinstance(v, (tuple, list)) else int(v)
+
+
+@converts(F.avg_pool1d, _torch("avg_pool1d"))
+def _avg_pool1d(g, input, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True):
+    """A 1-d average pool over the last dim of [N, C, L] (NextViT's sequence reduction). (In an explainer the
+    forward is already the op's exact matrix, a matmul.)"""
+    k = _one(kernel_size)
+    st = _one(stride) if stride not in (None, (), []) else k
+    p = _one(padding)
+    if ceil_mode and ((input.shape[-1] + 2 * p - k) % st):
+        raise ExportError("1-d average pooling with ceil_mode windows")
+    return g.op("AveragePool", [input], kernel_shape=[k], strides=[st], pads=[p, p],
+                count_include_pad=int(bool(count_include_pad)))
+
+
+@converts(nn.AvgPool1d)
+def _avg_pool1d_module(g, m, x):
+    return _avg_pool1d(g, x, m.kernel_size, m.stride, m.padding, m.ceil_mode, m.count_include_pad)
+
+
 @converts(F.adaptive_avg_pool2d, _torch("adaptive_avg_pool2d"))
 def _adaptive_avg(g, x, output_size):
     k = _adaptive_kernel(x, output_size)
@@ -1084,6 +1106,27 @@ def _repeat(g, x, *repeats):
     return g.op("Tile", [x, g.ints(repeats)])
 
 
+@converts(_torch("unflatten"), "unflatten")
+def _unflatten(g, x, dim, sizes):
+    return _reshape_to(g, x, g.out_shape)
+
+
+@converts(torch.repeat_interleave, "repeat_interleave")
+def _repeat_interleave(g, x, repeats, dim=None, *, output_size=None):
+    """Each slice along `dim` repeated `repeats` times in place (GCViT's q_global.repeat_interleave(B // b, 0))."""
+    if not isinstance(repeats, int) or dim is None:
+        raise ExportError("repeat_interleave with per-element repeats or over the flattened tensor")
+    if repeats == 1:
+        return g.op("Identity", [x])
+    d = dim % x.rank
+    tiles = [1] * (x.rank + 1)
+    tiles[d + 1] = repeats
+    tiled = g.op("Tile", [g.op("Unsqueeze", [x, g.ints([d + 1])]), g.ints(tiles)])
+    shape = list(x.shape)
+    shape[d] *= repeats
+    return g.op("Reshape", [tiled, g.shape_target(x, shape)])
+
+
 @converts(torch.roll, "roll")
 def _roll(g, x, shifts, dims=None):
     if dims is None:
@@ -1162,12 +1205,15 @@ def _pad_any(g, x, pad, mode="constant", value=None):
     onnx_mode = {"constant": "constant", "reflect": "reflect", "replicate": "edge", "circular": "wrap"}.get(mode)
     if onnx_mode is None or (onnx_mode == "wrap" and g.opset < 19):
         raise ExportError(f"padding mode {mode!r}")
-    if any(p < 0 for p in pad):
-        return g.op("Slice", [x, g.ints([-min(b, 0) for b in begins]),
-                              g.ints([s + min(e, 0) for s, e in zip(x.shape, ends)]), g.ints(list(range(x.rank)))]) \
-            if all(p <= 0 for p in pad) else _pad_any(g, _pad_any(g, x, [min(p, 0) for p in pad]),
-                                                      [max(p, 0) for p in pad], mode, value)
-    inputs = [x, g.ints(begins + ends)]
+    source = x
+    if any(p < 0 for p in begins + ends):  # negative padding crops (PNASNet's ZeroPad2d((-1, 1, -1, 1)) shift)
+        axes = [d for d in range(x.rank) if min(begins[d], ends[d]) < 0]  # only those: the batch stays symbolic
+        source = g.op("Slice", [x, g.ints([-min(begins[d], 0) for d in axes]),
+                                g.ints([x.shape[d] + min(ends[d], 0) for d in axes]), g.ints(axes)])
+        begins, ends = [max(b, 0) for b in begins], [max(e, 0) for e in ends]
+        if not any(begins + ends):
+            return source
+    inputs = [source, g.ints(begins + ends)]
     if onnx_mode == "constant":
         inputs.append(g.scalar(float(value or 0), x.dtype))
     return g.op("Pad", inputs, mode=onnx_mode)

@@ -289,6 +289,97 @@ def test_adaptive_pool_unequal_windows_is_the_z_rule(size, out):
         assert rel_diff(rel[i].sum(0), expected[0].sum(0).detach()) < 1e-5
 
 
+# ------------------------------------------------------------------ linear resampling: a fixed linear map
+RESAMPLINGS = {
+    "bilinear_x2": lambda y: F.interpolate(y, scale_factor=2, mode="bilinear"),
+    "bilinear_align_corners": lambda y: F.interpolate(y, scale_factor=1.5, mode="bilinear", align_corners=True),
+    "bicubic_to_size": lambda y: F.interpolate(y, size=(7, 9), mode="bicubic", align_corners=False),
+    "bicubic_down": lambda y: F.interpolate(y, size=(3, 4), mode="bicubic"),
+    "bilinear_antialias": lambda y: F.interpolate(y, size=(3, 2), mode="bilinear", antialias=True),
+    "area": lambda y: F.interpolate(y, size=(4, 3), mode="area"),
+    "upsample_module": nn.Upsample(scale_factor=2, mode="bilinear"),
+    "upsampling_bilinear2d": nn.UpsamplingBilinear2d(size=(6, 7)),
+    "avg_pool1d": lambda y: F.avg_pool1d(y.flatten(2), 3, 2, 1).unflatten(2, (-1, 1)),
+    "avg_pool1d_module": nn.Sequential(nn.Flatten(2), nn.AvgPool1d(2, 2)),
+}
+
+
+class Resample(nn.Module):
+    def __init__(self, op, features):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fn = op
+        self.fc = nn.Linear(features, 5, bias=False)
+
+    def forward(self, x):
+        return self.fc(self.fn(F.relu(self.conv(x))).flatten(1))
+
+
+@pytest.mark.parametrize("name", sorted(RESAMPLINGS))
+def test_linear_resampling_is_the_z_rule_through_its_exact_weights(name):
+    """relu(conv) -> resampling -> linear. Reference, in float64 from autograd: the linear layer's ε-rule
+    (ε = 1e-9, no bias) R_y = y ⊙ Wᵀ(R / Wy), then the resampling's z-rule through its Jacobian J (autograd's
+    vector-Jacobian product): R_a = a ⊙ Jᵀ(R_y / y). Conservation and the export (onnxruntime parity) too."""
+    torch.manual_seed(0)
+    op = RESAMPLINGS[name]
+    x = torch.randn(2, 3, 6, 5)
+    with torch.no_grad():
+        features = op(torch.zeros(1, 4, 6, 5)).numel()
+    model = Resample(op, features).eval()
+    explainer = graphlrp.compile(model, x[:1], rules="cp-lrp-conserving")
+    logits, rel, taps = explainer.explain_with_taps(x)
+    assert (taps["input"] / taps["output"] - 1).abs().max() <= 1e-5
+    assert rel_diff(logits, model(x).detach()) <= 1e-5
+    m64 = model.double()
+    for i in range(2):
+        a = F.relu(m64.conv(x[i:i + 1].double())).detach().requires_grad_(True)
+        y = op(a)
+        z = m64.fc(y.flatten(1))
+        t = int(z.argmax())
+        w = m64.fc.weight[t].reshape(y.shape)
+        r_y = (y * w).detach()  # R = z_t on the target: R_y = y ⊙ w_t (the ε-rule with ε → 0)
+        safe = torch.where(y == 0, 1.0, y).detach()  # y = 0 (a window of dead ReLUs) carries R_y = 0
+        (vjp,) = torch.autograd.grad(y, a, torch.where(y == 0, 0.0, r_y / safe))
+        expected = (a * vjp).detach()
+        # then ReLU passes R_a on, and the first conv's ε-rule without its bias: R_x = x ⊙ Wᵀ(R_a / Wx)
+        x_i = x[i:i + 1].double().requires_grad_(True)
+        wx = m64.conv(x_i) - m64.conv.bias.view(1, -1, 1, 1)
+        (back,) = torch.autograd.grad(wx, x_i, expected / wx.detach())
+        assert rel_diff(rel[i], (x_i * back)[0].detach()) < 1e-4, name
+    model.float()
+    import tempfile, os
+    assert explainer.export_onnx(os.path.join(tempfile.mkdtemp(), "r.onnx")).max_rel_diff <= 1e-3
+
+
+def _not_separable(x, *args, **kwargs):
+    """A resampling followed by a mix of rows and columns: linear, per channel, but not H ⊗ W separable."""
+    y = F.interpolate(x, *args, **kwargs)
+    return y + torch.roll(y.transpose(-1, -2), 1, -1).transpose(-1, -2) * torch.arange(y.shape[-1]).float()
+
+
+def _channel_mixing(x, *args, **kwargs):
+    return F.interpolate(x, *args, **kwargs) + F.interpolate(x.flip(1), *args, **kwargs)
+
+
+@pytest.mark.parametrize("fn", [_not_separable, _channel_mixing])
+def test_a_map_that_is_not_a_separable_resampling_is_refused(fn):
+    """The per-axis matrices are checked on a random input: a node whose computation is not what they describe
+    (here a planted target in place of F.interpolate) is an UnsupportedOpError naming it, not a wrong rule."""
+    from graphlrp.ops.pooling import separable_linear_op
+    from graphlrp.trace import trace
+
+    class Up(nn.Module):
+        def forward(self, x):
+            return F.interpolate(x, scale_factor=2, mode="bilinear").mean((2, 3))
+
+    traced = trace(Up(), torch.randn(1, 3, 4, 5))
+    node = next(n for n in traced.graph.nodes if n.target is F.interpolate)
+    assert separable_linear_op(node, traced).params["axes"][0][1].shape == (8, 4)
+    node.target = fn
+    with pytest.raises(UnsupportedOpError, match="not a fixed linear map"):
+        separable_linear_op(node, traced)
+
+
 # ------------------------------------------------------------------ parameter-only subgraphs
 class StdConv(nn.Conv2d):
     """Weight standardisation as timm's StdConv2d writes it: a batch norm over the weight."""
@@ -336,13 +427,15 @@ class Broken(nn.Module):
         return x.view(5, -1)
 
 
-class Bilinear(nn.Module):
+class Cumsum(nn.Module):
+    """A linear op with no describer that is no rearrangement: no rule."""
+
     def __init__(self):
         super().__init__()
-        self.fc = nn.Linear(48, 2)
+        self.fc = nn.Linear(12, 2)
 
     def forward(self, x):
-        return self.fc(F.interpolate(x, scale_factor=2, mode="bilinear").flatten(1))
+        return self.fc(torch.cumsum(x, -1).flatten(1))
 
 
 class BatchMix(nn.Module):
@@ -356,7 +449,7 @@ class BatchMix(nn.Module):
 
 @pytest.mark.parametrize("model,error", [
     (DataDependent(), TraceError), (TwoInputs(), TraceError), (Tuple(), TraceError), (Broken(), TraceError),
-    (Bilinear(), UnsupportedOpError), (BatchMix(), GraphLRPError), ("not a model", TraceError)])
+    (Cumsum(), UnsupportedOpError), (BatchMix(), GraphLRPError), ("not a model", TraceError)])
 def test_odd_models_raise_graphlrp_errors(model, error):
     with pytest.raises(error):
         graphlrp.compile(model, torch.randn(1, 3, 2, 2))
