@@ -380,6 +380,56 @@ def test_a_map_that_is_not_a_separable_resampling_is_refused(fn):
         separable_linear_op(node, traced)
 
 
+# ------------------------------------------------------------------ group norm, linearized (1/σ held constant)
+class GroupNormHead(nn.Module):
+    """nn.GroupNorm, and timm's GroupNorm1 spelling (F.group_norm with one group), before a bias-free head."""
+
+    def __init__(self, functional: bool):
+        super().__init__()
+        self.functional = functional
+        self.norm = nn.GroupNorm(2, 4, eps=1e-3)
+        with torch.no_grad():
+            self.norm.weight.uniform_(0.5, 1.5)
+            self.norm.bias.uniform_(-0.5, 0.5)
+        self.fc = nn.Linear(4 * 5 * 6, 3, bias=False)
+
+    def norm_fn(self, x):
+        if self.functional:
+            return F.group_norm(x, 1, self.norm.weight, self.norm.bias, 1e-5)
+        return self.norm(x)
+
+    def forward(self, x):
+        return self.fc(self.norm_fn(x).flatten(1))
+
+
+@pytest.mark.parametrize("functional", [False, True], ids=["module", "functional"])
+def test_group_norm_linearized_is_the_epsilon_rule_with_sigma_held(functional):
+    """cp-lrp-conserving's `linearized` rule on a group norm, against autograd in float64: the norm with σ_g
+    detached is the linear map f(x) = w (x − mean_g x) / σ_g; R_x = x ⊙ ∂⟨s, f(x)⟩/∂x, s = R_y / f(x), with
+    R_y = y ⊙ w_t from the bias-free head. Conserving, and exported with parity."""
+    torch.manual_seed(0)
+    model = GroupNormHead(functional).eval()
+    x = torch.randn(2, 4, 5, 6)
+    explainer = graphlrp.compile(model, x[:1], rules="cp-lrp-conserving")
+    logits, rel, taps = explainer.explain_with_taps(x)
+    assert (taps["input"] / taps["output"] - 1).abs().max() <= 1e-5
+    m64 = model.double()
+    groups, eps = (1, 1e-5) if functional else (2, 1e-3)
+    for i in range(2):
+        xi = x[i:i + 1].double().requires_grad_(True)
+        y = m64.norm_fn(xi)
+        t = int(m64.fc(y.flatten(1)).argmax())
+        r_y = (y * m64.fc.weight[t].reshape(y.shape)).detach()
+        xg = xi.reshape(1, groups, -1)
+        sigma = (xg.var(-1, unbiased=False, keepdim=True) + eps).sqrt().detach()
+        f = ((xg - xg.mean(-1, keepdim=True)) / sigma).reshape(xi.shape) * m64.norm.weight.view(1, -1, 1, 1)
+        (g,) = torch.autograd.grad(f, xi, r_y / f.detach())
+        assert rel_diff(rel[i], (xi * g)[0].detach()) < 1e-4
+    model.float()
+    import tempfile, os
+    assert explainer.export_onnx(os.path.join(tempfile.mkdtemp(), "g.onnx")).max_rel_diff <= 1e-3
+
+
 # ------------------------------------------------------------------ parameter-only subgraphs
 class StdConv(nn.Conv2d):
     """Weight standardisation as timm's StdConv2d writes it: a batch norm over the weight."""
