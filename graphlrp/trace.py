@@ -92,6 +92,47 @@ class _SizedProxy(fx.Proxy):
         return super().__iter__()
 
 
+# Tensor methods that take sizes: called on a concrete tensor (a buffer the model computed while tracing, ConViT's
+# rel_indices) with a traced size (the batch size, a graph value), they are recorded as graph nodes instead of
+# failing in PyTorch's argument parser
+_SIZED_METHODS = ("expand", "repeat", "view", "reshape", "new_zeros", "new_ones", "new_empty", "new_full")
+
+
+def _find_proxy(obj):
+    if isinstance(obj, fx.Proxy):
+        return obj
+    if isinstance(obj, (list, tuple)):
+        return next((p for p in map(_find_proxy, obj) if p is not None), None)
+    if isinstance(obj, dict):
+        return _find_proxy(list(obj.values()))
+    return None
+
+
+class _SizedMethods:
+    """While tracing: `tensor.expand(B, -1, ...)` with a traced B becomes a call_method node on the constant."""
+
+    def __enter__(self):
+        self.saved = {name: getattr(torch.Tensor, name) for name in _SIZED_METHODS}
+        for name, original in self.saved.items():
+            setattr(torch.Tensor, name, self._wrap(name, original))
+        return self
+
+    def __exit__(self, *exc):
+        for name, original in self.saved.items():
+            setattr(torch.Tensor, name, original)
+
+    @staticmethod
+    def _wrap(name, original):
+        def method(self, *args, **kwargs):
+            proxy = None if isinstance(self, fx.Proxy) else _find_proxy((args, kwargs))
+            if proxy is None:
+                return original(self, *args, **kwargs)
+            return proxy.tracer.create_proxy("call_method", name, (self, *args), kwargs)
+
+        method.__name__ = name
+        return method
+
+
 def _to_meta(obj):
     return obj.to("meta") if isinstance(obj, torch.Tensor) else obj
 
@@ -278,7 +319,8 @@ def trace(model: torch.nn.Module, example_input: torch.Tensor) -> Traced:
     x2 = torch.cat([x1, torch.flip(x1, dims=(-1,))])  # two different samples of the same size
     tracer = _Tracer((x1, x2))
     try:
-        graph = tracer.trace(model, concrete_args=_default_args(model))
+        with _SizedMethods():
+            graph = tracer.trace(model, concrete_args=_default_args(model))
     except GraphLRPError:
         raise
     except Exception as e:

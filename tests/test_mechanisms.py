@@ -51,6 +51,35 @@ class SamePad(nn.Module):
         return self.fc(y.mean((2, 3)).view(n, -1)) * scale
 
 
+class ComputedBuffer(nn.Module):
+    """ConViT's pattern: a buffer computed in forward from a size, then `buffer.expand(B, -1, -1)` with the traced
+    batch size B (and `repeat`, `view` with it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("rel", torch.zeros(1, 1, 3), persistent=False)
+        self.proj = nn.Linear(3, 3)
+        self.fc = nn.Linear(12, 5)
+
+    def forward(self, x):  # x: [N, 12]
+        b = x.shape[0]
+        if self.rel.shape[1] != 4:
+            self.rel = torch.arange(12.0).reshape(1, 4, 3) / 12
+        pos = self.rel.expand(b, -1, -1) + self.rel.repeat(b, 1, 1) + self.rel.reshape(1, 12).view(b * 0 + 1, 4, 3)
+        return self.fc((self.proj(x.reshape(b, 4, 3)) * torch.sigmoid(pos)).flatten(1))
+
+
+def test_a_concrete_tensor_expanded_to_the_traced_batch_size_traces():
+    torch.manual_seed(0)
+    model = ComputedBuffer().eval()
+    x = torch.randn(3, 12)
+    explainer = graphlrp.compile(model, x[:1], rules="cp-lrp-conserving")
+    logits, rel, taps = explainer.explain_with_taps(x)
+    assert rel_diff(logits, model(x).detach()) <= 1e-6
+    assert (taps["input"] / taps["output"] - 1).abs().max() <= 1e-5
+    assert torch.Tensor.expand.__qualname__ != "_SizedMethods._wrap.<locals>.method"  # restored after tracing
+
+
 @pytest.mark.parametrize("size", [9, 10])
 def test_control_flow_over_sizes_and_default_arguments_trace(size):
     torch.manual_seed(0)
