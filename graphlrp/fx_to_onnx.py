@@ -972,6 +972,12 @@ def _adaptive_max_module(g, m, x):
     return _max_pool(g, x, k, k, 0, 1, False, m.return_indices)
 
 
+@converts(F.adaptive_max_pool2d, _torch("adaptive_max_pool2d"))
+def _adaptive_max_function(g, x, output_size, return_indices=False):
+    k = _adaptive_kernel(x, output_size)
+    return _max_pool(g, x, k, k, 0, 1, False, return_indices)
+
+
 def _avg_pool(g, x, kernel, stride=None, padding=0, ceil_mode=False, count_include_pad=True, divisor_override=None):
     if divisor_override is not None:
         raise ExportError(f"average pooling with divisor_override={divisor_override!r} (ONNX AveragePool divides "
@@ -1109,6 +1115,51 @@ def _repeat(g, x, *repeats):
 @converts(_torch("unflatten"), "unflatten")
 def _unflatten(g, x, dim, sizes):
     return _reshape_to(g, x, g.out_shape)
+
+
+def _patch_kernel(x: Value, c: int, kernel) -> Value:
+    """One-hot kernels [C·kh·kw, 1, kh, kw]: a grouped conv with them copies each patch entry to its own channel in
+    F.unfold's order (c·kh·kw + i·kw + j); the transposed conv sums them back (F.fold)."""
+    kh, kw = kernel
+    eye = torch.eye(kh * kw, dtype=x.dtype).reshape(kh * kw, 1, kh, kw)
+    return constant(eye.repeat(c, 1, 1, 1), "patches")
+
+
+@converts(F.unfold, nn.Unfold)
+def _unfold(g, *args, **kwargs):
+    if isinstance(args[0], nn.Module):
+        m, x = args[0], args[1]
+        kernel, dilation, padding, stride = m.kernel_size, m.dilation, m.padding, m.stride
+    else:
+        names = ("input", "kernel_size", "dilation", "padding", "stride")
+        bound = {**dict(zip(names, args)), **kwargs}
+        x, kernel = bound["input"], bound["kernel_size"]
+        dilation, padding, stride = bound.get("dilation", 1), bound.get("padding", 0), bound.get("stride", 1)
+    kernel, dilation, padding, stride = map(_pair, (kernel, dilation, padding, stride))
+    c = x.shape[1]
+    patches = g.op("Conv", [x, _patch_kernel(x, c, kernel)], kernel_shape=kernel, strides=stride,
+                   pads=padding + padding, dilations=dilation, group=c)
+    return g.op("Reshape", [patches, g.shape_target(x, g.out_shape)])
+
+
+@converts(F.fold, nn.Fold)
+def _fold(g, *args, **kwargs):
+    if isinstance(args[0], nn.Module):
+        m, x = args[0], args[1]
+        size, kernel, dilation, padding, stride = m.output_size, m.kernel_size, m.dilation, m.padding, m.stride
+    else:
+        names = ("input", "output_size", "kernel_size", "dilation", "padding", "stride")
+        bound = {**dict(zip(names, args)), **kwargs}
+        x, size, kernel = bound["input"], bound["output_size"], bound["kernel_size"]
+        dilation, padding, stride = bound.get("dilation", 1), bound.get("padding", 0), bound.get("stride", 1)
+    size, kernel, dilation, padding, stride = map(_pair, (size, kernel, dilation, padding, stride))
+    c = g.out_shape[1]
+    blocks = [(s + 2 * p - d * (k - 1) - 1) // st + 1 for s, p, d, k, st in zip(size, padding, dilation, kernel, stride)]
+    grid = g.op("Reshape", [x, g.shape_target(x, [x.shape[0], x.shape[1], *blocks])])
+    full = [(b - 1) * st - 2 * p + d * (k - 1) + 1 for b, st, p, d, k in zip(blocks, stride, padding, dilation, kernel)]
+    return g.op("ConvTranspose", [grid, _patch_kernel(x, c, kernel)], kernel_shape=kernel, strides=stride,
+                pads=padding + padding, dilations=dilation, group=c,
+                output_padding=[s - f for s, f in zip(size, full)])
 
 
 @converts(torch.repeat_interleave, "repeat_interleave")

@@ -195,6 +195,9 @@ class RuleContext:
         p = self.op.params
         if "axes" in p:  # a separable linear map (resampling, 1-d pooling): Aᵀ along each of its axes
             return self.axes_transpose(s, p["axes"])
+        if "fold" in p:  # F.fold sums patches: its transpose cuts them out again
+            g = p["fold"]
+            return self.call(F.unfold, s, g["kernel_size"], g["dilation"], g["padding"], g["stride"])
         if "matrix" not in p:
             return self.avgpool_transpose(s, p["kernel"], p["stride"], p["padding"], p["ceil_mode"],
                                           p["count_include_pad"])

@@ -305,3 +305,22 @@ class TimmSpellings(nn.Module):
 
 def test_timm_spellings_match_pytorch_at_another_batch_size():
     check_module(TimmSpellings().eval(), (4, 6, 5))
+
+
+class Patches(nn.Module):
+    """VOLO's outlook attention: nn.Unfold / F.unfold into patches and F.fold / nn.Fold summing them back."""
+
+    def __init__(self):
+        super().__init__()
+        self.unfold = nn.Unfold(3, padding=1, stride=2)
+        self.fold = nn.Fold((6, 5), 2, stride=1)
+
+    def forward(self, x):  # x: [N, 4, 6, 5]
+        u = self.unfold(x)  # [N, 36, 3·3]
+        v = F.unfold(x, (2, 3), dilation=(1, 2), padding=(1, 0))
+        return (u, v, F.fold(u, (6, 5), 3, padding=1, stride=2), self.fold(F.unfold(x, 2)),
+                F.fold(v, output_size=(6, 5), kernel_size=(2, 3), dilation=(1, 2), padding=(1, 0)))
+
+
+def test_unfold_and_fold_match_pytorch_at_another_batch_size():
+    check_module(Patches().eval(), (4, 6, 5))

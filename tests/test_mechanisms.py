@@ -409,6 +409,48 @@ def test_a_map_that_is_not_a_separable_resampling_is_refused(fn):
         separable_linear_op(node, traced)
 
 
+class FoldPatches(nn.Module):
+    """VOLO's outlook pattern: patches cut out (unfold, a copy: a MOVE), weighted, summed back (fold)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4 * 6 * 5, 3, bias=False)
+        self.register_buffer("w", torch.rand(1, 36, 1) + 0.5)
+
+    def patches(self, x):
+        return F.unfold(x, 3, padding=1) * self.w
+
+    def forward(self, x):
+        return self.fc(F.fold(self.patches(x), (6, 5), 3, padding=1).flatten(1))
+
+
+def test_fold_is_the_z_rule_through_its_patches():
+    """Reference from autograd in float64: R_y = y ⊙ w_t at the bias-free head; fold's z-rule
+    R_u = u ⊙ Jᵀ(R_y / y) (J: fold's Jacobian, autograd's vector-Jacobian product); the scale by a constant
+    passes R_u; unfold is a copy whose relevance sums back (its VJP). Conserving, exported with parity."""
+    torch.manual_seed(0)
+    model = FoldPatches().eval()
+    x = torch.randn(2, 4, 6, 5)
+    explainer = graphlrp.compile(model, x[:1], rules="cp-lrp-conserving")
+    logits, rel, taps = explainer.explain_with_taps(x)
+    assert (taps["input"] / taps["output"] - 1).abs().max() <= 1e-5
+    m64 = model.double()
+    for i in range(2):
+        xi = x[i:i + 1].double().requires_grad_(True)
+        cut = F.unfold(xi, 3, padding=1)
+        u = (cut * m64.w).detach().requires_grad_(True)
+        y = F.fold(u, (6, 5), 3, padding=1)
+        t = int(m64.fc(y.flatten(1)).argmax())
+        r_y = (y * m64.fc.weight[t].reshape(y.shape)).detach()
+        (vjp,) = torch.autograd.grad(y, u, r_y / y.detach())
+        r_u = (u * vjp).detach()
+        (expected,) = torch.autograd.grad(cut, xi, r_u)
+        assert rel_diff(rel[i], expected[0]) < 1e-4
+    model.float()
+    import tempfile, os
+    assert explainer.export_onnx(os.path.join(tempfile.mkdtemp(), "f.onnx")).max_rel_diff <= 1e-3
+
+
 # ------------------------------------------------------------------ group norm, linearized (1/σ held constant)
 class GroupNormHead(nn.Module):
     """nn.GroupNorm, and timm's GroupNorm1 spelling (F.group_norm with one group), before a bias-free head."""

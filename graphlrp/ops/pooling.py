@@ -98,9 +98,15 @@ def _adaptive_avg_function(node, traced):
     return _adaptive_avg(node, value(arg(node, 1, "output_size"), traced))
 
 
-@describes(modules=[nn.AdaptiveMaxPool2d])
-def _adaptive_max_module(node, traced):
-    (h, w), out = _adaptive_out(node, traced.module(node).output_size)
+@describes(modules=[nn.AdaptiveMaxPool2d], functions=[F.adaptive_max_pool2d, "torch.adaptive_max_pool2d"])
+def _adaptive_max(node, traced):
+    if node.op == "call_module":
+        size = traced.module(node).output_size
+    else:
+        size = value(arg(node, 1, "output_size"), traced)
+        if value(arg(node, 2, "return_indices", False), traced):
+            return None  # a (values, indices) pair
+    (h, w), out = _adaptive_out(node, size)
     if h % out[0] or w % out[1]:
         raise UnsupportedOpError(f"{describe_node(node)}: adaptive max pooling to {out} from {(h, w)} has unequal "
                                  "windows")
@@ -291,3 +297,24 @@ def _interpolate(node, traced):
 def _avgpool1d(node, traced):
     """A 1-d average pool (NextViT's sequence reduction): a fixed linear map along the last axis."""
     return separable_linear_op(node, traced)
+
+
+@describes(modules=[nn.Fold], functions=[F.fold])
+def _fold(node, traced):
+    """F.fold (VOLO's outlook attention): sliding patches [N, C·k·k, L] summed back into [N, C, H, W], a fixed
+    linear map whose transpose is F.unfold with the same geometry; each output cell the sum of the patch entries
+    that land on it. Category `avgpool`: the z-rule through it, R_in = x ⊙ unfold(R / stab(fold(x)))."""
+    if node.op == "call_module":
+        m = traced.module(node)
+        geometry = dict(output_size=m.output_size, kernel_size=m.kernel_size, dilation=m.dilation,
+                        padding=m.padding, stride=m.stride)
+    else:
+        v = lambda i, name, d=None: value(arg(node, i, name, d), traced)  # noqa: E731
+        geometry = dict(output_size=v(1, "output_size"), kernel_size=v(2, "kernel_size"), dilation=v(3, "dilation", 1),
+                        padding=v(4, "padding", 0), stride=v(5, "stride", 1))
+    x = node.args[0]
+    if not is_dynamic_tensor(x) or x.meta.get("batch_dim", 0) != 0 or len(x.meta["shape"]) != 3:
+        raise UnsupportedOpError(f"{describe_node(node)}: fold of a tensor that is not [N, C·k·k, L]")
+    geometry = {k: pair(g) for k, g in geometry.items()}
+    row_sums = F.fold(torch.ones(tuple(x.meta["shape"]), dtype=torch.float64), **geometry)[0]
+    return Op(AVGPOOL, node, (x,), dict(fold=geometry, row_sums=row_sums))
