@@ -828,7 +828,8 @@ def _pair(v) -> list:
     return [int(e) for e in v] if isinstance(v, (tuple, list)) else [int(v), int(v)]
 
 
-def _conv(g, x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+def _conv(g, input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    x = input
     stride, dilation = _pair(stride), _pair(dilation)
     kernel = list(weight.shape[-2:])
     if isinstance(padding, str):
@@ -874,7 +875,8 @@ def _conv_transpose_module(g, m: nn.ConvTranspose2d, x):
 
 
 @converts(F.linear)
-def _linear(g, x, weight, bias=None):
+def _linear(g, input, weight, bias=None):  # F.linear's own parameter names: every spelling binds
+    x = input
     if x.rank == 2:
         return g.op("Gemm", [x, weight] + ([bias] if bias is not None else []), transB=1)
     out = g.op("MatMul", [x, g.op("Transpose", [weight], perm=[1, 0])])

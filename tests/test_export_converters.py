@@ -288,7 +288,8 @@ def test_catch_all_converters_follow_the_input_dtype(dtype):
 # ---------------------------------------------------------------- spellings met in timm's model modules
 class TimmSpellings(nn.Module):
     """PNASNet's ZeroPad2d((-1, 1, -1, 1)) shift (a crop and a pad in one), TResNet's blur pool
-    `F.conv2d(x, filt, stride=2, groups=C)` with no bias argument, GCViT's `repeat_interleave` over the batch dim."""
+    `F.conv2d(x, filt, stride=2, groups=C)` with no bias argument, GCViT's `repeat_interleave` over the batch dim,
+    BEiT's `F.linear(input=x, weight=w, bias=cat(...))` all by keyword."""
 
     def __init__(self):
         super().__init__()
@@ -300,7 +301,9 @@ class TimmSpellings(nn.Module):
         return (self.shift(x), self.crop(x), F.pad(x, (1, -1, -2, 1)),
                 F.conv2d(x, self.filt, stride=2, groups=4), torch.conv2d(x, self.filt, None, 1, 1, 1, 4),
                 x.repeat_interleave(1, dim=0), x.repeat_interleave(3, dim=1), torch.repeat_interleave(x, 2, dim=-1),
-                x.repeat_interleave(2, 0))
+                x.repeat_interleave(2, 0), F.linear(input=x, weight=self.filt.reshape(4, 9)[:, :5],
+                                                    bias=torch.cat((self.filt[0, 0, 0], self.filt[1, 0, 0, :1]))),
+                F.conv2d(input=x, weight=self.filt, groups=4))
 
 
 def test_timm_spellings_match_pytorch_at_another_batch_size():

@@ -80,6 +80,38 @@ def test_a_concrete_tensor_expanded_to_the_traced_batch_size_traces():
     assert torch.Tensor.expand.__qualname__ != "_SizedMethods._wrap.<locals>.method"  # restored after tracing
 
 
+class KeywordLinear(nn.Module):
+    """BEiT's qkv: F.linear by keyword, with a bias concatenated from parameters and a zero buffer."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(6, 9, bias=False)
+        self.q_bias, self.v_bias = nn.Parameter(torch.rand(3)), nn.Parameter(torch.rand(3))
+        self.register_buffer("k_bias", torch.zeros(3), persistent=False)
+        self.fc = nn.Linear(9, 4)
+
+    def forward(self, x):
+        bias = torch.cat((self.q_bias, self.k_bias, self.v_bias))
+        return self.fc(F.relu(F.linear(input=x, weight=self.qkv.weight, bias=bias)))
+
+
+def test_a_keyword_spelled_functional_linear_is_a_linear_layer():
+    from graphlrp import ops
+    from graphlrp.trace import trace
+
+    torch.manual_seed(0)
+    model = KeywordLinear().eval()
+    traced = trace(model, torch.randn(1, 6))
+    node = next(n for n in traced.graph.nodes if n.target is F.linear)
+    op = ops.describe(node, traced)
+    assert op.kind == ops.LINEAR and torch.equal(op.params["bias"], torch.cat((model.q_bias, model.k_bias,
+                                                                               model.v_bias)).detach())
+    x = torch.randn(3, 6)
+    logits, rel, taps = graphlrp.compile(model, x[:1], rules="cp-lrp-conserving").explain_with_taps(x)
+    assert rel_diff(logits, model(x).detach()) <= 1e-6
+    assert (taps["input"] / taps["output"] - 1).abs().max() <= 1e-5
+
+
 @pytest.mark.parametrize("size", [9, 10])
 def test_control_flow_over_sizes_and_default_arguments_trace(size):
     torch.manual_seed(0)
