@@ -756,6 +756,17 @@ def _getitem(g, x, index):
         i = index.index(Ellipsis)
         rest = sum(e is not None for e in index) - 1
         index[i:i + 1] = [slice(None)] * (x.rank - rest)
+    arrays = [i for i, e in enumerate(index) if isinstance(e, (Value, list, torch.Tensor))]
+    if arrays:  # one constant 1-d integer index among full slices (CSATv2's x[:, :, self.permutation]): a Gather
+        full = all(isinstance(e, slice) and e == slice(None) for i, e in enumerate(index) if i not in arrays)
+        e = index[arrays[0]] if len(arrays) == 1 else None
+        t = e.const if isinstance(e, Value) else (torch.as_tensor(e) if e is not None else None)
+        if not full or t is None or t.dim() != 1 or t.dtype in (torch.bool, torch.uint8) or t.is_floating_point():
+            raise ExportError("advanced indexing other than one constant 1-d integer index among full slices")
+        d = arrays[0]
+        if d == 0 and x.batched:
+            raise ExportError("indexing the batch dimension")
+        return g.op("Gather", [x, g.tensor(t.long() % x.shape[d], "index")], axis=d)
     starts, ends, axes, steps, squeeze, unsqueeze = [], [], [], [], [], []
     d = 0  # input dim
     out_d = 0  # output dim (after ints drop out and Nones add)
