@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from . import derived
 from .errors import ExportError
 from .optimize import flipped_kernel
-from .graph import describe_node
+from .graph import assign_slice, describe_node
 
 MIN_OPSET = 17  # ScatterElements(reduction="add") needs 16; converters emit the opset-17 forms or newer
 
@@ -798,6 +798,33 @@ def _getitem(g, x, index):
     if unsqueeze:
         out = g.op("Unsqueeze", [out, g.ints(unsqueeze)])
     return out
+
+
+@converts(assign_slice)
+def _assign_slice(g, x, index, value):
+    """x[index] = value out of place, for basic slices of step 1 (the batch dim whole): value padded into x's shape,
+    then Where(region, padded, x) with the region a constant mask broadcast over the batch."""
+    index = list(index) if isinstance(index, tuple) else [index]
+    if Ellipsis in index:
+        i = index.index(Ellipsis)
+        index[i:i + 1] = [slice(None)] * (x.rank - len(index) + 1)
+    index += [slice(None)] * (x.rank - len(index))
+    bounds = []
+    for d, (e, size) in enumerate(zip(index, x.shape)):
+        if not isinstance(e, slice) or e.indices(size)[2] != 1:
+            raise ExportError(f"item assignment with index {e!r}")
+        start, stop, _ = e.indices(size)
+        if d == 0 and x.batched and (start, stop) != (0, size):
+            raise ExportError("item assignment into part of the batch")
+        bounds.append((start, stop))
+    region = [b - a for a, b in bounds]
+    if not isinstance(value, Value) or list(value.shape) != region:
+        raise ExportError(f"item assignment of a value that is not of the slice's shape {tuple(region)}")
+    mask = torch.zeros((1, *x.shape[1:]) if x.batched else tuple(x.shape), dtype=torch.bool)
+    mask[tuple(slice(a, b) for a, b in bounds)] = True
+    padded = g.op("Pad", [value, g.ints([a for a, _ in bounds] + [size - b for (_, b), size in zip(bounds, x.shape)]),
+                          g.scalar(0.0, x.dtype)], mode="constant")
+    return g.op("Where", [g.tensor(mask, "region"), padded, x])
 
 
 @converts(torch.zeros_like)

@@ -17,7 +17,7 @@ import torch.fx as fx
 from torch.fx import _symbolic_trace
 
 from .errors import GraphLRPError, TraceError
-from .graph import Traced, call_on_meta, describe_node, source_line  # noqa: F401  (importable from here as before)
+from .graph import Traced, assign_slice, call_on_meta, describe_node, source_line  # noqa: F401  (importable from here as before)
 
 # in-place function spellings and their functional equivalents
 _FUNCTIONAL = {
@@ -76,6 +76,11 @@ class _SizedProxy(fx.Proxy):
             if k in _CONCRETE_ATTRS:
                 return getattr(self._tensor()[0], k)
         return super().__getattr__(k)
+
+    def __setitem__(self, index, value):
+        """`x[index] = v` (MViTv2's relative position term added into a slice of the attention scores): recorded out
+        of place, `x2 = assign_slice(x, index, v)`, and this proxy then stands for x2, so later reads see it."""
+        self.node = self.tracer.create_proxy("call_function", assign_slice, (self, index, value), {}).node
 
     def __len__(self):
         v1, v2 = self._values()

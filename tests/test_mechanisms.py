@@ -69,6 +69,34 @@ class ComputedBuffer(nn.Module):
         return self.fc((self.proj(x.reshape(b, 4, 3)) * torch.sigmoid(pos)).flatten(1))
 
 
+class SliceAssign(nn.Module):
+    """MViTv2's pattern: a term added into a slice of a tensor by item assignment (the cls token's row and column
+    left as they are)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 12), nn.Linear(6, 8)
+        self.fc = nn.Linear(12, 4)
+
+    def forward(self, x):  # x: [N, 1, 2, 3]
+        x = x.flatten(1)
+        attn = self.a(x).reshape(-1, 3, 4)
+        attn[:, 1:, :] = attn[:, 1:, :] + self.b(x).reshape(-1, 2, 4)
+        return self.fc(F.relu(attn).flatten(1))
+
+
+def test_item_assignment_traces_out_of_place():
+    torch.manual_seed(0)
+    model = SliceAssign().eval()
+    x = torch.randn(3, 1, 2, 3)
+    explainer = graphlrp.compile(model, x[:1], rules="cp-lrp-conserving")
+    logits, rel, taps = explainer.explain_with_taps(x)
+    assert rel_diff(logits, model(x).detach()) <= 1e-6
+    assert (taps["input"] / taps["output"] - 1).abs().max() <= 1e-5
+    import tempfile, os
+    assert explainer.export_onnx(os.path.join(tempfile.mkdtemp(), "s.onnx")).max_rel_diff <= 1e-4
+
+
 def test_a_concrete_tensor_expanded_to_the_traced_batch_size_traces():
     torch.manual_seed(0)
     model = ComputedBuffer().eval()
