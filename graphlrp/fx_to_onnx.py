@@ -61,6 +61,7 @@ class Value:
     const: torch.Tensor | None = None
     recipe: derived.Recipe | None = None
     hint: str = "const"
+    per_sample: bool = False  # const is one sample's value [1, ...]: the tensor is it expanded to the batch size
 
     @property
     def rank(self) -> int:
@@ -199,6 +200,12 @@ class OnnxGraph:
         return name
 
     def _materialise(self, v: Value) -> str:
+        if v.per_sample:
+            scope, self.scope = self.scope, v.hint
+            target = self.op("Concat", [self.batch_size(), self.ints(list(v.shape[1:]))], axis=0)
+            name = self.op("Expand", [self.tensor(v.const, v.hint), target])
+            self.scope = scope
+            return name
         if v.recipe is None:
             return self.tensor(v.const, v.hint)
         key = id(v.recipe)
@@ -264,6 +271,7 @@ class _Lowering(fx.Interpreter):
         self.values: dict = {}
         self.dynamic: set = set()
         self.sizes: set = set()  # non-tensor values read from input-dependent tensors (sizes)
+        self.per_sample: set = set()  # batch-shaped tensors made from sizes alone, equal for every sample
         self.probe: dict = {}  # node -> dim 0 at batch + 1 (`_probe_batch`)
         self._placeholders = 0
 
@@ -297,7 +305,13 @@ class _Lowering(fx.Interpreter):
                     self.sizes.add(n)
                 return result  # sizes, shapes, flags: compile-time values
         if not dynamic and isinstance(result, torch.Tensor) and result.dim() and result.shape[0] == g.batch \
-                and any(a in self.sizes for a in n.all_input_nodes):
+                and any(a in self.sizes or a in self.per_sample for a in n.all_input_nodes):
+            if g.batch > 1 and bool((result == result[:1]).all()):
+                # made from the batch size alone, the same for every sample (EdgeNeXt's zeros((B, H, W)) and the
+                # Fourier position code computed from it): one sample's value, expanded to the batch size where used
+                self.per_sample.add(n)
+                return Value(None, tuple(result.shape), result.dtype, True, result[:1].contiguous(), hint=n.name,
+                             per_sample=True)
             dynamic = True  # a constant expanded to the input's batch size (a class token): written, not folded
         if not dynamic:
             if n.op == "get_attr":

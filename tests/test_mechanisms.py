@@ -85,6 +85,36 @@ class SliceAssign(nn.Module):
         return self.fc(F.relu(attn).flatten(1))
 
 
+class FourierPosition(nn.Module):
+    """EdgeNeXt's position code: a tensor made from the batch size alone (zeros((B, H, W)), ~, cumsum, sin/cos)
+    through a conv, added to the features."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.proj = nn.Conv2d(2, 4, 1)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        y = self.conv(x)
+        b, _, h, w = y.shape
+        mask = ~torch.zeros((b, h, w)).to(dtype=torch.bool)
+        code = torch.stack((mask.cumsum(1, dtype=torch.float32).sin(), mask.cumsum(2, dtype=torch.float32).cos()), 1)
+        return self.fc(F.relu(y + self.proj(code)).mean((2, 3)))
+
+
+def test_a_tensor_made_from_the_batch_size_alone_exports():
+    torch.manual_seed(0)
+    model = FourierPosition().eval()
+    x = torch.randn(3, 3, 5, 6)
+    explainer = graphlrp.compile(model, x[:1], rules="cp-lrp-conserving")
+    logits, rel, taps = explainer.explain_with_taps(x)
+    assert rel_diff(logits, model(x).detach()) <= 1e-6
+    assert (taps["input"] / taps["output"] - 1).abs().max() <= 1e-5
+    import tempfile, os
+    assert explainer.export_onnx(os.path.join(tempfile.mkdtemp(), "p.onnx")).max_rel_diff <= 1e-4
+
+
 def test_item_assignment_traces_out_of_place():
     torch.manual_seed(0)
     model = SliceAssign().eval()
