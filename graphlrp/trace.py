@@ -238,6 +238,47 @@ def _functionalize(gm: fx.GraphModule) -> None:
     gm.recompile()
 
 
+def _conv1d_as_conv2d(gm: fx.GraphModule) -> None:
+    """A 1-d convolution (EfficientViM's ConvLayer1D: nn.Conv1d, F.conv1d) written as the 2-d convolution it is on
+    [N, C, 1, L]: x.unsqueeze(2) -> conv2d(weight.unsqueeze(2)) -> squeeze(2), so every conv rule and converter
+    applies to it unchanged."""
+    import torch.nn.functional as F
+
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if node.op == "call_module" and type(gm.get_submodule(node.target)) is torch.nn.Conv1d:
+            m = gm.get_submodule(node.target)
+            if m.padding_mode != "zeros" or len(node.args) != 1 or node.kwargs:
+                continue
+            geometry = ((1, m.stride[0]), m.padding if isinstance(m.padding, str) else (0, m.padding[0]),
+                        (1, m.dilation[0]), m.groups)
+            with graph.inserting_before(node):
+                weight = graph.get_attr(f"{node.target}.weight")
+                bias = graph.get_attr(f"{node.target}.bias") if m.bias is not None else None
+                x = node.args[0]
+        elif node.op == "call_function" and node.target in (F.conv1d, torch.conv1d) and not node.kwargs:
+            args = list(node.args) + [None, 1, 0, 1, 1][len(node.args) - 2:]
+            x, weight, bias, stride, padding, dilation, groups = args[:7]
+            if any(isinstance(a, fx.Node) for a in (stride, padding, dilation, groups)):
+                continue
+            one = lambda v: v[0] if isinstance(v, (tuple, list)) else v  # noqa: E731
+            geometry = ((1, one(stride)), padding if isinstance(padding, str) else (0, one(padding)),
+                        (1, one(dilation)), groups)
+        else:
+            continue
+        with graph.inserting_before(node):
+            x4 = graph.call_method("unsqueeze", (x, 2))
+            w4 = graph.call_method("unsqueeze", (weight, 2))
+            conv = graph.call_function(F.conv2d, (x4, w4, bias, *geometry))
+            out = graph.call_method("squeeze", (conv, 2))
+        for new in (x4, w4, conv, out):
+            new.meta["stack_trace"] = node.meta.get("stack_trace")
+        node.replace_all_uses_with(out)
+        graph.erase_node(node)
+    graph.lint()
+    gm.recompile()
+
+
 def _holds_tensor(value) -> bool:
     if isinstance(value, torch.Tensor):
         return True
@@ -340,6 +381,7 @@ def trace(model: torch.nn.Module, example_input: torch.Tensor) -> Traced:
     if len(placeholders) != 1:
         raise TraceError(f"the model's forward must take exactly one tensor input, found {len(placeholders)}")
     _functionalize(gm)
+    _conv1d_as_conv2d(gm)
     with torch.no_grad():
         out = ValueProp(gm).run(x1)
     from .decompose import decompose_attention  # needs the shapes just recorded

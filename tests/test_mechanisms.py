@@ -541,6 +541,41 @@ def test_fold_is_the_z_rule_through_its_patches():
     assert explainer.export_onnx(os.path.join(tempfile.mkdtemp(), "f.onnx")).max_rel_diff <= 1e-3
 
 
+# ------------------------------------------------------------------ 1-d convolutions
+class Conv1dNet(nn.Module):
+    """EfficientViM's ConvLayer1D: nn.Conv1d (grouped, padded) and F.conv1d on token sequences; no biases."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+        self.conv1d = nn.Conv1d(4, 6, 3, padding=1, stride=2, groups=2, bias=False)
+        self.w = nn.Parameter(torch.randn(5, 6, 1))
+        self.fc = nn.Linear(5, 3, bias=False)
+
+    def forward(self, x):
+        y = F.relu(self.conv1d(F.relu(self.conv(x)).flatten(2)))
+        return self.fc(F.relu(F.conv1d(y, self.w)).mean(2))
+
+
+def test_conv1d_is_a_conv_and_lrp0_equals_gradient_times_input():
+    """Without biases and with ε → 0, LRP through conv, ReLU, mean and linear is Gradient×Input (autograd)."""
+    torch.manual_seed(0)
+    model = Conv1dNet().eval()
+    x = torch.randn(2, 3, 5, 6)
+    zero = {"rule": "epsilon", "epsilon": 1e-12}  # LRP-0; 1e-12 only where a window of dead ReLUs gives z = 0
+    rules = {"output": "logit", "rules": {"first_layer": zero, "conv": zero, "linear": zero,
+                                          "reduction": {"rule": "z", "epsilon": 1e-12, "dead_units": "spread"},
+                                          "avgpool": {"rule": "z", "epsilon": 1e-12, "dead_units": "spread"}}}
+    explainer = graphlrp.compile(model, x[:1], rules=rules)
+    logits, rel = explainer(x)
+    xr = x.clone().requires_grad_(True)
+    out = model(xr)
+    (g,) = torch.autograd.grad(out.gather(1, out.argmax(1, keepdim=True)).sum(), xr)
+    assert rel_diff(rel, (xr * g).detach()) < 1e-4
+    import tempfile, os
+    assert explainer.export_onnx(os.path.join(tempfile.mkdtemp(), "c.onnx")).max_rel_diff <= 1e-4
+
+
 # ------------------------------------------------------------------ group norm, linearized (1/σ held constant)
 class GroupNormHead(nn.Module):
     """nn.GroupNorm, and timm's GroupNorm1 spelling (F.group_norm with one group), before a bias-free head."""
