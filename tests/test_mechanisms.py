@@ -693,6 +693,23 @@ class BatchMix(nn.Module):
         return self.fc(x.flatten(1)) - self.fc(x.flatten(1)).mean(0, keepdim=True) * 0 + x.sum()
 
 
+class Recurrent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.LSTM(2, 3, batch_first=True)
+        self.fc = nn.Linear(3, 2)
+
+    def forward(self, x):
+        h, _ = self.rnn(x.flatten(2).transpose(1, 2))
+        return self.fc(h.mean(1))
+
+
+def test_a_recurrent_layer_is_refused_by_name():
+    with pytest.raises(UnsupportedOpError, match=r"recurrent layer \(LSTM\) has no LRP rule") as info:
+        graphlrp.compile(Recurrent().eval(), torch.randn(1, 2, 2, 2), rules="cp-lrp-conserving")
+    assert "Error:" not in str(info.value)  # no internal exception in the message
+
+
 @pytest.mark.parametrize("model,error", [
     (DataDependent(), TraceError), (TwoInputs(), TraceError), (Tuple(), TraceError), (Broken(), TraceError),
     (Cumsum(), UnsupportedOpError), (BatchMix(), GraphLRPError), ("not a model", TraceError)])
