@@ -494,6 +494,8 @@ def test_a_map_that_is_not_a_separable_resampling_is_refused(fn):
     traced = trace(Up(), torch.randn(1, 3, 4, 5))
     node = next(n for n in traced.graph.nodes if n.target is F.interpolate)
     assert separable_linear_op(node, traced).params["axes"][0][1].shape == (8, 4)
+    traced = trace(Up(), torch.randn(1, 3, 4, 5))  # a fresh graph: the maps are derived once per node
+    node = next(n for n in traced.graph.nodes if n.target is F.interpolate)
     node.target = fn
     with pytest.raises(UnsupportedOpError, match="not a fixed linear map"):
         separable_linear_op(node, traced)

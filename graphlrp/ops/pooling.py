@@ -233,7 +233,19 @@ def separable_linear_op(node, traced) -> Op:
     it gives A_d up to the row sums r of the other axes, read off at one output position p (the product of the
     maps is then Π_d r_d[p_d]^(k-1) too large, divided out of the first). The result is checked against the op on
     a random float64 input of the real shape; an op that is not such a map (non-linear, mixing channels, not
-    separable) is an UnsupportedOpError naming the node."""
+    separable) is an UnsupportedOpError naming the node. Derived once per node (every stage describes it)."""
+    cache = traced.__dict__.setdefault("_separable_maps", {})
+    if node not in cache:
+        try:
+            cache[node] = _derive_separable(node, traced)
+        except UnsupportedOpError as e:
+            cache[node] = e
+    if isinstance(cache[node], UnsupportedOpError):
+        raise cache[node]
+    return Op(AVGPOOL, node, cache[node][0], dict(cache[node][1]))
+
+
+def _derive_separable(node, traced):
     fn = move_op(node, traced)
     if fn is None or len(fn.inputs) != 1:
         raise UnsupportedOpError(f"{describe_node(node)}: a resampling of more than one input-dependent tensor")
@@ -267,8 +279,8 @@ def separable_linear_op(node, traced) -> Op:
                                  "separably on the spatial axes of each channel")
     axes = [(2 + d, a) for d, a in enumerate(maps)]
     row_sums = apply_axes(torch.ones((1, 1, *spatial), dtype=torch.float64), axes)[0, 0]
-    return Op(AVGPOOL, node, (x,), dict(axes=axes, row_sums=row_sums, out_spatial=tuple(expected.shape[2:]),
-                                        nonnegative_weights=all(bool((a >= 0).all()) for a in maps)))
+    return (x,), dict(axes=axes, row_sums=row_sums, out_spatial=tuple(expected.shape[2:]),
+                      nonnegative_weights=all(bool((a >= 0).all()) for a in maps))
 
 
 def apply_axes(t: torch.Tensor, axes) -> torch.Tensor:
