@@ -254,6 +254,8 @@ class RuleContext:
                 return F.pad(support(op.inputs[0]), op.params["pad"])
             if op.kind == ops.RESHAPE:
                 return support(op.inputs[0]).reshape(shape)
+            if op.kind == ops.SLICE:  # basic indexing of a batch-1 tensor: the same index on its support
+                return support(op.inputs[0])[op.params["index"]].reshape(shape)
             if op.kind == ops.MOVE:
                 out = torch.zeros(int(torch.Size(shape).numel()))
                 for x, (source, target) in zip(op.inputs, move_map(op)):

@@ -279,6 +279,46 @@ def _conv1d_as_conv2d(gm: fx.GraphModule) -> None:
     gm.recompile()
 
 
+def _conv_transpose_as_conv(gm: fx.GraphModule) -> None:
+    """nn.ConvTranspose2d (LowFormer's upsampling) written as what it computes: the input with stride − 1 zeros
+    inserted between its entries (reshape, pad, reshape, slice: moves), padded by d·(k − 1) − p (+ output_padding
+    at the end), then an ordinary conv2d with the kernel flipped and its in/out channels swapped per group. Every
+    conv rule and converter then applies; the zeros carry no relevance."""
+    import torch.nn.functional as F
+
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if node.op != "call_module" or type(gm.get_submodule(node.target)) is not torch.nn.ConvTranspose2d:
+            continue
+        m = gm.get_submodule(node.target)
+        if m.padding_mode != "zeros" or len(node.args) != 1 or node.kwargs:
+            continue
+        g, (kh, kw) = m.groups, m.kernel_size
+        cin, cout_g = m.weight.shape[:2]
+        w = m.weight.detach().reshape(g, cin // g, cout_g, kh, kw).transpose(1, 2).reshape(g * cout_g, cin // g, kh, kw)
+        name = f"_lrp_conv_equivalent_{node.name}"
+        gm.register_buffer(name, w.flip(-1, -2).contiguous())
+        (sh, sw), (dh, dw), (ph, pw), (oh, ow) = m.stride, m.dilation, m.padding, m.output_padding
+        with graph.inserting_before(node):
+            y = node.args[0]
+            if (sh, sw) != (1, 1):  # x[..., i, j] lands on [..., i·s, j·s]; zeros between
+                y = graph.call_method("unsqueeze", (graph.call_method("unsqueeze", (y, 3)), 5))
+                y = graph.call_function(F.pad, (y, (0, sw - 1, 0, 0, 0, sh - 1)))
+                y = graph.call_method("flatten", (graph.call_method("flatten", (y, 4, 5)), 2, 3))
+                y = graph.call_function(operator.getitem, (y, (slice(None), slice(None), slice(0, -(sh - 1) or None),
+                                                               slice(0, -(sw - 1) or None))))
+            top, left = dh * (kh - 1) - ph, dw * (kw - 1) - pw
+            y = graph.call_function(F.pad, (y, (left, left + ow, top, top + oh)))
+            weight = graph.get_attr(name)
+            bias = graph.get_attr(f"{node.target}.bias") if m.bias is not None else None
+            out = graph.call_function(F.conv2d, (y, weight, bias, 1, 0, (dh, dw), g))
+        out.meta["stack_trace"] = node.meta.get("stack_trace")
+        node.replace_all_uses_with(out)
+        graph.erase_node(node)
+    graph.lint()
+    gm.recompile()
+
+
 def _holds_tensor(value) -> bool:
     if isinstance(value, torch.Tensor):
         return True
@@ -382,6 +422,7 @@ def trace(model: torch.nn.Module, example_input: torch.Tensor) -> Traced:
         raise TraceError(f"the model's forward must take exactly one tensor input, found {len(placeholders)}")
     _functionalize(gm)
     _conv1d_as_conv2d(gm)
+    _conv_transpose_as_conv(gm)
     with torch.no_grad():
         out = ValueProp(gm).run(x1)
     from .decompose import decompose_attention  # needs the shapes just recorded

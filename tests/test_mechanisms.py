@@ -578,6 +578,45 @@ def test_conv1d_is_a_conv_and_lrp0_equals_gradient_times_input():
     assert explainer.export_onnx(os.path.join(tempfile.mkdtemp(), "c.onnx")).max_rel_diff <= 1e-4
 
 
+class ConvTransposeNet(nn.Module):
+    """LowFormer's upsampling: nn.ConvTranspose2d (strided, padded, grouped, output_padding)."""
+
+    def __init__(self, bias: bool, **geometry):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1, bias=bias)
+        self.up = nn.ConvTranspose2d(4, 6, bias=bias, **geometry)
+        self.fc = nn.Linear(6, 3, bias=False)
+
+    def forward(self, x):
+        return self.fc(F.relu(self.up(F.relu(self.conv(x)))).mean((2, 3)))
+
+
+CONV_TRANSPOSES = [dict(kernel_size=4, stride=2, padding=1, groups=2), dict(kernel_size=3, stride=1, padding=1),
+                   dict(kernel_size=3, stride=2, padding=1, output_padding=1, groups=2)]
+
+
+@pytest.mark.parametrize("geometry", CONV_TRANSPOSES, ids=["k4s2p1g2", "k3s1p1", "k3s2p1op1g2"])
+def test_conv_transpose_is_a_conv_and_lrp0_equals_gradient_times_input(geometry):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 5, 6)
+    model = ConvTransposeNet(False, **geometry).eval()
+    zero = {"rule": "epsilon", "epsilon": 1e-12}
+    spread = {"rule": "z", "epsilon": 1e-12, "dead_units": "spread"}
+    rules = {"output": "logit", "rules": {"first_layer": zero, "conv": zero, "linear": zero, "avgpool": spread}}
+    logits, rel = graphlrp.compile(model, x[:1], rules=rules)(x)
+    xr = x.clone().requires_grad_(True)
+    out = model(xr)
+    (g,) = torch.autograd.grad(out.gather(1, out.argmax(1, keepdim=True)).sum(), xr)
+    assert rel_diff(logits, out.detach()) <= 1e-5
+    assert rel_diff(rel, (xr * g).detach()) < 1e-4
+    with_bias = ConvTransposeNet(True, **geometry).eval()  # the conserving preset with biases, and the export
+    explainer = graphlrp.compile(with_bias, x[:1], rules="otsuki2024-conserving")
+    _, _, taps = explainer.explain_with_taps(x)
+    assert (taps["input"] / taps["output"] - 1).abs().max() <= 1e-5
+    import tempfile, os
+    assert explainer.export_onnx(os.path.join(tempfile.mkdtemp(), "t.onnx")).max_rel_diff <= 1e-4
+
+
 # ------------------------------------------------------------------ group norm, linearized (1/σ held constant)
 class GroupNormHead(nn.Module):
     """nn.GroupNorm, and timm's GroupNorm1 spelling (F.group_norm with one group), before a bias-free head."""
