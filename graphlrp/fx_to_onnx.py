@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from . import derived
 from .errors import ExportError
 from .optimize import flipped_kernel
-from .graph import describe_node
+from .graph import assign_slice, describe_node
 
 MIN_OPSET = 17  # ScatterElements(reduction="add") needs 16; converters emit the opset-17 forms or newer
 
@@ -61,6 +61,7 @@ class Value:
     const: torch.Tensor | None = None
     recipe: derived.Recipe | None = None
     hint: str = "const"
+    per_sample: bool = False  # const is one sample's value [1, ...]: the tensor is it expanded to the batch size
 
     @property
     def rank(self) -> int:
@@ -199,6 +200,12 @@ class OnnxGraph:
         return name
 
     def _materialise(self, v: Value) -> str:
+        if v.per_sample:
+            scope, self.scope = self.scope, v.hint
+            target = self.op("Concat", [self.batch_size(), self.ints(list(v.shape[1:]))], axis=0)
+            name = self.op("Expand", [self.tensor(v.const, v.hint), target])
+            self.scope = scope
+            return name
         if v.recipe is None:
             return self.tensor(v.const, v.hint)
         key = id(v.recipe)
@@ -264,6 +271,7 @@ class _Lowering(fx.Interpreter):
         self.values: dict = {}
         self.dynamic: set = set()
         self.sizes: set = set()  # non-tensor values read from input-dependent tensors (sizes)
+        self.per_sample: set = set()  # batch-shaped tensors made from sizes alone, equal for every sample
         self.probe: dict = {}  # node -> dim 0 at batch + 1 (`_probe_batch`)
         self._placeholders = 0
 
@@ -297,7 +305,13 @@ class _Lowering(fx.Interpreter):
                     self.sizes.add(n)
                 return result  # sizes, shapes, flags: compile-time values
         if not dynamic and isinstance(result, torch.Tensor) and result.dim() and result.shape[0] == g.batch \
-                and any(a in self.sizes for a in n.all_input_nodes):
+                and any(a in self.sizes or a in self.per_sample for a in n.all_input_nodes):
+            if g.batch > 1 and bool((result == result[:1]).all()):
+                # made from the batch size alone, the same for every sample (EdgeNeXt's zeros((B, H, W)) and the
+                # Fourier position code computed from it): one sample's value, expanded to the batch size where used
+                self.per_sample.add(n)
+                return Value(None, tuple(result.shape), result.dtype, True, result[:1].contiguous(), hint=n.name,
+                             per_sample=True)
             dynamic = True  # a constant expanded to the input's batch size (a class token): written, not folded
         if not dynamic:
             if n.op == "get_attr":
@@ -756,6 +770,17 @@ def _getitem(g, x, index):
         i = index.index(Ellipsis)
         rest = sum(e is not None for e in index) - 1
         index[i:i + 1] = [slice(None)] * (x.rank - rest)
+    arrays = [i for i, e in enumerate(index) if isinstance(e, (Value, list, torch.Tensor))]
+    if arrays:  # one constant 1-d integer index among full slices (CSATv2's x[:, :, self.permutation]): a Gather
+        full = all(isinstance(e, slice) and e == slice(None) for i, e in enumerate(index) if i not in arrays)
+        e = index[arrays[0]] if len(arrays) == 1 else None
+        t = e.const if isinstance(e, Value) else (torch.as_tensor(e) if e is not None else None)
+        if not full or t is None or t.dim() != 1 or t.dtype in (torch.bool, torch.uint8) or t.is_floating_point():
+            raise ExportError("advanced indexing other than one constant 1-d integer index among full slices")
+        d = arrays[0]
+        if d == 0 and x.batched:
+            raise ExportError("indexing the batch dimension")
+        return g.op("Gather", [x, g.tensor(t.long() % x.shape[d], "index")], axis=d)
     starts, ends, axes, steps, squeeze, unsqueeze = [], [], [], [], [], []
     d = 0  # input dim
     out_d = 0  # output dim (after ints drop out and Nones add)
@@ -787,6 +812,33 @@ def _getitem(g, x, index):
     if unsqueeze:
         out = g.op("Unsqueeze", [out, g.ints(unsqueeze)])
     return out
+
+
+@converts(assign_slice)
+def _assign_slice(g, x, index, value):
+    """x[index] = value out of place, for basic slices of step 1 (the batch dim whole): value padded into x's shape,
+    then Where(region, padded, x) with the region a constant mask broadcast over the batch."""
+    index = list(index) if isinstance(index, tuple) else [index]
+    if Ellipsis in index:
+        i = index.index(Ellipsis)
+        index[i:i + 1] = [slice(None)] * (x.rank - len(index) + 1)
+    index += [slice(None)] * (x.rank - len(index))
+    bounds = []
+    for d, (e, size) in enumerate(zip(index, x.shape)):
+        if not isinstance(e, slice) or e.indices(size)[2] != 1:
+            raise ExportError(f"item assignment with index {e!r}")
+        start, stop, _ = e.indices(size)
+        if d == 0 and x.batched and (start, stop) != (0, size):
+            raise ExportError("item assignment into part of the batch")
+        bounds.append((start, stop))
+    region = [b - a for a, b in bounds]
+    if not isinstance(value, Value) or list(value.shape) != region:
+        raise ExportError(f"item assignment of a value that is not of the slice's shape {tuple(region)}")
+    mask = torch.zeros((1, *x.shape[1:]) if x.batched else tuple(x.shape), dtype=torch.bool)
+    mask[tuple(slice(a, b) for a, b in bounds)] = True
+    padded = g.op("Pad", [value, g.ints([a for a, _ in bounds] + [size - b for (_, b), size in zip(bounds, x.shape)]),
+                          g.scalar(0.0, x.dtype)], mode="constant")
+    return g.op("Where", [g.tensor(mask, "region"), padded, x])
 
 
 @converts(torch.zeros_like)
@@ -828,7 +880,8 @@ def _pair(v) -> list:
     return [int(e) for e in v] if isinstance(v, (tuple, list)) else [int(v), int(v)]
 
 
-def _conv(g, x, weight, bias, stride=1, padding=0, dilation=1, groups=1):
+def _conv(g, input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    x = input
     stride, dilation = _pair(stride), _pair(dilation)
     kernel = list(weight.shape[-2:])
     if isinstance(padding, str):
@@ -874,7 +927,8 @@ def _conv_transpose_module(g, m: nn.ConvTranspose2d, x):
 
 
 @converts(F.linear)
-def _linear(g, x, weight, bias=None):
+def _linear(g, input, weight, bias=None):  # F.linear's own parameter names: every spelling binds
+    x = input
     if x.rank == 2:
         return g.op("Gemm", [x, weight] + ([bias] if bias is not None else []), transB=1)
     out = g.op("MatMul", [x, g.op("Transpose", [weight], perm=[1, 0])])
@@ -972,6 +1026,12 @@ def _adaptive_max_module(g, m, x):
     return _max_pool(g, x, k, k, 0, 1, False, m.return_indices)
 
 
+@converts(F.adaptive_max_pool2d, _torch("adaptive_max_pool2d"))
+def _adaptive_max_function(g, x, output_size, return_indices=False):
+    k = _adaptive_kernel(x, output_size)
+    return _max_pool(g, x, k, k, 0, 1, False, return_indices)
+
+
 def _avg_pool(g, x, kernel, stride=None, padding=0, ceil_mode=False, count_include_pad=True, divisor_override=None):
     if divisor_override is not None:
         raise ExportError(f"average pooling with divisor_override={divisor_override!r} (ONNX AveragePool divides "
@@ -996,6 +1056,28 @@ def _avg_pool_function(g, input, kernel_size, stride=None, padding=0, ceil_mode=
 @converts(nn.AvgPool2d)
 def _avg_pool_module(g, m, x):
     return _avg_pool(g, x, m.kernel_size, m.stride, m.padding, m.ceil_mode, m.count_include_pad, m.divisor_override)
+
+
+def _one(v):
+    return int(v[0]) if isinstance(v, (tuple, list)) else int(v)
+
+
+@converts(F.avg_pool1d, _torch("avg_pool1d"))
+def _avg_pool1d(g, input, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True):
+    """A 1-d average pool over the last dim of [N, C, L] (NextViT's sequence reduction). (In an explainer the
+    forward is already the op's exact matrix, a matmul.)"""
+    k = _one(kernel_size)
+    st = _one(stride) if stride not in (None, (), []) else k
+    p = _one(padding)
+    if ceil_mode and ((input.shape[-1] + 2 * p - k) % st):
+        raise ExportError("1-d average pooling with ceil_mode windows")
+    return g.op("AveragePool", [input], kernel_shape=[k], strides=[st], pads=[p, p],
+                count_include_pad=int(bool(count_include_pad)))
+
+
+@converts(nn.AvgPool1d)
+def _avg_pool1d_module(g, m, x):
+    return _avg_pool1d(g, x, m.kernel_size, m.stride, m.padding, m.ceil_mode, m.count_include_pad)
 
 
 @converts(F.adaptive_avg_pool2d, _torch("adaptive_avg_pool2d"))
@@ -1084,6 +1166,72 @@ def _repeat(g, x, *repeats):
     return g.op("Tile", [x, g.ints(repeats)])
 
 
+@converts(_torch("unflatten"), "unflatten")
+def _unflatten(g, x, dim, sizes):
+    return _reshape_to(g, x, g.out_shape)
+
+
+def _patch_kernel(x: Value, c: int, kernel) -> Value:
+    """One-hot kernels [C·kh·kw, 1, kh, kw]: a grouped conv with them copies each patch entry to its own channel in
+    F.unfold's order (c·kh·kw + i·kw + j); the transposed conv sums them back (F.fold)."""
+    kh, kw = kernel
+    eye = torch.eye(kh * kw, dtype=x.dtype).reshape(kh * kw, 1, kh, kw)
+    return constant(eye.repeat(c, 1, 1, 1), "patches")
+
+
+@converts(F.unfold, nn.Unfold)
+def _unfold(g, *args, **kwargs):
+    if isinstance(args[0], nn.Module):
+        m, x = args[0], args[1]
+        kernel, dilation, padding, stride = m.kernel_size, m.dilation, m.padding, m.stride
+    else:
+        names = ("input", "kernel_size", "dilation", "padding", "stride")
+        bound = {**dict(zip(names, args)), **kwargs}
+        x, kernel = bound["input"], bound["kernel_size"]
+        dilation, padding, stride = bound.get("dilation", 1), bound.get("padding", 0), bound.get("stride", 1)
+    kernel, dilation, padding, stride = map(_pair, (kernel, dilation, padding, stride))
+    c = x.shape[1]
+    patches = g.op("Conv", [x, _patch_kernel(x, c, kernel)], kernel_shape=kernel, strides=stride,
+                   pads=padding + padding, dilations=dilation, group=c)
+    return g.op("Reshape", [patches, g.shape_target(x, g.out_shape)])
+
+
+@converts(F.fold, nn.Fold)
+def _fold(g, *args, **kwargs):
+    if isinstance(args[0], nn.Module):
+        m, x = args[0], args[1]
+        size, kernel, dilation, padding, stride = m.output_size, m.kernel_size, m.dilation, m.padding, m.stride
+    else:
+        names = ("input", "output_size", "kernel_size", "dilation", "padding", "stride")
+        bound = {**dict(zip(names, args)), **kwargs}
+        x, size, kernel = bound["input"], bound["output_size"], bound["kernel_size"]
+        dilation, padding, stride = bound.get("dilation", 1), bound.get("padding", 0), bound.get("stride", 1)
+    size, kernel, dilation, padding, stride = map(_pair, (size, kernel, dilation, padding, stride))
+    c = g.out_shape[1]
+    blocks = [(s + 2 * p - d * (k - 1) - 1) // st + 1 for s, p, d, k, st in zip(size, padding, dilation, kernel, stride)]
+    grid = g.op("Reshape", [x, g.shape_target(x, [x.shape[0], x.shape[1], *blocks])])
+    full = [(b - 1) * st - 2 * p + d * (k - 1) + 1 for b, st, p, d, k in zip(blocks, stride, padding, dilation, kernel)]
+    return g.op("ConvTranspose", [grid, _patch_kernel(x, c, kernel)], kernel_shape=kernel, strides=stride,
+                pads=padding + padding, dilations=dilation, group=c,
+                output_padding=[s - f for s, f in zip(size, full)])
+
+
+@converts(torch.repeat_interleave, "repeat_interleave")
+def _repeat_interleave(g, x, repeats, dim=None, *, output_size=None):
+    """Each slice along `dim` repeated `repeats` times in place (GCViT's q_global.repeat_interleave(B // b, 0))."""
+    if not isinstance(repeats, int) or dim is None:
+        raise ExportError("repeat_interleave with per-element repeats or over the flattened tensor")
+    if repeats == 1:
+        return g.op("Identity", [x])
+    d = dim % x.rank
+    tiles = [1] * (x.rank + 1)
+    tiles[d + 1] = repeats
+    tiled = g.op("Tile", [g.op("Unsqueeze", [x, g.ints([d + 1])]), g.ints(tiles)])
+    shape = list(x.shape)
+    shape[d] *= repeats
+    return g.op("Reshape", [tiled, g.shape_target(x, shape)])
+
+
 @converts(torch.roll, "roll")
 def _roll(g, x, shifts, dims=None):
     if dims is None:
@@ -1162,12 +1310,15 @@ def _pad_any(g, x, pad, mode="constant", value=None):
     onnx_mode = {"constant": "constant", "reflect": "reflect", "replicate": "edge", "circular": "wrap"}.get(mode)
     if onnx_mode is None or (onnx_mode == "wrap" and g.opset < 19):
         raise ExportError(f"padding mode {mode!r}")
-    if any(p < 0 for p in pad):
-        return g.op("Slice", [x, g.ints([-min(b, 0) for b in begins]),
-                              g.ints([s + min(e, 0) for s, e in zip(x.shape, ends)]), g.ints(list(range(x.rank)))]) \
-            if all(p <= 0 for p in pad) else _pad_any(g, _pad_any(g, x, [min(p, 0) for p in pad]),
-                                                      [max(p, 0) for p in pad], mode, value)
-    inputs = [x, g.ints(begins + ends)]
+    source = x
+    if any(p < 0 for p in begins + ends):  # negative padding crops (PNASNet's ZeroPad2d((-1, 1, -1, 1)) shift)
+        axes = [d for d in range(x.rank) if min(begins[d], ends[d]) < 0]  # only those: the batch stays symbolic
+        source = g.op("Slice", [x, g.ints([-min(begins[d], 0) for d in axes]),
+                                g.ints([x.shape[d] + min(ends[d], 0) for d in axes]), g.ints(axes)])
+        begins, ends = [max(b, 0) for b in begins], [max(e, 0) for e in ends]
+        if not any(begins + ends):
+            return source
+    inputs = [source, g.ints(begins + ends)]
     if onnx_mode == "constant":
         inputs.append(g.scalar(float(value or 0), x.dtype))
     return g.op("Pad", inputs, mode=onnx_mode)

@@ -66,3 +66,12 @@ class Traced:
         for part in node.target.split("."):
             obj = getattr(obj, part)
         return obj
+
+
+def assign_slice(x: torch.Tensor, index, value) -> torch.Tensor:
+    """x with x[index] = value, out of place: what `x[index] = value` computes, as a node of the traced graph
+    (`graphlrp.trace` records item assignment so). Its relevance is a MOVE's (each output cell comes from x or from
+    value); its ONNX converter writes a Where."""
+    out = x.clone()
+    out[index] = value
+    return out

@@ -114,7 +114,9 @@ def nonnegative_nodes(gm: fx.GraphModule, seeds) -> set:
             low = node.kwargs.get("min", node.args[1] if len(node.args) > 1 else None)
             ok = (low is not None and _number_ok(low)) or (nonneg(node.args[0]) and node.kwargs.get("max") is None)
         elif node.op == "call_function" and node.target in (F.conv2d, F.conv_transpose2d, F.linear):
-            ok = all(a is None or nonneg(a) for a in node.args[:3])  # input, weight, bias; the rest is geometry
+            names = ("input", "weight", "bias")  # the rest is geometry; any of them may be given by keyword
+            operands = [node.args[i] if len(node.args) > i else node.kwargs.get(k) for i, k in enumerate(names)]
+            ok = operands[0] is not None and operands[1] is not None and all(a is None or nonneg(a) for a in operands)
         elif node.op == "call_function" and node.target in _NONNEG_IF_INPUTS:
             operands = list(node.args) + list(node.kwargs.values())
             if node.target is torch.where:

@@ -202,6 +202,11 @@ class RuleContext:
         """poolᵀ(s) for this op's average pool: its window geometry, or its exact pooling matrix (adaptive pooling
         with unequal windows)."""
         p = self.op.params
+        if "axes" in p:  # a separable linear map (resampling, 1-d pooling): Aᵀ along each of its axes
+            return self.axes_transpose(s, p["axes"])
+        if "fold" in p:  # F.fold sums patches: its transpose cuts them out again
+            g = p["fold"]
+            return self.call(F.unfold, s, g["kernel_size"], g["dilation"], g["padding"], g["stride"])
         if "matrix" not in p:
             return self.avgpool_transpose(s, p["kernel"], p["stride"], p["padding"], p["ceil_mode"],
                                           p["count_include_pad"])
@@ -210,6 +215,19 @@ class RuleContext:
         s = self.call(torch.reshape, s, (-1, c, cells))
         back = self.call(torch.matmul, s, p["matrix"])
         return self.call(torch.reshape, back, (-1, c, h, w))
+
+    def axes_transpose(self, s: fx.Node, axes) -> fx.Node:
+        """Σ_out A[out, in] · s[out] along each (dim, A) of a separable linear map: matmuls with constant matrices
+        on the last two dims (s @ A along the last, Aᵀ @ s along the one before)."""
+        rank = len(self.op.out_shape)
+        for d, a in axes:
+            if d % rank == rank - 1:
+                s = self.call(torch.matmul, s, a)
+            elif d % rank == rank - 2:
+                s = self.call(torch.matmul, a.t().contiguous(), s)
+            else:
+                raise UnsupportedOpError(f"{describe_node(self.op.node)}: a linear map along dim {d}")
+        return s
 
     def to_input_shape(self, r, i: int):
         """Relevance at the op's output shape summed back to input i's shape where that input broadcasts."""
@@ -245,6 +263,8 @@ class RuleContext:
                 return F.pad(support(op.inputs[0]), op.params["pad"])
             if op.kind == ops.RESHAPE:
                 return support(op.inputs[0]).reshape(shape)
+            if op.kind == ops.SLICE:  # basic indexing of a batch-1 tensor: the same index on its support
+                return support(op.inputs[0])[op.params["index"]].reshape(shape)
             if op.kind == ops.MOVE:
                 out = torch.zeros(int(torch.Size(shape).numel()))
                 for x, (source, target) in zip(op.inputs, move_map(op)):
@@ -354,6 +374,17 @@ class Rewriter:
                 self.env[node] = x
             elif node.op == "output":
                 logits = self.env[node.args[0]]
+            elif (op := self._separable_op(node)) is not None:
+                # a separable linear map (bilinear/bicubic resampling, 1-d pooling) as its exact per-axis matrices:
+                # plain matmuls every exporter handles, the same weights the relevance pass uses
+                y = self.env[op.inputs[0]]
+                rank = len(op.in_shape)
+                for d, a in op.params["axes"]:
+                    if d % rank == rank - 1:
+                        y = graph.call_function(torch.matmul, (y, self.em.const(a.t().contiguous(), "resample")))
+                    else:
+                        y = graph.call_function(torch.matmul, (self.em.const(a, "resample"), y))
+                self.env[node] = y
             elif (op := self._pooling_matrix_op(node)) is not None:
                 # adaptive pooling with unequal windows as its exact matrix: exporters need no input sizes
                 c, h, w = op.in_shape[1:]
@@ -364,6 +395,12 @@ class Rewriter:
                 self.env[node] = graph.node_copy(node, lambda n: self.env[n])
             self.nonnegative[node.name] = self._is_nonnegative(node)
         return x, target, logits
+
+    def _separable_op(self, node: fx.Node):
+        if node.op not in ("call_module", "call_function") or "shape" not in node.meta:
+            return None
+        op = ops.describe(node, self.traced)
+        return op if op is not None and op.kind == ops.AVGPOOL and "axes" in op.params else None
 
     def _pooling_matrix_op(self, node: fx.Node):
         if node.op not in ("call_module", "call_function") or "shape" not in node.meta:
@@ -387,7 +424,8 @@ class Rewriter:
             return name.rstrip("_") in ("relu", "relu6")
         if op.kind in (ops.MAXPOOL, ops.AVGPOOL, ops.RESHAPE, ops.SLICE, ops.PAD, ops.IDENTITY, ops.CAT, ops.MERGE):
             coefficients = op.params.get("coefficients") or (op.params.get("alpha", 1),)
-            return all(nonneg) and all(c >= 0 for c in coefficients)
+            weights_ok = op.params.get("nonnegative_weights", True)  # bicubic weights can be negative
+            return all(nonneg) and all(c >= 0 for c in coefficients) and weights_ok
         return False
 
     # relevance ------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import torch.fx as fx
 from torch.fx import _symbolic_trace
 
 from .errors import GraphLRPError, TraceError
-from .graph import Traced, call_on_meta, describe_node, source_line  # noqa: F401  (importable from here as before)
+from .graph import Traced, assign_slice, call_on_meta, describe_node, source_line  # noqa: F401  (importable from here as before)
 
 # in-place function spellings and their functional equivalents
 _FUNCTIONAL = {
@@ -77,6 +77,11 @@ class _SizedProxy(fx.Proxy):
                 return getattr(self._tensor()[0], k)
         return super().__getattr__(k)
 
+    def __setitem__(self, index, value):
+        """`x[index] = v` (MViTv2's relative position term added into a slice of the attention scores): recorded out
+        of place, `x2 = assign_slice(x, index, v)`, and this proxy then stands for x2, so later reads see it."""
+        self.node = self.tracer.create_proxy("call_function", assign_slice, (self, index, value), {}).node
+
     def __len__(self):
         v1, v2 = self._values()
         if isinstance(v1, (list, tuple)):
@@ -90,6 +95,47 @@ class _SizedProxy(fx.Proxy):
         if isinstance(v1, (list, tuple)) or (self._tensor() is not None and self._batch_dim() != 0 and v1.dim() > 0):
             return iter([self[i] for i in range(len(self))])
         return super().__iter__()
+
+
+# Tensor methods that take sizes: called on a concrete tensor (a buffer the model computed while tracing, ConViT's
+# rel_indices) with a traced size (the batch size, a graph value), they are recorded as graph nodes instead of
+# failing in PyTorch's argument parser
+_SIZED_METHODS = ("expand", "repeat", "view", "reshape", "new_zeros", "new_ones", "new_empty", "new_full")
+
+
+def _find_proxy(obj):
+    if isinstance(obj, fx.Proxy):
+        return obj
+    if isinstance(obj, (list, tuple)):
+        return next((p for p in map(_find_proxy, obj) if p is not None), None)
+    if isinstance(obj, dict):
+        return _find_proxy(list(obj.values()))
+    return None
+
+
+class _SizedMethods:
+    """While tracing: `tensor.expand(B, -1, ...)` with a traced B becomes a call_method node on the constant."""
+
+    def __enter__(self):
+        self.saved = {name: getattr(torch.Tensor, name) for name in _SIZED_METHODS}
+        for name, original in self.saved.items():
+            setattr(torch.Tensor, name, self._wrap(name, original))
+        return self
+
+    def __exit__(self, *exc):
+        for name, original in self.saved.items():
+            setattr(torch.Tensor, name, original)
+
+    @staticmethod
+    def _wrap(name, original):
+        def method(self, *args, **kwargs):
+            proxy = None if isinstance(self, fx.Proxy) else _find_proxy((args, kwargs))
+            if proxy is None:
+                return original(self, *args, **kwargs)
+            return proxy.tracer.create_proxy("call_method", name, (self, *args), kwargs)
+
+        method.__name__ = name
+        return method
 
 
 def _to_meta(obj):
@@ -192,6 +238,87 @@ def _functionalize(gm: fx.GraphModule) -> None:
     gm.recompile()
 
 
+def _conv1d_as_conv2d(gm: fx.GraphModule) -> None:
+    """A 1-d convolution (EfficientViM's ConvLayer1D: nn.Conv1d, F.conv1d) written as the 2-d convolution it is on
+    [N, C, 1, L]: x.unsqueeze(2) -> conv2d(weight.unsqueeze(2)) -> squeeze(2), so every conv rule and converter
+    applies to it unchanged."""
+    import torch.nn.functional as F
+
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if node.op == "call_module" and type(gm.get_submodule(node.target)) is torch.nn.Conv1d:
+            m = gm.get_submodule(node.target)
+            if m.padding_mode != "zeros" or len(node.args) != 1 or node.kwargs:
+                continue
+            geometry = ((1, m.stride[0]), m.padding if isinstance(m.padding, str) else (0, m.padding[0]),
+                        (1, m.dilation[0]), m.groups)
+            with graph.inserting_before(node):
+                weight = graph.get_attr(f"{node.target}.weight")
+                bias = graph.get_attr(f"{node.target}.bias") if m.bias is not None else None
+                x = node.args[0]
+        elif node.op == "call_function" and node.target in (F.conv1d, torch.conv1d) and not node.kwargs:
+            args = list(node.args) + [None, 1, 0, 1, 1][len(node.args) - 2:]
+            x, weight, bias, stride, padding, dilation, groups = args[:7]
+            if any(isinstance(a, fx.Node) for a in (stride, padding, dilation, groups)):
+                continue
+            one = lambda v: v[0] if isinstance(v, (tuple, list)) else v  # noqa: E731
+            geometry = ((1, one(stride)), padding if isinstance(padding, str) else (0, one(padding)),
+                        (1, one(dilation)), groups)
+        else:
+            continue
+        with graph.inserting_before(node):
+            x4 = graph.call_method("unsqueeze", (x, 2))
+            w4 = graph.call_method("unsqueeze", (weight, 2))
+            conv = graph.call_function(F.conv2d, (x4, w4, bias, *geometry))
+            out = graph.call_method("squeeze", (conv, 2))
+        for new in (x4, w4, conv, out):
+            new.meta["stack_trace"] = node.meta.get("stack_trace")
+        node.replace_all_uses_with(out)
+        graph.erase_node(node)
+    graph.lint()
+    gm.recompile()
+
+
+def _conv_transpose_as_conv(gm: fx.GraphModule) -> None:
+    """nn.ConvTranspose2d (LowFormer's upsampling) written as what it computes: the input with stride − 1 zeros
+    inserted between its entries (reshape, pad, reshape, slice: moves), padded by d·(k − 1) − p (+ output_padding
+    at the end), then an ordinary conv2d with the kernel flipped and its in/out channels swapped per group. Every
+    conv rule and converter then applies; the zeros carry no relevance."""
+    import torch.nn.functional as F
+
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if node.op != "call_module" or type(gm.get_submodule(node.target)) is not torch.nn.ConvTranspose2d:
+            continue
+        m = gm.get_submodule(node.target)
+        if m.padding_mode != "zeros" or len(node.args) != 1 or node.kwargs:
+            continue
+        g, (kh, kw) = m.groups, m.kernel_size
+        cin, cout_g = m.weight.shape[:2]
+        w = m.weight.detach().reshape(g, cin // g, cout_g, kh, kw).transpose(1, 2).reshape(g * cout_g, cin // g, kh, kw)
+        name = f"_lrp_conv_equivalent_{node.name}"
+        gm.register_buffer(name, w.flip(-1, -2).contiguous())
+        (sh, sw), (dh, dw), (ph, pw), (oh, ow) = m.stride, m.dilation, m.padding, m.output_padding
+        with graph.inserting_before(node):
+            y = node.args[0]
+            if (sh, sw) != (1, 1):  # x[..., i, j] lands on [..., i·s, j·s]; zeros between
+                y = graph.call_method("unsqueeze", (graph.call_method("unsqueeze", (y, 3)), 5))
+                y = graph.call_function(F.pad, (y, (0, sw - 1, 0, 0, 0, sh - 1)))
+                y = graph.call_method("flatten", (graph.call_method("flatten", (y, 4, 5)), 2, 3))
+                y = graph.call_function(operator.getitem, (y, (slice(None), slice(None), slice(0, -(sh - 1) or None),
+                                                               slice(0, -(sw - 1) or None))))
+            top, left = dh * (kh - 1) - ph, dw * (kw - 1) - pw
+            y = graph.call_function(F.pad, (y, (left, left + ow, top, top + oh)))
+            weight = graph.get_attr(name)
+            bias = graph.get_attr(f"{node.target}.bias") if m.bias is not None else None
+            out = graph.call_function(F.conv2d, (y, weight, bias, 1, 0, (dh, dw), g))
+        out.meta["stack_trace"] = node.meta.get("stack_trace")
+        node.replace_all_uses_with(out)
+        graph.erase_node(node)
+    graph.lint()
+    gm.recompile()
+
+
 def _holds_tensor(value) -> bool:
     if isinstance(value, torch.Tensor):
         return True
@@ -278,7 +405,8 @@ def trace(model: torch.nn.Module, example_input: torch.Tensor) -> Traced:
     x2 = torch.cat([x1, torch.flip(x1, dims=(-1,))])  # two different samples of the same size
     tracer = _Tracer((x1, x2))
     try:
-        graph = tracer.trace(model, concrete_args=_default_args(model))
+        with _SizedMethods():
+            graph = tracer.trace(model, concrete_args=_default_args(model))
     except GraphLRPError:
         raise
     except Exception as e:
@@ -293,6 +421,8 @@ def trace(model: torch.nn.Module, example_input: torch.Tensor) -> Traced:
     if len(placeholders) != 1:
         raise TraceError(f"the model's forward must take exactly one tensor input, found {len(placeholders)}")
     _functionalize(gm)
+    _conv1d_as_conv2d(gm)
+    _conv_transpose_as_conv(gm)
     with torch.no_grad():
         out = ValueProp(gm).run(x1)
     from .decompose import decompose_attention  # needs the shapes just recorded

@@ -283,3 +283,49 @@ def test_catch_all_converters_follow_the_input_dtype(dtype):
     for got, exp in zip(run_onnx(model, {"x": x}), expected):
         assert got.dtype == exp.numpy().dtype
         assert abs(got - exp.numpy()).max() <= 1e-5 * abs(exp.numpy()).max()
+
+
+# ---------------------------------------------------------------- spellings met in timm's model modules
+class TimmSpellings(nn.Module):
+    """PNASNet's ZeroPad2d((-1, 1, -1, 1)) shift (a crop and a pad in one), TResNet's blur pool
+    `F.conv2d(x, filt, stride=2, groups=C)` with no bias argument, GCViT's `repeat_interleave` over the batch dim,
+    BEiT's `F.linear(input=x, weight=w, bias=cat(...))` all by keyword, CSATv2's `x[:, :, self.permutation]`."""
+
+    def __init__(self):
+        super().__init__()
+        self.shift = nn.ZeroPad2d((-1, 1, -1, 1))
+        self.crop = nn.ZeroPad2d((-1, 0, 0, -2))
+        self.register_buffer("filt", torch.rand(4, 1, 3, 3))
+        self.register_buffer("permutation", torch.tensor([5, 0, 2, 1, 3, 4]))
+
+    def forward(self, x):  # x: [N, 4, 6, 5]
+        return (self.shift(x), self.crop(x), F.pad(x, (1, -1, -2, 1)),
+                F.conv2d(x, self.filt, stride=2, groups=4), torch.conv2d(x, self.filt, None, 1, 1, 1, 4),
+                x.repeat_interleave(1, dim=0), x.repeat_interleave(3, dim=1), torch.repeat_interleave(x, 2, dim=-1),
+                x.repeat_interleave(2, 0), F.linear(input=x, weight=self.filt.reshape(4, 9)[:, :5],
+                                                    bias=torch.cat((self.filt[0, 0, 0], self.filt[1, 0, 0, :1]))),
+                F.conv2d(input=x, weight=self.filt, groups=4), x[:, :, self.permutation],
+                x[..., torch.tensor([4, 4, 0])])
+
+
+def test_timm_spellings_match_pytorch_at_another_batch_size():
+    check_module(TimmSpellings().eval(), (4, 6, 5))
+
+
+class Patches(nn.Module):
+    """VOLO's outlook attention: nn.Unfold / F.unfold into patches and F.fold / nn.Fold summing them back."""
+
+    def __init__(self):
+        super().__init__()
+        self.unfold = nn.Unfold(3, padding=1, stride=2)
+        self.fold = nn.Fold((6, 5), 2, stride=1)
+
+    def forward(self, x):  # x: [N, 4, 6, 5]
+        u = self.unfold(x)  # [N, 36, 3·3]
+        v = F.unfold(x, (2, 3), dilation=(1, 2), padding=(1, 0))
+        return (u, v, F.fold(u, (6, 5), 3, padding=1, stride=2), self.fold(F.unfold(x, 2)),
+                F.fold(v, output_size=(6, 5), kernel_size=(2, 3), dilation=(1, 2), padding=(1, 0)))
+
+
+def test_unfold_and_fold_match_pytorch_at_another_batch_size():
+    check_module(Patches().eval(), (4, 6, 5))

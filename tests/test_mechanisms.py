@@ -51,6 +51,125 @@ class SamePad(nn.Module):
         return self.fc(y.mean((2, 3)).view(n, -1)) * scale
 
 
+class ComputedBuffer(nn.Module):
+    """ConViT's pattern: a buffer computed in forward from a size, then `buffer.expand(B, -1, -1)` with the traced
+    batch size B (and `repeat`, `view` with it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("rel", torch.zeros(1, 1, 3), persistent=False)
+        self.proj = nn.Linear(3, 3)
+        self.fc = nn.Linear(12, 5)
+
+    def forward(self, x):  # x: [N, 12]
+        b = x.shape[0]
+        if self.rel.shape[1] != 4:
+            self.rel = torch.arange(12.0).reshape(1, 4, 3) / 12
+        pos = self.rel.expand(b, -1, -1) + self.rel.repeat(b, 1, 1) + self.rel.reshape(1, 12).view(b * 0 + 1, 4, 3)
+        return self.fc((self.proj(x.reshape(b, 4, 3)) * torch.sigmoid(pos)).flatten(1))
+
+
+class SliceAssign(nn.Module):
+    """MViTv2's pattern: a term added into a slice of a tensor by item assignment (the cls token's row and column
+    left as they are)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 12), nn.Linear(6, 8)
+        self.fc = nn.Linear(12, 4)
+
+    def forward(self, x):  # x: [N, 1, 2, 3]
+        x = x.flatten(1)
+        attn = self.a(x).reshape(-1, 3, 4)
+        attn[:, 1:, :] = attn[:, 1:, :] + self.b(x).reshape(-1, 2, 4)
+        return self.fc(F.relu(attn).flatten(1))
+
+
+class FourierPosition(nn.Module):
+    """EdgeNeXt's position code: a tensor made from the batch size alone (zeros((B, H, W)), ~, cumsum, sin/cos)
+    through a conv, added to the features."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.proj = nn.Conv2d(2, 4, 1)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        y = self.conv(x)
+        b, _, h, w = y.shape
+        mask = ~torch.zeros((b, h, w)).to(dtype=torch.bool)
+        code = torch.stack((mask.cumsum(1, dtype=torch.float32).sin(), mask.cumsum(2, dtype=torch.float32).cos()), 1)
+        return self.fc(F.relu(y + self.proj(code)).mean((2, 3)))
+
+
+def test_a_tensor_made_from_the_batch_size_alone_exports():
+    torch.manual_seed(0)
+    model = FourierPosition().eval()
+    x = torch.randn(3, 3, 5, 6)
+    explainer = graphlrp.compile(model, x[:1], rules="cp-lrp-conserving")
+    logits, rel, taps = explainer.explain_with_taps(x)
+    assert rel_diff(logits, model(x).detach()) <= 1e-6
+    assert (taps["input"] / taps["output"] - 1).abs().max() <= 1e-5
+    import tempfile, os
+    assert explainer.export_onnx(os.path.join(tempfile.mkdtemp(), "p.onnx")).max_rel_diff <= 1e-4
+
+
+def test_item_assignment_traces_out_of_place():
+    torch.manual_seed(0)
+    model = SliceAssign().eval()
+    x = torch.randn(3, 1, 2, 3)
+    explainer = graphlrp.compile(model, x[:1], rules="cp-lrp-conserving")
+    logits, rel, taps = explainer.explain_with_taps(x)
+    assert rel_diff(logits, model(x).detach()) <= 1e-6
+    assert (taps["input"] / taps["output"] - 1).abs().max() <= 1e-5
+    import tempfile, os
+    assert explainer.export_onnx(os.path.join(tempfile.mkdtemp(), "s.onnx")).max_rel_diff <= 1e-4
+
+
+def test_a_concrete_tensor_expanded_to_the_traced_batch_size_traces():
+    torch.manual_seed(0)
+    model = ComputedBuffer().eval()
+    x = torch.randn(3, 12)
+    explainer = graphlrp.compile(model, x[:1], rules="cp-lrp-conserving")
+    logits, rel, taps = explainer.explain_with_taps(x)
+    assert rel_diff(logits, model(x).detach()) <= 1e-6
+    assert (taps["input"] / taps["output"] - 1).abs().max() <= 1e-5
+    assert torch.Tensor.expand.__qualname__ != "_SizedMethods._wrap.<locals>.method"  # restored after tracing
+
+
+class KeywordLinear(nn.Module):
+    """BEiT's qkv: F.linear by keyword, with a bias concatenated from parameters and a zero buffer."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(6, 9, bias=False)
+        self.q_bias, self.v_bias = nn.Parameter(torch.rand(3)), nn.Parameter(torch.rand(3))
+        self.register_buffer("k_bias", torch.zeros(3), persistent=False)
+        self.fc = nn.Linear(9, 4)
+
+    def forward(self, x):
+        bias = torch.cat((self.q_bias, self.k_bias, self.v_bias))
+        return self.fc(F.relu(F.linear(input=x, weight=self.qkv.weight, bias=bias)))
+
+
+def test_a_keyword_spelled_functional_linear_is_a_linear_layer():
+    from graphlrp import ops
+    from graphlrp.trace import trace
+
+    torch.manual_seed(0)
+    model = KeywordLinear().eval()
+    traced = trace(model, torch.randn(1, 6))
+    node = next(n for n in traced.graph.nodes if n.target is F.linear)
+    op = ops.describe(node, traced)
+    assert op.kind == ops.LINEAR and torch.equal(op.params["bias"], torch.cat((model.q_bias, model.k_bias,
+                                                                               model.v_bias)).detach())
+    x = torch.randn(3, 6)
+    logits, rel, taps = graphlrp.compile(model, x[:1], rules="cp-lrp-conserving").explain_with_taps(x)
+    assert rel_diff(logits, model(x).detach()) <= 1e-6
+    assert (taps["input"] / taps["output"] - 1).abs().max() <= 1e-5
+
+
 @pytest.mark.parametrize("size", [9, 10])
 def test_control_flow_over_sizes_and_default_arguments_trace(size):
     torch.manual_seed(0)
@@ -289,6 +408,265 @@ def test_adaptive_pool_unequal_windows_is_the_z_rule(size, out):
         assert rel_diff(rel[i].sum(0), expected[0].sum(0).detach()) < 1e-5
 
 
+# ------------------------------------------------------------------ linear resampling: a fixed linear map
+RESAMPLINGS = {
+    "bilinear_x2": lambda y: F.interpolate(y, scale_factor=2, mode="bilinear"),
+    "bilinear_align_corners": lambda y: F.interpolate(y, scale_factor=1.5, mode="bilinear", align_corners=True),
+    "bicubic_to_size": lambda y: F.interpolate(y, size=(7, 9), mode="bicubic", align_corners=False),
+    "bicubic_down": lambda y: F.interpolate(y, size=(3, 4), mode="bicubic"),
+    "bilinear_antialias": lambda y: F.interpolate(y, size=(3, 2), mode="bilinear", antialias=True),
+    "area": lambda y: F.interpolate(y, size=(4, 3), mode="area"),
+    "upsample_module": nn.Upsample(scale_factor=2, mode="bilinear"),
+    "upsampling_bilinear2d": nn.UpsamplingBilinear2d(size=(6, 7)),
+    "avg_pool1d": lambda y: F.avg_pool1d(y.flatten(2), 3, 2, 1).unflatten(2, (-1, 1)),
+    "avg_pool1d_module": nn.Sequential(nn.Flatten(2), nn.AvgPool1d(2, 2)),
+}
+
+
+class Resample(nn.Module):
+    def __init__(self, op, features):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fn = op
+        self.fc = nn.Linear(features, 5, bias=False)
+
+    def forward(self, x):
+        return self.fc(self.fn(F.relu(self.conv(x))).flatten(1))
+
+
+@pytest.mark.parametrize("name", sorted(RESAMPLINGS))
+def test_linear_resampling_is_the_z_rule_through_its_exact_weights(name):
+    """relu(conv) -> resampling -> linear. Reference, in float64 from autograd: the linear layer's ε-rule
+    (ε = 1e-9, no bias) R_y = y ⊙ Wᵀ(R / Wy), then the resampling's z-rule through its Jacobian J (autograd's
+    vector-Jacobian product): R_a = a ⊙ Jᵀ(R_y / y). Conservation and the export (onnxruntime parity) too."""
+    torch.manual_seed(0)
+    op = RESAMPLINGS[name]
+    x = torch.randn(2, 3, 6, 5)
+    with torch.no_grad():
+        features = op(torch.zeros(1, 4, 6, 5)).numel()
+    model = Resample(op, features).eval()
+    explainer = graphlrp.compile(model, x[:1], rules="cp-lrp-conserving")
+    logits, rel, taps = explainer.explain_with_taps(x)
+    assert (taps["input"] / taps["output"] - 1).abs().max() <= 1e-5
+    assert rel_diff(logits, model(x).detach()) <= 1e-5
+    m64 = model.double()
+    for i in range(2):
+        a = F.relu(m64.conv(x[i:i + 1].double())).detach().requires_grad_(True)
+        y = op(a)
+        z = m64.fc(y.flatten(1))
+        t = int(z.argmax())
+        w = m64.fc.weight[t].reshape(y.shape)
+        r_y = (y * w).detach()  # R = z_t on the target: R_y = y ⊙ w_t (the ε-rule with ε → 0)
+        safe = torch.where(y == 0, 1.0, y).detach()  # y = 0 (a window of dead ReLUs) carries R_y = 0
+        (vjp,) = torch.autograd.grad(y, a, torch.where(y == 0, 0.0, r_y / safe))
+        expected = (a * vjp).detach()
+        # then ReLU passes R_a on, and the first conv's ε-rule without its bias: R_x = x ⊙ Wᵀ(R_a / Wx)
+        x_i = x[i:i + 1].double().requires_grad_(True)
+        wx = m64.conv(x_i) - m64.conv.bias.view(1, -1, 1, 1)
+        (back,) = torch.autograd.grad(wx, x_i, expected / wx.detach())
+        assert rel_diff(rel[i], (x_i * back)[0].detach()) < 1e-4, name
+    model.float()
+    import tempfile, os
+    assert explainer.export_onnx(os.path.join(tempfile.mkdtemp(), "r.onnx")).max_rel_diff <= 1e-3
+
+
+def _not_separable(x, *args, **kwargs):
+    """A resampling followed by a mix of rows and columns: linear, per channel, but not H ⊗ W separable."""
+    y = F.interpolate(x, *args, **kwargs)
+    return y + torch.roll(y.transpose(-1, -2), 1, -1).transpose(-1, -2) * torch.arange(y.shape[-1]).float()
+
+
+def _channel_mixing(x, *args, **kwargs):
+    return F.interpolate(x, *args, **kwargs) + F.interpolate(x.flip(1), *args, **kwargs)
+
+
+@pytest.mark.parametrize("fn", [_not_separable, _channel_mixing])
+def test_a_map_that_is_not_a_separable_resampling_is_refused(fn):
+    """The per-axis matrices are checked on a random input: a node whose computation is not what they describe
+    (here a planted target in place of F.interpolate) is an UnsupportedOpError naming it, not a wrong rule."""
+    from graphlrp.ops.pooling import separable_linear_op
+    from graphlrp.trace import trace
+
+    class Up(nn.Module):
+        def forward(self, x):
+            return F.interpolate(x, scale_factor=2, mode="bilinear").mean((2, 3))
+
+    traced = trace(Up(), torch.randn(1, 3, 4, 5))
+    node = next(n for n in traced.graph.nodes if n.target is F.interpolate)
+    assert separable_linear_op(node, traced).params["axes"][0][1].shape == (8, 4)
+    traced = trace(Up(), torch.randn(1, 3, 4, 5))  # a fresh graph: the maps are derived once per node
+    node = next(n for n in traced.graph.nodes if n.target is F.interpolate)
+    node.target = fn
+    with pytest.raises(UnsupportedOpError, match="not a fixed linear map"):
+        separable_linear_op(node, traced)
+
+
+class FoldPatches(nn.Module):
+    """VOLO's outlook pattern: patches cut out (unfold, a copy: a MOVE), weighted, summed back (fold)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4 * 6 * 5, 3, bias=False)
+        self.register_buffer("w", torch.rand(1, 36, 1) + 0.5)
+
+    def patches(self, x):
+        return F.unfold(x, 3, padding=1) * self.w
+
+    def forward(self, x):
+        return self.fc(F.fold(self.patches(x), (6, 5), 3, padding=1).flatten(1))
+
+
+def test_fold_is_the_z_rule_through_its_patches():
+    """Reference from autograd in float64: R_y = y ⊙ w_t at the bias-free head; fold's z-rule
+    R_u = u ⊙ Jᵀ(R_y / y) (J: fold's Jacobian, autograd's vector-Jacobian product); the scale by a constant
+    passes R_u; unfold is a copy whose relevance sums back (its VJP). Conserving, exported with parity."""
+    torch.manual_seed(0)
+    model = FoldPatches().eval()
+    x = torch.randn(2, 4, 6, 5)
+    explainer = graphlrp.compile(model, x[:1], rules="cp-lrp-conserving")
+    logits, rel, taps = explainer.explain_with_taps(x)
+    assert (taps["input"] / taps["output"] - 1).abs().max() <= 1e-5
+    m64 = model.double()
+    for i in range(2):
+        xi = x[i:i + 1].double().requires_grad_(True)
+        cut = F.unfold(xi, 3, padding=1)
+        u = (cut * m64.w).detach().requires_grad_(True)
+        y = F.fold(u, (6, 5), 3, padding=1)
+        t = int(m64.fc(y.flatten(1)).argmax())
+        r_y = (y * m64.fc.weight[t].reshape(y.shape)).detach()
+        (vjp,) = torch.autograd.grad(y, u, r_y / y.detach())
+        r_u = (u * vjp).detach()
+        (expected,) = torch.autograd.grad(cut, xi, r_u)
+        assert rel_diff(rel[i], expected[0]) < 1e-4
+    model.float()
+    import tempfile, os
+    assert explainer.export_onnx(os.path.join(tempfile.mkdtemp(), "f.onnx")).max_rel_diff <= 1e-3
+
+
+# ------------------------------------------------------------------ 1-d convolutions
+class Conv1dNet(nn.Module):
+    """EfficientViM's ConvLayer1D: nn.Conv1d (grouped, padded) and F.conv1d on token sequences; no biases."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+        self.conv1d = nn.Conv1d(4, 6, 3, padding=1, stride=2, groups=2, bias=False)
+        self.w = nn.Parameter(torch.randn(5, 6, 1))
+        self.fc = nn.Linear(5, 3, bias=False)
+
+    def forward(self, x):
+        y = F.relu(self.conv1d(F.relu(self.conv(x)).flatten(2)))
+        return self.fc(F.relu(F.conv1d(y, self.w)).mean(2))
+
+
+def test_conv1d_is_a_conv_and_lrp0_equals_gradient_times_input():
+    """Without biases and with ε → 0, LRP through conv, ReLU, mean and linear is Gradient×Input (autograd)."""
+    torch.manual_seed(0)
+    model = Conv1dNet().eval()
+    x = torch.randn(2, 3, 5, 6)
+    zero = {"rule": "epsilon", "epsilon": 1e-12}  # LRP-0; 1e-12 only where a window of dead ReLUs gives z = 0
+    rules = {"output": "logit", "rules": {"first_layer": zero, "conv": zero, "linear": zero,
+                                          "reduction": {"rule": "z", "epsilon": 1e-12, "dead_units": "spread"},
+                                          "avgpool": {"rule": "z", "epsilon": 1e-12, "dead_units": "spread"}}}
+    explainer = graphlrp.compile(model, x[:1], rules=rules)
+    logits, rel = explainer(x)
+    xr = x.clone().requires_grad_(True)
+    out = model(xr)
+    (g,) = torch.autograd.grad(out.gather(1, out.argmax(1, keepdim=True)).sum(), xr)
+    assert rel_diff(rel, (xr * g).detach()) < 1e-4
+    import tempfile, os
+    assert explainer.export_onnx(os.path.join(tempfile.mkdtemp(), "c.onnx")).max_rel_diff <= 1e-4
+
+
+class ConvTransposeNet(nn.Module):
+    """LowFormer's upsampling: nn.ConvTranspose2d (strided, padded, grouped, output_padding)."""
+
+    def __init__(self, bias: bool, **geometry):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1, bias=bias)
+        self.up = nn.ConvTranspose2d(4, 6, bias=bias, **geometry)
+        self.fc = nn.Linear(6, 3, bias=False)
+
+    def forward(self, x):
+        return self.fc(F.relu(self.up(F.relu(self.conv(x)))).mean((2, 3)))
+
+
+CONV_TRANSPOSES = [dict(kernel_size=4, stride=2, padding=1, groups=2), dict(kernel_size=3, stride=1, padding=1),
+                   dict(kernel_size=3, stride=2, padding=1, output_padding=1, groups=2)]
+
+
+@pytest.mark.parametrize("geometry", CONV_TRANSPOSES, ids=["k4s2p1g2", "k3s1p1", "k3s2p1op1g2"])
+def test_conv_transpose_is_a_conv_and_lrp0_equals_gradient_times_input(geometry):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 5, 6)
+    model = ConvTransposeNet(False, **geometry).eval()
+    zero = {"rule": "epsilon", "epsilon": 1e-12}
+    spread = {"rule": "z", "epsilon": 1e-12, "dead_units": "spread"}
+    rules = {"output": "logit", "rules": {"first_layer": zero, "conv": zero, "linear": zero, "avgpool": spread}}
+    logits, rel = graphlrp.compile(model, x[:1], rules=rules)(x)
+    xr = x.clone().requires_grad_(True)
+    out = model(xr)
+    (g,) = torch.autograd.grad(out.gather(1, out.argmax(1, keepdim=True)).sum(), xr)
+    assert rel_diff(logits, out.detach()) <= 1e-5
+    assert rel_diff(rel, (xr * g).detach()) < 1e-4
+    with_bias = ConvTransposeNet(True, **geometry).eval()  # the conserving preset with biases, and the export
+    explainer = graphlrp.compile(with_bias, x[:1], rules="otsuki2024-conserving")
+    _, _, taps = explainer.explain_with_taps(x)
+    assert (taps["input"] / taps["output"] - 1).abs().max() <= 1e-5
+    import tempfile, os
+    assert explainer.export_onnx(os.path.join(tempfile.mkdtemp(), "t.onnx")).max_rel_diff <= 1e-4
+
+
+# ------------------------------------------------------------------ group norm, linearized (1/σ held constant)
+class GroupNormHead(nn.Module):
+    """nn.GroupNorm, and timm's GroupNorm1 spelling (F.group_norm with one group), before a bias-free head."""
+
+    def __init__(self, functional: bool):
+        super().__init__()
+        self.functional = functional
+        self.norm = nn.GroupNorm(2, 4, eps=1e-3)
+        with torch.no_grad():
+            self.norm.weight.uniform_(0.5, 1.5)
+            self.norm.bias.uniform_(-0.5, 0.5)
+        self.fc = nn.Linear(4 * 5 * 6, 3, bias=False)
+
+    def norm_fn(self, x):
+        if self.functional:
+            return F.group_norm(x, 1, self.norm.weight, self.norm.bias, 1e-5)
+        return self.norm(x)
+
+    def forward(self, x):
+        return self.fc(self.norm_fn(x).flatten(1))
+
+
+@pytest.mark.parametrize("functional", [False, True], ids=["module", "functional"])
+def test_group_norm_linearized_is_the_epsilon_rule_with_sigma_held(functional):
+    """cp-lrp-conserving's `linearized` rule on a group norm, against autograd in float64: the norm with σ_g
+    detached is the linear map f(x) = w (x − mean_g x) / σ_g; R_x = x ⊙ ∂⟨s, f(x)⟩/∂x, s = R_y / f(x), with
+    R_y = y ⊙ w_t from the bias-free head. Conserving, and exported with parity."""
+    torch.manual_seed(0)
+    model = GroupNormHead(functional).eval()
+    x = torch.randn(2, 4, 5, 6)
+    explainer = graphlrp.compile(model, x[:1], rules="cp-lrp-conserving")
+    logits, rel, taps = explainer.explain_with_taps(x)
+    assert (taps["input"] / taps["output"] - 1).abs().max() <= 1e-5
+    m64 = model.double()
+    groups, eps = (1, 1e-5) if functional else (2, 1e-3)
+    for i in range(2):
+        xi = x[i:i + 1].double().requires_grad_(True)
+        y = m64.norm_fn(xi)
+        t = int(m64.fc(y.flatten(1)).argmax())
+        r_y = (y * m64.fc.weight[t].reshape(y.shape)).detach()
+        xg = xi.reshape(1, groups, -1)
+        sigma = (xg.var(-1, unbiased=False, keepdim=True) + eps).sqrt().detach()
+        f = ((xg - xg.mean(-1, keepdim=True)) / sigma).reshape(xi.shape) * m64.norm.weight.view(1, -1, 1, 1)
+        (g,) = torch.autograd.grad(f, xi, r_y / f.detach())
+        assert rel_diff(rel[i], (xi * g)[0].detach()) < 1e-4
+    model.float()
+    import tempfile, os
+    assert explainer.export_onnx(os.path.join(tempfile.mkdtemp(), "g.onnx")).max_rel_diff <= 1e-3
+
+
 # ------------------------------------------------------------------ parameter-only subgraphs
 class StdConv(nn.Conv2d):
     """Weight standardisation as timm's StdConv2d writes it: a batch norm over the weight."""
@@ -336,13 +714,15 @@ class Broken(nn.Module):
         return x.view(5, -1)
 
 
-class Bilinear(nn.Module):
+class Cumsum(nn.Module):
+    """A linear op with no describer that is no rearrangement: no rule."""
+
     def __init__(self):
         super().__init__()
-        self.fc = nn.Linear(48, 2)
+        self.fc = nn.Linear(12, 2)
 
     def forward(self, x):
-        return self.fc(F.interpolate(x, scale_factor=2, mode="bilinear").flatten(1))
+        return self.fc(torch.cumsum(x, -1).flatten(1))
 
 
 class BatchMix(nn.Module):
@@ -354,9 +734,26 @@ class BatchMix(nn.Module):
         return self.fc(x.flatten(1)) - self.fc(x.flatten(1)).mean(0, keepdim=True) * 0 + x.sum()
 
 
+class Recurrent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.LSTM(2, 3, batch_first=True)
+        self.fc = nn.Linear(3, 2)
+
+    def forward(self, x):
+        h, _ = self.rnn(x.flatten(2).transpose(1, 2))
+        return self.fc(h.mean(1))
+
+
+def test_a_recurrent_layer_is_refused_by_name():
+    with pytest.raises(UnsupportedOpError, match=r"recurrent layer \(LSTM\) has no LRP rule") as info:
+        graphlrp.compile(Recurrent().eval(), torch.randn(1, 2, 2, 2), rules="cp-lrp-conserving")
+    assert "Error:" not in str(info.value)  # no internal exception in the message
+
+
 @pytest.mark.parametrize("model,error", [
     (DataDependent(), TraceError), (TwoInputs(), TraceError), (Tuple(), TraceError), (Broken(), TraceError),
-    (Bilinear(), UnsupportedOpError), (BatchMix(), GraphLRPError), ("not a model", TraceError)])
+    (Cumsum(), UnsupportedOpError), (BatchMix(), GraphLRPError), ("not a model", TraceError)])
 def test_odd_models_raise_graphlrp_errors(model, error):
     with pytest.raises(error):
         graphlrp.compile(model, torch.randn(1, 3, 2, 2))

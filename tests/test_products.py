@@ -211,6 +211,15 @@ def test_linear_attention_gets_the_uniform_rule_and_conserves(einsum, rules):
     assert rel_diff(taps["input"], taps["output"]) <= 1e-9
 
 
+@pytest.mark.parametrize("preset", ["otsuki2024-conserving", "cp-lrp-conserving"])
+def test_both_conserving_presets_conserve_on_linear_attention(preset):
+    torch.manual_seed(3)
+    model = LinearAttention(einsum=False).eval()
+    x = torch.randn(2, 4, 3, 2)
+    logits, rel, taps = graphlrp.compile(model, x[:1], rules=preset).explain_with_taps(x)
+    assert ((taps["input"] / taps["output"]) - 1).abs().max() <= 1e-4
+
+
 def test_constant_weights_still_refuses_a_product_without_attention_weights_by_default():
     x = torch.randn(1, 4, 3, 2)
     with pytest.raises(UnsupportedOpError, match="attention weights"):

@@ -216,6 +216,9 @@ def move_op(node: fx.Node, traced) -> Op | None:
         return lambda env: a
 
     def call(n):
+        if n.op == "call_module" and isinstance(traced.module(n), torch.nn.RNNBase):
+            raise UnsupportedOpError(f"{describe_node(n)}: a recurrent layer ({type(traced.module(n)).__name__}) "
+                                     "has no LRP rule in graphlrp")
         args, kwargs = build(tuple(n.args)), build(dict(n.kwargs))
         if n.op == "call_function":
             return lambda env: n.target(*args(env), **kwargs(env))

@@ -38,7 +38,7 @@ def _conv_module(node, traced):
 @describes(functions=[F.conv2d, "torch.conv2d"])
 def _conv_function(node, traced):
     v = lambda i, name, d=None: value(arg(node, i, name, d), traced)  # noqa: E731
-    return Op(CONV, node, (node.args[0],),
+    return Op(CONV, node, (arg(node, 0, "input"),),
               _conv_op(node, v(1, "weight"), v(2, "bias"), v(3, "stride", 1), v(4, "padding", 0),
                        v(5, "dilation", 1), v(6, "groups", 1)))
 
@@ -52,9 +52,9 @@ def _linear_module(node, traced):
 
 @describes(functions=[F.linear])
 def _linear_function(node, traced):
-    bias = value(arg(node, 2, "bias"), traced)
-    return Op(LINEAR, node, (node.args[0],),
-              dict(weight=value(node.args[1], traced).detach(), bias=None if bias is None else bias.detach()))
+    bias = value(arg(node, 2, "bias"), traced)  # BEiT: F.linear(input=x, weight=w, bias=cat((q_bias, 0, v_bias)))
+    return Op(LINEAR, node, (arg(node, 0, "input"),),
+              dict(weight=value(arg(node, 1, "weight"), traced).detach(), bias=None if bias is None else bias.detach()))
 
 
 def _bn_params(node, mean, var, weight, bias, eps):

@@ -26,17 +26,25 @@ def _norm(node, traced):
 
 def _layer_norm_params(node, traced) -> dict:
     """For a layer norm, what the `linearized` rule needs (normalised trailing dims, eps, affine weight and bias);
-    {} for the other norms, which only the identity rule (`pass`) handles."""
+    for a group norm (module or functional spelling) its groups, eps and per-channel affine part; {} for the other
+    norms, which only the identity rule (`pass`) handles."""
+    detach = lambda t: None if t is None else t.detach()  # noqa: E731
     if node.op == "call_module":
         m = traced.module(node)
+        if isinstance(m, nn.GroupNorm):
+            return dict(group_norm=True, groups=int(m.num_groups), eps=float(m.eps), weight=detach(m.weight),
+                        bias=detach(m.bias))
         if not isinstance(m, nn.LayerNorm):
             return {}
         shape, eps, weight, bias = m.normalized_shape, m.eps, m.weight, m.bias
+    elif node.target in (F.group_norm, torch.group_norm):  # timm's GroupNorm1 / GroupNormAct
+        v = lambda i, name, d=None: value(arg(node, i, name, d), traced)  # noqa: E731
+        return dict(group_norm=True, groups=int(v(1, "num_groups")), eps=float(v(4, "eps", 1e-5)),
+                    weight=detach(v(2, "weight")), bias=detach(v(3, "bias")))
     elif node.target in (F.layer_norm, torch.layer_norm):
         v = lambda i, name, d=None: value(arg(node, i, name, d), traced)  # noqa: E731
         shape, weight, bias, eps = v(1, "normalized_shape"), v(2, "weight"), v(3, "bias"), v(4, "eps", 1e-5)
     else:
         return {}
     shape = (shape,) if isinstance(shape, int) else tuple(shape)
-    detach = lambda t: None if t is None else t.detach()  # noqa: E731
     return dict(layer_norm=True, dims=len(shape), eps=float(eps), weight=detach(weight), bias=detach(bias))

@@ -8,6 +8,11 @@ A sum or mean is, by its reduced dims:
   such as ResNeSt's radix dim — an n-ary MERGE of the slices (category `merge`, the preset's split);
 * otherwise a REDUCE (category `reduction`, the z-rule: relevance in proportion to each term's contribution).
 
+Linear resampling (bilinear / bicubic / linear / area `interpolate`, `nn.Upsample`) and 1-d average pools are
+AVGPOOL ops too (category `avgpool`): a fixed linear map applied separably along the trailing spatial axes, its
+per-axis matrices derived at compile time from PyTorch's own op (`separable_linear_op`) and checked on a random
+input, so the z-rule runs through the op's exact weights.
+
 A max or min over dims (`amax`, `amin`, `max(dim).values`, `min(dim)[0]`; Hiera's mask-unit max-pool) is a
 MAX_REDUCE (category `maxpool`): winner-take-all, each output's relevance to its arg-max, split evenly on ties.
 """
@@ -20,6 +25,7 @@ import torch.nn.functional as F
 from ..errors import UnsupportedOpError
 from ..graph import describe_node
 from .elementwise import threshold
+from .base import move_op
 from .base import AVGPOOL, MAX_REDUCE, MAXPOOL, MERGE, REDUCE, Op, arg, describes, is_dynamic_tensor, is_tensor, pair, value
 
 
@@ -92,9 +98,15 @@ def _adaptive_avg_function(node, traced):
     return _adaptive_avg(node, value(arg(node, 1, "output_size"), traced))
 
 
-@describes(modules=[nn.AdaptiveMaxPool2d])
-def _adaptive_max_module(node, traced):
-    (h, w), out = _adaptive_out(node, traced.module(node).output_size)
+@describes(modules=[nn.AdaptiveMaxPool2d], functions=[F.adaptive_max_pool2d, "torch.adaptive_max_pool2d"])
+def _adaptive_max(node, traced):
+    if node.op == "call_module":
+        size = traced.module(node).output_size
+    else:
+        size = value(arg(node, 1, "output_size"), traced)
+        if value(arg(node, 2, "return_indices", False), traced):
+            return None  # a (values, indices) pair
+    (h, w), out = _adaptive_out(node, size)
     if h % out[0] or w % out[1]:
         raise UnsupportedOpError(f"{describe_node(node)}: adaptive max pooling to {out} from {(h, w)} has unequal "
                                  "windows")
@@ -210,3 +222,111 @@ def values_of(node, producer, index, traced):
 def _getattr(node, traced):
     producer, name = node.args[0], node.args[1]
     return values_of(node, producer, name, traced) if is_tensor(node) else None
+
+
+# ------------------------------------------------------------------------------------------ separable linear maps
+def separable_linear_op(node, traced) -> Op:
+    """The AVGPOOL op of a fixed linear map that acts separably on the trailing spatial axes of its one input
+    (N, C, *spatial; one or two spatial axes) and on each channel alike: out = A_H · x · A_Wᵀ per channel.
+
+    The per-axis matrices are derived from the op itself: applied to a basis along axis d (ones along the others)
+    it gives A_d up to the row sums r of the other axes, read off at one output position p (the product of the
+    maps is then Π_d r_d[p_d]^(k-1) too large, divided out of the first). The result is checked against the op on
+    a random float64 input of the real shape; an op that is not such a map (non-linear, mixing channels, not
+    separable) is an UnsupportedOpError naming the node. Derived once per node (every stage describes it)."""
+    cache = traced.__dict__.setdefault("_separable_maps", {})
+    if node not in cache:
+        try:
+            cache[node] = _derive_separable(node, traced)
+        except UnsupportedOpError as e:
+            cache[node] = e
+    if isinstance(cache[node], UnsupportedOpError):
+        raise cache[node]
+    return Op(AVGPOOL, node, cache[node][0], dict(cache[node][1]))
+
+
+def _derive_separable(node, traced):
+    fn = move_op(node, traced)
+    if fn is None or len(fn.inputs) != 1:
+        raise UnsupportedOpError(f"{describe_node(node)}: a resampling of more than one input-dependent tensor")
+    x = fn.inputs[0]
+    shape = tuple(x.meta["shape"])
+    if x.meta.get("batch_dim", 0) != 0 or len(shape) not in (3, 4):
+        raise UnsupportedOpError(f"{describe_node(node)}: a linear resampling of a tensor that is not "
+                                 "[N, C, L] or [N, C, H, W] with the batch first")
+    run = lambda t: fn.params["fn"]((t,)).double()  # noqa: E731
+    spatial = shape[2:]
+    k = len(spatial)
+    with torch.no_grad():
+        ones = run(torch.ones((1, 1, *spatial), dtype=torch.float64))[0, 0]
+        pos = tuple(int(i) for i in torch.unravel_index(ones.abs().argmax(), ones.shape))
+        total = float(ones[pos])
+        maps = []
+        for d, n in enumerate(spatial):
+            view = [n if j == d else 1 for j in range(k)]
+            basis = torch.eye(n, dtype=torch.float64).reshape(n, 1, *view).expand(n, 1, *spatial)
+            out = run(basis.contiguous())[:, 0]  # [n, *out_spatial]
+            index = (slice(None),) + tuple(slice(None) if j == d else pos[j] for j in range(k))
+            maps.append(out[index].t().contiguous())  # [out_d, n]
+        if total == 0:
+            raise UnsupportedOpError(f"{describe_node(node)}: maps a constant input to 0: not a resampling")
+        maps[0] = maps[0] / total ** (k - 1)
+        probe = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        expected = run(probe)
+        got = apply_axes(probe, [(2 + d, a) for d, a in enumerate(maps)])
+    if got.shape != expected.shape or not bool(((got - expected).abs().max() <= 1e-9 * expected.abs().max()).item()):
+        raise UnsupportedOpError(f"no LRP rule for {describe_node(node)}: it is not a fixed linear map acting "
+                                 "separably on the spatial axes of each channel")
+    axes = [(2 + d, a) for d, a in enumerate(maps)]
+    row_sums = apply_axes(torch.ones((1, 1, *spatial), dtype=torch.float64), axes)[0, 0]
+    return (x,), dict(axes=axes, row_sums=row_sums, out_spatial=tuple(expected.shape[2:]),
+                      nonnegative_weights=all(bool((a >= 0).all()) for a in maps))
+
+
+def apply_axes(t: torch.Tensor, axes) -> torch.Tensor:
+    """t with each [out_d, in_d] matrix of `axes` applied along its dim d."""
+    for d, a in axes:
+        t = torch.movedim(torch.tensordot(a.to(t.dtype), t, dims=([1], [d])), 0, d)
+    return t
+
+
+_RESAMPLING = ("linear", "bilinear", "bicubic", "trilinear", "area")
+
+
+@describes(modules=[nn.Upsample], functions=[F.interpolate])
+def _interpolate(node, traced):
+    """Nearest(-exact) resizing copies values: a MOVE. The other modes are fixed linear maps (see above)."""
+    if node.op == "call_module":
+        mode = traced.module(node).mode
+    else:
+        mode = value(arg(node, 3, "mode", "nearest"), traced)
+    if mode not in _RESAMPLING:
+        return move_op(node, traced)
+    return separable_linear_op(node, traced)
+
+
+@describes(modules=[nn.AvgPool1d], functions=[F.avg_pool1d, "torch.avg_pool1d"])
+def _avgpool1d(node, traced):
+    """A 1-d average pool (NextViT's sequence reduction): a fixed linear map along the last axis."""
+    return separable_linear_op(node, traced)
+
+
+@describes(modules=[nn.Fold], functions=[F.fold])
+def _fold(node, traced):
+    """F.fold (VOLO's outlook attention): sliding patches [N, C·k·k, L] summed back into [N, C, H, W], a fixed
+    linear map whose transpose is F.unfold with the same geometry; each output cell the sum of the patch entries
+    that land on it. Category `avgpool`: the z-rule through it, R_in = x ⊙ unfold(R / stab(fold(x)))."""
+    if node.op == "call_module":
+        m = traced.module(node)
+        geometry = dict(output_size=m.output_size, kernel_size=m.kernel_size, dilation=m.dilation,
+                        padding=m.padding, stride=m.stride)
+    else:
+        v = lambda i, name, d=None: value(arg(node, i, name, d), traced)  # noqa: E731
+        geometry = dict(output_size=v(1, "output_size"), kernel_size=v(2, "kernel_size"), dilation=v(3, "dilation", 1),
+                        padding=v(4, "padding", 0), stride=v(5, "stride", 1))
+    x = node.args[0]
+    if not is_dynamic_tensor(x) or x.meta.get("batch_dim", 0) != 0 or len(x.meta["shape"]) != 3:
+        raise UnsupportedOpError(f"{describe_node(node)}: fold of a tensor that is not [N, C·k·k, L]")
+    geometry = {k: pair(g) for k, g in geometry.items()}
+    row_sums = F.fold(torch.ones(tuple(x.meta["shape"]), dtype=torch.float64), **geometry)[0]
+    return Op(AVGPOOL, node, (x,), dict(fold=geometry, row_sums=row_sums))

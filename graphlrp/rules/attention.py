@@ -22,11 +22,13 @@ def linearized_norm_rule(ctx, epsilon=1e-6, stabilizer="signed", bias="keep"):
     x − mean(x) and the affine part, is a linear layer y = W x + b, and it gets the ε-rule. bias='zero' leaves the
     bias out of z, so the layer conserves relevance. Other norms have only the identity rule, `pass`."""
     p = ctx.op.params
-    if not p.get("layer_norm"):
-        raise UnsupportedOpError(f"{describe_node(ctx.op.node)}: 'linearized' is a LayerNorm rule; use 'pass' "
-                                 "(the identity rule) for other norms")
     if bias not in ("keep", "zero"):
         raise PresetError(f"bias must be 'keep' or 'zero' for layer norms, got {bias!r}")
+    if p.get("group_norm"):
+        return _linearized_group_norm(ctx, epsilon, stabilizer, bias)
+    if not p.get("layer_norm"):
+        raise UnsupportedOpError(f"{describe_node(ctx.op.node)}: 'linearized' is a LayerNorm / GroupNorm rule; use "
+                                 "'pass' (the identity rule) for other norms")
     x = ctx.a
     dims = tuple(range(-p["dims"], 0))
     z = ctx.forward_output
@@ -40,6 +42,30 @@ def linearized_norm_rule(ctx, epsilon=1e-6, stabilizer="signed", bias="keep"):
         g = ctx.call(torch.mul, g, p["weight"])
     # Wᵀ g for W = diag(w/σ)(I − 11ᵀ/n): the centring's transpose subtracts the mean again
     return [ctx.call(torch.mul, x, ctx.call(torch.sub, g, ctx.call(torch.mean, g, dims, True)))]
+
+
+def _linearized_group_norm(ctx, epsilon, stabilizer, bias):
+    """GroupNorm (x: [N, C, ...], G groups) with 1/σ_g held constant: y = w_c/σ_g · (x − mean_g x) + b_c, a linear
+    layer W x + b with W = diag(w/σ) (I − 11ᵀ/n) per group; the ε-rule R_in = x ⊙ Wᵀ(R / stab(z)), z = y (− b)."""
+    p = ctx.op.params
+    shape = tuple(ctx.op.in_shape)
+    c, groups = shape[1], p["groups"]
+    channel = (1, c) + (1,) * (len(shape) - 2)
+    grouped = (-1, groups, int(torch.Size(shape[1:]).numel()) // groups)
+    x = ctx.a
+    z = ctx.forward_output
+    if bias == "zero" and p["bias"] is not None:
+        z = ctx.call(torch.sub, z, p["bias"].reshape(channel))
+    s = ctx.call(torch.div, ctx.R, stabilize(ctx, z, epsilon, stabilizer))
+    if p["weight"] is not None:
+        s = ctx.call(torch.mul, s, p["weight"].reshape(channel))
+    xg = ctx.call(torch.reshape, x, grouped)
+    centred = ctx.call(torch.sub, xg, ctx.call(torch.mean, xg, (-1,), True))
+    variance = ctx.call(torch.mean, ctx.call(torch.mul, centred, centred), (-1,), True)
+    g = ctx.call(torch.mul, ctx.call(torch.reshape, s, grouped),
+                 ctx.call(torch.rsqrt, ctx.call(torch.add, variance, p["eps"])))
+    back = ctx.call(torch.reshape, ctx.call(torch.sub, g, ctx.call(torch.mean, g, (-1,), True)), (-1, *shape[1:]))
+    return [ctx.call(torch.mul, x, back)]
 
 
 @rule("taylor", (ops.SOFTMAX,))

@@ -98,7 +98,11 @@ def z_pool_rule(ctx, epsilon=1e-6, stabilizer="signed", dead_units="drop"):
     # spreads R_w evenly: d_w / n_w = 1 / avg_pool(ones)  (a pooling matrix's rows already sum to 1)
     flat = ctx.call(torch.where, dead, ctx.R, 0.0)
     p = ctx.op.params
-    if "matrix" not in p:
+    if "row_sums" in p:  # a resampling (rows sum to 1), a 1-d pool (the share it divides by), a fold (the count)
+        sums = p["row_sums"]
+        if not torch.allclose(sums, torch.ones_like(sums), rtol=0, atol=1e-9):
+            flat = ctx.call(torch.mul, flat, torch.where(sums == 0, 0.0, 1.0 / sums))
+    elif "matrix" not in p:
         h, w = ctx.op.in_shape[-2:]
         geometry = (p["kernel"], p["stride"], p["padding"], p["ceil_mode"], p["count_include_pad"])
         ones_avg = F.avg_pool2d(torch.ones(1, 1, h, w), *geometry)
