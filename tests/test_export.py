@@ -166,7 +166,7 @@ def test_the_float64_reference_needs_no_copy_of_the_graph():
 def test_fp16_export_halves_the_file_and_states_what_it_costs(preset, tmp_path):
     """precision="fp16": float32 input and outputs, float16 weights and graph, half the file. Checked on a new
     batch against the float32 PyTorch explainer (the independent reference): relevance within 3e-2 and
-    ΣR_in / R_out within 1e-2 of float32's (measured: 1e-3 to 1e-2 and 4e-4 on resnet18 at 64 px); the report
+    ΣR_in / R_out within 1e-2 of float32's (measured: 1e-3 to 1e-2 and 5e-4 on resnet18 at 64 px); the report
     states the same distances on its parity batch."""
     torch.manual_seed(0)
     model = torchvision.models.resnet18().eval()
