@@ -234,25 +234,40 @@ def main(argv=None) -> int:
             tb = np.full((batch,), -1, dtype=np.int64)
             xt = torch.from_numpy(xb).to(device)
             for runtime, provider_list in ort_providers.items():
+                if time.time() - started > args.budget_s:
+                    skipped.append(f"{arch} batch {batch} {runtime}")
+                    continue
                 runners, kinds = {}, {}
-                fwd = OrtRunner(forward, provider_list, device, args.threads, ["logits"])
-                fwd.feed({"input": xb})
-                runners["forward"], kinds["forward"] = fwd, runtime
-                ort_runners = {}
-                for preset, (f32, f16) in files.items():
-                    for label, path in ((f"graphlrp {preset}", f32), (f"graphlrp {preset} fp16", f16)):
-                        r = OrtRunner(path, provider_list, device, args.threads, ["logits", "relevance"])
-                        r.feed({"input": xb, "target": tb})
-                        runners[label], kinds[label], ort_runners[label] = r, runtime, r
+                try:
+                    fwd = OrtRunner(forward, provider_list, device, args.threads, ["logits"])
+                    fwd.feed({"input": xb})
+                    runners["forward"], kinds["forward"] = fwd, runtime
+                    ort_runners = {}
+                    for preset, (f32, f16) in files.items():
+                        for label, path in ((f"graphlrp {preset}", f32), (f"graphlrp {preset} fp16", f16)):
+                            r = OrtRunner(path, provider_list, device, args.threads, ["logits", "relevance"])
+                            r.feed({"input": xb, "target": tb})
+                            runners[label], kinds[label], ort_runners[label] = r, runtime, r
+                    for fn in runners.values():  # first calls allocate (and build TensorRT engines): not timed
+                        fn()
+                except Exception as e:  # e.g. the TensorRT provider listed but its libraries missing
+                    if runtime == next(iter(ort_providers)):
+                        raise
+                    skipped.append(f"{arch} batch {batch} {runtime} ({type(e).__name__}: {str(e)[:120]})")
+                    continue
                 if runtime == next(iter(ort_providers)):
-                    with torch.no_grad():
-                        m_dev = model.to(device)
-                        runners["forward (PyTorch eager)"] = lambda: m_dev(xt)
-                        kinds["forward (PyTorch eager)"] = f"torch {device}"
+                    m_dev = model.to(device)
+
+                    def eager(m_dev=m_dev, xt=xt):
+                        with torch.no_grad():
+                            return m_dev(xt)
+
+                    runners["forward (PyTorch eager)"] = eager
+                    kinds["forward (PyTorch eager)"] = f"torch {device}"
                     if baseline is not None:
                         runners[baseline[0]] = lambda: baseline[1](xt)
                         kinds[baseline[0]] = f"torch {device}"
-                for fn in runners.values():  # first calls allocate (and build TensorRT engines): not timed
+                for fn in runners.values():  # and the PyTorch ones: a first call each, not timed
                     fn()
                 for preset in files:
                     a = ort_runners[f"graphlrp {preset} fp16"].result()[1]
