@@ -215,3 +215,16 @@ def test_fp16_refuses_values_float16_cannot_hold(tmp_path):
         explainer.export_onnx(tmp_path / "loud.onnx", precision="fp16")
     with pytest.raises(graphlrp.ExportError, match="precision"):
         explainer.export_onnx(tmp_path / "x.onnx", precision="int8")
+
+
+def test_cli_compile_precision_fp16(tmp_path):
+    out = tmp_path / "r18-fp16.onnx"
+    proc = graphlrp_cli("compile", "resnet18", "--weights", "none", "--input-size", "64", "--precision", "fp16",
+                        "-o", str(out))
+    assert "fp16      vs the float32 explainer" in proc.stdout and "parity" not in proc.stdout
+    model = onnx.load(str(out))
+    assert {p.key: p.value for p in model.metadata_props}["precision"] == "fp16"
+    assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in model.graph.initializer)
+    logits, rel = session(out).run(None, {"input": np.random.randn(2, 3, 64, 64).astype(np.float32),
+                                          "target": np.array([-1, 3])})
+    assert logits.dtype == rel.dtype == np.float32 and np.isfinite(rel).all()
