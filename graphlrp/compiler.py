@@ -184,16 +184,18 @@ class Explainer(torch.nn.Module):
         return merge_table(self.merges)
 
     def export_onnx(self, path, opset: int = 17, check: bool = True, metadata: dict | None = None,
-                    verbose: bool = False, **preprocessing):
+                    verbose: bool = False, precision: str = "fp32", **preprocessing):
         """Write one ONNX model (inputs `input`, `target`; outputs `logits`, `relevance`); then onnx.checker and
         an onnxruntime parity check against this explainer. Returns the parity report. The batch size is dynamic;
         the image size is the compile size (the rules are specialised to it: transposed-convolution padding,
         pooling divisors), so compile once per input size. Keyword arguments `resize`, `crop_pct`,
-        `interpolation`, `mean`, `std`, `labels` override the recorded preprocessing and class names."""
+        `interpolation`, `mean`, `std`, `labels` override the recorded preprocessing and class names.
+        precision="fp16" writes every weight and tensor in float16 (input and outputs stay float32): half the
+        file, for GPUs; the report's `fp16` states its distance to this float32 explainer and its conservation."""
         from .export import export_onnx
 
         return export_onnx(self, path, opset=opset, check=check, metadata=metadata, verbose=verbose,
-                           **preprocessing)
+                           precision=precision, **preprocessing)
 
 
 def compile(model: torch.nn.Module, example_input: torch.Tensor, rules="otsuki2024", split: str | None = None,

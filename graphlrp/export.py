@@ -45,6 +45,10 @@ class ExportReport:
     # what the compile measured on this explainer (graphlrp.verify.Certificate.to_dict(): ΣR_in / R_out per
     # sample, forward error, merge gap, largest per-node leaks); None for an explainer compiled with verify=False
     certificate: dict | None = None
+    # "fp32", or "fp16": weights and every tensor of the graph in float16, input and outputs float32 (cast at the
+    # boundary); its check compares it with the float32 explainer instead of asking for parity (see export_onnx)
+    precision: str = "fp32"
+    fp16: dict | None = None
 
     @property
     def max_rel_diff(self) -> float:
@@ -249,15 +253,126 @@ def _weight_bytes(model) -> int:
     return sum(len(t.raw_data) or int(np.prod(t.dims)) * 4 for t in model.graph.initializer)
 
 
+PRECISIONS = ("fp32", "fp16")
+FP16_SMALLEST = 2.0 ** -24  # float16's smallest subnormal: a smaller nonzero constant would round to 0
+
+
+def half_graph(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A float16 copy of an explainer graph whose input and outputs stay float32: every floating-point parameter,
+    buffer and tensor constant in float16, the float input cast to float16 where it enters and the floating
+    outputs cast back to float32. Nonzero number constants below float16's smallest subnormal (the 1e-30 that
+    keeps a ratio split's denominator from 0) become ±2⁻²⁴, so they keep doing their job instead of rounding to
+    0; every other constant rounds to the nearest float16 (ε = 1e-6 is a float16 subnormal, 1.01e-6)."""
+    from .derived import Recipe, derive, recipe
+
+    half = copy.deepcopy(gm)
+    memo: dict = {}
+
+    def to_half(t):
+        """t in float16, with its recipe (W⁺ = max(W, 0), ...) on the float16 base: each weight stays stored once."""
+        if not (isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float16):
+            return t
+        if id(t) not in memo:
+            r = recipe(t)
+            if r is None:
+                out = t.detach().half()
+            else:
+                out = derive(r.fn, to_half(r.base), *r.args, **(r.kwargs or {}))
+            memo[id(t)] = (t, out)  # keeps t alive: its id is not reused while the memo lives
+        return memo[id(t)][1]
+
+    def half_recipe(r):
+        return None if r is None else Recipe(r.fn, to_half(r.base), r.args, r.kwargs)
+
+    for module in half.modules():
+        for name, p in list(module._parameters.items()):
+            if p is not None:
+                module._parameters[name] = torch.nn.Parameter(to_half(p.data), requires_grad=False)
+        for name, b in list(module._buffers.items()):
+            module._buffers[name] = to_half(b)
+        for name, t in list(vars(module).items()):
+            if isinstance(t, torch.Tensor):
+                setattr(module, name, to_half(t))
+    for node in half.graph.nodes:
+        if node.meta.get("recipe") is not None:
+            node.meta["recipe"] = half_recipe(node.meta["recipe"])
+    graph = half.graph
+
+    def tiny_ok(v):
+        if isinstance(v, float) and v != 0 and abs(v) < FP16_SMALLEST:
+            return FP16_SMALLEST if v > 0 else -FP16_SMALLEST
+        return v
+
+    for node in list(graph.nodes):
+        if node.op == "placeholder" and node.name == next(n.name for n in graph.nodes if n.op == "placeholder"):
+            with graph.inserting_after(node):
+                cast = graph.call_function(torch.Tensor.to, (node, torch.float16))
+            node.replace_all_uses_with(cast, delete_user_cb=lambda u: u is not cast)
+        elif node.op in ("call_function", "call_method", "call_module"):
+            node.args = torch.fx.node.map_aggregate(node.args, tiny_ok)
+            node.kwargs = torch.fx.node.map_aggregate(node.kwargs, tiny_ok)
+            if node.op == "call_function" and node.target is torch.Tensor.to and torch.float32 in node.args:
+                node.args = tuple(torch.float16 if a is torch.float32 else a for a in node.args)
+        elif node.op == "output":
+            def back(v):
+                if not isinstance(v, torch.fx.Node):
+                    return v
+                with graph.inserting_before(node):
+                    return graph.call_function(torch.Tensor.to, (v, torch.float32))  # logits, relevance
+            node.args = torch.fx.node.map_aggregate(node.args, back)
+    graph.lint()
+    half.recompile()
+    return half
+
+
+def _fp16_check(explainer, session, report: ExportReport, x, target) -> None:
+    """What float16 costs, measured on the parity batch against the float32 explainer in PyTorch: the largest
+    relevance and logit differences (max |a − b| / max |b|) and ΣR_in / R_out per sample for both (R_out, the
+    relevance put on the target, from the float32 explainer's taps). Raises ExportError where the float16 graph
+    gives a value that is not finite (an overflow past 65504 or a 0/0 that float32 avoids)."""
+    logits16, rel16 = session.run(["logits", "relevance"], {"input": x.numpy(), "target": target.numpy()})
+    logits32, rel32, taps = explainer.explain_with_taps(x, target)
+    if not (np.isfinite(rel16).all() and np.isfinite(logits16).all()):
+        raise ExportError(f"the float16 explainer gives values that are not finite on the parity batch "
+                          f"(relevance: {int((~np.isfinite(rel16)).sum())} entries, logits: "
+                          f"{int((~np.isfinite(logits16)).sum())}); float16's range (±65504) does not hold this "
+                          f"model's activations or relevance ({report.path})")
+    out = taps["output"].double().numpy()
+    dims = tuple(range(1, rel16.ndim))
+    report.max_rel_diff_relevance = rel_diff(rel16, rel32.numpy())
+    report.max_rel_diff_logits = rel_diff(logits16, logits32.numpy())
+    report.zero_relevance = not np.any(rel32.numpy())
+    report.fp16 = {
+        "relevance_vs_fp32": report.max_rel_diff_relevance,
+        "logits_vs_fp32": report.max_rel_diff_logits,
+        "conservation_fp16": (rel16.astype(np.float64).sum(dims) / out).tolist(),
+        "conservation_fp32": (rel32.double().numpy().sum(dims) / out).tolist(),
+    }
+
+
 def export_onnx(explainer, path, opset: int = 17, check: bool = True, metadata: dict | None = None,
-                verbose: bool = False, **preprocessing) -> ExportReport:
+                verbose: bool = False, precision: str = "fp32", **preprocessing) -> ExportReport:
+    """See `Explainer.export_onnx`. precision="fp16" writes the graph in float16 (float32 input and outputs); its
+    check states the distance to the float32 explainer and both conservation ratios (`report.fp16`) instead of
+    requiring parity, and refuses a graph whose float16 values are not finite."""
     import onnx
 
+    if precision not in PRECISIONS:
+        raise ExportError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     meta = build_metadata(explainer, metadata, **preprocessing)  # first: a bad override fails before the work
+    if precision != "fp32":
+        meta["precision"] = precision
 
     x, target = _parity_batch(explainer)
     try:
-        model, expected = _lower(explainer, opset, x, target)
+        if precision == "fp16":
+            from .fx_to_onnx import lower
+
+            model, _ = lower(half_graph(explainer.graph_module), (x, target), ["input", "target"],
+                             ["logits", "relevance"], opset)
+            expected = None
+        else:
+            model, expected = _lower(explainer, opset, x, target)
     except ExportError:
         raise
     except Exception as e:
@@ -292,12 +407,15 @@ def export_onnx(explainer, path, opset: int = 17, check: bool = True, metadata: 
     del checked  # onnxruntime reads the file: the bytes and the proto need not live beside its session
     size = path.stat().st_size + ((path.parent / location).stat().st_size if external else 0)
     report = ExportReport(str(path), float("nan"), float("nan"), size, opset,
-                          certificate=explainer.info.get("certificate"))
+                          certificate=explainer.info.get("certificate"), precision=precision)
     if check:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         options.log_severity_level = 3
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        check_parity(explainer, session, report, x, target, expected)
+        if precision == "fp16":
+            _fp16_check(explainer, session, report, x, target)
+        else:
+            check_parity(explainer, session, report, x, target, expected)
     return report

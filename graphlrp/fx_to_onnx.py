@@ -857,6 +857,10 @@ def _ones_like(g, x, *args, **kwargs):
 
 @converts(torch.scatter_add, "scatter_add")
 def _scatter_add(g, x, dim, index, src):
+    if x.dtype == torch.float16:  # onnxruntime's CPU provider has no float16 ScatterElements(add): sum in float32
+        out = g.op("ScatterElements", [g.cast(x, torch.float32), index, g.cast(src, torch.float32)],
+                   axis=int(dim) % x.rank, reduction="add")
+        return g.op("Cast", [out], to=onnx_type(torch.float16))
     return g.op("ScatterElements", [x, index, src], axis=int(dim) % x.rank, reduction="add")
 
 

@@ -290,3 +290,74 @@ def test_no_subnormal_floats_in_the_relevance_pass(resnet18, preset):
     with torch.no_grad():
         Recorder(explainer.graph_module).run(x, torch.tensor([-1, 3]))
     assert not subnormal, subnormal
+
+
+def test_no_where_in_the_epsilon_stabiliser(explainer_onnx):
+    """The signed stabiliser z + ε·sign(z) (sign(0) = +1) uses no `Where`: onnxruntime's Where with scalar
+    branches is an unvectorised broadcast, several times an Add's cost on the same tensor. The only Where left is
+    the output's target selection (on int64 class indices) and zeros_like's Where(true, 0, x)."""
+    preset, model = explainer_onnx
+    producers, constants = _producers(model), _constants(model)
+    for node in model.graph.node:
+        if node.op_type == "Where":
+            cond = producers.get(node.input[0])
+            branches = [constants.get(name) for name in node.input[1:]]
+            signed_shift = cond is not None and cond.op_type in ("GreaterOrEqual", "Greater", "Less") and all(
+                b is not None and b.size == 1 and b.dtype.kind == "f" for b in branches)
+            assert not signed_shift, f"{preset}: {node.name} selects ±ε on the sign of {cond.input[0]}"
+
+
+def test_merge_stabiliser_uses_the_relu_output(resnet18):
+    """At resnet18's 8 merges epsilon-plus-flat's signed split divides R by stab(h); R is zero wherever relu(h)
+    is (every rule above the ReLU hands back a product with it), so the stabiliser is relu(h) + ε, one Add on
+    the ReLU output the forward holds: no comparison on the merges' tensors is left (the classifier's ε-rule on
+    the logits keeps its one)."""
+    explainer = graphlrp.compile(resnet18, torch.randn(1, 3, SIZE, SIZE), rules="epsilon-plus-flat")
+    counts = collections.Counter(n.target for n in explainer.graph_module.graph.nodes if n.op == "call_function")
+    assert counts[torch.ge] <= 1, counts[torch.ge]
+
+
+def _stabiliser_module(h_of_x):
+    class Net(torch.nn.Module):
+        def forward(self, x, y):
+            h = h_of_x(x)
+            a = torch.relu(h)
+            R = torch.mul(a, y) + torch.mul(y, a)  # zero wherever relu(h) is
+            den = torch.add(h, torch.where(torch.ge(h, 0.0), 1e-6, -1e-6))
+            return torch.div(R, den), torch.div(y, den)  # the second numerator is not zero where h <= 0
+
+    return Net()
+
+
+def test_relu_stabiliser_and_where_free_shift_are_exact():
+    """The two rewrites of the signed stabiliser on hand-picked values: h exactly 0, -0, -ε, ±tiny, subnormal,
+    large; against the where() form run eagerly (bit-identical for the Where-free shift; equal up to the sign of
+    zero for relu(h) + ε, where the numerator is 0)."""
+    h_values = torch.tensor([0.0, -0.0, -1e-6, 1e-6, 1e-40, -1e-40, 3.5, -2.25, 1e30, -1e30, 5e-7, -5e-7])
+
+    net = _stabiliser_module(lambda x: x * 1.0)
+    gm = torch.fx.symbolic_trace(net)
+    fired = optimize.optimize_graph(gm)
+    assert fired["relu_stabiliser"] == 1 and fired["where_free"] == 1, fired
+    assert not any(n.target is torch.where for n in gm.graph.nodes if n.op == "call_function")
+    y = torch.randn(len(h_values), generator=torch.Generator().manual_seed(0))
+    got, got_plain = gm(h_values, y)
+    want, want_plain = net(h_values, y)
+    assert torch.equal(got_plain, want_plain)  # Where-free shift: the same bits
+    assert torch.equal(got, want)  # == treats -0 and +0 alike
+    assert torch.isfinite(got).all()
+
+
+def test_relu_stabiliser_needs_a_numerator_that_vanishes_with_the_relu():
+    class Net(torch.nn.Module):
+        def forward(self, x, y):
+            a = torch.relu(x)
+            R = torch.mul(a, y) + y  # the + y term is not zero where relu(x) is
+            return torch.div(R, torch.add(x, torch.where(torch.ge(x, 0.0), 1e-6, -1e-6)))
+
+    gm = torch.fx.symbolic_trace(Net())
+    fired = optimize.optimize_graph(gm)
+    assert fired["relu_stabiliser"] == 0 and fired["where_free"] == 1, fired
+    x = torch.tensor([0.0, -1.0, 2.0, -1e-6])
+    y = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    assert torch.equal(gm(x, y), Net()(x, y))
