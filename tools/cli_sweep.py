@@ -54,6 +54,7 @@ def run_one(name: str, size: int | None, timeout: float, workdir: str, max_rss_g
     cmd = [sys.executable, "-m", "graphlrp.cli", "compile", name, "--weights", "none", "-o", out]
     if size:
         cmd += ["--input-size", str(size)]
+    load = os.getloadavg()[0]  # wall times mean little on a busy machine: the row says how busy it was
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     chunks: list[str] = []
@@ -72,7 +73,8 @@ def run_one(name: str, size: int | None, timeout: float, workdir: str, max_rss_g
     reader.join()
     text = "".join(chunks)
     wall = time.perf_counter() - t0
-    row = {"model": name, "input": size or "", "rc": proc.returncode, "timeout": timed_out, "memory": bool(tripped), "wall_s": round(wall, 1),
+    row = {"model": name, "input": size or "", "rc": proc.returncode, "timeout": timed_out, "memory": bool(tripped),
+           "wall_s": round(wall, 1), "load": round(load, 1),
            "traceback": "Traceback (most recent call last)" in text, "size_mb": None,
            "cpu_s": round(usage.ru_utime + usage.ru_stime, 1), "rss_gib": round(usage.ru_maxrss / 2**20, 2)}
     if os.path.exists(out):
@@ -141,11 +143,13 @@ def report(rows: dict[str, dict], planned: list[str], command: str, limits: tupl
               "refused — graphlrp's own error, exit ≠ 0; TRACEBACK — a Python traceback reached the user; "
               "timeout — over the time limit; memory — stopped by this tool at --max-rss-gib. wall: the whole process (import, build, compile with its self-check, "
               "export with its parity check); CPU: user + system time of the process; peak: its peak resident memory.",
-              "", "| model | input | status | wall s | CPU s | peak GiB | MB | checked | warning / error |",
-              "|---|---:|---|---:|---:|---:|---:|---|---|"]
+              "", "load: the 1-minute load average when the model started (the machine has "
+              f"{os.cpu_count()} cores; above that, wall times are inflated by other work).", "",
+              "| model | input | status | wall s | CPU s | load | peak GiB | MB | checked | warning / error |",
+              "|---|---:|---|---:|---:|---:|---:|---:|---|---|"]
     for r in done:
         size = f"{r['input']} L" if r.get("large") else (r["input"] or "own")
-        lines.append(f"| {r['model']} | {size} | {status(r)} | {r['wall_s']} | {r['cpu_s']} | {r['rss_gib']} | "
+        lines.append(f"| {r['model']} | {size} | {status(r)} | {r['wall_s']} | {r['cpu_s']} | {r.get('load', '')} | {r['rss_gib']} | "
                      f"{r['size_mb'] or ''} | {cell(r['checked'])} | {cell(r['error'] or r['warning'])} |")
     lines.append("")
     lines += [ROW_MARK + json.dumps(rows[m]) + " -->" for m in planned if m in rows]
