@@ -103,28 +103,23 @@ class FourierPosition(nn.Module):
         return self.fc(F.relu(y + self.proj(code)).mean((2, 3)))
 
 
-def test_a_tensor_made_from_the_batch_size_alone_exports():
-    torch.manual_seed(0)
-    model = FourierPosition().eval()
-    x = torch.randn(3, 3, 5, 6)
+def _reproduces_conserves_and_exports(model, x, tmp_path):
+    """cp-lrp-conserving compiled at one sample, run at batch 3: the forward, conservation and the export's parity."""
     explainer = graphlrp.compile(model, x[:1], rules="cp-lrp-conserving")
     logits, rel, taps = explainer.explain_with_taps(x)
     assert rel_diff(logits, model(x).detach()) <= 1e-6
     assert (taps["input"] / taps["output"] - 1).abs().max() <= 1e-5
-    import tempfile, os
-    assert explainer.export_onnx(os.path.join(tempfile.mkdtemp(), "p.onnx")).max_rel_diff <= 1e-4
+    assert explainer.export_onnx(tmp_path / "m.onnx").max_rel_diff <= 1e-4
 
 
-def test_item_assignment_traces_out_of_place():
+def test_a_tensor_made_from_the_batch_size_alone_exports(tmp_path):
     torch.manual_seed(0)
-    model = SliceAssign().eval()
-    x = torch.randn(3, 1, 2, 3)
-    explainer = graphlrp.compile(model, x[:1], rules="cp-lrp-conserving")
-    logits, rel, taps = explainer.explain_with_taps(x)
-    assert rel_diff(logits, model(x).detach()) <= 1e-6
-    assert (taps["input"] / taps["output"] - 1).abs().max() <= 1e-5
-    import tempfile, os
-    assert explainer.export_onnx(os.path.join(tempfile.mkdtemp(), "s.onnx")).max_rel_diff <= 1e-4
+    _reproduces_conserves_and_exports(FourierPosition().eval(), torch.randn(3, 3, 5, 6), tmp_path)
+
+
+def test_item_assignment_traces_out_of_place(tmp_path):
+    torch.manual_seed(0)
+    _reproduces_conserves_and_exports(SliceAssign().eval(), torch.randn(3, 1, 2, 3), tmp_path)
 
 
 def test_a_concrete_tensor_expanded_to_the_traced_batch_size_traces():
