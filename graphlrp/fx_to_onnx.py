@@ -111,6 +111,11 @@ def _torch(name: str):
     return getattr(torch, name, None)
 
 
+def _linalg(name: str):
+    """torch.linalg.<name>, or None where this torch build lacks it."""
+    return getattr(torch.linalg, name, None)
+
+
 def _converter(node: fx.Node, module):
     if node.op == "call_module":
         for cls in type(module).__mro__:
@@ -1453,28 +1458,88 @@ def _number(v, default):
     return float(default if v is None else v)
 
 
+def _p_norm(g, x: Value, p, dims, keepdim: bool) -> str:
+    """‖x‖_p over `dims` for every p (2, 1, ±inf, 0 and general): F.normalize's and Tensor.norm's reduction."""
+    p = float(p)
+    if p == 2:
+        return g.reduce("ReduceL2", x, dims, keepdim)
+    if p == 1:
+        return g.reduce("ReduceL1", x, dims, keepdim)
+    if math.isinf(p):
+        absx = Value(g.op("Abs", [x]), x.shape, x.dtype, x.batched)
+        return g.reduce("ReduceMax" if p > 0 else "ReduceMin", absx, dims, keepdim)
+    if p == 0:  # the number of nonzero entries
+        nonzero = g.op("Cast", [g.op("Not", [g.op("Equal", [x, g.scalar(0, x.dtype)])])], to=onnx_type(x.dtype))
+        return g.reduce("ReduceSum", Value(nonzero, x.shape, x.dtype, x.batched), dims, keepdim)
+    powered = g.op("Pow", [g.op("Abs", [x]), g.scalar(p, x.dtype)])
+    return g.op("Pow", [g.reduce("ReduceSum", Value(powered, x.shape, x.dtype, x.batched), dims, keepdim),
+                        g.scalar(1 / p, x.dtype)])
+
+
+def _reduced_dims(x: Value, dim) -> list:
+    return list(range(x.rank)) if dim is None or dim == () else ([dim] if isinstance(dim, int) else list(dim))
+
+
 @converts(F.normalize)
 def _normalize(g, input, p=2.0, dim=1, eps=1e-12, out=None):
     """x / max(‖x‖_p, eps) along `dim` (Swin-V2's cosine attention), for every p (2, 1, ±inf, 0 and general)."""
     if out is not None:
         raise ExportError("F.normalize with out=")
-    x, dims = input, [dim] if isinstance(dim, int) else list(dim)
-    p = float(p)
-    if p == 2:
-        norm = g.reduce("ReduceL2", x, dims, True)
-    elif p == 1:
-        norm = g.reduce("ReduceL1", x, dims, True)
-    elif math.isinf(p):
-        absx = Value(g.op("Abs", [x]), x.shape, x.dtype, x.batched)
-        norm = g.reduce("ReduceMax" if p > 0 else "ReduceMin", absx, dims, True)
-    elif p == 0:  # the number of nonzero entries
-        nonzero = g.op("Cast", [g.op("Not", [g.op("Equal", [x, g.scalar(0, x.dtype)])])], to=onnx_type(x.dtype))
-        norm = g.reduce("ReduceSum", Value(nonzero, x.shape, x.dtype, x.batched), dims, True)
+    norm = _p_norm(g, input, p, [dim] if isinstance(dim, int) else list(dim), True)
+    return g.op("Div", [input, g.op("Max", [norm, g.scalar(float(eps), input.dtype)])])
+
+
+@converts(torch.norm, "norm")
+def _norm(g, input, p="fro", dim=None, keepdim=False, out=None, dtype=None):
+    """Tensor.norm / torch.norm (GRN's ‖x‖ over the spatial dims): a vector p-norm; 'fro' is p = 2."""
+    if out is not None or dtype is not None or p == "nuc":
+        raise ExportError(f"torch.norm with {'a nuclear norm' if p == 'nuc' else 'out= or dtype='}")
+    return _p_norm(g, input, 2.0 if p in ("fro", None) else p, _reduced_dims(input, dim), bool(keepdim))
+
+
+@converts(_linalg("vector_norm"))
+def _vector_norm(g, x, ord=2, dim=None, keepdim=False, dtype=None):
+    if dtype is not None:
+        raise ExportError("torch.linalg.vector_norm with dtype=")
+    return _p_norm(g, x, ord, _reduced_dims(x, dim), bool(keepdim))
+
+
+def _variance(g, x: Value, dims, correction, keepdim: bool) -> str:
+    """mean((x − mean x)²) · n / (n − correction) over `dims`, n the number of reduced entries (fixed shapes)."""
+    if x.batched and 0 in [d % x.rank for d in dims]:
+        raise ExportError("a variance over the batch dimension")
+    n = 1
+    for d in dims:
+        n *= x.shape[d]
+    centred = g.op("Sub", [x, g.reduce("ReduceMean", x, dims, True)])
+    square = Value(g.op("Mul", [centred, centred]), x.shape, x.dtype, x.batched)
+    mean = g.reduce("ReduceMean", square, dims, keepdim)
+    scale = n / max(n - correction, 0) if n - correction > 0 else float("inf")
+    return mean if scale == 1 else g.op("Mul", [mean, g.scalar(scale, x.dtype)])
+
+
+def _variance_args(x: Value, args, kwargs):
+    """torch.var/std's overloads: (dim, unbiased, keepdim) or (dim, *, correction, keepdim)."""
+    args = list(args)
+    dim = args.pop(0) if args and not isinstance(args[0], bool) else kwargs.get("dim")
+    if args and isinstance(args[0], bool) and "unbiased" not in kwargs:
+        kwargs = dict(kwargs, unbiased=args.pop(0))
+    keepdim = args.pop(0) if args else kwargs.get("keepdim", False)
+    if "correction" in kwargs and kwargs["correction"] is not None:
+        correction = float(kwargs["correction"])
     else:
-        powered = g.op("Pow", [g.op("Abs", [x]), g.scalar(p, x.dtype)])
-        norm = g.op("Pow", [g.reduce("ReduceSum", Value(powered, x.shape, x.dtype, x.batched), dims, True),
-                            g.scalar(1 / p, x.dtype)])
-    return g.op("Div", [x, g.op("Max", [norm, g.scalar(float(eps), x.dtype)])])
+        correction = 1.0 if kwargs.get("unbiased", True) else 0.0
+    return _reduced_dims(x, dim), correction, bool(keepdim)
+
+
+@converts(torch.var, "var")
+def _var(g, x, *args, **kwargs):
+    return _variance(g, x, *_variance_args(x, args, kwargs))
+
+
+@converts(torch.std, "std")
+def _std(g, x, *args, **kwargs):
+    return g.op("Sqrt", [_variance(g, x, *_variance_args(x, args, kwargs))])
 
 
 def _prelu(g, x, weight):

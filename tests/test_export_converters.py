@@ -128,6 +128,33 @@ def test_normalize_matches_pytorch():
     check_module(Normalize().eval(), (4, 6, 5))
 
 
+class Reductions(nn.Module):
+    """Keepdim statistics that normalisers compute in the forward (GRN's ‖x‖, a std or var), every spelling."""
+
+    def forward(self, x):  # x: [N, 4, 6, 5]
+        return (x.norm(p=2, dim=(2, 3), keepdim=True), torch.norm(x, 1, (2, 3), True), x.norm(dim=1),
+                x.norm(p=float("inf"), dim=-1), x.norm(p=3, dim=(1, 2)), torch.linalg.vector_norm(x, 2, dim=-1),
+                torch.linalg.vector_norm(x, float("-inf"), dim=(2, 3), keepdim=True),
+                x.std((2, 3), keepdim=True), x.std(dim=1, unbiased=False), torch.std(x, -1, correction=0),
+                torch.var(x, (1,), correction=2, keepdim=True), x.var(1, True, True), x.var(dim=(1, 2, 3)))
+
+
+def test_norm_std_and_var_match_pytorch():
+    check_module(Reductions().eval(), (4, 6, 5))
+
+
+def test_every_reduction_the_describers_recognise_by_name_has_a_converter():
+    """`ops.elementwise.is_reduction` recognises normalisers (GRN) by these names; the forward part of an explainer
+    computes them, so each spelling, method and torch function, must export."""
+    from graphlrp.ops.elementwise import REDUCTIONS
+
+    for name in sorted(REDUCTIONS):
+        if hasattr(torch.Tensor, name):
+            assert fx_to_onnx.has_converter("method", name), f"Tensor.{name}"
+        fn = getattr(torch, name, None) or getattr(torch.linalg, name, None)
+        assert fn is not None and fx_to_onnx.has_converter("function", fn), f"torch.{name}"
+
+
 def test_swin_v2_style_cosine_attention_exports(tmp_path):
     class Cosine(nn.Module):
         def __init__(self):

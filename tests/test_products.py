@@ -6,8 +6,8 @@ reference computed in float64 (autograd or a hand computation), with conservatio
 * a matmul / einsum of two signals (linear attention; category `matmul`, rule `uniform`, or `constant_weights` with
   `otherwise = "uniform"`): R_a = ½ a ⊙ ∂_a Σ (R/z)·z with R/z held fixed — half of the z-rule of the bilinear map
   with the other operand held fixed, since Gradient×Input gives each factor of a bilinear map the full z;
-* attention weights behind talking heads (a linear map across heads after the softmax, CaiT) are still attention
-  weights: `constant_weights` holds them constant;
+* attention weights behind talking heads (a linear map across heads after the softmax, CaiT) or a renormalised mix
+  of two attention maps (ConViT's GPSA) are still attention weights: `constant_weights` holds them constant;
 * square, pow with a constant exponent, abs: relevance passes as through an activation (R_in = R_out);
 * amax / amin / max(dim).values: winner-take-all, ties split evenly — the same as the gradient of torch.amax;
 * presets that name no `product` rule refuse such a product only where relevance reaches it;
@@ -269,6 +269,74 @@ def test_talking_heads_weights_are_attention_weights_held_constant():
     assert rel_diff(rel, xr.detach() * g) <= 1e-9
     _, shipped, taps = graphlrp.compile(model, x[:1], rules="cp-lrp-conserving").explain_with_taps(x)
     assert rel_diff(taps["input"], taps["output"]) <= 1e-6
+
+
+class GatedPositionalAttention(nn.Module):
+    """ConViT's GPSA: A = (1 − σ(g))·softmax(QKᵀ) + σ(g)·softmax(P), renormalised by its own row sum, then A·V.
+    The mix and the renormalisation are computed from softmax outputs and constants alone."""
+
+    def __init__(self, d=4, heads=2, tokens=3, k=3):
+        super().__init__()
+        self.heads, self.d = heads, d // heads
+        self.qk, self.v = nn.Linear(d, 2 * d, bias=False), nn.Linear(d, d, bias=False)
+        self.pos = nn.Parameter(torch.randn(heads, tokens, tokens))
+        self.gating = nn.Parameter(torch.randn(heads))
+        self.fc = nn.Linear(d, k, bias=False)
+        self.frozen = False
+
+    def forward(self, x):
+        t = x.flatten(2).transpose(1, 2)  # [n, tokens, d]
+        n, T, _ = t.shape
+        q, k = self.qk(t).view(n, T, 2, self.heads, self.d).permute(2, 0, 3, 1, 4)
+        v = self.v(t).view(n, T, self.heads, self.d).transpose(1, 2)
+        gate = torch.sigmoid(self.gating).view(1, -1, 1, 1)
+        attn = (1.0 - gate) * (q @ k.transpose(-1, -2)).softmax(-1) + gate * self.pos.softmax(-1)
+        attn = attn / attn.sum(dim=-1).unsqueeze(-1)
+        if self.frozen:
+            attn = attn.detach()
+        return self.fc((attn @ v).transpose(1, 2).reshape(n, T, -1).mean(1))
+
+
+def test_a_renormalised_mix_of_attention_maps_is_attention_weights_held_constant():
+    torch.manual_seed(5)
+    model = GatedPositionalAttention().double().eval()
+    x, target = torch.randn(2, 4, 3, 1, dtype=torch.float64), torch.tensor([1, 2])
+    traced = trace(model, x[:1])
+    av = [ops.describe(n, traced) for n in traced.graph.nodes if n.op == "call_function" and "matmul" in n.name]
+    assert [op.params["attention_weights"] for op in av] == [None, 0]  # Q·Kᵀ: none; mix(A)·V: A is held
+    preset = {"output": "logit", "split": "ratio", "rules": {
+        "first_layer": {"rule": "epsilon", "epsilon": 0.0, "bias": "zero"},
+        "linear": {"rule": "epsilon", "epsilon": 0.0, "bias": "zero"}, "softmax": "constant",
+        "matmul": {"rule": "constant_weights", "epsilon": 0.0}, "avgpool": {"rule": "z", "epsilon": 0.0}}}
+    logits, rel, taps = graphlrp.compile(model, x[:1], rules=preset).explain_with_taps(x, target)
+    assert rel_diff(taps["input"], taps["output"]) <= 1e-9
+
+    # reference: the weights held constant leave a linear, bias-free relevance path: Gradient×Input
+    model.frozen = True
+    xr = x.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(model(xr).gather(1, target[:, None]).sum(), xr)
+    assert rel_diff(rel, xr.detach() * g) <= 1e-9
+    _, _, taps = graphlrp.compile(model, x[:1], rules="cp-lrp-conserving").explain_with_taps(x)
+    assert rel_diff(taps["input"], taps["output"]) <= 1e-6
+
+
+def test_a_product_whose_operand_also_depends_on_the_input_directly_is_not_attention_weights():
+    """softmax(s) ⊙ x reaches the input without a softmax: a signal, so it gets no constant-weights treatment."""
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.fc = nn.Linear(4, 4, bias=False), nn.Linear(4, 4, bias=False), nn.Linear(4, 2)
+
+        def forward(self, x):
+            t = x.flatten(2).transpose(1, 2)  # [n, 3, 4]
+            s = self.a(t) @ self.b(t).transpose(-1, -2)
+            w = s.softmax(-1) * (1.0 + s)
+            return self.fc((w @ t).mean(1))
+
+    traced = trace(M().eval(), torch.randn(1, 4, 3, 1))
+    av = [ops.describe(n, traced) for n in traced.graph.nodes if n.op == "call_function" and "matmul" in n.name]
+    assert [op.params["attention_weights"] for op in av] == [None, None]
 
 
 # ------------------------------------------------------------------ elementwise functions of one signal

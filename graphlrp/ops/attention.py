@@ -3,7 +3,7 @@
 `graphlrp.decompose` writes `nn.MultiheadAttention` and `F.scaled_dot_product_attention` as these parts at trace
 time. A SOFTMAX (rule category `softmax`) gets AttnLRP's Taylor rule or CP-LRP's constant rule; a MATMUL (category
 `matmul`) is described as an einsum equation, so one pair of rules (`uniform`, `constant_weights`) covers matmul,
-bmm and einsum; an operand that is a softmax output, also behind talking heads, is marked as attention weights. A softmax whose value only gates a product (`x * softmax(s)`) stays a gate (`elementwise`).
+bmm and einsum; an operand that depends on the input only through softmax outputs (behind moves, talking heads, a renormalised mix) is marked as attention weights. A softmax whose value only gates a product (`x * softmax(s)`) stays a gate (`elementwise`).
 """
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..errors import UnsupportedOpError
+from ..errors import GraphLRPError, UnsupportedOpError
 from ..graph import describe_node
-from .base import BIAS_ADD, CONV, IDENTITY, LINEAR, MATMUL, MOVE, RESHAPE, SCALE, SLICE, SOFTMAX, Op, arg, describe, describes, is_dynamic_tensor, is_tensor, value
+from .base import MATMUL, SOFTMAX, Op, arg, describe, describes, dynamic_tensor_inputs, is_dynamic_tensor, is_tensor, value
 
 
 @describes(modules=[nn.Softmax], functions=[F.softmax, torch.softmax], methods=["softmax"])
@@ -39,26 +39,36 @@ def _masked(scores, traced) -> bool:
     return False
 
 
-# what attention weights may pass through and stay attention weights: identities, moves, and maps of one input with
-# constant parameters — talking heads (CaiT, EfficientFormerV2: a linear or 1×1 conv across heads after the softmax),
-# constant scales and shifts. The value still depends on the input only through the softmax.
-_WEIGHTS_PATH = (IDENTITY, MOVE, RESHAPE, SLICE, LINEAR, CONV, SCALE, BIAS_ADD)
+# how far the search for the softmax behind attention weights may go (nodes visited) before it gives up
+_WEIGHTS_SEARCH_LIMIT = 256
 
 
 def _attention_weights(a, traced) -> bool:
-    """Whether `a` is a softmax output, possibly behind identity ops (eval-mode dropout), moves (reshape,
-    unsqueeze, transpose) and talking-heads maps (see _WEIGHTS_PATH): the attention weights that CP-LRP holds
-    constant, or a global-context block's pooling weights."""
-    while isinstance(a, fx.Node):
-        op = describe(a, traced) if a.op != "placeholder" else None
-        if op is None:
+    """Whether `a` depends on the input only through softmax outputs: the attention weights that CP-LRP holds
+    constant (or a global-context block's pooling weights). Between the softmax and the product there may be any
+    computation of softmax outputs and constants — moves, eval-mode dropout, talking heads (a linear map across
+    heads: CaiT, EfficientFormerV2), constant scales, a gated mix of two attention maps renormalised by its own sum
+    (ConViT's GPSA) — since holding the softmax outputs constant holds all of it constant. A path that reaches the
+    input without passing a softmax makes `a` a signal, not weights."""
+    if not isinstance(a, fx.Node):
+        return False
+    seen, stack, found = set(), [a], False
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "placeholder" or len(seen) > _WEIGHTS_SEARCH_LIMIT:
             return False
-        if op.kind == SOFTMAX:
-            return True
-        if op.kind not in _WEIGHTS_PATH or len(op.inputs) != 1:
-            return False
-        a = op.inputs[0]
-    return False
+        try:
+            op = describe(n, traced)
+        except GraphLRPError:  # an op without a description may still be a function of softmax outputs
+            op = None
+        if op is not None and op.kind == SOFTMAX:
+            found = True
+            continue
+        stack.extend(dynamic_tensor_inputs(n))
+    return found
 
 
 _LETTERS = "abcdefghijklmnopqrstuvwxyz"
