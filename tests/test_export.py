@@ -143,6 +143,25 @@ def test_parity_is_judged_against_float64_only_when_pytorch_itself_is_off(tmp_pa
     assert report.float32_error_pytorch < 1e-4 < report.float32_error_onnxruntime
 
 
+def test_the_rounding_allowance_comes_from_simulated_float32_rounding_and_is_the_same_on_every_run():
+    """The parity fallback's allowance is the error float32 rounding causes on this graph, measured by float64 runs
+    whose operands are perturbed by 2⁻²⁴ at random (seeded): the same number on every run and CPU, of the order of
+    a real float32 run's error, and exact ops (comparisons, one-hot targets) untouched by it."""
+    import graphlrp.export as export
+
+    torch.manual_seed(0)
+    explainer = graphlrp.compile(torchvision.models.resnet18().eval(), torch.randn(1, 3, 64, 64))
+    x, target = export._parity_batch(explainer)
+    with torch.no_grad():
+        _, relevance = explainer(x, target)
+    exact_logits, exact = export._float64_run(explainer, x, target)
+    first = export.expected_float32_error(explainer, x, target, exact_logits, exact)
+    again = export.expected_float32_error(explainer, x, target, exact_logits, exact)
+    pytorch = export.rel_diff(relevance.numpy(), exact)
+    assert first == again
+    assert 0 < first and pytorch / 30 < first < 30 * pytorch, (first, pytorch)
+
+
 def test_the_float64_reference_needs_no_copy_of_the_graph():
     """The float64 run of the parity fallback casts weights as nodes read them (no deep copy of the explainer) and
     runs one sample at a time: the same numbers as the whole graph module converted to float64 (to float64

@@ -4,7 +4,9 @@
 
 Random weights (seed 0); the explainer is compiled once in float32 and its graph is then run in float32 and in
 float64 on export's parity batch (two images, the predicted class and a fixed one). Prints, per image,
-max |R_float32 − R_float64| / max |R_float64|, and with --onnx the same for the exported file in onnxruntime.
+max |R_float32 − R_float64| / max |R_float64|, the same for float64 runs with simulated float32 rounding (the
+export check's allowance, graphlrp.export.expected_float32_error), and with --onnx for the exported file in
+onnxruntime.
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ def main(argv=None) -> int:
     x, target = export._parity_batch(explainer)
     with torch.no_grad():
         _, relevance = explainer(x, target)
-    exact = export._float64_relevance(explainer, x, target)
+    exact_logits, exact = export._float64_run(explainer, x, target)
     runs = {"PyTorch float32": relevance.numpy()}
     if args.onnx:
         import onnxruntime as ort
@@ -45,6 +47,9 @@ def main(argv=None) -> int:
         runs["onnxruntime float32"] = session.run(["relevance"], {"input": x.numpy(), "target": target.numpy()})[0]
     print(f"{args.model} at {args.size}², {args.rules}: max |R - R_float64| / max |R_float64| per image "
           f"(targets {target.tolist()})")
+    resolved = torch.where(target < 0, torch.as_tensor(exact_logits).argmax(1), target)
+    for seed in range(export.ROUNDING_SAMPLES):
+        runs[f"float64, float32 rounding simulated (seed {seed})"] = export._float64_run(explainer, x, resolved, seed)[1]
     for name, r in runs.items():
         print(f"  {name}: " + ", ".join(f"{export.rel_diff(r[i], exact[i]):.1e}" for i in range(len(r))))
     return 0
