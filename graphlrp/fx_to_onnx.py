@@ -390,6 +390,28 @@ class _BatchProbe(fx.Interpreter):
         v = super().get_attr(target, args, kwargs)
         return v.to("meta") if isinstance(v, torch.Tensor) else v
 
+    @staticmethod
+    def _on_meta(args, kwargs):
+        """A tensor the graph made on the CPU (torch.arange(H) from a traced size, EdgeNeXt's zeros((B, H, W))
+        .to(device=x.device)) meets meta tensors here: it goes to the meta device too, and so does a device
+        argument."""
+
+        def move(v):
+            if isinstance(v, torch.Tensor) and v.device.type != "meta":
+                return v.to("meta")
+            return torch.device("meta") if isinstance(v, torch.device) else v
+
+        kwargs = dict(kwargs)
+        if "device" in kwargs:
+            kwargs["device"] = "meta"
+        return fx.node.map_aggregate(args, move), fx.node.map_aggregate(kwargs, move)
+
+    def call_function(self, target, args, kwargs):
+        return super().call_function(target, *self._on_meta(args, kwargs))
+
+    def call_method(self, target, args, kwargs):
+        return super().call_method(target, *self._on_meta(args, kwargs))
+
     def call_module(self, target, args, kwargs):
         from .graph import call_on_meta
 
@@ -525,6 +547,13 @@ converts(torch.ne, operator.ne, "ne")(_compare("Equal", negate=True))
 def _where(g, cond, a, b):
     dtype = _compute_dtype(a, b)
     return g.op("Where", [g.cast(cond, torch.bool), g.cast(a, dtype), g.cast(b, dtype)])
+
+
+@converts(torch.masked_fill, "masked_fill")
+def _masked_fill(g, x, mask, value):
+    """x with `value` where mask is true (an attention mask filled with -inf)."""
+    fill = g.cast(value, x.dtype) if isinstance(value, Value) else g.scalar(float(value), x.dtype)
+    return g.op("Where", [g.cast(mask, torch.bool), fill, x])
 
 
 def _unary(op_type: str, **attrs):

@@ -332,3 +332,21 @@ class WindowAttention(nn.Module):
 
 def test_window_partition_keeps_the_batch_in_dim_0():
     check_module(WindowAttention().eval(), (4, 4, 4))
+
+
+class WindowsAfterACpuTensor(nn.Module):
+    """Windows in dim 0 (B·k entries) after tensors the forward makes on the CPU from traced sizes and moves with
+    `.to(device=...)` (EdgeNeXt's position code): the batch probe, which runs on the meta device, must still see
+    dim 0 at batch + 1, or the window reshape reads as moving the batch."""
+
+    def forward(self, x):  # x: [N, 4, 6]
+        n, c, w = x.shape
+        pos = torch.arange(w).to(device=x.device, dtype=x.dtype)
+        mask = torch.zeros((n, w)).to(device=x.device, dtype=torch.bool)
+        y = (x + pos).masked_fill(mask[:, None, :], 0.0)
+        windows = y.reshape(n, c, 2, 3).permute(0, 2, 1, 3).reshape(n * 2, c, 3)
+        return windows.reshape(n, 2, c, 3).sum(1)
+
+
+def test_the_batch_probe_moves_tensors_made_on_the_cpu_to_the_meta_device():
+    check_module(WindowsAfterACpuTensor().eval(), (4, 6))
