@@ -341,8 +341,9 @@ class WindowsAfterACpuTensor(nn.Module):
 
     def forward(self, x):  # x: [N, 4, 6]
         n, c, w = x.shape
-        pos = torch.arange(w).to(device=x.device, dtype=x.dtype)
-        mask = torch.zeros((n, w)).to(device=x.device, dtype=torch.bool)
+        # graphlrp's trace records x.device as the constant it was: "cpu"
+        pos = torch.arange(w).to(device="cpu", dtype=x.dtype) / w
+        mask = torch.zeros((n, w)).to(device=torch.device("cpu"), dtype=torch.bool)
         y = (x + pos).masked_fill(mask[:, None, :], 0.0)
         windows = y.reshape(n, c, 2, 3).permute(0, 2, 1, 3).reshape(n * 2, c, 3)
         return windows.reshape(n, 2, c, 3).sum(1)
