@@ -92,11 +92,15 @@ def main() -> int:
     ap.add_argument("--retry", choices=("failed", "uncovered"), default=None,
                     help="run again the modules with a FAIL or timeout line ('failed'), or every module not covered "
                          "('uncovered': failed ones and those a conserving preset did not both conserve and export)")
+    ap.add_argument("--reverse", action="store_true",
+                    help="go through the modules from the last (a second runner beside a first one: each skips "
+                         "what the other has logged)")
     a = ap.parse_args()
     import timm
 
     planned = timm.list_modules()
     todo = a.modules.split(",") if a.modules else planned
+    todo = todo[::-1] if a.reverse else todo
     log = Path(a.log)
     done = read_log(log)
     command = "python tools/timm_all_resumable.py"

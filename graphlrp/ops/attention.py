@@ -14,9 +14,9 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..errors import GraphLRPError, UnsupportedOpError
+from ..errors import UnsupportedOpError
 from ..graph import describe_node
-from .base import MATMUL, SOFTMAX, Op, arg, describe, describes, dynamic_tensor_inputs, is_dynamic_tensor, is_tensor, value
+from .base import MATMUL, SOFTMAX, Op, describer_of, arg, describe, describes, dynamic_tensor_inputs, is_dynamic_tensor, is_tensor, value
 
 
 @describes(modules=[nn.Softmax], functions=[F.softmax, torch.softmax], methods=["softmax"])
@@ -60,11 +60,7 @@ def _attention_weights(a, traced) -> bool:
         seen.add(n)
         if n.op == "placeholder" or len(seen) > _WEIGHTS_SEARCH_LIMIT:
             return False
-        try:
-            op = describe(n, traced)
-        except GraphLRPError:  # an op without a description may still be a function of softmax outputs
-            op = None
-        if op is not None and op.kind == SOFTMAX:
+        if describer_of(n, traced) is _softmax and describe(n, traced).kind == SOFTMAX:
             found = True
             continue
         stack.extend(dynamic_tensor_inputs(n))

@@ -83,7 +83,8 @@ def describes(modules=(), functions=(), methods=()):
     return deco
 
 
-def _lookup(node: fx.Node, traced: Traced):
+def describer_of(node: fx.Node, traced: Traced):
+    """The describer registered for `node`'s module class, function or Tensor method (None if none is)."""
     if node.op == "call_module":
         module = traced.module(node)
         for cls in type(module).__mro__:
@@ -102,7 +103,7 @@ def describe(node: fx.Node, traced: Traced) -> Op | None:
     inputs), else None. A describer's failure becomes an UNSUPPORTED op carrying the error."""
     if node.op in ("placeholder", "output", "get_attr"):
         return None
-    fn = _lookup(node, traced)
+    fn = describer_of(node, traced)
     try:
         if fn is not None:
             op = fn(node, traced)
