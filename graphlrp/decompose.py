@@ -38,11 +38,13 @@ def _attention(graph: fx.Graph, q, k, v, scale: float, mask, equation_scores: st
 
 def _additive_mask(gm: fx.GraphModule, node: fx.Node, mask, is_causal: bool, shape_q, shape_k):
     """An attention mask as a tensor added to the scores: float masks as they are, boolean masks (True = attend)
-    as 0 / -inf, `is_causal` as a lower-triangular 0 / -inf constant."""
+    as 0 / -inf, `is_causal` as a lower-triangular 0 / -inf constant. A float mask may depend on the input (SAM's
+    decomposed relative-position bias, computed from Q): it is then a second signal added to the scores, which
+    the rules treat like any other sum (with the softmax held constant, CP-LRP, it receives nothing)."""
     graph = gm.graph
     if isinstance(mask, fx.Node):
-        if mask.meta.get("dynamic"):
-            raise UnsupportedOpError(f"{describe_node(node)}: an attention mask that depends on the input")
+        if mask.meta.get("dynamic") and mask.meta.get("dtype") == torch.bool:
+            raise UnsupportedOpError(f"{describe_node(node)}: a boolean attention mask that depends on the input")
         if mask.meta.get("dtype") == torch.bool:
             mask = graph.call_function(torch.where, (mask, 0.0, float("-inf")))
     elif mask is not None:

@@ -320,6 +320,48 @@ def test_a_renormalised_mix_of_attention_maps_is_attention_weights_held_constant
     assert rel_diff(taps["input"], taps["output"]) <= 1e-6
 
 
+class QueryDependentBias(nn.Module):
+    """SAM's attention: F.scaled_dot_product_attention with a float mask computed from Q (a decomposed relative
+    position bias, q·R over a constant table, indexed with None to broadcast)."""
+
+    def __init__(self, d=4, heads=2, tokens=3, k=3):
+        super().__init__()
+        self.heads, self.d = heads, d // heads
+        self.qkv, self.fc = nn.Linear(d, 3 * d, bias=False), nn.Linear(d, k, bias=False)
+        self.table = nn.Parameter(torch.randn(tokens, self.d))
+        self.frozen = False
+
+    def forward(self, x):
+        t = x.flatten(2).transpose(1, 2)  # [n, tokens, d]
+        n, T, _ = t.shape
+        q, k, v = self.qkv(t).view(n, T, 3, self.heads, self.d).permute(2, 0, 3, 1, 4)
+        bias = (q * self.table.sum(0)).sum(-1)[:, :, :, None] * torch.ones(T)  # [n, h, T, T], from Q
+        if self.frozen:  # the reference: attention weights held constant, computed in the open
+            attn = ((q @ k.transpose(-1, -2)) / self.d ** 0.5 + bias).softmax(-1).detach()
+            out = attn @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        return self.fc(out.transpose(1, 2).reshape(n, T, -1).mean(1))
+
+
+def test_an_attention_mask_computed_from_the_input_is_a_signal_added_to_the_scores():
+    torch.manual_seed(6)
+    model = QueryDependentBias().double().eval()
+    x, target = torch.randn(2, 4, 3, 1, dtype=torch.float64), torch.tensor([0, 2])
+    preset = {"output": "logit", "split": "ratio", "rules": {
+        "first_layer": {"rule": "epsilon", "epsilon": 0.0, "bias": "zero"},
+        "linear": {"rule": "epsilon", "epsilon": 0.0, "bias": "zero"}, "softmax": "constant",
+        "matmul": {"rule": "constant_weights", "epsilon": 0.0}, "avgpool": {"rule": "z", "epsilon": 0.0}}}
+    logits, rel, taps = graphlrp.compile(model, x[:1], rules=preset).explain_with_taps(x, target)
+    with torch.no_grad():
+        assert rel_diff(logits, model(x)) <= 1e-12
+    assert rel_diff(taps["input"], taps["output"]) <= 1e-9
+    model.frozen = True  # Gradient×Input with the weights held constant: the bias gets no relevance
+    xr = x.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(model(xr).gather(1, target[:, None]).sum(), xr)
+    assert rel_diff(rel, xr.detach() * g) <= 1e-9
+
+
 def test_a_product_whose_operand_also_depends_on_the_input_directly_is_not_attention_weights():
     """softmax(s) ⊙ x reaches the input without a softmax: a signal, so it gets no constant-weights treatment."""
 

@@ -50,7 +50,7 @@ def _getitem(node, traced):
         return None  # an element of a tuple (chunk, split, …): a MOVE through the producer
     index = value(node.args[1], traced)
     index = index if isinstance(index, tuple) else (index,)
-    if (_basic_index(index) and _batch_first(node.args[0], node)
+    if (_basic_index(index) and _batch_first(node.args[0], node) and not any(i is None for i in index)
             and (not index or index[0] in (slice(None), Ellipsis))
             and all(s.step in (None, 1) or s.step > 0 for s in index if isinstance(s, slice))):
         return Op(SLICE, node, (node.args[0],), dict(index=index))
