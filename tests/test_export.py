@@ -11,6 +11,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+import torch.nn as nn
 import torchvision
 
 import graphlrp
@@ -181,6 +182,35 @@ def test_the_float64_reference_needs_no_copy_of_the_graph():
     assert got.dtype == np.float64 and np.allclose(got, expected.numpy(), rtol=1e-12, atol=1e-14 * np.abs(got).max())
     after = explainer.graph_module.state_dict()
     assert all(after[k].dtype == v.dtype and torch.equal(after[k], v) for k, v in before.items())
+
+
+class MakesItsOwnFloat32(nn.Module):
+    """A forward that makes a float32 tensor of its own from the input's size and feeds it to a convolution
+    (EdgeNeXt's position code: zeros((B, H, W)), cumsum, a conv projection)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.proj = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(1, 4, 1)
+
+    def forward(self, x):
+        n, _, h, w = x.shape
+        pos = torch.zeros((n, 1, h, w)).cumsum(2) / h
+        return self.a(x) + self.proj(pos)
+
+
+def test_the_float64_reference_runs_a_graph_that_makes_float32_tensors_of_its_own():
+    import torch.fx as fx
+
+    import graphlrp.export as export
+
+    torch.manual_seed(0)
+    gm = fx.symbolic_trace(MakesItsOwnFloat32().eval())
+    x = torch.randn(2, 3, 5, 5)
+    with torch.no_grad():
+        expected = gm(x).numpy()  # float32 (gm.double() itself fails: its conv meets the float32 position code)
+        for seed in (None, 0):
+            out = export._Float64Run(gm, seed).run(x.double())
+            assert out.dtype == torch.float64 and export.rel_diff(out.numpy(), expected) < 1e-5
 
 
 def test_weights_over_the_protobuf_limit_go_to_external_data_beside_the_file(tmp_path, monkeypatch):
