@@ -24,9 +24,10 @@ from .errors import ExportError
 PARITY_TOLERANCE = 1e-4
 # an ill-conditioned explainer's float32 relevance is off a float64 run on every runtime; onnxruntime passes within
 # this factor of the error simulated float32 rounding causes (`expected_float32_error`). Different CPUs' kernels
-# (AVX2, AVX-512) and thread counts move a real float32 error by ~2-3x; a translation error is a fixed offset orders
-# of magnitude above rounding
-CONDITIONING_MARGIN = 10.0
+# (AVX2, AVX-512) and thread counts move a real float32 error by ~2-3x, and onnxruntime's kernels land 4-12x above
+# the simulated error on attnlrp's ViT-B/16 (random weights); a translation error is a fixed offset orders of
+# magnitude above rounding, and a well-conditioned explainer is held to PARITY_TOLERANCE
+CONDITIONING_MARGIN = 30.0
 METADATA_KEYS = ("graphlrp_version", "preset", "split", "include_identity", "source_model", "input_size",
                  "preprocessing", "labels", "output_relevance", "certificate")
 
@@ -297,7 +298,7 @@ def check_parity(explainer, session, report: ExportReport, x, target, expected) 
     max(tolerance, CONDITIONING_MARGIN × e) of a float64 run of the same graph, where e is the error float32
     rounding causes on this graph and batch, measured by float64 runs with simulated float32 rounding
     (`expected_float32_error`). e does not depend on the CPU, its kernels, thread counts or the machine's load,
-    so neither does the verdict, beyond onnxruntime's own error moving within the 10x margin; a 1% error on a
+    so neither does the verdict, beyond onnxruntime's own error moving within the 30x margin; a 1% error on a
     well-conditioned explainer still fails. The report keeps PyTorch's float32 error, onnxruntime's and e
     (`float32_error_pytorch`, `float32_error_onnxruntime`, `float32_error_expected`).
 
