@@ -246,31 +246,6 @@ class TalkingHeads(nn.Module):
         return self.fc((attn @ v).transpose(1, 2).reshape(n, T, -1).mean(1))
 
 
-def test_talking_heads_weights_are_attention_weights_held_constant():
-    torch.manual_seed(4)
-    model = TalkingHeads().double().eval()
-    x, target = torch.randn(2, 4, 3, 2, dtype=torch.float64), torch.tensor([2, 0])
-    traced = trace(model, x[:1])
-    av = [ops.describe(n, traced) for n in traced.graph.nodes if n.op == "call_function" and "matmul" in n.name]
-    assert [op.params["attention_weights"] for op in av] == [None, 0]  # Q·Kᵀ: none; mix(A)·V: A is held
-    preset = {"output": "logit", "split": "ratio", "rules": {
-        "first_layer": {"rule": "epsilon", "epsilon": 0.0, "bias": "zero"},
-        "linear": {"rule": "epsilon", "epsilon": 0.0, "bias": "zero"}, "softmax": "constant",
-        "matmul": {"rule": "constant_weights", "epsilon": 0.0}, "avgpool": {"rule": "z", "epsilon": 0.0}}}
-    logits, rel, taps = graphlrp.compile(model, x[:1], rules=preset).explain_with_taps(x, target)
-    assert rel_diff(taps["input"], taps["output"]) <= 1e-9
-
-    # reference: with the mixed weights held constant the relevance path is linear and bias-free, where the
-    # ε = 0 rules are Gradient×Input
-    model.frozen = True
-    xr = x.clone().requires_grad_(True)
-    out = model(xr)
-    (g,) = torch.autograd.grad(out.gather(1, target[:, None]).sum(), xr)
-    assert rel_diff(rel, xr.detach() * g) <= 1e-9
-    _, shipped, taps = graphlrp.compile(model, x[:1], rules="cp-lrp-conserving").explain_with_taps(x)
-    assert rel_diff(taps["input"], taps["output"]) <= 1e-6
-
-
 class GatedPositionalAttention(nn.Module):
     """ConViT's GPSA: A = (1 − σ(g))·softmax(QKᵀ) + σ(g)·softmax(P), renormalised by its own row sum, then A·V.
     The mix and the renormalisation are computed from softmax outputs and constants alone."""
@@ -297,25 +272,34 @@ class GatedPositionalAttention(nn.Module):
         return self.fc((attn @ v).transpose(1, 2).reshape(n, T, -1).mean(1))
 
 
-def test_a_renormalised_mix_of_attention_maps_is_attention_weights_held_constant():
-    torch.manual_seed(5)
-    model = GatedPositionalAttention().double().eval()
-    x, target = torch.randn(2, 4, 3, 1, dtype=torch.float64), torch.tensor([1, 2])
-    traced = trace(model, x[:1])
-    av = [ops.describe(n, traced) for n in traced.graph.nodes if n.op == "call_function" and "matmul" in n.name]
-    assert [op.params["attention_weights"] for op in av] == [None, 0]  # Q·Kᵀ: none; mix(A)·V: A is held
-    preset = {"output": "logit", "split": "ratio", "rules": {
-        "first_layer": {"rule": "epsilon", "epsilon": 0.0, "bias": "zero"},
-        "linear": {"rule": "epsilon", "epsilon": 0.0, "bias": "zero"}, "softmax": "constant",
-        "matmul": {"rule": "constant_weights", "epsilon": 0.0}, "avgpool": {"rule": "z", "epsilon": 0.0}}}
-    logits, rel, taps = graphlrp.compile(model, x[:1], rules=preset).explain_with_taps(x, target)
-    assert rel_diff(taps["input"], taps["output"]) <= 1e-9
+# ε = 0 rules with the attention weights held constant: the relevance path is linear and bias-free, where they are
+# Gradient×Input of the model with its attention weights detached
+HELD_CONSTANT = {"output": "logit", "split": "ratio", "rules": {
+    "first_layer": {"rule": "epsilon", "epsilon": 0.0, "bias": "zero"},
+    "linear": {"rule": "epsilon", "epsilon": 0.0, "bias": "zero"}, "softmax": "constant",
+    "matmul": {"rule": "constant_weights", "epsilon": 0.0}, "avgpool": {"rule": "z", "epsilon": 0.0}}}
 
-    # reference: the weights held constant leave a linear, bias-free relevance path: Gradient×Input
+
+def gradient_x_input_with_weights_held(model, x, target):
     model.frozen = True
     xr = x.clone().requires_grad_(True)
     (g,) = torch.autograd.grad(model(xr).gather(1, target[:, None]).sum(), xr)
-    assert rel_diff(rel, xr.detach() * g) <= 1e-9
+    model.frozen = False
+    return xr.detach() * g
+
+
+@pytest.mark.parametrize("make, seed, shape", [(TalkingHeads, 4, (4, 3, 2)), (GatedPositionalAttention, 5, (4, 3, 1))],
+                         ids=["talking heads (CaiT)", "renormalised gated mix (ConViT)"])
+def test_weights_computed_from_softmax_outputs_are_attention_weights_held_constant(make, seed, shape):
+    torch.manual_seed(seed)
+    model = make().double().eval()
+    x, target = torch.randn(2, *shape, dtype=torch.float64), torch.tensor([2, 0])
+    traced = trace(model, x[:1])
+    av = [ops.describe(n, traced) for n in traced.graph.nodes if n.op == "call_function" and "matmul" in n.name]
+    assert [op.params["attention_weights"] for op in av] == [None, 0]  # Q·Kᵀ: none; A·V: A is held
+    logits, rel, taps = graphlrp.compile(model, x[:1], rules=HELD_CONSTANT).explain_with_taps(x, target)
+    assert rel_diff(taps["input"], taps["output"]) <= 1e-9
+    assert rel_diff(rel, gradient_x_input_with_weights_held(model, x, target)) <= 1e-9
     _, _, taps = graphlrp.compile(model, x[:1], rules="cp-lrp-conserving").explain_with_taps(x)
     assert rel_diff(taps["input"], taps["output"]) <= 1e-6
 
@@ -348,18 +332,12 @@ def test_an_attention_mask_computed_from_the_input_is_a_signal_added_to_the_scor
     torch.manual_seed(6)
     model = QueryDependentBias().double().eval()
     x, target = torch.randn(2, 4, 3, 1, dtype=torch.float64), torch.tensor([0, 2])
-    preset = {"output": "logit", "split": "ratio", "rules": {
-        "first_layer": {"rule": "epsilon", "epsilon": 0.0, "bias": "zero"},
-        "linear": {"rule": "epsilon", "epsilon": 0.0, "bias": "zero"}, "softmax": "constant",
-        "matmul": {"rule": "constant_weights", "epsilon": 0.0}, "avgpool": {"rule": "z", "epsilon": 0.0}}}
-    logits, rel, taps = graphlrp.compile(model, x[:1], rules=preset).explain_with_taps(x, target)
+    logits, rel, taps = graphlrp.compile(model, x[:1], rules=HELD_CONSTANT).explain_with_taps(x, target)
     with torch.no_grad():
         assert rel_diff(logits, model(x)) <= 1e-12
     assert rel_diff(taps["input"], taps["output"]) <= 1e-9
-    model.frozen = True  # Gradient×Input with the weights held constant: the bias gets no relevance
-    xr = x.clone().requires_grad_(True)
-    (g,) = torch.autograd.grad(model(xr).gather(1, target[:, None]).sum(), xr)
-    assert rel_diff(rel, xr.detach() * g) <= 1e-9
+    # the bias (like the scores) gets no relevance: Gradient×Input with the weights held constant
+    assert rel_diff(rel, gradient_x_input_with_weights_held(model, x, target)) <= 1e-9
 
 
 def test_a_product_whose_operand_also_depends_on_the_input_directly_is_not_attention_weights():
