@@ -177,7 +177,10 @@ class _Float64Run(torch.fx.Interpreter):
         return v.detach().double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
 
     def call_function(self, target, args, kwargs):
-        return super().call_function(target, *self._rounded(target, args, kwargs))
+        args, kwargs = self._rounded(target, args, kwargs)
+        if target in (torch.conv2d, F.conv2d):
+            return conv2d_float64(*args, **kwargs)
+        return super().call_function(target, args, kwargs)
 
     def call_method(self, target, args, kwargs):
         return super().call_method(target, *self._rounded(target, args, kwargs))
@@ -194,7 +197,35 @@ class _Float64Run(torch.fx.Interpreter):
                             t.copy_(self._round(t))
                 args, kwargs = (torch.fx.node.map_aggregate(args, self._round),
                                 torch.fx.node.map_aggregate(kwargs, self._round))
+        if isinstance(module, torch.nn.Conv2d) and module.padding_mode == "zeros" and len(args) == 1 and not kwargs:
+            return conv2d_float64(args[0], module.weight, module.bias, module.stride, module.padding,
+                                  module.dilation, module.groups)
         return module(*args, **kwargs)
+
+
+def conv2d_float64(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    """F.conv2d, with grouped convolutions of few taps per output (depthwise ones) computed as a sum over kernel
+    taps of shifted slices. PyTorch's float64 CPU convolution has no fast kernel for them: it runs one small
+    GEMM per group, 0.6 s for one 7x7 depthwise layer of ConvNeXt at 56x56, which made the float64 reference of
+    a ConvNeXt-B explainer take minutes. Same sums, in float64; other convolutions go to F.conv2d."""
+    taps = weight.shape[1] * weight.shape[2] * weight.shape[3] if weight.dim() == 4 else 0
+    if groups == 1 or taps > 64 or isinstance(padding, str) or x.dim() != 4:
+        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+    pair = lambda v: (v, v) if isinstance(v, int) else tuple(v)  # noqa: E731
+    (sh, sw), (ph, pw), (dh, dw) = pair(stride), pair(padding), pair(dilation)
+    n, _, h, w = x.shape
+    c_out, per_group, kh, kw = weight.shape
+    oh, ow = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    x = F.pad(x, (pw, pw, ph, ph))
+    first_input = (torch.arange(c_out, device=x.device) // (c_out // groups)) * per_group
+    out = x.new_zeros(n, c_out, oh, ow) if bias is None else bias.view(1, -1, 1, 1).expand(n, -1, oh, ow).clone()
+    for c in range(per_group):
+        xc = x if per_group == 1 and c_out == x.shape[1] else x.index_select(1, first_input + c)
+        for i in range(kh):
+            for j in range(kw):
+                patch = xc[:, :, i * dh:i * dh + sh * (oh - 1) + 1:sh, j * dw:j * dw + sw * (ow - 1) + 1:sw]
+                out.addcmul_(patch, weight[:, c, i, j].view(1, -1, 1, 1))
+    return out
 
 
 def _as_float64(v):

@@ -305,3 +305,25 @@ def test_cli_compile_precision_fp16(tmp_path):
     logits, rel = session(out).run(None, {"input": np.random.randn(2, 3, 64, 64).astype(np.float32),
                                           "target": np.array([-1, 3])})
     assert logits.dtype == rel.dtype == np.float32 and np.isfinite(rel).all()
+
+
+@pytest.mark.parametrize("c_in,c_out,groups,kernel,stride,padding,dilation,bias", [
+    (8, 8, 8, 7, 1, 3, 1, True),      # ConvNeXt's depthwise 7x7
+    (8, 16, 8, 3, 2, 1, 1, False),    # depthwise with a channel multiplier, strided
+    (8, 8, 4, 3, 1, (1, 2), (1, 2), True),  # grouped, two channels per group, dilated, uneven padding
+    (6, 6, 6, 5, 3, 0, 1, False),     # no padding, stride 3
+    (4, 8, 1, 3, 1, 1, 1, True),      # ungrouped: PyTorch's own convolution
+])
+def test_float64_reference_convolution_is_pytorchs(c_in, c_out, groups, kernel, stride, padding, dilation, bias):
+    """The float64 reference computes grouped convolutions tap by tap (PyTorch's float64 kernel for them is
+    minutes slow on a ConvNeXt); the sums are PyTorch's, as a functional call and as an nn.Conv2d."""
+    from graphlrp.export import conv2d_float64
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(c_in, c_out, kernel, stride, padding, dilation, groups, bias=bias).double()
+    x = torch.randn(2, c_in, 11, 13, dtype=torch.float64)
+    with torch.no_grad():
+        expected = conv(x)
+        got = conv2d_float64(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)

@@ -187,6 +187,10 @@ def _shuffle(y):
 STRUCTURAL = {
     "permute": lambda y: y.permute(0, 2, 3, 1),
     "transpose": lambda y: y.transpose(1, 3),
+    "movedim": lambda y: y.movedim(1, 3),
+    "swapaxes": lambda y: torch.swapaxes(y, 2, 3),
+    "mT": lambda y: y.mT,
+    "einsum_reorder": lambda y: torch.einsum("bchw->bwch", y),
     "flip": lambda y: torch.flip(y, (2, 3)),
     "roll": lambda y: torch.roll(y, (1, -2), (2, 3)),
     "repeat": lambda y: y.repeat(1, 2, 1, 1),
@@ -252,6 +256,43 @@ def test_structural_adjoint_matches_autograd(name):
         oi = op(xi).flatten(1)
         (g,) = torch.autograd.grad(oi[0, t], xi)
         assert rel_diff(rel[i], g[0] * oi[0, t].detach()) < 1e-6  # Jᵀ(e_t · logit_t)
+
+
+PERMUTATIONS = {"permute": (0, 2, 3, 1), "transpose": (0, 3, 2, 1), "movedim": (0, 2, 3, 1), "swapaxes": (0, 1, 3, 2),
+                "mT": (0, 1, 3, 2), "einsum_reorder": (0, 3, 1, 2), "channel_shuffle": (0, 2, 1, 3, 4)}
+
+
+@pytest.mark.parametrize("name", sorted(STRUCTURAL))
+def test_axis_permutations_are_recognised_by_what_they_do_and_become_one_transpose(name):
+    """However a permutation of axes is spelled, its adjoint is the inverse permutation (one transpose in the
+    explainer, no index table); every other move keeps the derived map, and a size-1 dim does not fool it."""
+    from graphlrp.ops import MOVE, describe
+    from graphlrp.rules.structure import axis_permutation
+    from graphlrp.trace import trace
+
+    head = StructuralHead(STRUCTURAL[name]).eval()
+    for shape in ((1, 4, 6, 6), (1, 4, 1, 6)) if name in PERMUTATIONS else ((1, 4, 6, 6),):
+        traced = trace(head, torch.randn(shape))
+        moves = [o for n in traced.graph.nodes if (o := describe(n, traced)) is not None and o.kind == MOVE]
+        found = [axis_permutation(o) for o in moves]
+        if name in PERMUTATIONS:
+            assert found == [PERMUTATIONS[name]]
+        else:
+            assert all(p is None for p in found), found
+    graph = graphlrp.compile(head, torch.randn(1, 4, 6, 6), rules=LOGIT).graph_module.graph
+    gathers = [n for n in graph.nodes if n.target in (torch.index_select, torch.scatter_add)]
+    assert (not gathers) if name in PERMUTATIONS else True
+
+
+def test_a_permutation_that_moves_the_batch_keeps_the_derived_map():
+    from graphlrp.ops import MOVE, describe
+    from graphlrp.rules.structure import axis_permutation
+    from graphlrp.trace import trace
+
+    head = StructuralHead(lambda y: y.permute(1, 0, 2, 3)).eval()
+    traced = trace(head, torch.randn(1, 4, 6, 6))
+    move = next(o for n in traced.graph.nodes if (o := describe(n, traced)) is not None and o.kind == MOVE)
+    assert axis_permutation(move) == (1, 0, 2, 3)  # found, but not batch-first: move_relevance does not use it
 
 
 def test_an_op_that_is_not_a_rearrangement_is_named():

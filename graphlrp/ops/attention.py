@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from ..errors import UnsupportedOpError
 from ..graph import describe_node
-from .base import MATMUL, SOFTMAX, Op, describer_of, arg, describe, describes, dynamic_tensor_inputs, is_dynamic_tensor, is_tensor, value
+from .base import MATMUL, SOFTMAX, Op, describer_of, arg, describe, describes, dynamic_tensor_inputs, is_dynamic_tensor, is_tensor, move_op, value
 
 
 @describes(modules=[nn.Softmax], functions=[F.softmax, torch.softmax], methods=["softmax"])
@@ -80,6 +80,8 @@ def _matmul(node, traced):
             operands = list(operands[0])
     else:
         operands, equation = list(node.args[:2]), None
+    if len(operands) == 1 and is_dynamic_tensor(operands[0]):  # one operand: a reorder or diagonal is a MOVE
+        return move_op(node, traced)
     if len(operands) != 2 or not all(is_dynamic_tensor(t) for t in operands):
         raise UnsupportedOpError(f"{describe_node(node)}: only products of two input-dependent tensors have a rule "
                                  "(a product with a constant is a layer; write it as nn.Linear or F.linear)")

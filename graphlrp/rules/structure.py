@@ -51,11 +51,50 @@ def _run(op, inputs):
     return out
 
 
+def axis_permutation(op):
+    """The dims order p when the MOVE is `x.permute(p)` of its one input however it is spelled (permute,
+    transpose, swapaxes, movedim, .mT, an einsum that only reorders, ...), else None.
+
+    Found by running the op once on a probe of the input's shape whose strides are all distinct (size-1 dims
+    get a stride of their own): a permutation returns a view of the same storage at offset 0 whose strides are
+    the probe's in the order p. Anything else (a copy, a slice, a broadcast, a reshape) fails that test and keeps
+    the general derivation of `move_map`."""
+    cache = op.params.setdefault("_map", {})
+    if "permutation" in cache:
+        return cache["permutation"]
+    perm = None
+    if len(op.inputs) == 1:
+        shape = tuple(op.inputs[0].meta["shape"])
+        strides, step = [], 1
+        for size in reversed(shape):
+            strides.insert(0, step)
+            step *= max(size, 2)
+        probe = torch.zeros(step).as_strided(shape, strides)
+        try:
+            out = _run(op, [probe])
+        except Exception:  # noqa: BLE001 — not evaluable on a strided probe: not a plain permutation
+            out = None
+        if (out is not None and out.dim() == len(shape) and out.storage_offset() == 0
+                and out.untyped_storage().data_ptr() == probe.untyped_storage().data_ptr()):
+            by_stride = {st: i for i, st in enumerate(strides)}
+            p = tuple(by_stride.get(st, -1) for st in out.stride())
+            if sorted(p) == list(range(len(shape))) and tuple(out.shape) == tuple(shape[i] for i in p):
+                perm = p
+    cache["permutation"] = perm
+    return perm
+
+
 def move_map(op) -> list:
     """For each input of a MOVE: (source, target) long tensors — per-sample flat positions such that output cell
     target[k] holds input cell source[k]. Raises UnsupportedOpError when the op is not a rearrangement."""
     cache = op.params.setdefault("_map", {})
     if "map" in cache:
+        return cache["map"]
+    perm = axis_permutation(op)
+    if perm is not None:  # known exactly: no evaluation on index encodings and random draws needed
+        n = int(torch.Size(op.inputs[0].meta["shape"]).numel())
+        source = torch.arange(n).reshape(op.inputs[0].meta["shape"]).permute(perm).reshape(-1)
+        cache["map"] = [(source, torch.arange(n))]
         return cache["map"]
     shapes = [tuple(x.meta["shape"]) for x in op.inputs]
     sizes = [int(torch.Size(s).numel()) for s in shapes]
@@ -120,6 +159,11 @@ def move_relevance(ctx) -> list:
     R = ctx.R
     if b_out is None:
         raise UnsupportedOpError(f"{describe_node(op.node)}: its output does not keep the batch dim")
+    perm = axis_permutation(op)
+    if perm is not None and perm[0] == 0 and b_out == 0 and op.inputs[0].meta.get("batch_dim", 0) == 0:
+        # a permutation that keeps the batch first: its adjoint is the inverse permutation, one transpose
+        inverse = tuple(sorted(range(len(perm)), key=perm.__getitem__))
+        return [ctx.call(torch.permute, R, inverse)]
     if b_out != 0:
         R = ctx.call(torch.movedim, R, b_out, 0)
     n_out = int(torch.Size(op.out_shape).numel())  # shapes are of the batch-1 example: one sample's values
