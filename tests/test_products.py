@@ -33,6 +33,12 @@ EXACT = {"output": "logit", "split": "ratio", "rules": {
     "matmul": {"rule": "uniform", "epsilon": 0.0}}}
 
 
+HELD_CONSTANT_BASE = {"output": "logit", "split": "ratio", "rules": {
+    "first_layer": {"rule": "epsilon", "epsilon": 0.0, "bias": "zero"},
+    "linear": {"rule": "epsilon", "epsilon": 0.0, "bias": "zero"}, "softmax": "constant",
+    "matmul": {"rule": "constant_weights", "epsilon": 0.0}}}
+
+
 def rel_diff(a, b) -> float:
     a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
@@ -224,6 +230,86 @@ def test_constant_weights_still_refuses_a_product_without_attention_weights_by_d
     x = torch.randn(1, 4, 3, 2)
     with pytest.raises(UnsupportedOpError, match="attention weights"):
         graphlrp.compile(LinearAttention().eval(), x, rules={**EXACT, "rules": {**EXACT["rules"], "matmul": "constant_weights"}})
+
+
+class TinyValueAttention(nn.Module):
+    """softmax(q kᵀ) · (v ⊙ scale): the values of column 0 scaled to ~1e-12 (below the matmul's ε = 1e-9, as
+    random-weight NextViT's attention values are ~1e-7 against its ε), the others normal."""
+
+    def __init__(self, d=4, tiny=1e-12):
+        super().__init__()
+        self.q, self.k, self.v = (nn.Linear(d, d, bias=False) for _ in range(3))
+        self.register_buffer("scale", torch.tensor([tiny] + [1.0] * (d - 1)))
+
+    def forward(self, x):
+        t = x.flatten(2).transpose(1, 2)
+        a = torch.softmax(self.q(t) @ self.k(t).transpose(1, 2), -1)
+        return (a @ (self.v(t) * self.scale)).flatten(1)
+
+
+SPREAD = {**HELD_CONSTANT_BASE, "rules": {**HELD_CONSTANT_BASE["rules"], "matmul": {
+    "rule": "constant_weights", "epsilon": 1e-9, "dead_units": "spread"}}}
+
+
+@pytest.mark.parametrize("target_column", [0, 1], ids=["output below epsilon", "normal output"])
+def test_constant_weights_spreads_outputs_below_epsilon_by_the_weights_and_conserves(target_column):
+    """Below ε: R_v[j] = A_ij·R_i / Σ_j A_ij (the weights alone); above: the plain z-rule, no ε (Gradient×Input
+    with A held constant). Either way ΣR_in = R_out; with dead_units = 'drop' the tiny output's relevance is lost."""
+    torch.manual_seed(6)
+    model = TinyValueAttention().double().eval()
+    x = torch.randn(2, 4, 3, 2, dtype=torch.float64)
+    target = torch.tensor([4 * 2 + target_column, 4 * 5 + target_column])  # token 2 / 5, column target_column
+    logits, rel, taps = graphlrp.compile(model, x[:1], rules=SPREAD).explain_with_taps(x, target)
+    assert rel_diff(taps["input"], taps["output"]) <= 1e-9
+    t = x.flatten(2).transpose(1, 2)
+    with torch.no_grad():
+        a = torch.softmax(model.q(t) @ model.k(t).transpose(1, 2), -1)
+        pre_v = model.v(t)  # R at v ⊙ scale passes to v unchanged (a constant scale), then the ε = 0 z-rule
+    i = target // 4
+    R = logits.gather(1, target[:, None]).squeeze(1)
+    if target_column == 0:  # by the weights alone, then through the linear map by the z-rule
+        R_v = torch.zeros_like(pre_v)
+        R_v[:, :, 0] = a[torch.arange(2), i] * R[:, None]
+        expected = t * ((R_v / pre_v) @ model.v.weight)
+    else:
+        expected = gradient_x_input_with_weights_held(HeldTinyValueAttention(model), x, target).flatten(2).transpose(1, 2)
+    assert rel_diff(rel.flatten(2).transpose(1, 2), expected) <= 1e-9
+    drop = {**SPREAD, "rules": {**SPREAD["rules"], "matmul": {"rule": "constant_weights", "epsilon": 1e-9}}}
+    _, _, taps = graphlrp.compile(model, x[:1], rules=drop).explain_with_taps(x, target)
+    lost = (1 - taps["input"] / taps["output"]).abs().max()
+    assert lost > 0.5 if target_column == 0 else lost < 1e-6
+
+
+class HeldTinyValueAttention(nn.Module):
+    """The same model with the attention weights detached: its Gradient×Input is the z-rule with A held."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.m = model
+        self.frozen = False
+
+    def forward(self, x):
+        m, t = self.m, x.flatten(2).transpose(1, 2)
+        a = torch.softmax(m.q(t) @ m.k(t).transpose(1, 2), -1)
+        return ((a.detach() if self.frozen else a) @ (m.v(t) * m.scale)).flatten(1)
+
+
+def test_uniform_matmul_spreads_outputs_below_epsilon_evenly_and_conserves():
+    torch.manual_seed(7)
+    model = Bilinear().double().eval()
+    x = torch.randn(2, 2, 4, 5, dtype=torch.float64)
+    x[:, 1, 0] *= 1e-12  # b's row 0: every output a_i·b_0 is below ε
+    preset = {**EXACT, "rules": {**EXACT["rules"], "matmul": {"rule": "uniform", "epsilon": 1e-9,
+                                                              "dead_units": "spread"}}}
+    target = torch.tensor([0, 5])  # output (0, 0): dead; output (1, 1): live
+    logits, rel, taps = graphlrp.compile(model, x[:1], rules=preset).explain_with_taps(x, target)
+    assert rel_diff(taps["input"], taps["output"]) <= 1e-9
+    # dead: R/2 to each factor, spread evenly over the 5 terms a_0k·b_0k
+    assert rel_diff(rel[0, 0, 0], torch.full((5,), logits[0, 0].item() / 10, dtype=torch.float64)) <= 1e-9
+    assert rel_diff(rel[0, 1, 0], torch.full((5,), logits[0, 0].item() / 10, dtype=torch.float64)) <= 1e-9
+    # live: half the z-rule (a_1k·b_1k·R/2z to each factor)
+    a, b = x[1, 0, 1], x[1, 1, 1]
+    assert rel_diff(rel[1, 0, 1], a * b / 2) <= 1e-9 and rel_diff(rel[1, 1, 1], a * b / 2) <= 1e-9
 
 
 class TalkingHeads(nn.Module):

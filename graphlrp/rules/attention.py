@@ -85,10 +85,12 @@ def softmax_constant_rule(ctx):
     return [None]
 
 
-def _product_transpose(ctx, s, which: int):
+def _product_transpose(ctx, s, which: int, operands: dict | None = None):
     """∂/∂operand of Σ s ⊙ (a ∘ b): the other operand contracted with s, shaped like operand `which`."""
     p = ctx.op.params
     a, b = (ctx.fwd(t) for t in ctx.op.inputs)
+    if operands:
+        a, b = operands.get(0, a), operands.get(1, b)
     ins, out = p["inputs"], p["output"]
     if which == 0:
         return ctx.call(torch.einsum, f"{out},{ins[1]}->{ins[0]}", s, b)
@@ -96,15 +98,34 @@ def _product_transpose(ctx, s, which: int):
 
 
 @rule("uniform", (ops.MATMUL, ops.PRODUCT))
-def uniform_rule(ctx, epsilon=1e-8, stabilizer="signed"):
+def uniform_rule(ctx, epsilon=1e-8, stabilizer="signed", dead_units="drop"):
     """AttnLRP's rule for a product of two signals (Prop. 3.3): the ε-rule on the bilinear map with half of the
     relevance to each factor, R_a = a ⊙ ∂_a⟨s, a∘b⟩, R_b likewise, s = R / stab(2·a∘b). For an elementwise product
-    a·b that is exactly R/2 to each factor (summed back where it broadcasts): no ε, conserving."""
+    a·b that is exactly R/2 to each factor (summed back where it broadcasts): no ε, conserving.
+
+    dead_units='spread' (matmul): outputs with |z| ≤ ε give R/2 to each factor spread evenly over the terms of
+    their sum, and every other output divides by 2z itself, with no ε: relevance is conserved."""
     if ctx.op.kind == ops.PRODUCT:
         half = ctx.call(torch.mul, ctx.R, 0.5)
         return [ctx.to_input_shape(half, i) for i in range(len(ctx.op.inputs))]
-    s = ctx.call(torch.div, ctx.R, stabilize(ctx, ctx.call(torch.mul, ctx.forward_output, 2.0), epsilon, stabilizer))
-    return [ctx.call(torch.mul, ctx.fwd(t), _product_transpose(ctx, s, i)) for i, t in enumerate(ctx.op.inputs)]
+    if dead_units == "drop":
+        s = ctx.call(torch.div, ctx.R, stabilize(ctx, ctx.call(torch.mul, ctx.forward_output, 2.0), epsilon,
+                                                 stabilizer))
+        return [ctx.call(torch.mul, ctx.fwd(t), _product_transpose(ctx, s, i)) for i, t in enumerate(ctx.op.inputs)]
+    if dead_units != "spread":
+        raise PresetError(f"dead_units must be 'drop' or 'spread', got {dead_units!r}")
+    z = ctx.forward_output
+    dead = ctx.call(torch.le, ctx.call(torch.abs, z), float(epsilon))
+    s = ctx.call(torch.where, dead, 0.0, ctx.call(torch.div, ctx.R, ctx.call(
+        torch.mul, ctx.call(torch.where, dead, 1.0, z), 2.0)))
+    ones = [ctx.call(torch.ones_like, ctx.fwd(t)) for t in ctx.op.inputs]
+    terms = _product(ctx, {0: ones[0], 1: ones[1]})  # how many products each output sums
+    flat = ctx.call(torch.where, dead, ctx.call(torch.div, ctx.R, ctx.call(torch.mul, terms, 2.0)), 0.0)
+    out = []
+    for i, t in enumerate(ctx.op.inputs):
+        live = ctx.call(torch.mul, ctx.fwd(t), _product_transpose(ctx, s, i))
+        out.append(ctx.call(torch.add, live, _product_transpose(ctx, flat, i, {0: ones[0], 1: ones[1]})))
+    return out
 
 
 @rule("refuse", (ops.PRODUCT,))
@@ -118,22 +139,46 @@ def refuse_rule(ctx):
 
 
 @rule("constant_weights", (ops.MATMUL,))
-def constant_weights_rule(ctx, epsilon=1e-6, stabilizer="signed", otherwise="error"):
+def constant_weights_rule(ctx, epsilon=1e-6, stabilizer="signed", otherwise="error", dead_units="drop"):
     """CP-LRP's A·V: the attention weights A (a softmax output) are held constant, so the product is a linear map
     of the values and all relevance goes to them by the ε-rule. A product with no softmax operand (linear
-    attention) is an error, or with otherwise='uniform' gets AttnLRP's uniform rule."""
+    attention) is an error, or with otherwise='uniform' gets AttnLRP's uniform rule.
+
+    dead_units='spread': outputs with |z| ≤ ε send their relevance back in proportion to the weights alone
+    (R_i·A_ij / Σ_j A_ij), and every other output divides by z itself, with no ε: relevance is conserved however
+    small the values are (random-weight models reach attention with values ~1e-7, where ε = 1e-9 drops 0.5%)."""
     held = ctx.op.params.get("attention_weights")
     if held is None and otherwise == "uniform":
-        return uniform_rule(ctx, epsilon, stabilizer)
+        return uniform_rule(ctx, epsilon, stabilizer, dead_units)
     if held is None:
         raise UnsupportedOpError(f"{describe_node(ctx.op.node)}: 'constant_weights' needs one operand to be "
                                  "attention weights (a softmax output); neither is (otherwise = \"uniform\" "
                                  "gives such products AttnLRP's uniform rule)")
-    s = ctx.call(torch.div, ctx.R, stabilize(ctx, ctx.forward_output, epsilon, stabilizer))
-    out = [None, None]
     other = 1 - held
-    out[other] = ctx.call(torch.mul, ctx.fwd(ctx.op.inputs[other]), _product_transpose(ctx, s, other))
+    out = [None, None]
+    if dead_units == "drop":
+        s = ctx.call(torch.div, ctx.R, stabilize(ctx, ctx.forward_output, epsilon, stabilizer))
+        out[other] = ctx.call(torch.mul, ctx.fwd(ctx.op.inputs[other]), _product_transpose(ctx, s, other))
+        return out
+    if dead_units != "spread":
+        raise PresetError(f"dead_units must be 'drop' or 'spread', got {dead_units!r}")
+    z = ctx.forward_output
+    dead = ctx.call(torch.le, ctx.call(torch.abs, z), float(epsilon))
+    s = ctx.call(torch.where, dead, 0.0, ctx.call(torch.div, ctx.R, ctx.call(torch.where, dead, 1.0, z)))
+    live = ctx.call(torch.mul, ctx.fwd(ctx.op.inputs[other]), _product_transpose(ctx, s, other))
+    # Σ_j A_ij for each output: the product with the values replaced by ones
+    ones = ctx.call(torch.ones_like, ctx.fwd(ctx.op.inputs[other]))
+    weight_sums = _product(ctx, {held: ctx.fwd(ctx.op.inputs[held]), other: ones})
+    flat = ctx.call(torch.where, dead, ctx.call(torch.div, ctx.R, ctx.call(
+        torch.where, ctx.call(torch.eq, weight_sums, 0.0), 1.0, weight_sums)), 0.0)
+    out[other] = ctx.call(torch.add, live, _product_transpose(ctx, flat, other, {held: ctx.fwd(ctx.op.inputs[held])}))
     return out
+
+
+def _product(ctx, operands: dict):
+    """The op's own contraction on other operands (index 0 and 1)."""
+    p = ctx.op.params
+    return ctx.call(torch.einsum, f"{p['inputs'][0]},{p['inputs'][1]}->{p['output']}", operands[0], operands[1])
 
 
 @rule("proportional", (ops.BIAS_ADD,))
