@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -188,7 +189,9 @@ def load_model(spec: str, weights: str = "DEFAULT") -> tuple[torch.nn.Module, Mo
         # PATH, as for the preprocessing; a count that does not fit the model is dropped at compile)
         info.labels = torchvision_labels(spec)
         try:
-            model = torchvision.models.get_model(spec, weights=tv_weights)
+            with warnings.catch_warnings():  # GoogLeNet/Inception's notice that its random init will change
+                warnings.filterwarnings("ignore", category=FutureWarning, module="torchvision")
+                model = torchvision.models.get_model(spec, weights=tv_weights)
         except Exception as e:
             if use_pretrained:
                 raise _download_error(spec, e) from e
