@@ -160,18 +160,22 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("-o", "--output", default="results/cli-sweep.md")
     ap.add_argument("--resume", action="store_true", help="keep the models already in the report")
-    ap.add_argument("--models", default="", help="comma-separated subset")
+    ap.add_argument("--models", default="", help="comma-separated subset, run in this order (with --resume the "
+                    "report keeps every other model's row)")
+    ap.add_argument("--redo", default="", help="comma-separated models to run again although the report has them")
     ap.add_argument("--max-params", type=float, default=100, help="millions; larger models run at --large-size")
     ap.add_argument("--large-size", type=int, default=64)
     ap.add_argument("--timeout", type=float, default=900)
     ap.add_argument("--max-rss-gib", type=float, default=12, help="stop a compile whose memory passes this (0: none)")
     a = ap.parse_args(argv)
-    planned = a.models.split(",") if a.models else torchvision_models()
+    subset = a.models.split(",") if a.models else []
+    planned = torchvision_models() if a.resume or not subset else subset  # the report keeps every resumed row
     rows = read_rows(a.output) if a.resume else {}
+    redo = set(a.redo.split(",")) if a.redo else set()
     command = "python tools/cli_sweep.py -o " + a.output
     with tempfile.TemporaryDirectory() as workdir:
-        for name in planned:
-            if name in rows:
+        for name in subset or planned:
+            if name in rows and name not in redo:
                 continue
             large = params_millions(name) > a.max_params
             row = run_one(name, a.large_size if large else None, a.timeout, workdir, a.max_rss_gib)
