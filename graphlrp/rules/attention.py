@@ -171,7 +171,7 @@ def constant_weights_rule(ctx, epsilon=1e-6, stabilizer="signed", otherwise="err
     weight_sums = _product(ctx, {held: ctx.fwd(ctx.op.inputs[held]), other: ones})
     flat = ctx.call(torch.where, dead, ctx.call(torch.div, ctx.R, ctx.call(
         torch.where, ctx.call(torch.eq, weight_sums, 0.0), 1.0, weight_sums)), 0.0)
-    out[other] = ctx.call(torch.add, live, _product_transpose(ctx, flat, other, {held: ctx.fwd(ctx.op.inputs[held])}))
+    out[other] = ctx.call(torch.add, live, _product_transpose(ctx, flat, other))
     return out
 
 
