@@ -1,10 +1,16 @@
-"""Attention decomposed at compile time into the ops that carry LRP rules.
+"""Attention decomposed, and recurrent layers unrolled, at compile time into the ops that carry LRP rules.
 
 `nn.MultiheadAttention` (a leaf module to torch.fx) and `F.scaled_dot_product_attention` (one fused kernel) hide
 the parts that AttnLRP and CP-LRP give different rules: the projections (linear layers), the scores Q·Kᵀ and the
 weighted values A·V (products of two input-dependent tensors), and the softmax. This pass rewrites each of them in
 the traced graph as those parts, written with `F.linear`, `reshape`, `einsum` and `softmax`, so the ordinary
 describers and rules apply. The forward value is unchanged (up to float rounding of a different kernel).
+
+`nn.LSTM`, `nn.GRU` and `nn.RNN` (leaf modules as well) are unrolled over their time steps, which are fixed at compile
+time: each step becomes a linear layer over [x_t, h_{t-1}], sigmoid gates, tanh candidates, products and sums.
+The gates are recognised as gates (a [0, 1] gate times a tanh signal gates the signal), so relevance follows the
+signal path and the gates are held constant, as in Arras et al. (2017, "Explaining recurrent neural network
+predictions in sentiment analysis"); the linear layers and the sums get the preset's rules.
 """
 from __future__ import annotations
 
@@ -153,11 +159,15 @@ def _mha(gm: fx.GraphModule, node: fx.Node, m: nn.MultiheadAttention) -> None:
 
 
 def decompose_attention(gm: fx.GraphModule) -> int:
-    """Rewrite every attention in `gm` (shapes from a first value propagation) into its parts; returns how many."""
+    """Rewrite every attention in `gm` (shapes from a first value propagation) into its parts, and unroll every
+    recurrent layer; returns how many."""
     count = 0
     for node in list(gm.graph.nodes):
         if node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.MultiheadAttention):
             _mha(gm, node, gm.get_submodule(node.target))
+            count += 1
+        elif node.op == "call_module" and isinstance(gm.get_submodule(node.target), (nn.LSTM, nn.GRU, nn.RNN)):
+            _unroll(gm, node, gm.get_submodule(node.target))
             count += 1
         elif node.op == "call_function" and node.target is F.scaled_dot_product_attention:
             _sdpa(gm, node)
@@ -171,6 +181,97 @@ def decompose_attention(gm: fx.GraphModule) -> int:
     if count:
         gm.recompile()
     return count
+
+
+# ------------------------------------------------------------------------------------------------ recurrent layers
+def _unroll(gm: fx.GraphModule, node: fx.Node, m: nn.RNNBase) -> None:
+    """nn.LSTM / nn.GRU / nn.RNN over a batch of sequences, unrolled step by step (see the module docstring)."""
+    x, hx = _arg(node, 0, "input"), _arg(node, 1, "hx")
+    kind = type(m).__name__
+    if hx is not None:
+        raise UnsupportedOpError(f"{describe_node(node)}: {kind} with a given initial state (only the zero state)")
+    if getattr(m, "proj_size", 0):
+        raise UnsupportedOpError(f"{describe_node(node)}: {kind} with proj_size")
+    if not isinstance(x, fx.Node) or len(x.meta.get("shape", ())) != 3:
+        raise UnsupportedOpError(f"{describe_node(node)}: {kind} on an unbatched or packed sequence")
+    graph, prefix, existing = gm.graph, f"_lrp_{node.name}", set(gm.graph.nodes)
+    call = graph.call_function
+
+    def constant(name, t):
+        gm.register_buffer(f"{prefix}_{name}", t.detach().clone())
+        return graph.get_attr(f"{prefix}_{name}")
+
+    def linear(inputs, weights, bias, name):  # one linear layer over the concatenated inputs of a step
+        joined = inputs[0] if len(inputs) == 1 else call(torch.cat, (list(inputs), -1))
+        w = weights[0] if len(weights) == 1 else torch.cat(weights, 1)
+        return call(F.linear, (joined, constant(name, w), None if bias is None else constant(name + "_b", bias)))
+
+    steps = x.meta["shape"][1 if m.batch_first else 0]
+    gates = {"LSTM": 4, "GRU": 3}.get(kind, 1)
+    with graph.inserting_before(node):
+        seq = x if m.batch_first else call(torch.transpose, (x, 0, 1))
+        for layer in range(m.num_layers):
+            outputs = []
+            for direction in range(2 if m.bidirectional else 1):
+                sfx = f"_l{layer}" + ("_reverse" if direction else "")
+                w_ih = getattr(m, "weight_ih" + sfx).chunk(gates)
+                w_hh = getattr(m, "weight_hh" + sfx).chunk(gates)
+                b_ih = getattr(m, "bias_ih" + sfx).chunk(gates) if m.bias else (None,) * gates
+                b_hh = getattr(m, "bias_hh" + sfx).chunk(gates) if m.bias else (None,) * gates
+                name = f"l{layer}{'r' if direction else ''}"
+                h = c = None
+                hs = [None] * steps
+                for t in (reversed(range(steps)) if direction else range(steps)):
+                    x_t = call(operator.getitem, (seq, (slice(None), t)))
+                    h, c = _cell(kind, m, call, linear, constant, x_t, h, c, w_ih, w_hh, b_ih, b_hh, f"{name}_t{t}")
+                    hs[t] = graph.call_method("reshape", (h, (-1, 1, m.hidden_size)))
+                outputs.append(call(torch.cat, (hs, 1)))
+            seq = outputs[0] if len(outputs) == 1 else call(torch.cat, (outputs, -1))
+        out = seq if m.batch_first else call(torch.transpose, (seq, 0, 1))
+    stack = {**(node.meta.get("nn_module_stack") or {}), node.target: (node.target, type(m))}
+    for part in graph.nodes:
+        if part not in existing:
+            part.meta["nn_module_stack"] = stack
+    for user in list(node.users):
+        if user.op != "call_function" or user.target is not operator.getitem:
+            raise UnsupportedOpError(f"{describe_node(user)}: uses {kind}'s output tuple as a whole")
+        if user.args[1] == 0:
+            user.replace_all_uses_with(out)
+        elif user.users:
+            raise UnsupportedOpError(f"{describe_node(user)}: reads {kind}'s final state (only its outputs have a "
+                                     "rule)")
+        graph.erase_node(user)
+    graph.erase_node(node)
+
+
+def _cell(kind, m, call, linear, constant_of, x_t, h, c, w_ih, w_hh, b_ih, b_hh, name):
+    """One time step: (h_t, c_t) from x_t and the previous state (None at the first step: the zero state, whose
+    terms are left out)."""
+    def pre(k, with_hidden=True):  # W_ih[k]·x_t + W_hh[k]·h + b_ih[k] + b_hh[k], one linear layer
+        bias = None if b_ih[k] is None else b_ih[k] + b_hh[k]
+        if h is None or not with_hidden:
+            return linear([x_t], [w_ih[k]], bias, f"{name}_{k}")
+        return linear([x_t, h], [w_ih[k], w_hh[k]], bias, f"{name}_{k}")
+
+    if kind == "LSTM":  # gates i, f, o; candidate g
+        i, g, o = (call(torch.sigmoid, (pre(0),)), call(torch.tanh, (pre(2),)), call(torch.sigmoid, (pre(3),)))
+        c_new = call(operator.mul, (i, g))
+        if c is not None:
+            c_new = call(operator.add, (call(operator.mul, (call(torch.sigmoid, (pre(1),)), c)), c_new))
+        return call(operator.mul, (o, call(torch.tanh, (c_new,)))), c_new
+    if kind == "GRU":  # gates r, z; candidate n = tanh(W_in·x + b_in + r·(W_hn·h + b_hn))
+        r, z = call(torch.sigmoid, (pre(0),)), call(torch.sigmoid, (pre(1),))
+        if h is None:  # the zero state: W_hn·h + b_hn is b_hn, a constant the reset gate scales
+            hidden = None if b_hh[2] is None else constant_of(f"{name}_2h_b", b_hh[2])
+        else:
+            hidden = linear([h], [w_hh[2]], b_hh[2], f"{name}_2h")
+        n = linear([x_t], [w_ih[2]], b_ih[2], f"{name}_2x")
+        if hidden is not None:
+            n = call(operator.add, (n, call(operator.mul, (r, hidden))))
+        h_new = call(operator.mul, (call(operator.sub, (1.0, z)), call(torch.tanh, (n,))))
+        return (h_new if h is None else call(operator.add, (h_new, call(operator.mul, (z, h))))), None
+    activation = torch.tanh if m.nonlinearity == "tanh" else torch.relu
+    return call(activation, (pre(0),)), None
 
 
 # ------------------------------------------------------------------------------------------------ wrapped functions

@@ -75,7 +75,7 @@ def build_metadata(explainer, extra: dict | None, **preprocessing) -> dict:
     from .version import __version__
 
     info = explainer.info
-    c, h, w = info["input_size"]
+    c = info["input_size"][0]
     labels = preprocessing.pop("labels", None)
     image_prep = explainer.preprocessing.with_overrides(**preprocessing)
     if len(image_prep.mean) != c:
@@ -86,7 +86,7 @@ def build_metadata(explainer, extra: dict | None, **preprocessing) -> dict:
         "split": info["split"],
         "include_identity": "true" if info["include_identity"] else "false",
         "source_model": info["source_model"],
-        "input_size": json.dumps([c, h, w]),
+        "input_size": json.dumps(list(info["input_size"])),
         "output_relevance": info["output_relevance"],
         "preprocessing": json.dumps(image_prep.to_dict()),
     }
@@ -107,9 +107,8 @@ def _num_classes(explainer) -> int:
 
 def _parity_batch(explainer, batch: int = 2, seed: int = 0):
     """A random input batch and mixed targets: even samples their top-1 (-1), odd ones a random class."""
-    c, h, w = explainer.info["input_size"]
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, c, h, w, generator=g)
+    x = torch.randn(batch, *explainer.info["input_size"], generator=g)
     target = torch.full((batch,), -1, dtype=torch.long)
     target[1::2] = torch.randint(0, _num_classes(explainer), (len(target[1::2]),), generator=g)
     return x, target

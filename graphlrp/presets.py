@@ -19,7 +19,8 @@ Schema (every key is validated; an unknown or malformed key is a PresetError nam
     normalization (layer/group/instance norm), reduction (sum/mean over non-spatial dims), softmax,
     matmul (matmul/einsum of two input-dependent tensors: Q·Kᵀ, A·V, linear attention), product (an elementwise
     product of two signals that is no gate: SwiGLU, gMLP's gating; default 'refuse', an error where relevance
-    reaches it), constant_cat (a class token joining the tokens); maxpool also covers max/min over dims (amax)
+    reaches it), constant_cat (constants joining the input: a class token, constant padding); maxpool also covers
+    max/min over dims (amax)
 
     [overrides]                        # glob on module path or node name -> rule (applied where the rule fits)
     "layer4.*" = "epsilon"             # first matching pattern wins; compile(overrides=...) comes before these
@@ -61,7 +62,7 @@ CATEGORY_KINDS = {
     "softmax": (ops.SOFTMAX,),
     "matmul": (ops.MATMUL,),
     "product": (ops.PRODUCT,),  # elementwise a·b of two signals, neither a gate (SwiGLU, gMLP, FocalNet)
-    "constant_cat": (ops.CONST_CAT,),
+    "constant_cat": (ops.CONST_CAT, ops.PAD),  # constants joining the input: a class token, constant padding
 }
 DEFAULT_RULES = {"activation": "pass", "identity": "pass", "constant_add": "pass", "scale": "pass", "gate": "pass",
                  "batchnorm": "pass", "merge": "split", "normalization": "pass", "reduction": "z",

@@ -93,10 +93,11 @@ class ExplainerSession:
                                      "compile one with `graphlrp compile`")
         self.metadata = _parse_metadata(session.get_modelmeta().custom_metadata_map, path)
         input_shape = next(i.shape for i in session.get_inputs() if i.name == "input")
-        self.input_size: tuple[int, int, int] = tuple(self.metadata.get("input_size") or input_shape[1:])
+        self.input_size: tuple[int, ...] = tuple(self.metadata.get("input_size") or input_shape[1:])
+        self.takes_images = len(self.input_size) == 3  # [C, H, W]; else arrays only (a token or signal model)
         self.labels: list[str] | None = self.metadata.get("labels")
         self.preprocessing = Preprocessing.from_dict(self.metadata.get("preprocessing") or {}, self.input_size)
-        if tuple(self.preprocessing.crop) != tuple(self.input_size[1:]):
+        if self.takes_images and tuple(self.preprocessing.crop) != tuple(self.input_size[1:]):
             raise ExplainerLoadError(f"{path}: metadata crops to {list(self.preprocessing.crop)} but the model takes "
                                      f"{list(self.input_size[1:])}")
         if len(self.preprocessing.mean) != self.input_size[0]:
@@ -146,6 +147,8 @@ class ExplainerSession:
 
     def prepare_image(self, image: ImageSource) -> Image.Image:
         """Decode, convert and resize/crop an image to the model's input geometry, before normalisation."""
+        if not self.takes_images:
+            raise InputError(f"this explainer takes arrays of shape {list(self.input_size)}, not images")
         im = open_image(image)
         return self.preprocessing.apply(im.convert("L" if self.input_size[0] == 1 else "RGB"))
 
@@ -171,10 +174,14 @@ class ExplainerSession:
         """Check and batch inputs: x [N, C, H, W] or [C, H, W] -> float32 [N, C, H, W]; target None (top-1),
         an int for every sample, or one per sample -> int64 [N]. Raises InputError."""
         x = _as_array(x)
-        if x.ndim not in (3, 4) or tuple(x.shape[-3:]) != self.input_size:
-            raise InputError(f"input has shape {list(x.shape)}; this explainer takes [C, H, W] or [N, C, H, W] "
-                             f"with C, H, W = {list(self.input_size)}")
-        if x.ndim == 3:
+        rank = len(self.input_size)
+        if x.ndim not in (rank, rank + 1) or tuple(x.shape[-rank:]) != self.input_size:
+            if self.takes_images:
+                raise InputError(f"input has shape {list(x.shape)}; this explainer takes [C, H, W] or [N, C, H, W] "
+                                 f"with C, H, W = {list(self.input_size)}")
+            raise InputError(f"input has shape {list(x.shape)}; this explainer takes {list(self.input_size)} or "
+                             f"[N, {', '.join(map(str, self.input_size))}]")
+        if x.ndim == rank:
             x = x[None]
         if not np.isfinite(x).all():
             raise InputError("input contains NaN or infinite values")
@@ -203,10 +210,11 @@ class ExplainerSession:
                 for i in range(len(x))]
 
     def explain(self, x: np.ndarray, target=None) -> Explanation | list[Explanation]:
-        """Explain normalised input: one Explanation for [C, H, W], a list for [N, C, H, W].
+        """Explain normalised input: one Explanation for [C, H, W], a list for [N, C, H, W] (for an explainer of
+        other arrays: one for its input shape, a list for a batch of them).
         `target`: None explains each prediction; an int or per-sample ints (-1 = predicted) pick classes."""
         x = _as_array(x)
-        single = x.ndim == 3
+        single = x.ndim == len(self.input_size)
         explanations = self.run(*self.prepare(x, target))
         return explanations[0] if single else explanations
 

@@ -308,6 +308,167 @@ def test_an_op_that_is_not_a_rearrangement_is_named():
         graphlrp.compile(Sort().eval(), torch.randn(1, 3, 6, 6))
 
 
+# ------------------------------------------------------------------ constant padding: a constant joining the input
+class PaddedThenShifted(nn.Module):
+    """Zero padding that later receives relevance, as SAM's window padding does: the padded cells become 0.5 after
+    a constant add, so the linear layer gives them a share of the logit."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4 * (6 + 3), 3, bias=False)
+
+    def forward(self, x):
+        return self.fc((F.pad(x, (1, 2)) + 0.5).flatten(1))
+
+
+@pytest.mark.parametrize("constant_cat", ["drop", "spread"])
+def test_relevance_on_constant_padding_is_spread_over_the_input_or_dropped(constant_cat, tmp_path):
+    """The relevance that lands on constant padding is relevance of a constant, as a class token's is: `drop`
+    loses it, `spread` hands it to the padded tensor in proportion to |x| per sample. Reference: the z⁺ rule of the
+    linear layer written out by hand (every input is positive, so z⁺ is the z-rule on W⁺)."""
+    torch.manual_seed(0)
+    model = PaddedThenShifted().eval()
+    x = torch.rand(2, 4, 6) + 0.1
+    zplus = {"rule": "zplus", "epsilon": 1e-9, "bias": "zero", "dead_units": "spread"}
+    rules = {"output": "logit", "rules": {"first_layer": zplus, "linear": zplus, "constant_add": "pass",
+                                          "constant_cat": constant_cat}}
+    explainer = graphlrp.compile(model, x[:1], rules=rules)
+    logits, rel, taps = explainer.explain_with_taps(x)
+
+    h = (F.pad(x, (1, 2)) + 0.5).flatten(1)
+    target = logits.argmax(1)
+    w_pos = model.fc.weight.clamp_min(0)[target]  # [N, 36]
+    r_h = (h * w_pos / (h * w_pos).sum(1, keepdim=True) * logits.gather(1, target[:, None])).view(2, 4, 9)
+    on_padding = r_h.sum((1, 2)) - r_h[..., 1:7].sum((1, 2))
+    expected = r_h[..., 1:7]
+    if constant_cat == "spread":
+        expected = expected + x * (on_padding / x.sum((1, 2)))[:, None, None]
+    assert on_padding.min() > 0.05 * taps["output"].abs().min()  # the padding does receive relevance here
+    assert rel_diff(rel, expected) <= 1e-5
+    ratio = taps["input"] / taps["output"]
+    if constant_cat == "spread":
+        assert (ratio - 1).abs().max() <= 1e-5
+        pytest.importorskip("onnxruntime")
+        assert explainer.export_onnx(tmp_path / "pad.onnx").max_rel_diff <= 1e-4
+    else:
+        assert rel_diff(ratio, 1 - on_padding / taps["output"]) <= 1e-5
+
+
+# ------------------------------------------------------------------ recurrent layers, unrolled
+class Recurrent(nn.Module):
+    """nn.LSTM / nn.GRU / nn.RNN over [N, T, C] sequences, read out by a linear head over every step's output."""
+
+    def __init__(self, kind: str, steps: int = 5, batch_first: bool = True, **kw):
+        super().__init__()
+        self.batch_first = batch_first
+        self.rnn = getattr(nn, kind)(4, 5, batch_first=batch_first, **kw)
+        directions = 2 if kw.get("bidirectional") else 1
+        self.fc = nn.Linear(5 * directions * steps, 3)
+
+    def forward(self, x):
+        y, _ = self.rnn(x if self.batch_first else x.transpose(0, 1))
+        return self.fc((y if self.batch_first else y.transpose(0, 1)).flatten(1))
+
+
+def arras_lstm_relevance(lstm: nn.LSTM, fc: nn.Linear, x: torch.Tensor, eps: float) -> torch.Tensor:
+    """LRP for a one-layer LSTM written step by step (Arras et al., 2017), in float64: the gates i, f, o take no
+    relevance; c_t = f·c_{t-1} + i·g splits R_c in proportion to the two terms; g = tanh(W·[x_t, h_{t-1}] + b) passes
+    R to the linear layer, whose bias-free ε-rule hands it to x_t and h_{t-1}; the head's too."""
+    W_ih, W_hh = lstm.weight_ih_l0.double(), lstm.weight_hh_l0.double()
+    b = (lstm.bias_ih_l0 + lstm.bias_hh_l0).double()
+    x = x.double()
+    n, T, _ = x.shape
+    H = lstm.hidden_size
+    h, c = torch.zeros(n, H, dtype=torch.float64), torch.zeros(n, H, dtype=torch.float64)
+    steps = []
+    for t in range(T):
+        z = x[:, t] @ W_ih.T + h @ W_hh.T + b
+        i, f, g, o = z[:, :H].sigmoid(), z[:, H:2 * H].sigmoid(), z[:, 2 * H:3 * H].tanh(), z[:, 3 * H:].sigmoid()
+        c_prev, h_prev = c, h
+        c = f * c + i * g
+        h = o * c.tanh()
+        steps.append((h_prev, c_prev, f, i, g))
+    hs = torch.stack([s[0] for s in steps[1:]] + [h], 1)  # every step's output h_t
+    logits = hs.flatten(1) @ fc.weight.double().T + fc.bias.double()
+    target = logits.argmax(1)
+    w = fc.weight.double()[target]  # [n, T·H]
+    z_head = (hs.flatten(1) * w).sum(1, keepdim=True)
+    R_h = (hs.flatten(1) * w * logits.gather(1, target[:, None]) / (z_head + eps)).view(n, T, H)
+    R_x = torch.zeros_like(x)
+    R_c = torch.zeros(n, H, dtype=torch.float64)
+    carry = torch.zeros(n, H, dtype=torch.float64)  # relevance of h_t from step t+1's linear layer
+    w_g = torch.cat([W_ih[2 * H:3 * H], W_hh[2 * H:3 * H]], 1)  # [H, C + H]
+    for t in reversed(range(T)):
+        h_prev, c_prev, f, i, g = steps[t]
+        R_c = R_c + R_h[:, t] + carry  # h_t = o·tanh(c_t): all of it to c_t
+        c_t = f * c_prev + i * g
+        R_prev, R_g = f * c_prev * R_c / (c_t + eps), i * g * R_c / (c_t + eps)
+        inputs = torch.cat([x[:, t], h_prev], 1)
+        z_g = inputs @ w_g.T
+        R_in = inputs * ((R_g / (z_g + eps)) @ w_g)
+        R_x[:, t], carry, R_c = R_in[:, :x.shape[2]], R_in[:, x.shape[2]:], R_prev
+    return R_x
+
+
+def test_lstm_unrolled_is_arras_lrp_with_the_gates_held_constant():
+    """nn.LSTM is unrolled at compile time; its products are recognised as gates (σ gates a tanh candidate), so the
+    explainer is the per-step LSTM LRP of Arras et al. Reference: that LRP written by hand in float64."""
+    torch.manual_seed(0)
+    model = Recurrent("LSTM").eval()
+    x = torch.randn(2, 5, 4)
+    eps = {"rule": "epsilon", "epsilon": 1e-12, "stabilizer": "add", "bias": "zero"}
+    rules = {"output": "logit", "split": "signed",
+             "rules": {"first_layer": eps, "linear": eps, "merge": {"rule": "split", "epsilon": 1e-12}}}
+    explainer = graphlrp.compile(model, x[:1], rules=rules)
+    logits, rel, taps = explainer.explain_with_taps(x)
+    with torch.no_grad():
+        assert rel_diff(logits, model(x)) <= 1e-5
+        expected = arras_lstm_relevance(model.rnn, model.fc, x, 1e-12)
+    assert rel_diff(rel, expected) <= 1e-4
+    assert ((taps["input"] / taps["output"]) - 1).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("kind, options", [
+    ("LSTM", dict(bidirectional=True, num_layers=2)), ("LSTM", dict(batch_first=False)),
+    ("GRU", dict(bidirectional=True, num_layers=2)), ("RNN", dict(bidirectional=True)),
+    ("RNN", dict(nonlinearity="relu"))], ids=["lstm-bi-2", "lstm-time-major", "gru-bi-2", "rnn-bi", "rnn-relu"])
+@pytest.mark.parametrize("preset", ["otsuki2024-conserving", "cp-lrp-conserving"])
+def test_recurrent_layers_unrolled_conserve_and_export(kind, options, preset, tmp_path):
+    """Every recurrent layer of torch.nn, bidirectional, stacked or time-major, reproduces the model and conserves
+    under both conserving presets, and exports with onnxruntime parity."""
+    torch.manual_seed(0)
+    model = Recurrent(kind, **options).eval()
+    x = torch.randn(2, 5, 4)
+    explainer = graphlrp.compile(model, x[:1], rules=preset)
+    logits, rel, taps = explainer.explain_with_taps(x)
+    with torch.no_grad():
+        assert rel_diff(logits, model(x)) <= 1e-5
+    assert ((taps["input"] / taps["output"]) - 1).abs().max() <= 1e-4
+    gates = [op for op in (graphlrp.ops.describe(n, explainer._traced) for n in explainer._traced.graph.nodes
+                           if n.op in ("call_function", "call_method") and n.meta.get("dynamic")) if op is not None]
+    assert not [op for op in gates if op.kind == graphlrp.ops.PRODUCT]  # every product is a gate: Arras' rule
+    if preset == "otsuki2024-conserving":
+        pytest.importorskip("onnxruntime")
+        assert explainer.export_onnx(tmp_path / "rnn.onnx").max_rel_diff <= 1e-4
+
+
+def test_a_recurrent_layer_with_a_given_state_or_read_final_state_is_refused():
+    class GivenState(nn.Module):
+        def __init__(self, read_state: bool):
+            super().__init__()
+            self.read_state = read_state
+            self.rnn, self.fc = nn.GRU(4, 5, batch_first=True), nn.Linear(5, 3)
+
+        def forward(self, x):
+            if self.read_state:
+                return self.fc(self.rnn(x)[1][0])
+            return self.fc(self.rnn(x, torch.zeros(1, x.shape[0], 5))[0][:, -1])
+
+    for read_state, words in ((False, "initial state"), (True, "final state")):
+        with pytest.raises(UnsupportedOpError, match=words):
+            graphlrp.compile(GivenState(read_state).eval(), torch.randn(1, 5, 4))
+
+
 # ------------------------------------------------------------------ n-ary merges
 class Branches(nn.Module):
     """logits = a(x) + b(x) + c(x), or the same three stacked and summed: the merge sits at the output."""
@@ -768,23 +929,6 @@ class BatchMix(nn.Module):
 
     def forward(self, x):
         return self.fc(x.flatten(1)) - self.fc(x.flatten(1)).mean(0, keepdim=True) * 0 + x.sum()
-
-
-class Recurrent(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.rnn = nn.LSTM(2, 3, batch_first=True)
-        self.fc = nn.Linear(3, 2)
-
-    def forward(self, x):
-        h, _ = self.rnn(x.flatten(2).transpose(1, 2))
-        return self.fc(h.mean(1))
-
-
-def test_a_recurrent_layer_is_refused_by_name():
-    with pytest.raises(UnsupportedOpError, match=r"recurrent layer \(LSTM\) has no LRP rule") as info:
-        graphlrp.compile(Recurrent().eval(), torch.randn(1, 2, 2, 2), rules="cp-lrp-conserving")
-    assert "Error:" not in str(info.value)  # no internal exception in the message
 
 
 @pytest.mark.parametrize("model,error", [

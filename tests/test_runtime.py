@@ -160,3 +160,27 @@ def test_resnet18_explains_imagenet_sized_images(resnet18_onnx, images):
     for e in explanations:
         assert e.relevance.shape == (3, 224, 224) and np.isfinite(e.relevance).all()
         assert heatmap.heatmap(e.relevance).size == (224, 224)
+
+
+def test_an_explainer_of_arrays_that_are_not_images_loads_and_explains(tmp_path):
+    """A model of [C, L] signals (not [C, H, W] images) exports and explains arrays in onnxruntime as in PyTorch;
+    an image given to it is an InputError."""
+    import torch
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv1d(4, 5, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
+                                torch.nn.Linear(5 * 6, 3)).eval()
+    x = torch.rand(2, 4, 6)
+    explainer = graphlrp.compile(model, x[:1], rules="otsuki2024-conserving")
+    logits, relevance = explainer(x)
+    assert explainer.export_onnx(tmp_path / "signal.onnx").max_rel_diff <= 1e-4
+    session = graphlrp.load(tmp_path / "signal.onnx", providers="cpu", threads=1)
+    assert session.input_size == (4, 6) and not session.takes_images
+    explanations = session.explain(x.numpy())
+    for i, e in enumerate(explanations):
+        np.testing.assert_allclose(e.relevance, relevance[i].numpy(), rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(e.logits, logits[i].numpy(), rtol=1e-4, atol=1e-5)
+    with pytest.raises(InputError, match=r"\[4, 6\]"):
+        session.explain(np.zeros((2, 3, 6), np.float32))
+    with pytest.raises(InputError, match="not images"):
+        session.preprocess(Image.new("RGB", (6, 4)))

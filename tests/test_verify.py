@@ -153,26 +153,27 @@ def test_conserving_must_be_a_boolean():
 def test_compile_cli_names_a_preset_that_takes_what_the_default_refuses(tmp_path, capsys):
     from graphlrp.cli import main
 
-    source = tmp_path / "product_net.py"
+    source = tmp_path / "dilated_pool_net.py"
     source.write_text(textwrap.dedent("""
         import torch.nn as nn
 
-        class ProductNet(nn.Module):  # a product of two signals, neither a gate: otsuki2024 has no rule for it
+        class DilatedPoolNet(nn.Module):  # a dilated max-pool: otsuki2024's average stand-in has no dilated form
             def __init__(self):
                 super().__init__()
-                self.a, self.b = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 4, 3, padding=1)
+                self.a = nn.Conv2d(3, 4, 3, padding=1)
+                self.pool = nn.MaxPool2d(3, stride=1, padding=1, dilation=2)
                 self.fc = nn.Linear(4, 5)
 
             def forward(self, x):
-                return self.fc((self.a(x) * self.b(x)).mean(dim=(2, 3)))
+                return self.fc(self.pool(self.a(x).relu()).mean(dim=(2, 3)))
 
         def build():
-            return ProductNet().eval()
+            return DilatedPoolNet().eval()
     """))
     code = main(["compile", f"{source}:build", "--weights", "none", "--input-size", "16", "-o", str(tmp_path / "o.onnx")])
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
-    assert "a product of two input-dependent tensors" in err
+    assert "window_average with dilation" in err
     assert "'otsuki2024-conserving' can: --rules otsuki2024-conserving" in err
     assert main(["compile", f"{source}:build", "--weights", "none", "--input-size", "16", "--rules",
                  "otsuki2024-conserving", "-o", str(tmp_path / "o.onnx")]) == 0

@@ -5,7 +5,8 @@ Every elementwise activation of `torch.nn` is an ACTIVATION (rule category `acti
 A product of two input-dependent tensors is a GATE when one operand is a gate: a value computed by a squashing
 function (sigmoid, hard-sigmoid, softmax, tanh, hard-tanh, relu6, erf, clamp to a range) followed only by ops
 that keep it a gate (reshapes and other moves, identities, adding or multiplying constants). All relevance goes to
-the other operand, the gated signal, whatever the broadcast (SE, ECA, CBAM, split attention, x·sigmoid(x)).
+the other operand, the gated signal, whatever the broadcast (SE, ECA, CBAM, split attention, x·sigmoid(x)). Where
+both operands are squashed, a [0, 1] gate (sigmoid) gates a signed candidate (tanh): LSTM's i·g and o·tanh(c).
 Without a recognised gate, an operand that broadcasts over the other is held constant (a normaliser such as
 FRN's rsqrt(ν²+ε)); any other product of two signals (SwiGLU's x₁·act(x₂), gMLP's spatial gating u·v, FocalNet's
 modulation q·h) is a PRODUCT (rule category `product`: AttnLRP's uniform rule). A quotient of two
@@ -37,8 +38,10 @@ ACTIVATION_FUNCTIONS = [F.relu, torch.relu, F.relu6, F.leaky_relu, F.prelu, torc
                         torch.clamp, torch.clip, torch.clamp_min, torch.clamp_max, torch.erf]
 ACTIVATION_METHODS = ["relu", "sigmoid", "tanh", "clamp", "clip", "clamp_min", "clamp_max", "erf"]
 
-# what makes a value a gate: squashing functions (by module class, function or method name, lower case)
+# what makes a value a gate: squashing functions (by module class, function or method name, lower case); those
+# with a signed range ([-1, 1]) are the candidates a [0, 1] gate gates where the two meet (LSTM, GRU, WaveNet)
 SQUASHING = {"sigmoid", "hardsigmoid", "hard_sigmoid", "softmax", "tanh", "hardtanh", "relu6", "erf"}
+SIGNED_SQUASHING = {"tanh", "hardtanh", "erf"}
 
 
 @describes(modules=ACTIVATION_MODULES, functions=ACTIVATION_FUNCTIONS, methods=ACTIVATION_METHODS)
@@ -98,26 +101,31 @@ def _identity(node, traced):
     return Op(IDENTITY, node, (node.args[0],))
 
 
-def is_gate(node, traced, _depth=0) -> bool:
-    """Whether `node` is a gate value (see the module docstring)."""
+def gate_range(node, traced, _depth=0) -> str | None:
+    """"signed" for a gate computed by a squashing function with a signed range (tanh, hardtanh, erf, a clamp
+    below 0), "unit" for any other gate (sigmoid, softmax, a clamp to [0, c], ...), None for a value that is no gate.
+    The range is the squashing function's; moves, identities and constant scales or shifts after it keep it."""
     from .base import describe
     if not isinstance(node, fx.Node) or _depth > 64:
-        return False
+        return None
     name = target_name(node, traced) if node.op.startswith("call") else ""
-    if name in SQUASHING or name.rstrip("_") in SQUASHING:
-        return True
+    name = name if name in SQUASHING else name.rstrip("_")
+    if name in SQUASHING:
+        return "signed" if name in SIGNED_SQUASHING else "unit"
     if name in ("clamp", "clip"):  # clamp to a finite range, e.g. timm's hard_sigmoid: (x + 3).clamp(0, 6) / 6
         lo, hi = arg(node, 1, "min"), arg(node, 2, "max")
-        return lo is not None and hi is not None
+        if lo is None or hi is None:
+            return None
+        return "unit" if isinstance(lo, (int, float)) and lo >= 0 else "signed"
     if node.op not in ("call_function", "call_method", "call_module"):
-        return False
+        return None
     op = describe(node, traced)
     if op is None or not op.inputs:
-        return False
+        return None
     from .base import MOVE, RESHAPE, SLICE
     if op.kind in (MOVE, RESHAPE, SLICE, IDENTITY, SCALE, BIAS_ADD):
-        return is_gate(op.inputs[0], traced, _depth + 1)
-    return False
+        return gate_range(op.inputs[0], traced, _depth + 1)
+    return None
 
 
 REDUCTIONS = {"norm", "vector_norm", "std", "var", "mean", "sum", "amax", "amin"}
@@ -144,9 +152,13 @@ def _mul(node, traced):
     a, b = node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs["other"]
     if not (is_dynamic_tensor(a) and is_dynamic_tensor(b)):
         return Op(SCALE, node, (a if is_dynamic_tensor(a) else b,))
-    gates = [is_gate(a, traced), is_gate(b, traced)]
+    ranges = [gate_range(a, traced), gate_range(b, traced)]
+    gates = [r is not None for r in ranges]
     if gates[0] != gates[1]:
         signal, gate = (b, a) if gates[0] else (a, b)
+        return Op(GATE, node, (signal,), dict(gate=gate, recognised="squashing"))
+    if set(ranges) == {"unit", "signed"}:  # a [0, 1] gate on a tanh candidate (LSTM's i·g, o·tanh(c), GRU, WaveNet)
+        signal, gate = (a, b) if ranges[0] == "signed" else (b, a)
         return Op(GATE, node, (signal,), dict(gate=gate, recognised="squashing"))
     out = node.meta["shape"]
     full = [t for t in (a, b) if tuple(t.meta["shape"]) == tuple(out)]

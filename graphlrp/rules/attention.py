@@ -191,25 +191,33 @@ def proportional_rule(ctx, epsilon=1e-6, stabilizer="signed"):
     return [ctx.call(torch.mul, ctx.a, s)]
 
 
-def _cat_parts(ctx):
+def _constant_parts(ctx):
+    """The relevance of each input (cat: its slice; pad: the unpadded region) and whether it is input-dependent,
+    plus, for a pad, the relevance that landed on the padding (a constant, as a class token is)."""
     p = ctx.op.params
-    return list(ctx.call_multi(torch.split, len(p["sizes"]), ctx.R, p["sizes"], p["dim"]))
+    if ctx.op.kind == ops.PAD:
+        inner = ctx.unpad(ctx.R, p["pad"])
+        dims = tuple(range(1, len(ctx.op.out_shape)))
+        on_padding = ctx.call(torch.sub, ctx.call(torch.sum, ctx.R, dims, True), ctx.call(torch.sum, inner, dims, True))
+        return [inner], (True,), on_padding
+    return list(ctx.call_multi(torch.split, len(p["sizes"]), ctx.R, p["sizes"], p["dim"])), p["dynamic"], None
 
 
-@rule("drop", (ops.CONST_CAT,))
+@rule("drop", (ops.CONST_CAT, ops.PAD))
 def constant_cat_drop_rule(ctx):
-    """cat of constants (a class token) and input-dependent tensors: each part gets its slice of the relevance
-    back; the constants' slices are dropped, as Gradient×Input does."""
-    return [r if dynamic else None for r, dynamic in zip(_cat_parts(ctx), ctx.op.params["dynamic"])]
+    """cat of constants (a class token) and input-dependent tensors, or constant padding: each input gets its slice
+    of the relevance back; what lands on the constants is dropped, as Gradient×Input does."""
+    parts, dynamic, _ = _constant_parts(ctx)
+    return [r if dyn else None for r, dyn in zip(parts, dynamic)]
 
 
-@rule("spread", (ops.CONST_CAT,))
+@rule("spread", (ops.CONST_CAT, ops.PAD))
 def constant_cat_spread_rule(ctx):
-    """cat of constants (a class token) and input-dependent tensors: the constants' relevance is spread over the
-    input-dependent parts in proportion to |x|, per sample, so the cat conserves relevance."""
-    parts, dynamic = _cat_parts(ctx), ctx.op.params["dynamic"]
+    """cat of constants (a class token) and input-dependent tensors, or constant padding (SAM's window padding):
+    the relevance that lands on the constants is spread over the input-dependent parts in proportion to |x|, per
+    sample, so the op conserves relevance."""
+    parts, dynamic, constant = _constant_parts(ctx)
     dims = tuple(range(1, len(ctx.op.out_shape)))
-    constant = None
     for r, dyn in zip(parts, dynamic):
         if not dyn:
             total = ctx.call(torch.sum, r, dims, True)

@@ -1,10 +1,10 @@
 """Ops that only move values: relevance goes back along the same moves (the transpose of a 0/1 linear map), which
 is exact and conserving.
 
-RESHAPE, SLICE, PAD and CAT have direct forms. Every other MOVE gets its adjoint derived at compile time
-(`move_map`): the op is evaluated on an index encoding of its inputs (unit j of input i carries the number
-offset_i + j + 1) and on two random draws. A cell whose value is the same in all three is a constant (padding,
-a constant operand): it came from no input. Every other cell must hold an index whose input value it equals in
+RESHAPE, SLICE and CAT have direct forms (constant padding is a constant_cat: rules/attention.py). Every other
+MOVE gets its adjoint derived at compile time (`move_map`): the op is evaluated on an index encoding of its inputs
+(unit j of input i carries the number offset_i + j + 1) and on two random draws. A cell whose value is the same in
+all three is a constant (padding, a constant operand): it came from no input. Every other cell must hold an index whose input value it equals in
 both random draws — otherwise the op is not a rearrangement and has no rule (UnsupportedOpError). The adjoint is
 then one `index_select` (each input unit used at most once) or one `scatter_add` (copies: expand, repeat, nearest
 upsampling, reflect padding) on the flattened per-sample relevance: plain ops every exporter handles.
@@ -24,8 +24,6 @@ def structural_relevance(ctx) -> list:
     kind, p = ctx.op.kind, ctx.op.params
     if kind == ops.RESHAPE:
         return [ctx.call(torch.reshape, ctx.R, (-1, *ctx.op.in_shape[1:]))]
-    if kind == ops.PAD:
-        return [ctx.unpad(ctx.R, p["pad"])]
     if kind == ops.SLICE:
         return [ctx.unslice(ctx.R, p["index"])]
     if kind == ops.CAT:
@@ -36,7 +34,9 @@ def structural_relevance(ctx) -> list:
     raise AssertionError(kind)
 
 
-STRUCTURAL = (ops.RESHAPE, ops.PAD, ops.SLICE, ops.CAT, ops.MOVE)
+# constant padding is not among them: what lands on the padding is relevance of a constant, so the preset's
+# constant_cat rule decides it (dropped, or spread over the input like a class token's)
+STRUCTURAL = (ops.RESHAPE, ops.SLICE, ops.CAT, ops.MOVE)
 
 
 def _per_sample(shape, batch_dim):
