@@ -7,6 +7,7 @@ or pool+conv as in ResNet-D), `other` otherwise (e.g. strided slice + zero chann
 """
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass, field
 
 import networkx as nx
@@ -43,23 +44,58 @@ class Merge:
 
 
 def dataflow_graph(traced: Traced) -> nx.DiGraph:
-    """Input-dependent tensor nodes and the edges between them, in the order fx lists them."""
+    """Input-dependent tensor nodes and the edges between them, in the order fx lists them (a topological order,
+    kept as each node's `order`)."""
     g = nx.DiGraph()
     for node in traced.graph.nodes:
         if node.meta.get("dynamic") and "shape" in node.meta:
-            g.add_node(node.name, node=node)
+            g.add_node(node.name, node=node, order=len(g))
             for arg in node.all_input_nodes:
                 if arg.name in g:
                     g.add_edge(arg.name, node.name)
     return g
 
 
+def lowest_common_ancestor(g: nx.DiGraph, a: str, b: str) -> str | None:
+    """The latest node, in forward order, that is an ancestor of both `a` and `b` (or one of them): a lowest common
+    ancestor. Found by walking back from both in decreasing forward order, which visits only the nodes after it;
+    networkx's general algorithm visits every ancestor of both, which made each merge of an unrolled LSTM (a
+    thousand steps in Sequencer) cost a pass over the whole graph."""
+    order = g.nodes
+    reach = {a: 1}
+    reach[b] = reach.get(b, 0) | 2
+    heap = [(-order[n]["order"], n) for n in reach]
+    heapq.heapify(heap)
+    while heap:
+        _, n = heapq.heappop(heap)
+        if reach[n] == 3:
+            return n
+        for p in g.predecessors(n):
+            if p not in reach:
+                reach[p] = 0
+                heapq.heappush(heap, (-order[p]["order"], p))
+            reach[p] |= reach[n]
+    return None
+
+
 def _branch(g: nx.DiGraph, fork: str, operand: str) -> list[str]:
-    """Nodes strictly after `fork` up to and including `operand`, in topological order."""
+    """Nodes strictly after `fork` up to and including `operand`, in forward (topological) order."""
     if operand == fork:
         return []
-    between = (nx.descendants(g, fork) & nx.ancestors(g, operand)) | {operand}
-    return [n for n in nx.topological_sort(g.subgraph(between))]
+    after = g.nodes[fork]["order"]
+    upstream, stack = set(), [operand]  # ancestors of the operand that come after the fork
+    while stack:
+        n = stack.pop()
+        if n not in upstream:
+            upstream.add(n)
+            stack.extend(p for p in g.predecessors(n) if g.nodes[p]["order"] > after)
+    between, stack = set(), [s for s in g.successors(fork) if s in upstream]  # ... that the fork reaches
+    while stack:
+        n = stack.pop()
+        if n not in between:
+            between.add(n)
+            stack.extend(s for s in g.successors(n) if s in upstream)
+    return sorted(between | {operand}, key=lambda n: g.nodes[n]["order"])
 
 
 def _has_parametric_layer(traced: Traced, names: list[str], g: nx.DiGraph) -> bool:
@@ -109,7 +145,7 @@ def find_merges(traced: Traced) -> list[Merge]:
         names = [arg.name for arg in op.inputs]
         fork = names[0]
         for other in names[1:]:
-            fork = nx.lowest_common_ancestor(g, fork, other) or fork
+            fork = lowest_common_ancestor(g, fork, other) or fork
         branches = [_branch(g, fork, n) for n in names]
         # the skip is the shortest branch; on a tie the last operand (`x + shortcut`, `out += identity`)
         lengths = [len(b) for b in branches]

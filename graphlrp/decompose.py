@@ -197,14 +197,15 @@ def _unroll(gm: fx.GraphModule, node: fx.Node, m: nn.RNNBase) -> None:
     graph, prefix, existing = gm.graph, f"_lrp_{node.name}", set(gm.graph.nodes)
     call = graph.call_function
 
-    def constant(name, t):
-        gm.register_buffer(f"{prefix}_{name}", t.detach().clone())
+    def constant(name, make):  # one buffer per weight, shared by every time step (stored once in the ONNX file)
+        if not hasattr(gm, f"{prefix}_{name}"):
+            gm.register_buffer(f"{prefix}_{name}", make().detach().clone())
         return graph.get_attr(f"{prefix}_{name}")
 
     def linear(inputs, weights, bias, name):  # one linear layer over the concatenated inputs of a step
         joined = inputs[0] if len(inputs) == 1 else call(torch.cat, (list(inputs), -1))
-        w = weights[0] if len(weights) == 1 else torch.cat(weights, 1)
-        return call(F.linear, (joined, constant(name, w), None if bias is None else constant(name + "_b", bias)))
+        w = constant(name, lambda: weights[0] if len(weights) == 1 else torch.cat(weights, 1))
+        return call(F.linear, (joined, w, None if bias is None else constant(name + "_b", lambda: bias)))
 
     steps = x.meta["shape"][1 if m.batch_first else 0]
     gates = {"LSTM": 4, "GRU": 3}.get(kind, 1)
@@ -223,7 +224,7 @@ def _unroll(gm: fx.GraphModule, node: fx.Node, m: nn.RNNBase) -> None:
                 hs = [None] * steps
                 for t in (reversed(range(steps)) if direction else range(steps)):
                     x_t = call(operator.getitem, (seq, (slice(None), t)))
-                    h, c = _cell(kind, m, call, linear, constant, x_t, h, c, w_ih, w_hh, b_ih, b_hh, f"{name}_t{t}")
+                    h, c = _cell(kind, m, call, linear, constant, x_t, h, c, w_ih, w_hh, b_ih, b_hh, name)
                     hs[t] = graph.call_method("reshape", (h, (-1, 1, m.hidden_size)))
                 outputs.append(call(torch.cat, (hs, 1)))
             seq = outputs[0] if len(outputs) == 1 else call(torch.cat, (outputs, -1))
@@ -250,8 +251,8 @@ def _cell(kind, m, call, linear, constant_of, x_t, h, c, w_ih, w_hh, b_ih, b_hh,
     def pre(k, with_hidden=True):  # W_ih[k]·x_t + W_hh[k]·h + b_ih[k] + b_hh[k], one linear layer
         bias = None if b_ih[k] is None else b_ih[k] + b_hh[k]
         if h is None or not with_hidden:
-            return linear([x_t], [w_ih[k]], bias, f"{name}_{k}")
-        return linear([x_t, h], [w_ih[k], w_hh[k]], bias, f"{name}_{k}")
+            return linear([x_t], [w_ih[k]], bias, f"{name}_{k}_x")
+        return linear([x_t, h], [w_ih[k], w_hh[k]], bias, f"{name}_{k}_xh")
 
     if kind == "LSTM":  # gates i, f, o; candidate g
         i, g, o = (call(torch.sigmoid, (pre(0),)), call(torch.tanh, (pre(2),)), call(torch.sigmoid, (pre(3),)))
@@ -262,7 +263,7 @@ def _cell(kind, m, call, linear, constant_of, x_t, h, c, w_ih, w_hh, b_ih, b_hh,
     if kind == "GRU":  # gates r, z; candidate n = tanh(W_in·x + b_in + r·(W_hn·h + b_hn))
         r, z = call(torch.sigmoid, (pre(0),)), call(torch.sigmoid, (pre(1),))
         if h is None:  # the zero state: W_hn·h + b_hn is b_hn, a constant the reset gate scales
-            hidden = None if b_hh[2] is None else constant_of(f"{name}_2h_b", b_hh[2])
+            hidden = None if b_hh[2] is None else constant_of(f"{name}_2h_b", lambda: b_hh[2])
         else:
             hidden = linear([h], [w_hh[2]], b_hh[2], f"{name}_2h")
         n = linear([x_t], [w_ih[2]], b_ih[2], f"{name}_2x")

@@ -170,6 +170,18 @@ def test_resume_runs_skipped_rows_again_without_skip_large_and_retry_names_statu
     assert cli.main(["coverage", "--no-onnx", "-o", str(out), "--resume", "--retry", "bogus"]) == 2
 
 
+def test_rows_outside_this_runs_list_are_kept_whatever_their_status(zoo, tmp_path):
+    """A run over part of the list (--no-torchvision, other timm patterns) with --retry or without --skip-large
+    keeps the rows of the models it does not plan, skipped ones included; it runs only its own."""
+    zoo.fake()
+    out = tmp_path / "a.md"
+    _run(out, "--max-params", "0.00001", "--skip-large")
+    zoo.checked.clear()
+    text = _run(out, "--no-torchvision", "--resume", "--retry", "skipped")
+    assert zoo.checked == []
+    assert "| torchvision | net_a | 64 | skipped |" in text and "| torchvision | net_b | 64 | skipped |" in text
+
+
 def test_a_model_over_the_time_limit_is_a_timeout_row(zoo, tmp_path):
     zoo.fake(sleep=5)
     zoo.names = ["net_a"]

@@ -74,7 +74,8 @@ def run(args) -> int:
         print(f"graphlrp coverage: --retry: unknown status {', '.join(sorted(unknown))} "
               f"(known: {', '.join(cov.ROW_STATUSES)})", file=sys.stderr)
         return 2
-    rows = [r for r in rows if r.status not in again]
+    planned = set(todo)  # rows of models outside this run's list (--no-torchvision, other patterns) are kept as they are
+    rows = [r for r in rows if r.status not in again or (r.source, r.name) not in planned]
     if args.resume and not rows and os.path.exists(args.output):
         print(f"graphlrp coverage: {args.output} holds no resumable rows; starting from the beginning",
               file=sys.stderr)
