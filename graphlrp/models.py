@@ -202,3 +202,37 @@ def load_model(spec: str, weights: str = "DEFAULT") -> tuple[torch.nn.Module, Mo
     elif use_pretrained and not spec.endswith(".py") and ".py:" not in spec:
         info.weights = "DEFAULT"
     return model.eval(), info
+
+
+def at_input_size(model: torch.nn.Module, spec: str, info: ModelInfo, height: int, width: int) -> torch.nn.Module:
+    """`model`, or, where it does not run on a height×width input because its builder fixed the size (a ViT's
+    position embeddings: torchvision's `image_size`, timm's `img_size`) and its weights are random, the same model
+    built for that size. Trained weights fix the size: then a ModelSpecError says which sizes to use."""
+    x = torch.randn(1, info.channels, height, width)
+    try:
+        with torch.no_grad():
+            model(x)
+        return model
+    except Exception:  # noqa: BLE001 - the model's own complaint about the size; answered below
+        pass
+    own = tuple(info.input_size)
+    fixed = isinstance(spec, str) and ".py" not in spec and height == width
+    if not fixed:
+        return model  # the trace names what fails
+    if info.weights != "none":
+        raise ModelSpecError(f"{spec} does not run on {height}x{width} inputs with these weights (their position "
+                             f"embeddings fix the size); use --input-size {own[0]}, or --weights none to build it "
+                             f"for {height}x{width}")
+    try:
+        if spec.startswith("timm:"):
+            import timm
+            resized = timm.create_model(spec[len("timm:"):], pretrained=False, img_size=height)
+        else:
+            import torchvision
+            resized = torchvision.models.get_model(spec, weights=None, image_size=height)
+        resized.eval()
+        with torch.no_grad():
+            resized(x)
+    except Exception:  # noqa: BLE001 - no builder for this size: keep the model; the trace names what fails
+        return model
+    return resized

@@ -294,3 +294,22 @@ def test_cifar_serve_explains_the_pngs_with_their_labels(cifar):
             assert body["predicted"] == int(cifar["predicted"][k])
             assert body["topk"][0]["label"] == cifar["classes"][body["predicted"]]
             assert rel(np.array(body["relevance"], np.float32), cifar["relevance"][k].sum(0)) <= 1e-5
+
+
+def test_a_vit_of_random_weights_is_built_for_the_input_size_asked_and_trained_weights_say_why_not(tmp_path):
+    """torchvision's ViT fixes its image size in the builder (position embeddings): with --weights none the CLI
+    builds it for --input-size; with a weights file (trained for 224) it refuses in words, before any tracing."""
+    pytest.importorskip("torchvision")
+    from graphlrp.errors import ModelSpecError
+    from graphlrp.models import at_input_size, load_model
+
+    model, info = load_model("vit_b_32", "none")
+    resized = at_input_size(model, "vit_b_32", info, 64, 64)
+    assert resized is not model and resized.image_size == 64
+    assert at_input_size(model, "vit_b_32", info, 224, 224) is model
+    torch.save(model.state_dict(), tmp_path / "w.pt")
+    model, info = load_model("vit_b_32", str(tmp_path / "w.pt"))
+    with pytest.raises(ModelSpecError, match="--input-size 224"):
+        at_input_size(model, "vit_b_32", info, 64, 64)
+    p = cli("compile", "vit_b_32", "--weights", "none", "--input-size", "32", "-o", tmp_path / "v.onnx")
+    assert "built for 32x32" in p.stdout and (tmp_path / "v.onnx").exists()

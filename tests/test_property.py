@@ -291,3 +291,33 @@ def test_random_zoo_networks(case):
     for m in explainer.merges:
         parts = [taps[f"merge:{m.node}.R_{i}"] for i in range(m.arity)]
         assert torch.allclose(sum(parts), taps[f"merge:{m.node}.R"], rtol=1e-5, atol=1e-7), (m.node, m.arity)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(4, 40), st.floats(0.05, 0.5), st.integers(0, 2**31 - 1))
+def test_the_fork_of_a_merge_is_the_latest_lowest_common_ancestor(n, density, seed):
+    """`analyze.lowest_common_ancestor` on random DAGs (nodes in forward order) against networkx's sets: a common
+    ancestor (a node counts as its own) with no descendant that is one, and the latest such in forward order, so the
+    fork does not depend on set iteration order where there are several (HRNet's fuse layers)."""
+    import random
+
+    import networkx as nx
+
+    from graphlrp.analyze import lowest_common_ancestor
+
+    rng = random.Random(seed)
+    g = nx.DiGraph()
+    for i in range(n):
+        g.add_node(str(i), order=i)
+        for j in range(i):
+            if rng.random() < density:
+                g.add_edge(str(j), str(i))
+    for _ in range(10):
+        a, b = str(rng.randrange(n)), str(rng.randrange(n))
+        common = (nx.ancestors(g, a) | {a}) & (nx.ancestors(g, b) | {b})
+        found = lowest_common_ancestor(g, a, b)
+        if not common:
+            assert found is None
+            continue
+        assert found in common and not (nx.descendants(g, found) & common)
+        assert int(found) == max(int(c) for c in common)

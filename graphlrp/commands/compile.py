@@ -89,7 +89,7 @@ def run(args) -> int:
     import torch
 
     import graphlrp
-    from ..models import load_model
+    from ..models import at_input_size, load_model
 
     from ..preprocessing import read_labels
 
@@ -97,6 +97,10 @@ def run(args) -> int:
     labels = read_labels(args.labels) if args.labels else None  # a bad file fails before the slow work
     model, info = load_model(args.model, args.weights)
     h, w = parse_size(args.input_size, info.input_size)
+    built = model
+    model = at_input_size(model, args.model, info, h, w)  # a ViT of random weights built for another size
+    resized = model is not built
+    del built
     example = torch.randn(1, info.channels, h, w)
     rules = args.rules or default_preset(model)
     options = dict(split=args.split, include_identity=False if args.no_identity else None, model_name=info.name,
@@ -119,7 +123,7 @@ def run(args) -> int:
     merges = explainer.merges
     kinds = {k: sum(m.skip_kind == k for m in merges) for k in ("identity", "projection", "other")}
     image_prep = explainer.preprocessing
-    print(f"model     {info.name} (weights: {info.weights})")
+    print(f"model     {info.name} (weights: {info.weights}{f', built for {h}x{w}' if resized else ''})")
     print(f"merges    {len(merges)} found: " + ", ".join(f"{v} {k}" for k, v in kinds.items()))
     print(f"preset    {explainer.info['preset']}, split {explainer.info['split']}, "
           f"include_identity {explainer.info['include_identity']}, output relevance {explainer.info['output_relevance']}")
