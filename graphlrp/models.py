@@ -230,9 +230,14 @@ def at_input_size(model: torch.nn.Module, spec: str, info: ModelInfo, height: in
         else:
             import torchvision
             resized = torchvision.models.get_model(spec, weights=None, image_size=height)
-        resized.eval()
-        with torch.no_grad():
-            resized(x)
-    except Exception:  # noqa: BLE001 - no builder for this size: keep the model; the trace names what fails
+    except TypeError:  # its builder takes no size: keep the model; the trace names what fails
         return model
+    except Exception as e:  # noqa: BLE001 - the builder refuses this size (a patch size that does not divide it)
+        raise ModelSpecError(f"{spec} cannot be built for {height}x{width} inputs: {type(e).__name__}: {e}") from None
+    try:
+        with torch.no_grad():
+            resized.eval()(x)
+    except Exception as e:  # noqa: BLE001 - built for the size, and still refuses it: say why, in its words
+        raise ModelSpecError(f"{spec} does not run on {height}x{width} inputs, also when built for that size: "
+                             f"{type(e).__name__}: {e}") from None
     return resized

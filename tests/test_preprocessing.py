@@ -311,5 +311,8 @@ def test_a_vit_of_random_weights_is_built_for_the_input_size_asked_and_trained_w
     model, info = load_model("vit_b_32", str(tmp_path / "w.pt"))
     with pytest.raises(ModelSpecError, match="--input-size 224"):
         at_input_size(model, "vit_b_32", info, 64, 64)
+    model, info = load_model("vit_b_32", "none")
+    with pytest.raises(ModelSpecError, match="cannot be built for 48x48 inputs: .*patch size"):
+        at_input_size(model, "vit_b_32", info, 48, 48)  # 48 px is no multiple of its 32 px patches
     p = cli("compile", "vit_b_32", "--weights", "none", "--input-size", "32", "-o", tmp_path / "v.onnx")
     assert "built for 32x32" in p.stdout and (tmp_path / "v.onnx").exists()
