@@ -101,8 +101,8 @@ class _SignalProduct(nn.Module):
 def test_global_context_pooling_gives_its_relevance_to_the_signal_and_a_product_of_signals_is_split_or_refused():
     """A CNN preset holds a matmul's softmax operand constant (global-context attention pooling, as a gate): gcresnet33ts
     is in the zoo above and conserves. A matmul of two signals with no softmax behind either gets AttnLRP's uniform
-    rule under otsuki2024-conserving (matmul `otherwise = "uniform"`), which conserves; otsuki2024 has no rule for it,
-    and its error names the node and the source line."""
+    rule under otsuki2024-conserving and otsuki2024 (matmul `otherwise = "uniform"`), which conserves in the first; a
+    preset with no such rule (epsilon-plus-flat) refuses it, and its error names the node and the source line."""
     from graphlrp.errors import UnsupportedOpError
 
     torch.manual_seed(0)
@@ -111,8 +111,9 @@ def test_global_context_pooling_gives_its_relevance_to_the_signal_and_a_product_
     _, relevance, taps = explainer.explain_with_taps(x)
     ratio = relevance.double().flatten(1).sum(1) / taps["output"].double()
     assert torch.allclose(ratio, torch.ones_like(ratio), atol=1e-3), ratio
+    graphlrp.compile(net, x, rules="otsuki2024", allow_vanishing=True)
     with pytest.raises(UnsupportedOpError, match=r"matmul.*test_zoo.py.*attention weights"):
-        graphlrp.compile(net, x, rules="otsuki2024", allow_vanishing=True)
+        graphlrp.compile(net, x, rules="epsilon-plus-flat", allow_vanishing=True)
 
 
 class _SignalMaximum(nn.Module):
