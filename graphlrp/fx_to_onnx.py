@@ -144,6 +144,7 @@ class OnnxGraph:
         self.out_shape: tuple = ()  # shape and dtype of its output in the example run
         self.out_dtype: torch.dtype = torch.float32
         self.out_batched = False  # whether its output's dim 0 holds the batch (B or k·B entries)
+        self.out_probe_shape = None  # its output's shape at batch + 1 (which dims grow with the batch)
         self.batch_input: str | None = None  # the first input's name: where the run-time batch size is read
         self._batch_size: str | None = None
 
@@ -250,14 +251,17 @@ class OnnxGraph:
     def shape_target(self, x: Value, shape) -> str:
         """A Reshape target for `shape` that copies the batch size from x (0) where x's dim 0 is the batch."""
         shape = list(shape)
-        if x.batched:
-            if shape and shape[0] == x.shape[0]:
-                shape[0] = 0
-            elif shape and self.out_batched and all(s > 0 for s in shape[1:]):
-                shape[0] = -1  # B·k entries become B·k' (Swin's windows in and out of dim 0), batch-major
-            else:
-                raise ExportError(f"a reshape of {tuple(x.shape)} to {tuple(shape)} moves the batch dimension; "
-                                  "the batch must stay dim 0")
+        grows = ([i for i, (a, b) in enumerate(zip(shape, self.out_probe_shape)) if a != b]
+                 if self.out_probe_shape is not None and len(self.out_probe_shape) == len(shape) else None)
+        if x.batched and shape and shape[0] == x.shape[0]:
+            shape[0] = 0
+        elif x.batched and shape and self.out_batched and all(s > 0 for s in shape[1:]):
+            shape[0] = -1  # B·k entries become B·k' (Swin's windows in and out of dim 0), batch-major
+        elif grows is not None and len(grows) == 1:
+            shape[grows[0]] = -1  # the batch in another dim (SAM's qkv: [3, B·heads, N, d]): that dim is inferred
+        elif x.batched or grows:
+            raise ExportError(f"a reshape of {tuple(x.shape)} to {tuple(shape)} spreads the batch over several "
+                              "dims; the exported graph would only run at the batch size it was written with")
         return self.ints(shape)
 
 
@@ -278,6 +282,7 @@ class _Lowering(fx.Interpreter):
         self.sizes: set = set()  # non-tensor values read from input-dependent tensors (sizes)
         self.per_sample: set = set()  # batch-shaped tensors made from sizes alone, equal for every sample
         self.probe: dict = {}  # node -> dim 0 at batch + 1 (`_probe_batch`)
+        self.probe_shapes: dict = {}  # node -> its full shape at batch + 1
         self._placeholders = 0
 
     def run_node(self, n: fx.Node):
@@ -341,6 +346,7 @@ class _Lowering(fx.Interpreter):
         if isinstance(result, torch.Tensor):
             g.out_shape, g.out_dtype = tuple(result.shape), result.dtype
             g.out_batched = self._batched(result, probe)
+            g.out_probe_shape = self.probe_shapes.get(n)
         out = fn(g, module, *args, **kwargs) if module is not None else fn(g, *args, **kwargs)
         return self._wrap(out, result, probe)
 
@@ -376,6 +382,7 @@ class _BatchProbe(fx.Interpreter):
     def __init__(self, gm):
         super().__init__(gm)
         self.dim0: dict = {}
+        self.shapes: dict = {}  # node -> its tensor's full shape at batch + 1
 
     def run_node(self, n):
         try:
@@ -384,6 +391,8 @@ class _BatchProbe(fx.Interpreter):
             return None
         self.dim0[n] = fx.node.map_aggregate(
             result, lambda r: (r.shape[0] if r.dim() else None) if isinstance(r, torch.Tensor) else None)
+        if isinstance(result, torch.Tensor):
+            self.shapes[n] = tuple(result.shape)
         return result
 
     def get_attr(self, target, args, kwargs):
@@ -425,7 +434,7 @@ def _probe_batch(gm: fx.GraphModule, inputs: tuple) -> dict:
             probe.run(*(torch.empty((x.shape[0] + 1, *x.shape[1:]), dtype=x.dtype, device="meta") for x in inputs))
     except Exception:
         pass
-    return probe.dim0
+    return probe
 
 
 def lower(gm: fx.GraphModule, inputs: tuple, input_names: list, output_names: list, opset: int = 17):
@@ -438,7 +447,8 @@ def lower(gm: fx.GraphModule, inputs: tuple, input_names: list, output_names: li
     batch = int(inputs[0].shape[0])
     g = OnnxGraph(opset, batch)
     lowering = _Lowering(gm, g, input_names)
-    lowering.probe = _probe_batch(gm, inputs)
+    probe = _probe_batch(gm, inputs)
+    lowering.probe, lowering.probe_shapes = probe.dim0, probe.shapes
     with torch.no_grad():
         results = lowering.run(*inputs)
     out_node = next(n for n in gm.graph.nodes if n.op == "output")

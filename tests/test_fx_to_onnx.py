@@ -334,6 +334,26 @@ def test_window_partition_keeps_the_batch_in_dim_0():
     check_module(WindowAttention().eval(), (4, 4, 4))
 
 
+class HeadsFoldedBehindAConstantDim(nn.Module):
+    """SAM's attention: qkv reshaped to [B, N, 3, heads, d], permuted to [3, B, heads, N, d] and reshaped to
+    [3, B·heads, N, d], so the batch sits in dim 1 behind a constant 3. The ONNX Reshape must infer that dim, not
+    write the example's B·heads."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(4, 12)
+
+    def forward(self, x):  # x: [N, 4 tokens, 4]
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, 2, 2).permute(2, 0, 3, 1, 4).reshape(3, b * 2, n, 2).unbind(0)
+        a = torch.softmax(q @ k.transpose(-2, -1), dim=-1) @ v  # [B·heads, N, d]
+        return a.view(b, 2, n, 2).permute(0, 2, 1, 3).reshape(b, n, 4) + x
+
+
+def test_a_batch_behind_a_constant_dim_is_inferred_at_any_batch_size():
+    check_module(HeadsFoldedBehindAConstantDim().eval(), (4, 4))
+
+
 class WindowsAfterACpuTensor(nn.Module):
     """Windows in dim 0 (B·k entries) after tensors the forward makes on the CPU from traced sizes and moves with
     `.to(device=...)` (EdgeNeXt's position code): the batch probe, which runs on the meta device, must still see
