@@ -260,8 +260,9 @@ class OnnxGraph:
         elif grows is not None and len(grows) == 1:
             shape[grows[0]] = -1  # the batch in another dim (SAM's qkv: [3, B·heads, N, d]): that dim is inferred
         elif x.batched or grows:
-            raise ExportError(f"a reshape of {tuple(x.shape)} to {tuple(shape)} spreads the batch over several "
-                              "dims; the exported graph would only run at the batch size it was written with")
+            raise ExportError(f"a reshape of {tuple(x.shape)} to {tuple(shape)} fixes the batch size or spreads the "
+                              "batch over several dims; the exported graph would only run at the batch size it was "
+                              "written with")
         return self.ints(shape)
 
 

@@ -202,12 +202,20 @@ def test_reshapes_copy_the_batch_size_and_may_not_move_it():
     got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x5.numpy()})
     assert np.array_equal(got[0], Regroup()(x5).numpy())
 
-    class MoveBatch(torch.nn.Module):  # the batch ends up inside dim 1: no file can serve another batch size
+    class MoveBatch(torch.nn.Module):  # the batch ends up inside dim 1 (SAM's [3, B·heads, N, d]): that dim is -1
         def forward(self, x):
             return x.reshape(3, -1)
 
+    model, _ = fx_to_onnx.lower(torch.fx.symbolic_trace(MoveBatch()), (torch.randn(2, 3, 4),), ["x"], ["y"])
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x5.numpy()})
+    assert np.array_equal(got[0], MoveBatch()(x5).numpy())
+
+    class FixedShape(torch.nn.Module):  # a shape written for the example's batch: no file can serve another
+        def forward(self, x):
+            return x.reshape(6, 4)
+
     with pytest.raises(graphlrp.ExportError, match="batch"):
-        fx_to_onnx.lower(torch.fx.symbolic_trace(MoveBatch()), (torch.randn(2, 3, 4),), ["x"], ["y"])
+        fx_to_onnx.lower(torch.fx.symbolic_trace(FixedShape()), (torch.randn(2, 3, 4),), ["x"], ["y"])
 
 
 def test_no_sign_work_on_values_known_nonnegative(explainer_onnx):
