@@ -137,7 +137,15 @@ def timm_labels(model) -> list[str] | None:
 
 
 def load_model(spec: str, weights: str = "DEFAULT") -> tuple[torch.nn.Module, ModelInfo]:
-    """Build the model named by `spec` in eval mode. weights: "DEFAULT" (pretrained), "none" or a file path."""
+    """Build the model named by `spec` in eval mode. weights: "DEFAULT" (pretrained), "none" or a file path.
+    Random weights are drawn from a fixed seed (the caller's random state is left as it was), so the same command
+    builds the same model, and its compile and export checks give the same verdict, on every run."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return _load_model(spec, weights)
+
+
+def _load_model(spec: str, weights: str) -> tuple[torch.nn.Module, ModelInfo]:
     weights = weights or "none"
     use_pretrained = weights.upper() == "DEFAULT"
     use_file = not use_pretrained and weights.lower() != "none"
@@ -224,12 +232,14 @@ def at_input_size(model: torch.nn.Module, spec: str, info: ModelInfo, height: in
                              f"embeddings fix the size); use --input-size {own[0]}, or --weights none to build it "
                              f"for {height}x{width}")
     try:
-        if spec.startswith("timm:"):
-            import timm
-            resized = timm.create_model(spec[len("timm:"):], pretrained=False, img_size=height)
-        else:
-            import torchvision
-            resized = torchvision.models.get_model(spec, weights=None, image_size=height)
+        with torch.random.fork_rng():  # the same random weights on every run, as load_model's
+            torch.manual_seed(0)
+            if spec.startswith("timm:"):
+                import timm
+                resized = timm.create_model(spec[len("timm:"):], pretrained=False, img_size=height)
+            else:
+                import torchvision
+                resized = torchvision.models.get_model(spec, weights=None, image_size=height)
     except TypeError:  # its builder takes no size: keep the model; the trace names what fails
         return model
     except Exception as e:  # noqa: BLE001 - the builder refuses this size (a patch size that does not divide it)

@@ -316,3 +316,20 @@ def test_a_vit_of_random_weights_is_built_for_the_input_size_asked_and_trained_w
         at_input_size(model, "vit_b_32", info, 48, 48)  # 48 px is no multiple of its 32 px patches
     p = cli("compile", "vit_b_32", "--weights", "none", "--input-size", "32", "-o", tmp_path / "v.onnx")
     assert "built for 32x32" in p.stdout and (tmp_path / "v.onnx").exists()
+
+
+def test_random_weights_are_the_same_on_every_run_and_leave_the_callers_random_state():
+    """`--weights none` draws from a fixed seed: the same command compiles the same explainer, and its checks
+    give the same verdict, on every run; the caller's random stream goes on as if nothing was drawn."""
+    from graphlrp.models import load_model
+
+    torch.manual_seed(5)
+    first, _ = load_model("resnet18", "none")
+    after_first = torch.rand(3)
+    torch.manual_seed(5)
+    second, _ = load_model("resnet18", "none")
+    assert torch.equal(torch.rand(3), after_first)
+    torch.manual_seed(5)
+    assert torch.equal(torch.rand(3), after_first)
+    for a, b in zip(first.state_dict().values(), second.state_dict().values()):
+        assert torch.equal(a, b)
