@@ -255,3 +255,23 @@ def test_a_preset_may_ask_for_a_warning_instead_of_refusing_vanishing_relevance(
     assert load_preset("cp-lrp").on_vanishing == "warn" and load_preset("otsuki2024").on_vanishing == "error"
     with pytest.raises(PresetError, match="on_vanishing must be"):
         load_preset({"on_vanishing": "ignore"})
+
+
+def test_compile_cli_names_a_preset_when_the_default_presets_certificate_fails(tmp_path, capsys, monkeypatch):
+    """A ConservationError of the default preset (non-finite relevance, say) gets the same hint as a missing rule:
+    which shipped preset takes the model."""
+    from graphlrp.cli import main
+    from graphlrp.errors import ConservationError
+
+    real = graphlrp.compile
+
+    def planted(model, example, rules=None, **options):
+        if rules == "otsuki2024":
+            raise ConservationError("planted: the relevance first stops being finite at node 'layer1_0_conv1'")
+        return real(model, example, rules=rules, **options)
+
+    monkeypatch.setattr(graphlrp, "compile", planted)
+    code = main(["compile", "resnet18", "--weights", "none", "--input-size", "32", "-o", str(tmp_path / "o.onnx")])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and "planted" in err
+    assert "'otsuki2024-conserving' can: --rules otsuki2024-conserving" in err

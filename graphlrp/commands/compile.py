@@ -113,7 +113,7 @@ def run(args) -> int:
         warnings.filterwarnings("ignore", message="preset .*: the relevance (vanishes|grows)")
         try:
             explainer = graphlrp.compile(model, example, rules=rules, **options)
-        except (graphlrp.PresetError, graphlrp.UnsupportedOpError) as e:
+        except (graphlrp.PresetError, graphlrp.UnsupportedOpError, graphlrp.ConservationError) as e:
             if args.rules:
                 raise
             raise type(e)(f"{e}\n{_other_presets(model, example, rules, options)}") from e
