@@ -136,10 +136,7 @@ def _mha(gm: fx.GraphModule, node: fx.Node, m: nn.MultiheadAttention) -> None:
         projections.append(out)
     # the parts belong to the attention module: overrides that name it ("*.self_attention") reach its projections
     # ("<mha>.in_proj" for the q/k/v projections, "<mha>.out_proj", "<mha>" for the rest)
-    stack = {**(node.meta.get("nn_module_stack") or {}), node.target: (node.target, type(m))}
-    for part in graph.nodes:
-        if part not in existing:
-            part.meta["nn_module_stack"] = stack
+    stack = _own_new_nodes(graph, node, m, existing)
     for proj in projections:
         path = f"{node.target}.out_proj" if proj is projections[-1] else f"{node.target}.in_proj"
         proj.meta["nn_module_stack"] = {**stack, path: (path, nn.Linear)}
@@ -156,6 +153,16 @@ def _mha(gm: fx.GraphModule, node: fx.Node, m: nn.MultiheadAttention) -> None:
             user.replace_all_uses_with(mean)
         graph.erase_node(user)
     graph.erase_node(node)
+
+
+def _own_new_nodes(graph: fx.Graph, node: fx.Node, module: nn.Module, existing: set) -> dict:
+    """The nodes written in place of a leaf module belong to it (overrides that name the module reach them): each
+    gets the module's nn_module_stack. Returns that stack."""
+    stack = {**(node.meta.get("nn_module_stack") or {}), node.target: (node.target, type(module))}
+    for part in graph.nodes:
+        if part not in existing:
+            part.meta["nn_module_stack"] = stack
+    return stack
 
 
 def decompose_attention(gm: fx.GraphModule) -> int:
@@ -229,10 +236,7 @@ def _unroll(gm: fx.GraphModule, node: fx.Node, m: nn.RNNBase) -> None:
                 outputs.append(call(torch.cat, (hs, 1)))
             seq = outputs[0] if len(outputs) == 1 else call(torch.cat, (outputs, -1))
         out = seq if m.batch_first else call(torch.transpose, (seq, 0, 1))
-    stack = {**(node.meta.get("nn_module_stack") or {}), node.target: (node.target, type(m))}
-    for part in graph.nodes:
-        if part not in existing:
-            part.meta["nn_module_stack"] = stack
+    _own_new_nodes(graph, node, m, existing)
     for user in list(node.users):
         if user.op != "call_function" or user.target is not operator.getitem:
             raise UnsupportedOpError(f"{describe_node(user)}: uses {kind}'s output tuple as a whole")
