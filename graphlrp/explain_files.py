@@ -41,9 +41,9 @@ def write_outputs(out: Path, stem: str, exp, session, photo: Image.Image | None 
                   cmap: str | None = None) -> None:
     """In `out`: <stem>_heatmap.png and <stem>_overlay.png at the model's input, <stem>_relevance.npy (raw
     [C, H, W] relevance); with the `photo`, <stem>_photo_heatmap.png (RGBA, transparent outside the crop),
-    <stem>_photo_overlay.png and <stem>_photo_relevance.npy ([h, w] map on the photo's pixels, NaN outside the
-    crop); with `figure`, <stem>_figure.png. One colour scale (`heatmap.ColourScale.of` the map, `cmap` if given)
-    for all of them."""
+    <stem>_photo_overlay.png and <stem>_photo_relevance.npz (the [h, w] map on the photo's pixels under the key
+    "relevance", NaN outside the crop; compressed, as a photo's map can be tens of megabytes); with `figure`,
+    <stem>_figure.png. One colour scale (`heatmap.ColourScale.of` the map, `cmap` if given) for all of them."""
     scale = heatmap.ColourScale.of(heatmap.relevance_map(exp.relevance), cmap)
     (out / f"{stem}_heatmap.png").write_bytes(heatmap.png_bytes(heatmap.heatmap(exp.relevance, scale)))
     overlay = heatmap.overlay(exp.relevance, session.to_rgb(exp.input), scale=scale)
@@ -53,7 +53,7 @@ def write_outputs(out: Path, stem: str, exp, session, photo: Image.Image | None 
         return
     photo = photo.convert("RGB")
     pmap = heatmap.photo_map(exp.relevance, session.preprocessing, photo.size)
-    np.save(out / f"{stem}_photo_relevance.npy", pmap)
+    np.savez_compressed(out / f"{stem}_photo_relevance.npz", relevance=pmap)
     (out / f"{stem}_photo_heatmap.png").write_bytes(heatmap.png_bytes(heatmap.photo_heatmap(pmap, scale)))
     (out / f"{stem}_photo_overlay.png").write_bytes(heatmap.png_bytes(heatmap.photo_overlay(pmap, photo, scale)))
     if figure:

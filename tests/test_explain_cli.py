@@ -39,10 +39,10 @@ def test_good_images_are_explained_and_bad_ones_skipped_by_name(tiny_onnx, image
         for kind, mode in (("photo_heatmap", "RGBA"), ("photo_overlay", "RGB")):
             with Image.open(tmp_path / "out" / f"{stem}_{kind}.png") as im:
                 assert im.size == size and im.mode == mode
-        assert np.load(tmp_path / "out" / f"{stem}_photo_relevance.npy").shape == size[::-1]
+        assert np.load(tmp_path / "out" / f"{stem}_photo_relevance.npz")["relevance"].shape == size[::-1]
         assert f"{name}: predicted {expected.predicted} (class {expected.predicted})" in p.stdout
     kinds = ("heatmap.png", "overlay.png", "relevance.npy", "photo_heatmap.png", "photo_overlay.png",
-             "photo_relevance.npy")
+             "photo_relevance.npz")
     assert sorted(f.name for f in (tmp_path / "out").iterdir()) == sorted(
         f"{s}_{k}" for s in ("wide", "tall", "grey") for k in kinds)
 
@@ -75,7 +75,7 @@ def test_the_photo_map_is_the_input_map_resampled_inside_the_crop_and_blank_outs
         pictures = []
         for out in outs:
             r = np.load(out / f"photo{w}_relevance.npy").sum(axis=0).astype(np.float64)
-            pmap = np.load(out / f"photo{w}_photo_relevance.npy")
+            pmap = np.load(out / f"photo{w}_photo_relevance.npz")["relevance"]
             np.testing.assert_array_equal(np.isfinite(pmap), inside)
             expected = map_coordinates(r, [v[inside], u[inside]], order=1, mode="nearest")
             np.testing.assert_allclose(pmap[inside], expected, rtol=0, atol=1e-4 * np.abs(r).max())

@@ -74,7 +74,7 @@ def test_runtime_commands_run_without_the_compile_extra(tiny_onnx, images, tmp_p
     assert sorted(p.name for p in out.iterdir()) == sorted(
         f"{stem}_{kind}" for stem in ("wide", "tall") for kind in ("heatmap.png", "overlay.png", "relevance.npy",
                                                                   "photo_heatmap.png", "photo_overlay.png",
-                                                                  "photo_relevance.npy"))
+                                                                  "photo_relevance.npz"))
     assert (repo / "tiny" / "config.pbtxt").is_file() and (repo / "tiny" / "1" / "model.onnx").is_file()
     status, keys, bad_status = report["serve"]
     assert status == 200 and "predicted" in keys and 400 <= bad_status < 500

@@ -22,7 +22,8 @@ def register(sub) -> None:
     p = sub.add_parser("explain", help="explain images with a compiled explainer (.onnx)",
                        description="For each image: <stem>_photo_overlay.png and <stem>_photo_heatmap.png at the "
                                    "photo's resolution (the part outside the model's crop hatched or transparent: not "
-                                   "explained), <stem>_photo_relevance.npy (that map, NaN outside the crop), "
+                                   "explained), <stem>_photo_relevance.npz (that map under the key \"relevance\", NaN "
+                                   "outside the crop), "
                                    "<stem>_heatmap.png and <stem>_overlay.png at the model's input, "
                                    "<stem>_relevance.npy (raw [C, H, W] relevance), and with --figure "
                                    "<stem>_figure.png. Colours: a diverging map with symmetric limits where the "
