@@ -10,6 +10,7 @@ from .canonize import fold_batchnorm
 from . import preprocessing as prep
 from .errors import CompileError, GraphLRPError, PresetError
 from .labels import check_labels
+from .memory import release_freed_memory
 from .presets import CATEGORY_KINDS, Preset, RuleChoice, load_preset, parse_preset
 from .rewrite import Assignment, Plan, Rewriter
 from .rules import SPLITS
@@ -267,6 +268,7 @@ def compile(model: torch.nn.Module, example_input: torch.Tensor, rules="otsuki20
             raise CompileError(f"checking the explainer of {type(model).__name__} failed: "
                                f"{type(e).__name__}: {e}") from e
         explainer.info["certificate"] = explainer.certificate.to_dict()
+    release_freed_memory()  # the trace's and the check's values: gigabytes for a large model, not held on to
     return explainer
 
 

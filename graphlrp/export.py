@@ -20,6 +20,7 @@ import torch.fx
 import torch.nn.functional as F
 
 from .errors import ExportError
+from .memory import release_freed_memory
 
 PARITY_TOLERANCE = 1e-4
 # an ill-conditioned explainer's float32 relevance is off a float64 run on every runtime; onnxruntime passes within
@@ -287,7 +288,7 @@ class _SessionForOneRun:
     def run(self, names, feeds):
         import onnxruntime as ort
 
-        _release_freed_memory()
+        release_freed_memory()
         options = ort.SessionOptions()
         options.log_severity_level = 3
         options.add_session_config_entry("session.disable_prepacking", "1")
@@ -296,19 +297,6 @@ class _SessionForOneRun:
         session = ort.InferenceSession(self.path, options, providers=["CPUExecutionProvider"],
                                        disabled_optimizers=["ConstantFolding"])
         return session.run(names, feeds)
-
-
-def _release_freed_memory() -> None:
-    """Hand the memory Python and torch freed (the ONNX proto and bytes just written) back to the system before
-    onnxruntime allocates its own (glibc keeps freed heap pages otherwise); a no-op where there is no glibc."""
-    import ctypes
-    import gc
-
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 ZERO_RELEVANCE_WARNING = (
@@ -526,6 +514,7 @@ def export_onnx(explainer, path, opset: int = 17, check: bool = True, metadata: 
         meta["precision"] = precision
 
     x, target = _parity_batch(explainer)
+    release_freed_memory()  # the lowering runs the explainer at the parity batch: start from the live memory only
     try:
         if precision == "fp16":
             from .fx_to_onnx import lower

@@ -29,6 +29,11 @@ Graph passes (`optimize_graph`), each a local rewrite justified by a sign analys
   branches is a slow, unvectorised broadcast, 3-4× an Add on the same tensor): (x ≥ 0)·2ε − ε, bit-identical
   (2ε − ε = ε and 0 − ε = −ε exactly in floating point);
 * dead nodes are dropped.
+
+Memory (`recompute_large_values`): a forward value of at least RECOMPUTE_NUMEL elements per sample that the
+relevance pass reads again much later (SAM's global attention weights at 1024 px: 12 × 4096² per image and block)
+is computed a second time from its small inputs (q, k, the position terms) where the relevance pass needs it,
+instead of being held from the forward to the relevance pass. The same ops on the same operands: the same values.
 """
 from __future__ import annotations
 
@@ -358,3 +363,58 @@ def _drop_unused_buffers(gm: fx.GraphModule) -> None:
     used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
     for name in [n for n, _ in gm.named_buffers(recurse=False) if n.startswith("_lrp_") and n not in used]:
         delattr(gm, name)
+
+
+RECOMPUTE_NUMEL = 1 << 23  # per sample: 32 MB in float32
+RECOMPUTE_GAP = 20  # nodes between the forward use and the relevance pass's: closer uses share the stored value
+RECOMPUTE_CHAIN = 16  # at most this many ops computed again per value
+
+
+def recompute_large_values(gm: fx.GraphModule, numel: dict) -> int:
+    """Where a large value (`numel`: node -> elements per sample, for the nodes whose size is known) is read again
+    RECOMPUTE_GAP nodes or more after its first reader, the later readers get a copy of the pure ops that made it,
+    from inputs under RECOMPUTE_NUMEL, inserted before the first of them. The value itself is then freed after its
+    forward reader. Returns how many values were recomputed; recompiles `gm` when any was."""
+    graph = gm.graph
+    position = {n: i for i, n in enumerate(graph.nodes)}
+    done = 0
+    for node in list(graph.nodes):
+        if numel.get(node, 0) < RECOMPUTE_NUMEL:
+            continue
+        readers = sorted(node.users, key=position.__getitem__)
+        late = [u for u in readers if position[u] - position[readers[0]] >= RECOMPUTE_GAP]
+        chain = _pure_chain(node, numel)
+        if not late or chain is None:
+            continue
+        copies: dict = {}
+        with graph.inserting_before(late[0]):
+            for c in chain:
+                copies[c] = graph.node_copy(c, lambda a: copies.get(a, a))
+        for reader in late:
+            reader.replace_input_with(node, copies[node])
+        position = {n: i for i, n in enumerate(graph.nodes)}
+        done += 1
+    if done:
+        graph.lint()
+        gm.recompile()
+    return done
+
+
+def _pure_chain(node: fx.Node, numel: dict):
+    """The ops that make `node` from values under RECOMPUTE_NUMEL, in graph order; None where one is not a pure
+    function (a module call, an in-place method) or there are more than RECOMPUTE_CHAIN."""
+    chain, stack, seen = [], [node], {node}
+    while stack:
+        n = stack.pop()
+        if n.op not in ("call_function", "call_method") or (n.op == "call_method" and n.target.endswith("_")) \
+                or getattr(n.target, "__name__", "").endswith("_"):
+            return None
+        chain.append(n)
+        if len(chain) > RECOMPUTE_CHAIN:
+            return None
+        for a in n.all_input_nodes:
+            if a not in seen and numel.get(a, 0) >= RECOMPUTE_NUMEL:
+                seen.add(a)
+                stack.append(a)
+    order = {n: i for i, n in enumerate(node.graph.nodes)}
+    return sorted(chain, key=order.__getitem__)

@@ -9,6 +9,7 @@ Graph signature: (input [N, C, H, W], target int64 [N], -1 = top-1) -> (logits, 
 """
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass, field
 
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 from . import derived, ops, rules
 from .analyze import Merge
 from .errors import UnsupportedOpError
-from .optimize import conv_transpose, optimize_graph
+from .optimize import conv_transpose, optimize_graph, recompute_large_values
 from .graph import Traced, describe_node
 
 
@@ -147,11 +148,12 @@ class RuleContext:
         tensor; the latter two are evaluated now, at compile time, and enter the graph as constants."""
         if isinstance(x, fx.Node):
             return self.call(*self._affine_call(x, weight, bias))
-        return self.rw.em.const(self.affine_value(x, weight, bias), "z")
+        return self.rw.em.const(rules.broadcast_compact(self.affine_value(x, weight, bias)), "z")
 
     def affine_value(self, x, weight: torch.Tensor, bias) -> torch.Tensor:
         """layer(x) computed now for a constant x ("ones" or a tensor broadcast to the input shape), batch 1."""
-        x = torch.ones(self._in_shape1()) if isinstance(x, str) else x.expand(self._in_shape1())
+        x = (torch.ones(self._in_shape1(), dtype=weight.dtype) if isinstance(x, str)
+             else x.to(weight.dtype).expand(self._in_shape1()))
         fn, *args = self._affine_call(x, weight, bias)
         with torch.no_grad():
             return fn(*args)
@@ -493,7 +495,18 @@ class Rewriter:
         gm.graph.eliminate_dead_code()  # e.g. forward values no rule needed
         seeds = [self.env[n] for n in self.traced.graph.nodes if self.nonnegative.get(n.name) and n in self.env]
         optimize_graph(gm, seeds)  # exact peepholes (sign facts, ε folded into conv biases); lints, recompiles
+        recompute_large_values(gm, self._numel_per_sample())  # attention weights at long sequences: not held
         return gm.eval()
+
+    def _numel_per_sample(self) -> dict:
+        """Explainer node -> elements per sample of the forward value it holds (from the trace's shapes)."""
+        batch = max(int(self.traced.example_input.shape[0]), 1)
+        numel = {}
+        for n in self.traced.graph.nodes:
+            shape, node = n.meta.get("shape"), self.env.get(n)
+            if shape is not None and isinstance(node, fx.Node):
+                numel[node] = math.prod(shape) // batch
+        return numel
 
     def _apply_rule(self, node: fx.Node, R: fx.Node):
         op = ops.describe(node, self.traced)

@@ -93,19 +93,19 @@ def example_pair(example: torch.Tensor) -> torch.Tensor:
 
 
 def _model_logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The model's own forward in inference mode (the explainer's BN and dropout are in inference mode too);
-    every submodule's mode is restored afterwards."""
+    """The model's own forward in inference mode (the explainer's BN and dropout are in inference mode too), one
+    sample at a time like the explainer's run below: kernels chosen for another batch size round differently, and
+    an ill-conditioned model (an FRN over a 1×1 map: x / √(x² + ε)) turns that into a different output. Every
+    submodule's mode is restored afterwards."""
     modes = [(m, m.training) for m in model.modules()]
     try:
         model.eval()
         with torch.no_grad():
-            out = model(x)
+            outs = [model(x[i:i + 1]) for i in range(x.shape[0])]
     finally:
         for m, mode in modes:
             m.training = mode
-    if isinstance(out, (tuple, list)):
-        out = out[0]
-    return out
+    return torch.cat([out[0] if isinstance(out, (tuple, list)) else out for out in outs])
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -175,6 +175,21 @@ class _NodeTrace:
         return None
 
 
+def _per_sample(module, x: torch.Tensor, target: torch.Tensor):
+    """(logits, relevance, sums) of `module` run on one sample at a time and concatenated: the explainer treats
+    samples independently, and the relevance pass keeps every forward value it needs (SAM's global attention at
+    1024 px: 0.8 GB per block and image), so the check's peak memory is that of one image, not of the pair."""
+    parts = []
+    with torch.no_grad():
+        for i in range(x.shape[0]):
+            parts.append(module(x[i:i + 1], target[i:i + 1]))
+    logits, relevance = (torch.cat([p[k] for p in parts]) for k in (0, 1))
+    sums = {name: torch.cat([p[2][name] for p in parts]) if parts[0][2][name].dim()  # per sample [N]
+            else sum(p[2][name] for p in parts)  # a node's sum over the batch
+            for name in parts[0][2]}
+    return logits, relevance, sums
+
+
 def certify(explainer, model: torch.nn.Module, example: torch.Tensor, allow_vanishing: bool = False) -> Certificate:
     """Run the checks above on `explainer` (compiled from `model`); raise ConservationError on a wrong explainer."""
     start = time.perf_counter()
@@ -185,8 +200,7 @@ def certify(explainer, model: torch.nn.Module, example: torch.Tensor, allow_vani
     reference = _model_logits(model, x)
     tracer = Rewriter(traced, explainer.merges, plan, trace_nodes=True,
                       constant_pool=explainer.constant_pool).build()  # the explainer's rule weights, not copies
-    with torch.no_grad():
-        logits, relevance, sums = tracer(x, target)
+    logits, relevance, sums = _per_sample(tracer, x, target)
     out = sums["output"].double()
     ratio = [float(r) for r in (sums["input"].double() / out).where(out != 0, torch.nan)]
     node_trace = _NodeTrace(sums, traced, plan, float(out.abs().sum()))

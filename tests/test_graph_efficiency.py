@@ -369,3 +369,90 @@ def test_relu_stabiliser_needs_a_numerator_that_vanishes_with_the_relu():
     x = torch.tensor([0.0, -1.0, 2.0, -1e-6])
     y = torch.tensor([1.0, 2.0, 3.0, 4.0])
     assert torch.equal(gm(x, y), Net()(x, y))
+
+
+class TokenMLP(torch.nn.Module):
+    """A transformer MLP on [B, N, C] tokens, pooled to logits."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.head = torch.nn.Linear(8, 24), torch.nn.Linear(24, 8), torch.nn.Linear(8, 5)
+
+    def forward(self, x):
+        return self.head((x + self.fc2(F.gelu(self.fc1(x)))).mean(1))
+
+
+def test_compile_time_maps_of_a_token_linear_are_stored_once_not_once_per_token():
+    """z⁺ with dead units spread (otsuki2024-conserving) divides by W⁺·1, the same at every token: a [24] vector,
+    not a [1, N, 24] copy (SAM at 1024 px: 48 MB per layer in memory and in the file). The relevance is the one of
+    the full-size map, which the rule computes in float64 here as the reference."""
+    from graphlrp.rules.base import broadcast_compact
+
+    t = torch.arange(6.0).reshape(1, 1, 6).expand(1, 40, 6)
+    assert broadcast_compact(t).shape == (1, 1, 6) and torch.equal(broadcast_compact(t).expand_as(t), t)
+    varied = torch.randn(1, 40, 6)
+    assert broadcast_compact(varied).shape == varied.shape
+    torch.manual_seed(0)
+    model, x = TokenMLP().eval(), torch.randn(2, 40, 8)
+    explainer = graphlrp.compile(model, x[:1], rules="otsuki2024-conserving")
+    shapes = [tuple(b.shape) for name, b in explainer.graph_module.named_buffers() if name.startswith("_lrp")]
+    assert not [s for s in shapes if len(s) == 3 and s[1] == 40], shapes
+    _, relevance, taps = explainer.explain_with_taps(x)
+    assert torch.allclose(taps["input"], taps["output"], rtol=1e-5)
+    double = graphlrp.compile(model.double(), x[:1].double(), rules="otsuki2024-conserving", verify=False)
+    assert torch.allclose(relevance.double(), double(x.double())[1], rtol=1e-4, atol=1e-6 * relevance.abs().max())
+
+
+class Attention(torch.nn.Module):
+    """Two blocks of softmax self-attention on [B, N, C] tokens, pooled to logits: [B, N, N] attention weights each."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.qkv = torch.nn.ModuleList([torch.nn.Linear(c, 3 * c) for _ in range(2)])
+        self.proj = torch.nn.ModuleList([torch.nn.Linear(c, c) for _ in range(2)])
+        self.head = torch.nn.Linear(c, 5)
+
+    def forward(self, x):
+        for qkv, proj in zip(self.qkv, self.proj):
+            q, k, v = qkv(x).chunk(3, dim=-1)
+            x = x + proj(torch.softmax(q @ k.transpose(-2, -1) * 0.35, dim=-1) @ v)
+        return self.head(x.mean(1))
+
+
+def _peak_live_bytes(gm, *args) -> int:
+    """The largest total of tensor bytes alive at once when fx runs `gm` (values freed after their last use)."""
+    class Live(torch.fx.Interpreter):
+        peak = 0
+
+        def run_node(self, n):
+            out = super().run_node(n)
+            values = [v for v in list(self.env.values()) + [out] if isinstance(v, torch.Tensor)]
+            storages = {v.untyped_storage().data_ptr(): v.untyped_storage().nbytes() for v in values}
+            self.peak = max(self.peak, sum(storages.values()))
+            return out
+
+    live = Live(gm)
+    with torch.no_grad():
+        live.run(*args)
+    return live.peak
+
+
+@pytest.mark.parametrize("preset", ["cp-lrp-conserving", "otsuki2024-conserving", "attnlrp"])
+def test_large_attention_weights_are_computed_again_for_the_relevance_pass_not_held(preset, monkeypatch, tmp_path):
+    """Attention weights of at least RECOMPUTE_NUMEL elements per sample are recomputed from q and k where the
+    relevance pass reads them (SAM's global attention at 1024 px: 0.8 GB per block and image held otherwise). The
+    relevance is the same, the export too, and the peak of live tensors falls."""
+    torch.manual_seed(0)
+    model, x = Attention().eval(), torch.randn(2, 300, 8)
+    held = graphlrp.compile(model, x[:1], rules=preset)
+    monkeypatch.setattr(optimize, "RECOMPUTE_NUMEL", 300 * 300)
+    recomputed = graphlrp.compile(model, x[:1], rules=preset)
+    def softmaxes(explainer):
+        return len([n for n in explainer.graph_module.graph.nodes if n.target is torch.softmax])
+
+    assert softmaxes(recomputed) > softmaxes(held)  # the relevance pass's own copies
+    target = torch.tensor([-1, 3])
+    a, b = held(x, target), recomputed(x, target)
+    assert torch.equal(a[0], b[0]) and torch.allclose(a[1], b[1], rtol=1e-6, atol=1e-7 * a[1].abs().max())
+    assert _peak_live_bytes(recomputed.graph_module, x, target) < _peak_live_bytes(held.graph_module, x, target)
+    recomputed.export_onnx(tmp_path / "recomputed.onnx")  # its own onnxruntime parity check (raises if it fails)

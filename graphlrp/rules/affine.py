@@ -8,7 +8,7 @@ from .. import ops
 from ..derived import derive
 from ..errors import PresetError, UnsupportedOpError
 from ..graph import describe_node
-from .base import AFFINE, Term, affine_rule, bias_mode, negative, positive, rule, stabilize, input_of, signed_parts  # noqa: F401
+from .base import AFFINE, Term, affine_rule, bias_mode, broadcast_compact, negative, positive, rule, stabilize, input_of, signed_parts  # noqa: F401
 
 
 # ------------------------------------------------------------------------------------------ affine rules
@@ -58,7 +58,7 @@ def zplus_rule(ctx, epsilon=1e-6, stabilizer="signed", bias="positive", input="a
     masked = (lambda n: n) if support is None else (lambda n: ctx.call(torch.mul, n, support))  # noqa: E731
     with torch.no_grad():
         z_ones = ctx.affine_value(ones, w_pos, None)
-    inverse = torch.where(z_ones > 0, 1.0 / z_ones.clamp_min(1e-30), torch.zeros_like(z_ones))
+    inverse = broadcast_compact(torch.where(z_ones > 0, 1.0 / z_ones.clamp_min(1e-30), torch.zeros_like(z_ones)))
     spread = ctx.call(torch.where, dead, ctx.call(torch.mul, ctx.R, inverse), 0.0)
     total = ctx.call(torch.add, total, masked(ctx.affine_transpose(spread, w_pos)))
     if bool((z_ones <= 0).any()):
@@ -67,7 +67,8 @@ def zplus_rule(ctx, epsilon=1e-6, stabilizer="signed", bias="positive", input="a
         ones_w = torch.ones_like(ctx.weight)
         with torch.no_grad():
             count = ctx.affine_value(ones, ones_w, None)
-        flat_inverse = torch.where((z_ones <= 0) & (count > 0), 1.0 / count.clamp_min(1e-30), torch.zeros_like(count))
+        flat_inverse = broadcast_compact(torch.where((z_ones <= 0) & (count > 0), 1.0 / count.clamp_min(1e-30),
+                                                     torch.zeros_like(count)))
         flat = ctx.call(torch.where, dead, ctx.call(torch.mul, ctx.R, flat_inverse), 0.0)
         total = ctx.call(torch.add, total, masked(ctx.affine_transpose(flat, ones_w)))
     return [total]
