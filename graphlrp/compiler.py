@@ -15,7 +15,7 @@ from .presets import CATEGORY_KINDS, Preset, RuleChoice, load_preset, parse_pres
 from .rewrite import Assignment, Plan, Rewriter
 from .rules import SPLITS
 from .trace import Traced, trace
-from .verify import Certificate, certify
+from .verify import Certificate, certify, raise_nonfinite
 
 
 
@@ -168,8 +168,14 @@ class Explainer(torch.nn.Module):
         return target
 
     def forward(self, x: torch.Tensor, target=None):
+        """(logits, relevance). Relevance that is NaN or infinite for a sample raises NonFiniteRelevanceError,
+        naming the node where it stops being finite."""
+        target = self._target(x, target)
         with torch.no_grad():
-            return self.graph_module(x, self._target(x, target))
+            logits, relevance = self.graph_module(x, target)
+        if not bool(torch.isfinite(relevance).all()):
+            raise_nonfinite(self, x, target, relevance)
+        return logits, relevance
 
     def explain_with_taps(self, x: torch.Tensor, target=None):
         """(logits, relevance, taps): taps maps names to per-sample relevance sums [N] in the same call —

@@ -28,6 +28,11 @@ class VanishingRelevanceError(ConservationError):
     node where. `compile(..., allow_vanishing=True)` turns it into a warning."""
 
 
+class NonFiniteRelevanceError(GraphLRPError):
+    """The explainer's relevance is NaN or infinite on an input (it passed its check on the example): the message
+    names the samples and the first node of the relevance pass where the relevance stops being finite."""
+
+
 class PresetError(GraphLRPError):
     """A rule preset (TOML) is unknown or malformed. The message names the offending key."""
 

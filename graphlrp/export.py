@@ -325,6 +325,15 @@ def check_parity(explainer, session, report: ExportReport, x, target, expected) 
     that rounding cannot sway; onnxruntime's CPU provider has no float64 kernel for Conv, ConvTranspose,
     AveragePool, GlobalAveragePool, Erf, Softplus, Elu, HardSigmoid, HardSwish, Selu, Softsign,
     InstanceNormalization, LRN or Resize (1.32), so it cannot run one for a CNN or a ViT.)"""
+    if expected is not None and not bool(torch.isfinite(expected[1]).all()):
+        from .errors import NonFiniteRelevanceError
+        from .verify import raise_nonfinite
+
+        try:
+            raise_nonfinite(explainer, x, target, expected[1])
+        except NonFiniteRelevanceError as e:
+            raise ExportError(f"the parity check cannot compare: on its random images {e}; an input of the "
+                              f"runtime that meets the same 0 gets an error, not a map") from None
     logits_pt, rel_pt = (t.numpy() for t in expected)
     logits_rt, rel_rt = session.run(["logits", "relevance"], {"input": x.numpy(), "target": target.numpy()})
     report.max_rel_diff_relevance = rel_diff(rel_rt, rel_pt)

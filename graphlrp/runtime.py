@@ -17,7 +17,7 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image, UnidentifiedImageError
 
-from .errors import ExplainerLoadError, ImageError, InputError
+from .errors import ExplainerLoadError, ImageError, InputError, NonFiniteRelevanceError
 from .preprocessing import Preprocessing
 
 ImageSource = Union[str, os.PathLike, bytes, Image.Image]
@@ -201,13 +201,33 @@ class ExplainerSession:
         return t
 
     def run(self, x: np.ndarray, target: np.ndarray) -> list[Explanation]:
-        """One onnxruntime call on inputs already checked by `prepare`."""
+        """One onnxruntime call on inputs already checked by `prepare`. Raises NonFiniteRelevanceError where a
+        sample's relevance is NaN or infinite."""
+        results = self.run_each(x, target)
+        failed = [r for r in results if isinstance(r, NonFiniteRelevanceError)]
+        if failed:
+            raise failed[0]
+        return results
+
+    def run_each(self, x: np.ndarray, target: np.ndarray) -> list[Explanation | NonFiniteRelevanceError]:
+        """`run`, with the error in the place of a sample whose relevance is not finite (the server fails that
+        request, not the others of its batch)."""
         logits, relevance = self.session.run(list(OUTPUTS), {"input": x, "target": target})
         probabilities = softmax(logits)
         predicted = logits.argmax(axis=1)
-        return [Explanation(logits[i], probabilities[i], int(predicted[i]),
-                            int(predicted[i] if target[i] < 0 else target[i]), relevance[i], x[i])
-                for i in range(len(x))]
+        out: list[Explanation | NonFiniteRelevanceError] = []
+        for i in range(len(x)):
+            bad = int((~np.isfinite(relevance[i])).sum())
+            if bad:
+                out.append(NonFiniteRelevanceError(
+                    f"the explainer's relevance is not finite for sample {i} ({bad} of {relevance[i].size} entries "
+                    "NaN or infinite): a rule divided by a denominator that is exactly 0 on this input. The "
+                    "explainer cannot explain it; one compiled with otsuki2024-conserving (z⁺ with dead units spread) "
+                    "divides only where its denominator is not 0"))
+                continue
+            out.append(Explanation(logits[i], probabilities[i], int(predicted[i]),
+                                   int(predicted[i] if target[i] < 0 else target[i]), relevance[i], x[i]))
+        return out
 
     def explain(self, x: np.ndarray, target=None) -> Explanation | list[Explanation]:
         """Explain normalised input: one Explanation for [C, H, W], a list for [N, C, H, W] (for an explainer of

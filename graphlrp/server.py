@@ -24,7 +24,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
 from . import heatmap
-from .errors import ImageError, InputError
+from .errors import ImageError, InputError, NonFiniteRelevanceError
 from .metrics import CONTENT_TYPE, Counter, Histogram, Registry
 from .runtime import ExplainerSession, Explanation, load, open_image
 from .webpage import INDEX_HTML
@@ -98,7 +98,7 @@ class MicroBatcher:
             target = np.array([item[1] for item in batch], np.int64)
             start = time.perf_counter()
             try:
-                results = await loop.run_in_executor(self.executor, self.session.run, x, target)
+                results = await loop.run_in_executor(self.executor, self.session.run_each, x, target)
             except Exception as e:  # a failing model call fails its requests, not the server
                 results = [e] * len(batch)
             self.metrics.batch_seconds.observe(time.perf_counter() - start)
@@ -179,6 +179,7 @@ def create_app(session: ExplainerSession, max_batch: int = 8, max_wait_ms: float
     app.add_middleware(RequestMetrics, metrics=metrics)  # outermost, so 413s are counted too
     app.add_exception_handler(ImageError, _error_handler(400))
     app.add_exception_handler(InputError, _error_handler(422))
+    app.add_exception_handler(NonFiniteRelevanceError, _error_handler(422))  # this input cannot be explained
     app.add_exception_handler(BodyTooLarge, _error_handler(413))
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)

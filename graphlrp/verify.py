@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from . import ops
-from .errors import ConservationError, VanishingRelevanceError
+from .errors import ConservationError, NonFiniteRelevanceError, VanishingRelevanceError
 from .graph import describe_node
 from .rewrite import Rewriter
 
@@ -300,3 +300,26 @@ def _merge_gap(node_trace: _NodeTrace, explainer, sums: dict):
         return None, None
     gap, node = max(rows, key=lambda r: r[0] if math.isfinite(r[0]) else math.inf)
     return gap, node
+
+
+def raise_nonfinite(explainer, x: torch.Tensor, target: torch.Tensor, relevance: torch.Tensor) -> None:
+    """Raise NonFiniteRelevanceError where `relevance` (the explainer's on `x`) is NaN or infinite for a sample; the
+    conservation trace of the first such sample names the node where it stops being finite. A rule can divide by
+    a denominator that rounds to exactly 0 on one input and not on the example (`otsuki2024`'s z + ε with a kept
+    negative bias): an error, never a NaN map handed over as an explanation."""
+    bad = [i for i, ok in enumerate(torch.isfinite(relevance).flatten(1).all(1).tolist()) if not ok]
+    if not bad:
+        return
+    i = bad[0]
+    tracer = Rewriter(explainer._traced, explainer.merges, explainer.plan, trace_nodes=True,
+                      constant_pool=explainer.constant_pool).build()
+    with torch.no_grad():
+        _, _, sums = tracer(x[i:i + 1], target[i:i + 1])
+    node_trace = _NodeTrace(sums, explainer._traced, explainer.plan, float(sums["output"].double().abs().sum()))
+    found = node_trace.first_nonfinite()
+    where = (f"; it first stops being finite at {node_trace.describe(found[0])}: ΣR arriving {found[1]:.4g}, "
+             f"handed on {found[2]:.4g}") if found else ""
+    raise NonFiniteRelevanceError(
+        f"preset {explainer.preset.name!r}: the relevance is not finite for sample(s) {bad} of {len(relevance)}"
+        f"{where} (the explainer passed its check on the compile example; the preset "
+        "otsuki2024-conserving (z⁺ with dead units spread), divides only where its denominator is not 0)")

@@ -7,6 +7,7 @@ import math
 import json
 import textwrap
 
+import numpy as np
 import onnx
 import pytest
 import torch
@@ -14,7 +15,7 @@ import torch.nn as nn
 
 import graphlrp
 from graphlrp import rules
-from graphlrp.errors import ConservationError, PresetError, VanishingRelevanceError
+from graphlrp.errors import ConservationError, ExportError, PresetError, VanishingRelevanceError
 from graphlrp.presets import load_preset
 from graphlrp.verify import CONSERVATION_TOLERANCE, certify, example_pair
 
@@ -275,3 +276,60 @@ def test_compile_cli_names_a_preset_when_the_default_presets_certificate_fails(t
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err and "planted" in err
     assert "'otsuki2024-conserving' can: --rules otsuki2024-conserving" in err
+
+
+class _ZeroDenominator(torch.nn.Module):
+    """otsuki2024's conv rule keeps the bias and adds ε: z + ε = W⁺a + b + ε, exactly 0 where a = 0 and b = −ε.
+    The example (all inputs positive) never gets there; an input with a negative pixel does."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = torch.nn.Conv2d(1, 1, 1), torch.nn.Conv2d(1, 1, 1)
+        self.fc = torch.nn.Linear(16, 3)
+        with torch.no_grad():
+            self.conv1.weight.fill_(1.0)
+            self.conv1.bias.zero_()
+            self.conv2.weight.fill_(1.0)
+            self.conv2.bias.fill_(-1e-5)
+
+    def forward(self, x):
+        return self.fc(self.conv2(torch.relu(self.conv1(x))).flatten(1))
+
+
+def test_relevance_that_is_not_finite_on_a_later_input_is_an_error_naming_the_node(tmp_path):
+    """The certificate checks the example; an input where a rule divides 0 by 0 must not come back as a NaN map.
+    The PyTorch explainer names the sample and the node, the export's parity check says why it cannot compare, the
+    exported explainer (runtime) fails that sample alone, and the server answers 422 for it and 200 for a good
+    input."""
+    from graphlrp.errors import NonFiniteRelevanceError
+
+    torch.manual_seed(0)
+    net, example = _ZeroDenominator().eval(), 1 + torch.rand(1, 1, 4, 4)
+    explainer = graphlrp.compile(net, example, rules="otsuki2024", allow_vanishing=True)
+    x = torch.cat([example, example])
+    x[1, 0, 1, 2] = -1.0
+    good_logits, good_relevance = explainer(x[:1])
+    assert torch.isfinite(good_relevance).all()
+    with pytest.raises(NonFiniteRelevanceError, match=r"sample\(s\) \[1\] of 2.*node 'conv2'.*rule zplus"):
+        explainer(x)
+    assert not torch.isfinite(explainer.graph_module(x, torch.full((2,), -1))[1]).all()  # what it would have been
+
+    path = tmp_path / "e.onnx"
+    with pytest.raises(ExportError, match=r"parity check cannot compare.*not finite.*node 'conv2'"):
+        explainer.export_onnx(path)  # its random parity images have negative pixels
+    explainer.export_onnx(path, check=False)
+    session = graphlrp.load(path)
+    results = session.run_each(x.numpy(), np.full(2, -1, np.int64))
+    assert np.allclose(results[0].relevance, good_relevance[0].numpy(), rtol=1e-4, atol=1e-6)
+    assert isinstance(results[1], NonFiniteRelevanceError)
+    with pytest.raises(NonFiniteRelevanceError, match="sample 1"):
+        session.explain(x.numpy())
+
+    from starlette.testclient import TestClient
+    from graphlrp.server import create_app
+
+    with TestClient(create_app(session)) as client:
+        ok = client.post("/v1/explain", json={"array": x[0].tolist()})
+        bad = client.post("/v1/explain", json={"array": x[1].tolist()})
+    assert ok.status_code == 200, ok.text
+    assert bad.status_code == 422 and "not finite" in bad.json()["detail"]
