@@ -173,3 +173,41 @@ def test_folders_and_globs_expand_to_their_files(tmp_path):
     assert expand_inputs(["missing.png"]) == ["missing.png"]  # reported as unreadable later, as before
     with pytest.raises(GraphLRPError, match="no file matches"):
         expand_inputs([str(tmp_path / "*.gif")])
+
+
+def test_an_image_the_explainer_cannot_explain_is_skipped_by_name_and_the_others_written(tmp_path):
+    """otsuki2024 keeps a conv bias and adds ε: with the bias −ε, z + ε is exactly 0 where the red channel is 0
+    (mean 0, std 1), and that image's relevance would be NaN. It is skipped with the reason; the image of the same
+    batch that can be explained is written."""
+    import torch
+
+    class RedOnly(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1, self.conv2 = torch.nn.Conv2d(3, 1, 1), torch.nn.Conv2d(1, 1, 1)
+            self.fc = torch.nn.Linear(64, 3)
+            with torch.no_grad():
+                self.conv1.weight.copy_(torch.tensor([1.0, 0.0, 0.0]).view(1, 3, 1, 1))
+                self.conv1.bias.zero_()
+                self.conv2.weight.fill_(1.0)
+                self.conv2.bias.fill_(-1e-5)
+
+        def forward(self, x):
+            return self.fc(self.conv2(torch.relu(self.conv1(x))).flatten(1))
+
+    torch.manual_seed(0)
+    explainer = graphlrp.compile(RedOnly().eval(), 0.5 + torch.rand(1, 3, 8, 8), rules="otsuki2024",
+                                 allow_vanishing=True)
+    model = tmp_path / "red.onnx"
+    explainer.export_onnx(model, check=False, metadata={"preprocessing": {"resize": 8, "crop": [8, 8],
+                                                                         "mean": [0, 0, 0], "std": [1, 1, 1]}})
+    red, black = np.zeros((8, 8, 3), np.uint8), np.zeros((8, 8, 3), np.uint8)
+    red[..., 0] = 200
+    Image.fromarray(red).save(tmp_path / "red.png")
+    Image.fromarray(black).save(tmp_path / "black.png")
+    p = explain_cli(model, tmp_path / "black.png", tmp_path / "red.png", "-o", tmp_path / "out")
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+    assert "skipped" in p.stderr and "black.png" in p.stderr and "not finite" in p.stderr
+    assert "1 of 2 image(s) skipped" in p.stderr
+    assert np.isfinite(np.load(tmp_path / "out" / "red_relevance.npy")).all()
+    assert not (tmp_path / "out" / "black_relevance.npy").exists()

@@ -102,7 +102,12 @@ def run(args) -> int:
                 if warning:
                     tqdm.write(warning, file=sys.stderr)
             if arrays:
-                for path, photo, exp in zip(good, photos, session.explain(np.stack(arrays), args.target)):
+                explained = session.run_each(*session.prepare(np.stack(arrays), args.target))
+                for path, photo, exp in zip(good, photos, explained):
+                    if isinstance(exp, Exception):  # its relevance is not finite: this image is skipped
+                        tqdm.write(f"skipped {path}: {exp}", file=sys.stderr)
+                        skipped += 1
+                        continue
                     write_outputs(out, stems[path], exp, session, photo, figure=args.figure, cmap=args.cmap)
                     tqdm.write(f"{path}: {describe(session, exp)}")
             bar.update(len(chunk))

@@ -92,9 +92,12 @@ class _ExplainWorker:
             good.append(path)
             warnings.append(warning or "")
         if arrays:
-            explained = self.session.explain(np.stack(arrays), self.target)
+            explained = self.session.run_each(*self.session.prepare(np.stack(arrays), self.target))
             for path, warning, photo, exp in zip(good, warnings, photos, explained):
                 index, shown, stem = self.names[_key(path)]
+                if isinstance(exp, Exception):  # its relevance is not finite: this image is skipped, not the batch
+                    _add(rows, index, shown, -1, -1, float("nan"), float("nan"), f"skipped {shown}: {exp}", "", True)
+                    continue
                 write_outputs(self.out, stem, exp, self.session, photo, figure=self.figure, cmap=self.cmap)
                 _add(rows, index, shown, exp.predicted, exp.target, float(exp.probabilities[exp.target]),
                      float(exp.relevance.sum(dtype=np.float64)), f"{shown}: {describe(self.session, exp)}", warning,
