@@ -190,6 +190,13 @@ def _per_sample(module, x: torch.Tensor, target: torch.Tensor):
     return logits, relevance, sums
 
 
+def _tracer(explainer):
+    """The explainer's relevance pass rebuilt with the conservation trace (ΣR per node), sharing its rule
+    weights (the constant pool), not copies."""
+    return Rewriter(explainer._traced, explainer.merges, explainer.plan, trace_nodes=True,
+                    constant_pool=explainer.constant_pool).build()
+
+
 def certify(explainer, model: torch.nn.Module, example: torch.Tensor, allow_vanishing: bool = False) -> Certificate:
     """Run the checks above on `explainer` (compiled from `model`); raise ConservationError on a wrong explainer."""
     start = time.perf_counter()
@@ -198,8 +205,7 @@ def certify(explainer, model: torch.nn.Module, example: torch.Tensor, allow_vani
     x = example_pair(example)
     target = torch.full((x.shape[0],), -1, dtype=torch.long)
     reference = _model_logits(model, x)
-    tracer = Rewriter(traced, explainer.merges, plan, trace_nodes=True,
-                      constant_pool=explainer.constant_pool).build()  # the explainer's rule weights, not copies
+    tracer = _tracer(explainer)
     logits, relevance, sums = _per_sample(tracer, x, target)
     out = sums["output"].double()
     ratio = [float(r) for r in (sums["input"].double() / out).where(out != 0, torch.nan)]
@@ -311,8 +317,7 @@ def raise_nonfinite(explainer, x: torch.Tensor, target: torch.Tensor, relevance:
     if not bad:
         return
     i = bad[0]
-    tracer = Rewriter(explainer._traced, explainer.merges, explainer.plan, trace_nodes=True,
-                      constant_pool=explainer.constant_pool).build()
+    tracer = _tracer(explainer)
     with torch.no_grad():
         _, _, sums = tracer(x[i:i + 1], target[i:i + 1])
     node_trace = _NodeTrace(sums, explainer._traced, explainer.plan, float(sums["output"].double().abs().sum()))
