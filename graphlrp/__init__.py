@@ -9,8 +9,8 @@ from __future__ import annotations
 from .version import __version__  # noqa: F401
 
 from .errors import (CompileError, ConservationError, ExportError, GraphLRPError, MissingExtraError,  # noqa: F401
-                     ModelSpecError, PresetError, TraceError, UnsupportedOpError, VanishingRelevanceError,
-                     WeightsError, missing_compile_extra)
+                     ModelSpecError, NonFiniteRelevanceError, NotConservedError, PresetError, RelevanceCheckError,
+                     TraceError, UnsupportedOpError, VanishingRelevanceError, WeightsError, missing_compile_extra)
 
 
 def __getattr__(name):

@@ -15,7 +15,7 @@ from .presets import CATEGORY_KINDS, Preset, RuleChoice, load_preset, parse_pres
 from .rewrite import Assignment, Plan, Rewriter
 from .rules import SPLITS
 from .trace import Traced, trace
-from .verify import Certificate, certify, raise_nonfinite
+from .verify import Certificate, certify, raise_nonfinite, raise_not_conserved
 
 
 
@@ -168,13 +168,15 @@ class Explainer(torch.nn.Module):
         return target
 
     def forward(self, x: torch.Tensor, target=None):
-        """(logits, relevance). Relevance that is NaN or infinite for a sample raises NonFiniteRelevanceError,
-        naming the node where it stops being finite."""
+        """(logits, relevance). Every call checks its relevance (one sum per sample): relevance that is NaN or
+        infinite for a sample raises NonFiniteRelevanceError, and with a conserving preset a sample whose ΣR_in
+        departs from R_out by more than 1e-3 raises NotConservedError; each names the node where it happens."""
         target = self._target(x, target)
         with torch.no_grad():
             logits, relevance = self.graph_module(x, target)
         if not bool(torch.isfinite(relevance).all()):
             raise_nonfinite(self, x, target, relevance)
+        raise_not_conserved(self, x, target, logits, relevance)
         return logits, relevance
 
     def explain_with_taps(self, x: torch.Tensor, target=None):

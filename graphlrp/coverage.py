@@ -235,7 +235,9 @@ FORWARD_BOUND = 1e-4
 CONSERVATION_BOUND = 1e-3
 DATA_BEGIN = "<!-- graphlrp coverage rows (one JSON object per line; read back by --resume)"
 DATA_END = "-->"
-ROW_STATUSES = ("ok", "refused", "WRONG", "CRASH", "timeout", "model-error", "skipped")
+ROW_STATUSES = ("ok", "refused", "WRONG", "CRASH", "timeout", "memory", "model-error", "skipped")
+MEMORY_FRACTION = 0.85  # the default --max-memory: this share of the machine's memory
+KILL_GRACE = 60.0  # seconds past --timeout after which a model's process is stopped (a long kernel ignores SIGALRM)
 
 
 class ModelTimeout(BaseException):
@@ -277,7 +279,8 @@ class Row:
     onnx_bytes: int | None = None
     onnx_error: str = ""
     seconds: float = 0.0
-    error: str = ""  # model-error / skipped / timeout: why
+    error: str = ""  # model-error / skipped / timeout / memory: why
+    peak_gb: float | None = None  # the peak resident size of the model's process (run with --max-memory)
 
     def to_json(self) -> str:
         data = {k: v for k, v in self.__dict__.items() if k != "presets"}
@@ -296,7 +299,7 @@ class Row:
     def settle(self) -> "Row":
         """The row's status from its presets and export: CRASH or WRONG if any preset or the export is so,
         refused if the main job (the CLI's choice, compiled and exported) was refused, else ok."""
-        if self.status in ("timeout", "model-error", "skipped"):
+        if self.status in ("timeout", "memory", "model-error", "skipped"):
             return self
         found = [p.status for p in self.presets.values()]
         if "CRASH" in found or self.onnx_error.startswith("export CRASH"):
@@ -465,6 +468,90 @@ class time_limit:
         return False
 
 
+def default_memory_limit() -> float:
+    """MEMORY_FRACTION of this machine's memory, in GB."""
+    import psutil
+
+    return round(MEMORY_FRACTION * psutil.virtual_memory().total / 2**30, 1)
+
+
+def can_isolate() -> bool:
+    """Whether models can run in processes of their own started by a fork server (POSIX). The server imports
+    torch once and forks each model's process from itself: a fork of the command's own process could inherit
+    an OpenMP pool that a child's first parallel kernel then waits on forever."""
+    import multiprocessing
+
+    return "forkserver" in multiprocessing.get_all_start_methods()
+
+
+def _in_child(send, fn, args) -> None:
+    import resource
+    import sys
+
+    row = fn(*args)
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # bytes on macOS, KiB elsewhere
+    row.peak_gb = maxrss / (2**30 if sys.platform == "darwin" else 2**20)
+    send.send(row.to_json())
+
+
+_SERVER_STARTED = []
+
+
+def isolated(fn, args: tuple, row: Row, limit_bytes: float, timeout: float, poll: float = 0.25) -> Row:
+    """`fn(*args)` (returning a Row; both picklable) in a process of its own whose resident size (with its
+    children) is sampled every `poll` s: above `limit_bytes` it is stopped and `row` comes back as a 'memory' row,
+    so one model too large for the machine costs its row, not the run (the kernel's OOM killer would take the
+    whole run). A process still running KILL_GRACE s past `timeout` is stopped too (a 'timeout' row), and one
+    that dies is a CRASH row. Each row records its process's peak resident size (`peak_gb`)."""
+    import multiprocessing
+
+    import psutil
+
+    ctx = multiprocessing.get_context("forkserver")
+    if not _SERVER_STARTED:
+        ctx.set_forkserver_preload(["torch", "graphlrp.coverage"])
+        _SERVER_STARTED.append(True)
+    receive, send = ctx.Pipe(duplex=False)
+    process = ctx.Process(target=_in_child, args=(send, fn, args), daemon=True)
+    start = time.time()
+    process.start()
+    send.close()
+    peak = 0
+    try:
+        watched = psutil.Process(process.pid)
+        while True:
+            if receive.poll(poll):
+                try:
+                    done = Row.from_json(receive.recv())
+                except EOFError:  # it ended without a row
+                    process.join()
+                    row.status, row.error = "CRASH", f"the model's process died (exit code {process.exitcode})"
+                    break
+                process.join()
+                done.peak_gb = max(done.peak_gb or 0.0, peak / 2**30)
+                return done
+            try:
+                rss = sum(p.memory_info().rss for p in [watched, *watched.children(recursive=True)])
+            except psutil.Error:  # it is ending: the next poll reads its row or its end
+                continue
+            peak = max(peak, rss)
+            if rss > limit_bytes:
+                row.status = "memory"
+                row.error = (f"stopped at {rss / 2**30:.1f} GB resident, over --max-memory "
+                             f"{limit_bytes / 2**30:g} GB")
+                break
+            if timeout and time.time() - start > timeout + KILL_GRACE:
+                row.status = "timeout"
+                row.error = f"over the time limit of {timeout:g} s (stopped {KILL_GRACE:g} s later)"
+                break
+    finally:
+        if process.is_alive():
+            process.kill()
+        process.join()
+    row.peak_gb = peak / 2**30
+    return row
+
+
 def read_rows(path: str) -> list[Row]:
     """The rows stored in a report written by `report`; [] for a missing file or one without the data block."""
     if not os.path.exists(path):
@@ -532,10 +619,12 @@ def report(rows: list[Row], command: str, planned: list[tuple[str, str]] | None 
               "conserves (e): a conserving preset with max |ΣR_in / R_out − 1| = e ≤ 1e-3; forward: the largest "
               "|logits − model| / max|model| over the compiled presets (≤ 1e-4).",
               "ONNX: the CLI choice's onnxruntime parity (max relative difference) and file size. "
-              "s: build, three compiles with their checks, and the export.", "",
+              "s: build, three compiles with their checks, and the export; GB: the peak resident size of the "
+              "model's process (empty: run without --max-memory, or before it existed); memory — its process "
+              "was stopped over `--max-memory`.", "",
               "| source | model | input | status | CLI choice | otsuki2024-conserving | cp-lrp-conserving | forward "
-              "| merges | ONNX | s | note |",
-              "|---|---|---:|---|---|---|---|---:|---|---|---:|---|"]
+              "| merges | ONNX | s | GB | note |",
+              "|---|---|---:|---|---|---|---|---:|---|---|---:|---:|---|"]
     for r in rows:
         cells = []
         for column in PRESET_COLUMNS:
@@ -551,6 +640,7 @@ def report(rows: list[Row], command: str, planned: list[tuple[str, str]] | None 
         size = f"{r.size} L" if r.large and r.status != "skipped" else f"{r.size}"
         note = _escape(r.error)
         lines.append(f"| {r.source} | {r.name} | {size} | {r.status} | " + " | ".join(cells)
-                     + f" | {_e(max(diffs)) if diffs else ''} | {merges} | {onnx} | {r.seconds:.1f} | {note} |")
+                     + f" | {_e(max(diffs)) if diffs else ''} | {merges} | {onnx} | {r.seconds:.1f} | "
+                     + (f"{r.peak_gb:.1f}" if r.peak_gb is not None else "") + f" | {note} |")
     lines += ["", DATA_BEGIN, *(r.to_json() for r in rows), DATA_END]
     return "\n".join(lines) + "\n"

@@ -28,9 +28,20 @@ class VanishingRelevanceError(ConservationError):
     node where. `compile(..., allow_vanishing=True)` turns it into a warning."""
 
 
-class NonFiniteRelevanceError(GraphLRPError):
-    """The explainer's relevance is NaN or infinite on an input (it passed its check on the example): the message
-    names the samples and the first node of the relevance pass where the relevance stops being finite."""
+class RelevanceCheckError(GraphLRPError):
+    """The explainer's relevance on an input failed the check every call makes (it passed its check on the compile
+    example): that input cannot be explained, and gets this error instead of a map. The server answers 422."""
+
+
+class NonFiniteRelevanceError(RelevanceCheckError):
+    """The explainer's relevance is NaN or infinite on an input: the message names the samples and the first node
+    of the relevance pass where the relevance stops being finite."""
+
+
+class NotConservedError(RelevanceCheckError):
+    """An explainer whose preset declares itself conserving does not conserve on an input (|ΣR_in / R_out − 1| >
+    1e-3, beyond float32 rounding): the message names the samples, their ratios and, in PyTorch, the first node
+    of the relevance pass where the sum departs."""
 
 
 class PresetError(GraphLRPError):

@@ -17,7 +17,9 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image, UnidentifiedImageError
 
-from .errors import ExplainerLoadError, ImageError, InputError, NonFiniteRelevanceError
+from .conservation import CONSERVATION_TOLERANCE, array_departures
+from .errors import (ExplainerLoadError, ImageError, InputError, NonFiniteRelevanceError, NotConservedError,
+                     RelevanceCheckError)
 from .preprocessing import Preprocessing
 
 ImageSource = Union[str, os.PathLike, bytes, Image.Image]
@@ -97,6 +99,9 @@ class ExplainerSession:
         self.takes_images = len(self.input_size) == 3  # [C, H, W]; else arrays only (a token or signal model)
         self.labels: list[str] | None = self.metadata.get("labels")
         self.preprocessing = Preprocessing.from_dict(self.metadata.get("preprocessing") or {}, self.input_size)
+        # a float32 explainer of a conserving preset checks every sample's conservation (float16 rounds beyond it)
+        certificate = self.metadata.get("certificate") or {}
+        self.conserving = bool(certificate.get("conserving")) and self.metadata.get("precision", "fp32") == "fp32"
         if self.takes_images and tuple(self.preprocessing.crop) != tuple(self.input_size[1:]):
             raise ExplainerLoadError(f"{path}: metadata crops to {list(self.preprocessing.crop)} but the model takes "
                                      f"{list(self.input_size[1:])}")
@@ -202,20 +207,23 @@ class ExplainerSession:
 
     def run(self, x: np.ndarray, target: np.ndarray) -> list[Explanation]:
         """One onnxruntime call on inputs already checked by `prepare`. Raises NonFiniteRelevanceError where a
-        sample's relevance is NaN or infinite."""
+        sample's relevance is NaN or infinite, and for an explainer of a conserving preset NotConservedError where
+        a sample's ΣR_in departs from R_out by more than 1e-3 (`graphlrp.conservation`)."""
         results = self.run_each(x, target)
-        failed = [r for r in results if isinstance(r, NonFiniteRelevanceError)]
+        failed = [r for r in results if isinstance(r, RelevanceCheckError)]
         if failed:
             raise failed[0]
         return results
 
-    def run_each(self, x: np.ndarray, target: np.ndarray) -> list[Explanation | NonFiniteRelevanceError]:
-        """`run`, with the error in the place of a sample whose relevance is not finite (the server fails that
+    def run_each(self, x: np.ndarray, target: np.ndarray) -> list[Explanation | RelevanceCheckError]:
+        """`run`, with the error in the place of a sample whose relevance fails its check (the server fails that
         request, not the others of its batch)."""
         logits, relevance = self.session.run(list(OUTPUTS), {"input": x, "target": target})
         probabilities = softmax(logits)
         predicted = logits.argmax(axis=1)
-        out: list[Explanation | NonFiniteRelevanceError] = []
+        not_conserved = (array_departures(logits, relevance, target, self.metadata.get("output_relevance", "logit"))
+                         if self.conserving else {})
+        out: list[Explanation | RelevanceCheckError] = []
         for i in range(len(x)):
             bad = int((~np.isfinite(relevance[i])).sum())
             if bad:
@@ -224,6 +232,13 @@ class ExplainerSession:
                     "NaN or infinite): a rule divided by a denominator that is exactly 0 on this input. The "
                     "explainer cannot explain it; one compiled with otsuki2024-conserving (z⁺ with dead units spread) "
                     "divides only where its denominator is not 0"))
+                continue
+            if i in not_conserved:
+                out.append(NotConservedError(
+                    f"sample {i}: the explainer's preset ({self.metadata.get('preset')}) declares itself conserving, "
+                    f"but on this input ΣR_in / R_out = {not_conserved[i]:.6g} (limit |ratio − 1| ≤ "
+                    f"{CONSERVATION_TOLERANCE:g}; it conserved on its compile example). The map would not add up "
+                    "to the prediction, so none is returned; the PyTorch explainer names the node where it departs"))
                 continue
             out.append(Explanation(logits[i], probabilities[i], int(predicted[i]),
                                    int(predicted[i] if target[i] < 0 else target[i]), relevance[i], x[i]))
@@ -281,7 +296,7 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 def _parse_metadata(raw: dict[str, str], path: Path) -> dict:
     """metadata_props hold strings; the structured ones are JSON, the flags "true"/"false"."""
     meta: dict = dict(raw)
-    for key in ("input_size", "preprocessing", "labels"):
+    for key in ("input_size", "preprocessing", "labels", "certificate"):
         if key in meta:
             try:
                 meta[key] = json.loads(meta[key])

@@ -24,7 +24,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
 from . import heatmap
-from .errors import ImageError, InputError, NonFiniteRelevanceError
+from .errors import ImageError, InputError, RelevanceCheckError
 from .metrics import CONTENT_TYPE, Counter, Histogram, Registry
 from .runtime import ExplainerSession, Explanation, load, open_image
 from .webpage import INDEX_HTML
@@ -179,7 +179,7 @@ def create_app(session: ExplainerSession, max_batch: int = 8, max_wait_ms: float
     app.add_middleware(RequestMetrics, metrics=metrics)  # outermost, so 413s are counted too
     app.add_exception_handler(ImageError, _error_handler(400))
     app.add_exception_handler(InputError, _error_handler(422))
-    app.add_exception_handler(NonFiniteRelevanceError, _error_handler(422))  # this input cannot be explained
+    app.add_exception_handler(RelevanceCheckError, _error_handler(422))  # this input cannot be explained
     app.add_exception_handler(BodyTooLarge, _error_handler(413))
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)

@@ -25,12 +25,12 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from . import ops
-from .errors import ConservationError, NonFiniteRelevanceError, VanishingRelevanceError
+from .conservation import CONSERVATION_TOLERANCE, departures
+from .errors import ConservationError, NonFiniteRelevanceError, NotConservedError, VanishingRelevanceError
 from .graph import describe_node
 from .rewrite import Rewriter
 
 FORWARD_TOLERANCE = 1e-4
-CONSERVATION_TOLERANCE = 1e-3
 MERGE_TOLERANCE = 1e-5  # Σ(R − Σ R_i) at a merge, relative to Σ|R| there (float32 rounding: ~1e-7)
 VANISHING_BOUNDS = (0.5, 2.0)
 PERTURBATION = 0.1  # the second sample: the example plus this fraction of its std in Gaussian noise
@@ -328,3 +328,31 @@ def raise_nonfinite(explainer, x: torch.Tensor, target: torch.Tensor, relevance:
         f"preset {explainer.preset.name!r}: the relevance is not finite for sample(s) {bad} of {len(relevance)}"
         f"{where} (the explainer passed its check on the compile example; the preset "
         "otsuki2024-conserving (z⁺ with dead units spread), divides only where its denominator is not 0)")
+
+
+def raise_not_conserved(explainer, x: torch.Tensor, target: torch.Tensor, logits: torch.Tensor,
+                        relevance: torch.Tensor) -> None:
+    """Raise NotConservedError where the explainer of a conserving preset does not conserve on a sample of `x`
+    (`graphlrp.conservation.departures`); the conservation trace of the first such sample names the node where
+    the sum departs. The certificate checked two inputs; float32 can break the promise on a third (a unit whose
+    contributions cancel to rounding), and a map that does not add up must not pass as the preset's."""
+    if not explainer.preset.conserving:
+        return
+    flat = relevance.detach().flatten(1).double()
+    bad = departures(logits.detach().double().cpu().numpy(), flat.sum(1).cpu().numpy(), flat.abs().sum(1).cpu().numpy(),
+                     target.cpu().numpy(), explainer.info["output_relevance"])
+    if not bad:
+        return
+    i = min(bad)
+    tracer = _tracer(explainer)
+    with torch.no_grad():
+        _, _, sums = tracer(x[i:i + 1], target[i:i + 1])
+    node_trace = _NodeTrace(sums, explainer._traced, explainer.plan, float(sums["output"].double().abs().sum()))
+    found = node_trace.first_departure(1 - CONSERVATION_TOLERANCE, 1 + CONSERVATION_TOLERANCE)
+    found = found or _largest_row(node_trace)
+    ratios = ", ".join(f"sample {k}: {v:.6g}" for k, v in sorted(bad.items()))
+    raise NotConservedError(
+        f"preset {explainer.preset.name!r} declares itself conserving, but on this input ΣR_in / R_out = {ratios} "
+        f"(limit |ratio − 1| ≤ {CONSERVATION_TOLERANCE:g}; it conserved on the compile example)"
+        f"{_departure(found, node_trace)}{_leak_list(node_trace.largest())}. The map would not add up to the "
+        "prediction, so none is returned")

@@ -51,7 +51,8 @@ def zoo(monkeypatch):
 
 
 def _run(out, *extra):
-    assert cli.main(["coverage", "--no-onnx", "-o", str(out), *extra]) == 0
+    """The command in this process (--max-memory 0), so the fakes record their calls here."""
+    assert cli.main(["coverage", "--no-onnx", "--max-memory", "0", "-o", str(out), *extra]) == 0
     return out.read_text()
 
 
@@ -189,6 +190,32 @@ def test_a_model_over_the_time_limit_is_a_timeout_row(zoo, tmp_path):
     text = _run(tmp_path / "a.md", "--timeout", "0.5")
     assert time.time() - t < 4
     assert "| torchvision | net_a | 64 | timeout |" in text
+
+
+def _growing_row(gigabytes: float) -> cov.Row:
+    """A model check that grows by 50 MB every 20 ms up to `gigabytes`, then returns its row."""
+    hog = []
+    for _ in range(int(gigabytes * 20)):
+        hog.append(torch.ones(50 * 2**18))
+        time.sleep(0.02)
+    row = cov.Row("torchvision", "grows", 64, cli_preset="otsuki2024")
+    row.presets = {"cli": cov.PresetResult("otsuki2024", "ok", [0.9, 0.8], 0.0)}
+    return row.settle()
+
+
+def test_each_model_runs_in_its_own_process_and_one_over_max_memory_is_a_memory_row():
+    """A model that grows past --max-memory is stopped (the kernel's OOM killer would end the whole run) and its
+    row says so; a model within it comes back from its process whole, with its peak resident size."""
+    assert cov.can_isolate()
+    limit = 2.0 * 2**30
+    row = cov.isolated(_growing_row, (4.0,), cov.Row("torchvision", "grows", 64), limit, timeout=0)
+    assert row.status == "memory" and "over --max-memory 2 GB" in row.error
+    assert row.peak_gb > 2.0
+    row = cov.isolated(_growing_row, (0.2,), cov.Row("torchvision", "grows", 64), limit, timeout=0)
+    assert row.status == "ok" and row.presets["cli"].ratio == [0.9, 0.8]
+    assert 0.2 < row.peak_gb < 2.0
+    text = cov.report([row], "graphlrp coverage")
+    assert f"| {row.seconds:.1f} | {row.peak_gb:.1f} |" in text
 
 
 def test_per_module_takes_at_most_n_architectures_of_every_timm_module(monkeypatch):

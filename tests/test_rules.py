@@ -48,7 +48,12 @@ def _rule_reference(rule, params, a, W, b, R, box):
     c = W[None] * a[:, None, :]  # [N, J, I]
     eps = params.get("epsilon", 1e-6)
     if rule == "epsilon":
-        return torch.einsum("nji,nj->ni", c, R / stab(c.sum(-1) + b, eps))
+        z = c.sum(-1) + b
+        # cancelled units (|z| <= cancelled · Σ|c| + |b|) hand R on in proportion to |c|; the rest divide by z
+        magnitude = c.abs().sum(-1) + b.abs()
+        dead = z.abs() <= params.get("cancelled", 0.0) * magnitude
+        live = torch.einsum("nji,nj->ni", c, torch.where(dead, 0.0, R / stab(z, eps)))
+        return live + torch.einsum("nji,nj->ni", c.abs(), torch.where(dead, R / magnitude, 0.0))
     if rule == "zplus":
         cp = c.clamp(min=0)
         return torch.einsum("nji,nj->ni", cp, R / stab(cp.sum(-1) + b.clamp(min=0), eps))
@@ -77,7 +82,7 @@ def _rule_reference(rule, params, a, W, b, R, box):
 
 
 @pytest.mark.parametrize("rule,params", [
-    ("epsilon", {"epsilon": 0.25}), ("zplus", {}), ("alpha_beta", {"alpha": 2.0, "beta": 1.0}),
+    ("epsilon", {"epsilon": 0.25}), ("epsilon", {"epsilon": 0.25, "cancelled": 0.3}), ("zplus", {}), ("alpha_beta", {"alpha": 2.0, "beta": 1.0}),
     ("alpha_beta", {"alpha": 1.0, "beta": 0.0}), ("gamma", {"gamma": 0.25}), ("flat", {}), ("wsquare", {}),
     ("zbox", {}),
 ])
@@ -101,6 +106,34 @@ def test_affine_rule_matches_its_formula(rule, params, layer):
     R_h = _rule_reference(*rules["fc2"], h, model.fc2.weight.detach(), model.fc2.bias.detach(), R, box)
     expected = _rule_reference(*rules["fc1"], x, model.fc1.weight.detach(), model.fc1.bias.detach(), R_h, box)
     assert rel_diff(relevance, expected) <= 1e-5
+
+
+def test_epsilon_spreads_cancelled_units_and_conserves():
+    """A unit whose contributions cancel (z = 1e-7 of Σ|a w|) divides R by rounding noise under the plain ε-rule;
+    with `cancelled` it hands R on by |a w| instead: the float64 formula, and conservation in float32."""
+    torch.manual_seed(0)
+    model = MLP().eval()
+    x = torch.randn(2, 6)
+    with torch.no_grad():
+        w = model.fc1.weight[0]
+        w[-1] = -(w[:-1] * x[0, :-1]).sum() / x[0, -1]  # unit 0 of fc1 cancels to rounding on sample 0
+    rules = {"epsilon": 1e-9, "bias": "zero", "cancelled": 1e-4}
+    preset = {"output": "logit", "conserving": True,
+              "rules": {"first_layer": {"rule": "epsilon", **rules}, "linear": {"rule": "epsilon", **rules}}}
+    explainer = graphlrp.compile(model, x[:1], rules=preset)
+    logits, relevance = explainer(x)
+    target = logits.argmax(-1)
+    R = torch.zeros_like(logits, dtype=torch.float64)
+    R[torch.arange(2), target] = logits[torch.arange(2), target].double()
+    xd, m = x.double(), model.double()
+    zero = lambda layer: torch.zeros(layer.out_features, dtype=torch.float64)  # noqa: E731
+    R_h = _rule_reference("epsilon", rules, m.fc1(xd).detach(), m.fc2.weight.detach(), zero(m.fc2), R, None)
+    expected = _rule_reference("epsilon", rules, xd, m.fc1.weight.detach(), zero(m.fc1), R_h, None)
+    assert rel_diff(relevance, expected) <= 1e-5
+    gap = (relevance.double().sum(-1) - R.sum(-1)).abs()
+    assert (gap <= 1e-6 * relevance.double().abs().sum(-1)).all()  # conserved to float32 rounding of Σ|R|
+    plain = _rule_reference("epsilon", {"epsilon": 1e-9}, xd, m.fc1.weight.detach(), zero(m.fc1), R_h, None)
+    assert rel_diff(plain, expected) > 1  # the plain rule's map is dominated by the cancelled unit
 
 
 def test_epsilon_stabiliser_treats_zero_as_positive():

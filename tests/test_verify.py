@@ -17,7 +17,8 @@ import graphlrp
 from graphlrp import rules
 from graphlrp.errors import ConservationError, ExportError, PresetError, VanishingRelevanceError
 from graphlrp.presets import load_preset
-from graphlrp.verify import CONSERVATION_TOLERANCE, certify, example_pair
+from graphlrp.conservation import CONSERVATION_TOLERANCE
+from graphlrp.verify import certify, example_pair
 
 
 class Block(nn.Module):
@@ -333,3 +334,67 @@ def test_relevance_that_is_not_finite_on_a_later_input_is_an_error_naming_the_no
         bad = client.post("/v1/explain", json={"array": x[1].tolist()})
     assert ok.status_code == 200, ok.text
     assert bad.status_code == 422 and "not finite" in bad.json()["detail"]
+
+
+class _TwoLayers(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(6, 5, bias=False), nn.Linear(5, 3, bias=False)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def test_a_conserving_explainer_that_stops_conserving_on_a_later_input_is_an_error_naming_the_node(tmp_path):
+    """A conserving preset with an ε that matters only at small pre-activations: it conserves on the large compile
+    example (the certificate passes) and loses relevance on a small input. Every call checks: PyTorch names the
+    sample and the node, the runtime fails that sample alone, the server answers 422 for it and 200 for the other."""
+    from graphlrp.errors import NotConservedError
+
+    torch.manual_seed(0)
+    net = _TwoLayers().eval()
+    rule = {"rule": "epsilon", "epsilon": 1e-3, "bias": "zero"}
+    preset = {"name": "eps-1e-3", "output": "logit", "conserving": True,
+              "rules": {"first_layer": rule, "linear": rule, "activation": "pass"}}
+    example = 100 * torch.randn(1, 6)
+    explainer = graphlrp.compile(net, example, rules=preset)
+    assert explainer.certificate.worst_ratio_error <= CONSERVATION_TOLERANCE
+    x = torch.cat([example, 1e-3 * example])
+    logits, relevance = explainer(x[:1])
+    assert abs(float(relevance.sum()) / float(logits.max()) - 1) <= CONSERVATION_TOLERANCE
+    with pytest.raises(NotConservedError, match=r"sample 1: 0\.\d+.*departs first at node 'fc\d'.*rule epsilon"):
+        explainer(x)
+    with torch.no_grad():
+        logits, relevance = explainer.graph_module(x, torch.full((2,), -1))  # what it would have returned
+    assert abs(float(relevance[1].sum()) / float(logits[1].max()) - 1) > 0.01
+
+    path = tmp_path / "e.onnx"
+    explainer.export_onnx(path, check=False)
+    session = graphlrp.load(path)
+    assert session.conserving
+    results = session.run_each(x.numpy(), np.full(2, -1, np.int64))
+    assert np.allclose(results[0].relevance, explainer(x[:1])[1][0].numpy(), rtol=1e-4, atol=1e-6)
+    assert isinstance(results[1], NotConservedError)
+    with pytest.raises(NotConservedError, match="sample 1"):
+        session.explain(x.numpy())
+
+    from starlette.testclient import TestClient
+    from graphlrp.server import create_app
+
+    with TestClient(create_app(session)) as client:
+        ok = client.post("/v1/explain", json={"array": x[0].tolist()})
+        bad = client.post("/v1/explain", json={"array": x[1].tolist()})
+    assert ok.status_code == 200, ok.text
+    assert bad.status_code == 422 and "conserving" in bad.json()["detail"]
+
+
+def test_conservation_is_judged_against_float32_rounding_of_the_relevance_not_of_the_output():
+    """A target whose logit is ~0 while the map carries relevance of both signs: a departure within 1e-6 of Σ|R|
+    is rounding and passes; one above both limits is reported with its ratio."""
+    from graphlrp.conservation import array_departures, output_relevance
+
+    logits = np.array([[1e-7, -2.0], [3.0, 0.5], [3.0, 0.5]])
+    relevance = np.array([[5.0, -5.0 + 1e-6], [1.5, 1.5], [1.5, 1.0]])
+    assert array_departures(logits, relevance, np.array([0, -1, -1]), "logit") == {2: pytest.approx(2.5 / 3)}
+    p = output_relevance(logits, np.array([1, 1, 0]), "probability")
+    assert np.allclose(p, [np.exp(-2) / (np.exp(-2) + np.exp(1e-7)), 1 / (1 + np.exp(2.5)), 1 / (1 + np.exp(-2.5))])

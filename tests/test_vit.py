@@ -109,7 +109,7 @@ REFERENCE_RULES = {
     "cp-lrp": dict(bias=True, softmax="constant", product="values", split="signed", pos="proportional", cls="drop",
                    eps=1e-6, inner=1e-9),
     "cp-lrp-conserving": dict(bias=False, softmax="constant", product="values", split="ratio", pos="pass",
-                              cls="spread", eps=1e-9, inner=1e-9),
+                              cls="spread", eps=1e-9, inner=1e-9, cancelled=1e-4),
 }
 
 
@@ -129,7 +129,11 @@ def reference_lrp(model: TinyViT, x: torch.Tensor, target: torch.Tensor, preset:
     def linear_rule(a, W, b, R):  # contributions z_ij = a_j W_ij (+ b_i / in the denominator only)
         z = a @ W.T + (b if cfg["bias"] else 0)
         contrib = a.unsqueeze(-2) * W  # [..., out, in]
-        return (contrib * (R / stab(z)).unsqueeze(-1)).sum(-2)
+        # units whose contributions cancel (|z| <= cancelled · Σ|z_ij|) hand R on in proportion to |z_ij|
+        magnitude = contrib.abs().sum(-1) + (b.abs() if cfg["bias"] else 0)
+        dead = z.abs() <= cfg.get("cancelled", 0.0) * magnitude
+        live = (contrib * torch.where(dead, 0.0, R / stab(z)).unsqueeze(-1)).sum(-2)
+        return live + (contrib.abs() * torch.where(dead, R / magnitude, 0.0).unsqueeze(-1)).sum(-2)
 
     def norm_rule(t, w, b, R):  # LayerNorm with σ constant: y = diag(w/σ)(I − 11ᵀ/d) t (+ b)
         sigma = torch.sqrt(t.var(-1, unbiased=False, keepdim=True) + 1e-6)
@@ -226,7 +230,8 @@ def tiny():
 def test_tiny_vit_matches_per_layer_reference(tiny, preset):
     """The compiled rules equal the per-layer reference: the explainer graph evaluated in float64 to 1e-7, the
     float32 explainer to 1e-4. Bias-free ε-rules (cp-lrp-conserving) divide by small z on a random network and
-    give input relevances ~10³× the logit, so its float32 run is only within 1e-2 of the exact values."""
+    give input relevances ~10³× the logit, so its float32 run is within 1e-3 of the exact values (6.8e-4 here).
+    The reference has the preset's `cancelled` rule: units whose contributions cancel hand R on by |z_ij|."""
     import copy
 
     model, x, target = tiny
@@ -238,7 +243,7 @@ def test_tiny_vit_matches_per_layer_reference(tiny, preset):
     with torch.no_grad():
         _, exact = copy.deepcopy(explainer.graph_module).double()(x.double(), chosen)
     assert rel(exact, ref) <= 1e-7  # float32-stored constants (W·scale) bound it
-    assert rel(relevance, ref) <= (1e-2 if preset == "cp-lrp-conserving" else 1e-4)
+    assert rel(relevance, ref) <= (1e-3 if preset == "cp-lrp-conserving" else 1e-4)
 
 
 def test_tiny_vit_attnlrp_matches_lxt_explicit(tiny):

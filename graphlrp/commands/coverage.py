@@ -27,6 +27,9 @@ def register(sub) -> None:
     p.add_argument("--onnx", action="store_true", help=argparse_suppress())
     p.add_argument("--timeout", type=float, default=600, metavar="SECONDS",
                    help="time limit per model (default 600; 0: none); a model over it is a 'timeout' row")
+    p.add_argument("--max-memory", type=float, default=None, metavar="GB",
+                   help="run each model in its own process and stop it above this resident size: a 'memory' row, "
+                        "and the run goes on (default: 85%% of this machine's memory; 0: no guard, one process)")
     p.add_argument("--resume", action="store_true",
                    help="keep the rows already in the report (-o) and run only the models not there yet "
                         "('skipped' rows are run again unless --skip-large is given)")
@@ -51,18 +54,17 @@ def planned_models(args) -> list[tuple[str, str]]:
 
 
 def run(args) -> int:
-    import gc
     import os
     import sys
     import tempfile
     import time
     import warnings
 
-    import torch
-
     from .. import coverage as cov
 
     warnings.filterwarnings("ignore")
+    if args.max_memory is None:
+        args.max_memory = cov.default_memory_limit()
     if args.rules:
         print("graphlrp coverage: --rules is ignored: every model runs with the CLI's choice, "
               "otsuki2024-conserving and cp-lrp-conserving", file=sys.stderr)
@@ -92,47 +94,14 @@ def run(args) -> int:
     if args.resume:
         print(f"resuming: {len(todo) - len(left)} of {len(todo)} planned models already in {args.output}",
               file=sys.stderr)
+    limit = args.max_memory * 2**30 if args.max_memory else 0
     for i, (source, name) in enumerate(left):
-        size = cov.SIZES.get(name, args.size)
-        row = cov.Row(source, name, size)
         t = time.time()
-        millions = cov.known_params(source, name)
-        if args.skip_large and args.max_params and millions is not None and millions > args.max_params:
-            row.status, row.large, row.params = "skipped", True, millions
-            row.error = f"{millions:.0f}M parameters, over --max-params {args.max_params:g}"
+        if limit and cov.can_isolate():
+            row = cov.isolated(_check_one, (source, name, args, tmp), cov.Row(source, name, args.size),
+                               limit, args.timeout)
         else:
-            model = None
-            try:
-                with cov.time_limit(args.timeout):
-                    try:
-                        torch.manual_seed(0)
-                        model = cov.build(source, name).eval()
-                    except Exception as e:
-                        row.status, row.error = "model-error", f"{type(e).__name__}: {cov._first_line(e)}"
-                    if model is not None:
-                        row.params = sum(p.numel() for p in model.parameters()) / 1e6
-                        row.large = bool(args.max_params) and row.params > args.max_params
-                        if row.large:
-                            row.error = f"{row.params:.0f}M parameters, over --max-params {args.max_params:g}"
-                        if row.large and args.skip_large:
-                            row.status = "skipped"
-                        else:
-                            row.size = args.large_size if row.large else row.size
-                            if not cov.accepts(model, row.size):  # a fixed image size: rebuilt for this one?
-                                del model
-                                torch.manual_seed(0)
-                                model, note = cov.build_for_size(source, name, row.size)
-                                row.error = "; ".join(filter(None, [row.error, note]))
-                            cov.settle_batchnorm(model)
-                            cov.check_model(model, row.size, source, name, None if args.no_onnx else tmp, row)
-            except cov.ModelTimeout as e:
-                row.status = "timeout"
-                row.error = "; ".join(filter(None, [row.error, str(e)]))
-            except Exception as e:  # the check itself failed: a row, not the end of the run
-                row.status = "CRASH"
-                row.error = "; ".join(filter(None, [row.error, cov._crash(e)]))
-            del model
-            gc.collect()
+            row = _check_one(source, name, args, tmp)
         row.seconds = time.time() - t
         rows.append(row)
         print(f"[{i + 1}/{len(left)}] {source}:{name} {row.status} {row.error}", file=sys.stderr, flush=True)
@@ -142,3 +111,55 @@ def run(args) -> int:
     others = ", ".join(f"{v} {k}" for k, v in counts.items() if v and k != "ok")
     print(f"{counts['ok']} of {len(rows)} models ok{f' ({others})' if others else ''}; report: {args.output}")
     return 0
+
+
+def _check_one(source: str, name: str, args, tmp: str):
+    """Build one model and run the coverage check on it (`coverage.check_model`); a Row whatever happens."""
+    import gc
+    import warnings
+
+    import torch
+
+    from .. import coverage as cov
+
+    warnings.filterwarnings("ignore")
+    size = cov.SIZES.get(name, args.size)
+    row = cov.Row(source, name, size)
+    millions = cov.known_params(source, name)
+    if args.skip_large and args.max_params and millions is not None and millions > args.max_params:
+        row.status, row.large, row.params = "skipped", True, millions
+        row.error = f"{millions:.0f}M parameters, over --max-params {args.max_params:g}"
+        return row
+    model = None
+    try:
+        with cov.time_limit(args.timeout):
+            try:
+                torch.manual_seed(0)
+                model = cov.build(source, name).eval()
+            except Exception as e:
+                row.status, row.error = "model-error", f"{type(e).__name__}: {cov._first_line(e)}"
+            if model is not None:
+                row.params = sum(p.numel() for p in model.parameters()) / 1e6
+                row.large = bool(args.max_params) and row.params > args.max_params
+                if row.large:
+                    row.error = f"{row.params:.0f}M parameters, over --max-params {args.max_params:g}"
+                if row.large and args.skip_large:
+                    row.status = "skipped"
+                else:
+                    row.size = args.large_size if row.large else row.size
+                    if not cov.accepts(model, row.size):  # a fixed image size: rebuilt for this one?
+                        del model
+                        torch.manual_seed(0)
+                        model, note = cov.build_for_size(source, name, row.size)
+                        row.error = "; ".join(filter(None, [row.error, note]))
+                    cov.settle_batchnorm(model)
+                    cov.check_model(model, row.size, source, name, None if args.no_onnx else tmp, row)
+    except cov.ModelTimeout as e:
+        row.status = "timeout"
+        row.error = "; ".join(filter(None, [row.error, str(e)]))
+    except Exception as e:  # the check itself failed: a row, not the end of the run
+        row.status = "CRASH"
+        row.error = "; ".join(filter(None, [row.error, cov._crash(e)]))
+    del model
+    gc.collect()
+    return row

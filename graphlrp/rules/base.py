@@ -67,7 +67,7 @@ PARAM_CHOICES = {
 RULE_PARAM_CHOICES = {
     ("avg2x2", "otherwise"): ("error", "window_average"),
 }
-NONNEGATIVE_PARAMS = ("epsilon", "gamma", "alpha", "beta")
+NONNEGATIVE_PARAMS = ("epsilon", "gamma", "alpha", "beta", "cancelled")
 TINY = 1e-30  # a normal float32 (smallest normal ≈ 1.2e-38) that keeps a denominator away from 0
 
 
