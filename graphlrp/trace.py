@@ -101,6 +101,8 @@ class _SizedProxy(fx.Proxy):
 # rel_indices) with a traced size (the batch size, a graph value), they are recorded as graph nodes instead of
 # failing in PyTorch's argument parser
 _SIZED_METHODS = ("expand", "repeat", "view", "reshape", "new_zeros", "new_ones", "new_empty", "new_full")
+# factory functions likewise: `torch.ones(B, n, dtype=torch.bool)` (Gemma 4's ViT) with a traced B is a graph node
+_SIZED_FACTORIES = ("ones", "zeros", "empty", "full")
 
 
 def _find_proxy(obj):
@@ -114,17 +116,34 @@ def _find_proxy(obj):
 
 
 class _SizedMethods:
-    """While tracing: `tensor.expand(B, -1, ...)` with a traced B becomes a call_method node on the constant."""
+    """While tracing: `tensor.expand(B, -1, ...)` with a traced B becomes a call_method node on the constant, and
+    `torch.ones(B, n)` a call_function node of torch.ones."""
 
     def __enter__(self):
         self.saved = {name: getattr(torch.Tensor, name) for name in _SIZED_METHODS}
         for name, original in self.saved.items():
             setattr(torch.Tensor, name, self._wrap(name, original))
+        self.factories = {name: getattr(torch, name) for name in _SIZED_FACTORIES}
+        for name, original in self.factories.items():
+            setattr(torch, name, self._wrap_factory(original))
         return self
 
     def __exit__(self, *exc):
         for name, original in self.saved.items():
             setattr(torch.Tensor, name, original)
+        for name, original in self.factories.items():
+            setattr(torch, name, original)
+
+    @staticmethod
+    def _wrap_factory(original):
+        def factory(*args, **kwargs):
+            proxy = _find_proxy(args)
+            if proxy is None:
+                return original(*args, **kwargs)
+            return proxy.tracer.create_proxy("call_function", original, args, kwargs)
+
+        factory.__name__ = original.__name__
+        return factory
 
     @staticmethod
     def _wrap(name, original):
@@ -236,6 +255,32 @@ def _functionalize(gm: fx.GraphModule) -> None:
                 if user is not node and order[user] > order[node]:
                     user.replace_input_with(source, node)
     gm.recompile()
+
+
+# functions of other libraries that compute what a torch function computes, with its signature: traced as leaves
+# (timm wraps its norm helpers for torch.fx), they become the torch function, whose describer and converter apply
+_SAME_AS_TORCH = {
+    ("timm.layers.fast_norm", "rms_norm"): "rms_norm",
+    ("timm.layers.fast_norm", "fast_rms_norm"): "rms_norm",
+    ("timm.layers.fast_norm", "fast_layer_norm"): "layer_norm",
+    ("timm.layers.fast_norm", "fast_group_norm"): "group_norm",
+}
+
+
+def _torch_spellings(gm: fx.GraphModule) -> None:
+    """Replace the targets listed in _SAME_AS_TORCH by their torch.nn.functional function."""
+    import torch.nn.functional as F
+
+    changed = False
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        key = (getattr(node.target, "__module__", None), getattr(node.target, "__qualname__", None))
+        same = getattr(F, _SAME_AS_TORCH.get(key, ""), None)
+        if same is not None:
+            node.target, changed = same, True
+    if changed:
+        gm.recompile()
 
 
 def _conv1d_as_conv2d(gm: fx.GraphModule) -> None:
@@ -421,6 +466,7 @@ def trace(model: torch.nn.Module, example_input: torch.Tensor) -> Traced:
     if len(placeholders) != 1:
         raise TraceError(f"the model's forward must take exactly one tensor input, found {len(placeholders)}")
     _functionalize(gm)
+    _torch_spellings(gm)
     _conv1d_as_conv2d(gm)
     _conv_transpose_as_conv(gm)
     with torch.no_grad():

@@ -103,6 +103,23 @@ class FourierPosition(nn.Module):
         return self.fc(F.relu(y + self.proj(code)).mean((2, 3)))
 
 
+class VarargFactory(nn.Module):
+    """Gemma 4's ViT: `torch.ones(B, n, dtype=torch.bool)` and `torch.zeros(B, c, 1, 1)` with the traced batch size
+    as a separate argument (not inside a tuple)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        y = self.conv(x)
+        b = y.shape[0]
+        valid = torch.ones(b, y.shape[2] * y.shape[3], dtype=torch.bool)
+        y = y + torch.zeros(b, 4, 1, 1)
+        return self.fc((F.relu(y).flatten(2) * valid[:, None]).mean(2))
+
+
 def _reproduces_conserves_and_exports(model, x, tmp_path):
     """cp-lrp-conserving compiled at one sample, run at batch 3: the forward, conservation and the export's parity."""
     explainer = graphlrp.compile(model, x[:1], rules="cp-lrp-conserving")
@@ -115,6 +132,11 @@ def _reproduces_conserves_and_exports(model, x, tmp_path):
 def test_a_tensor_made_from_the_batch_size_alone_exports(tmp_path):
     torch.manual_seed(0)
     _reproduces_conserves_and_exports(FourierPosition().eval(), torch.randn(3, 3, 5, 6), tmp_path)
+
+
+def test_factories_given_the_batch_size_as_an_argument_trace_and_export(tmp_path):
+    torch.manual_seed(0)
+    _reproduces_conserves_and_exports(VarargFactory().eval(), torch.randn(3, 3, 5, 6), tmp_path)
 
 
 def test_item_assignment_traces_out_of_place(tmp_path):
@@ -862,6 +884,66 @@ def test_group_norm_linearized_is_the_epsilon_rule_with_sigma_held(functional):
     model.float()
     import tempfile, os
     assert explainer.export_onnx(os.path.join(tempfile.mkdtemp(), "g.onnx")).max_rel_diff <= 1e-3
+
+
+# ------------------------------------------------------------------ norms that only scale: RMSNorm, F.normalize
+class ScalingNorms(nn.Module):
+    """A linear layer, one norm that only scales (no centring, no bias), a bias-free head."""
+
+    def __init__(self, spelling: str):
+        super().__init__()
+        self.spelling = spelling
+        self.fc1, self.fc2 = nn.Linear(6, 8, bias=False), nn.Linear(8, 3, bias=False)
+        if spelling == "timm":
+            from timm.layers import RmsNorm
+            self.norm = RmsNorm(8)  # traced as a leaf call of timm's own rms_norm function
+        else:
+            self.norm = nn.RMSNorm(8, eps=1e-6)
+        with torch.no_grad():
+            self.norm.weight.uniform_(0.5, 1.5)
+
+    def forward(self, x):
+        h = self.fc1(x)
+        if self.spelling == "normalize":
+            h = F.normalize(h, dim=-1)
+        elif self.spelling == "functional":
+            h = F.rms_norm(h, (8,), self.norm.weight, 1e-6)
+        else:
+            h = self.norm(h)
+        return self.fc2(h)
+
+
+@pytest.mark.parametrize("spelling", ["module", "functional", "timm", "normalize"])
+def test_norms_that_only_scale_pass_relevance_as_a_diagonal_map(spelling):
+    """With the normaliser held constant, RMSNorm (nn.RMSNorm, F.rms_norm, timm's RmsNorm) and F.normalize are
+    y = c ⊙ h: cp-lrp-conserving's `linearized` rule hands each unit its relevance unchanged (ε-rule of a diagonal
+    map). Against a float64 per-layer ε-rule: fc2, then the identity through the norm, then fc1; conserving, and
+    exported with parity."""
+    if spelling == "timm":
+        pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = ScalingNorms(spelling).eval()
+    x = torch.randn(3, 6)
+    explainer = graphlrp.compile(model, x[:1], rules="cp-lrp-conserving")
+    logits, rel = explainer(x)
+    m = model.double()
+    with torch.no_grad():
+        h = m.fc1(x.double())
+        if spelling == "normalize":
+            y = F.normalize(h, dim=-1)
+        elif spelling == "functional":
+            y = F.rms_norm(h, (8,), m.norm.weight, 1e-6)
+        else:
+            y = m.norm(h)
+        out = m.fc2(y)
+        t = out.argmax(1)
+        r_y = y * m.fc2.weight[t]  # the bias-free ε-rule of fc2 with R = the target logit: y_j w_tj
+        r_x = x.double() * ((r_y / h) @ m.fc1.weight)  # through the norm unchanged, then fc1's ε-rule
+    assert rel_diff(logits, out) <= 1e-5
+    assert rel_diff(rel, r_x) <= 1e-4
+    assert torch.allclose(rel.double().sum(1), out.gather(1, t[:, None])[:, 0], rtol=1e-4)
+    import tempfile, os
+    assert explainer.export_onnx(os.path.join(tempfile.mkdtemp(), "n.onnx")).max_rel_diff <= 1e-4
 
 
 # ------------------------------------------------------------------ parameter-only subgraphs

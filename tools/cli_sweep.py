@@ -136,7 +136,9 @@ def report(rows: dict[str, dict], planned: list[str], command: str, limits: tupl
         walls = sorted(r["wall_s"] for r in normal if status(r) == "ok")
         rss = sorted(r["rss_gib"] for r in normal if status(r) == "ok")
         if walls:
-            lines += [f"Models up to the parameter limit, at their own input size: wall time median {walls[len(walls) // 2]} s,"
+            sizes = {r["input"] for r in normal}
+            at = f"at {sizes.pop()} px" if len(sizes) == 1 and "" not in sizes else "at their own input size"
+            lines += [f"Models up to the parameter limit, {at}: wall time median {walls[len(walls) // 2]} s,"
                       f" max {walls[-1]} s; peak memory median {rss[len(rss) // 2]} GiB, max {rss[-1]} GiB. "
                       f"Over {wall_limit:g} s or {rss_limit:g} GiB: {', '.join(over) if over else 'none'}.", ""]
     lines += ["status: ok — exit 0 and a file written (the CLI checks it: onnx.checker and onnxruntime parity); "
@@ -165,6 +167,8 @@ def main(argv=None) -> int:
     ap.add_argument("--redo", default="", help="comma-separated models to run again although the report has them")
     ap.add_argument("--max-params", type=float, default=100, help="millions; larger models run at --large-size")
     ap.add_argument("--large-size", type=int, default=64)
+    ap.add_argument("--size", type=int, default=0, help="input size of the models up to --max-params (default 0: "
+                    "each model's own, e.g. 600 px for efficientnet_b7)")
     ap.add_argument("--timeout", type=float, default=900)
     ap.add_argument("--max-rss-gib", type=float, default=12, help="stop a compile whose memory passes this (0: none)")
     a = ap.parse_args(argv)
@@ -172,13 +176,13 @@ def main(argv=None) -> int:
     planned = torchvision_models() if a.resume or not subset else subset  # the report keeps every resumed row
     rows = read_rows(a.output) if a.resume else {}
     redo = set(a.redo.split(",")) if a.redo else set()
-    command = "python tools/cli_sweep.py -o " + a.output
+    command = "python tools/cli_sweep.py -o " + a.output + (f" --size {a.size}" if a.size else "")
     with tempfile.TemporaryDirectory() as workdir:
         for name in subset or planned:
             if name in rows and name not in redo:
                 continue
             large = params_millions(name) > a.max_params
-            row = run_one(name, a.large_size if large else None, a.timeout, workdir, a.max_rss_gib)
+            row = run_one(name, a.large_size if large else (a.size or None), a.timeout, workdir, a.max_rss_gib)
             row["large"] = large
             rows[name] = row
             print(f"{name}: {status(row)} {row['wall_s']} s {row['rss_gib']} GiB {row['error'][:120]}", flush=True)

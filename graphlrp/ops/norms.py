@@ -24,16 +24,25 @@ def _norm(node, traced):
     return Op(NORM, node, (node.args[0],), _layer_norm_params(node, traced))
 
 
+_SCALINGS = tuple(f for f in (getattr(F, "rms_norm", None), getattr(torch, "rms_norm", None), F.normalize,
+                               F.local_response_norm) if f is not None)
+_SCALING_MODULES = tuple(m for m in (getattr(nn, "RMSNorm", None), nn.LocalResponseNorm) if m is not None)
+
+
 def _layer_norm_params(node, traced) -> dict:
     """For a layer norm, what the `linearized` rule needs (normalised trailing dims, eps, affine weight and bias);
-    for a group norm (module or functional spelling) its groups, eps and per-channel affine part; {} for the other
-    norms, which only the identity rule (`pass`) handles."""
+    for a group norm (module or functional spelling) its groups, eps and per-channel affine part; for a norm that
+    only scales (RMSNorm, L2 and local response normalisation: no centring, no bias) `scaling`, as with its
+    normaliser held constant it is a diagonal map; {} for instance norms, which only the identity rule (`pass`)
+    handles."""
     detach = lambda t: None if t is None else t.detach()  # noqa: E731
     if node.op == "call_module":
         m = traced.module(node)
         if isinstance(m, nn.GroupNorm):
             return dict(group_norm=True, groups=int(m.num_groups), eps=float(m.eps), weight=detach(m.weight),
                         bias=detach(m.bias))
+        if isinstance(m, _SCALING_MODULES):
+            return dict(scaling=True)
         if not isinstance(m, nn.LayerNorm):
             return {}
         shape, eps, weight, bias = m.normalized_shape, m.eps, m.weight, m.bias
@@ -44,6 +53,8 @@ def _layer_norm_params(node, traced) -> dict:
     elif node.target in (F.layer_norm, torch.layer_norm):
         v = lambda i, name, d=None: value(arg(node, i, name, d), traced)  # noqa: E731
         shape, weight, bias, eps = v(1, "normalized_shape"), v(2, "weight"), v(3, "bias"), v(4, "eps", 1e-5)
+    elif node.target in _SCALINGS:
+        return dict(scaling=True)
     else:
         return {}
     shape = (shape,) if isinstance(shape, int) else tuple(shape)

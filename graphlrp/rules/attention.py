@@ -20,15 +20,20 @@ from .base import TINY
 def linearized_norm_rule(ctx, epsilon=1e-6, stabilizer="signed", bias="keep"):
     """LayerNorm with the normaliser 1/σ held constant (AttnLRP's identity rule on it): what remains, the centring
     x − mean(x) and the affine part, is a linear layer y = W x + b, and it gets the ε-rule. bias='zero' leaves the
-    bias out of z, so the layer conserves relevance. Other norms have only the identity rule, `pass`."""
+    bias out of z, so the layer conserves relevance. A norm that only scales (RMSNorm, F.normalize, local response
+    norm) is then a diagonal map y = c ⊙ x: the ε-rule gives R ⊙ y / stab(y). Instance norms have only the identity
+    rule, `pass`."""
     p = ctx.op.params
     if bias not in ("keep", "zero"):
         raise PresetError(f"bias must be 'keep' or 'zero' for layer norms, got {bias!r}")
     if p.get("group_norm"):
         return _linearized_group_norm(ctx, epsilon, stabilizer, bias)
+    if p.get("scaling"):
+        y = ctx.forward_output
+        return [ctx.call(torch.mul, ctx.R, ctx.call(torch.div, y, stabilize(ctx, y, epsilon, stabilizer)))]
     if not p.get("layer_norm"):
-        raise UnsupportedOpError(f"{describe_node(ctx.op.node)}: 'linearized' is a LayerNorm / GroupNorm rule; use "
-                                 "'pass' (the identity rule) for other norms")
+        raise UnsupportedOpError(f"{describe_node(ctx.op.node)}: 'linearized' is a LayerNorm / GroupNorm / RMSNorm "
+                                 "rule; use 'pass' (the identity rule) for instance norms")
     x = ctx.a
     dims = tuple(range(-p["dims"], 0))
     z = ctx.forward_output
