@@ -127,24 +127,29 @@ def accepts(model: nn.Module, size: int) -> bool:
 
 def build_for_size(source: str, name: str, size: int) -> tuple[nn.Module, str]:
     """The model built as `build` does; where it refuses size² (a transformer with a fixed image size), rebuilt
-    for that size where its builder takes one (timm's img_size, torchvision ViT's image_size). Returns the model
-    (eval mode) and a note saying so ("" when built as usual)."""
+    for that size where its builder takes one (timm's img_size, torchvision ViT's image_size), or for the
+    smallest multiple of a usual patch size (8, 14, 16, 32) above it where the size itself does not divide into
+    patches (a 14-pixel patch: 42 for 32). Returns the model (eval mode) and a note saying so ("" when built as
+    usual); a rebuilt model's `coverage_size` attribute is the size it takes."""
     model = build(source, name).eval()
     if accepts(model, size):
         return model, ""
     key = "img_size" if source == "timm" else "image_size"
-    try:
-        if source == "timm":
-            import timm
-            resized = timm.create_model(name, pretrained=False, img_size=size).eval()
-        else:
-            import torchvision
-            resized = torchvision.models.get_model(name, weights=None, image_size=size).eval()
-    except Exception:
-        return model, ""
-    if not accepts(resized, size):
-        return model, ""
-    return resized, f"built with {key}={size}"
+    for candidate in sorted({size, *(-(-size // p) * p for p in (8, 14, 16, 32))}):
+        try:
+            if source == "timm":
+                import timm
+                resized = timm.create_model(name, pretrained=False, img_size=candidate).eval()
+            else:
+                import torchvision
+                resized = torchvision.models.get_model(name, weights=None, image_size=candidate).eval()
+        except Exception:
+            return model, ""
+        if accepts(resized, candidate):
+            resized.coverage_size = candidate
+            return resized, f"built with {key}={candidate}"
+        del resized
+    return model, ""
 
 
 def settle_batchnorm(model: nn.Module) -> None:

@@ -249,3 +249,22 @@ def test_a_transformer_with_a_fixed_image_size_is_rebuilt_for_the_small_size():
     assert note == "built with img_size=32" and cov.accepts(model, 32)
     model, note = cov.build_for_size("timm", "resnet10t", 32)
     assert note == ""
+
+
+class _Patches14(nn.Module):
+    """A ViT-like model that takes only its own image size, in 14-pixel patches (DeepSeek's ViT)."""
+
+    def __init__(self, img_size: int = 518):
+        super().__init__()
+        self.img_size = img_size
+
+    def forward(self, x):
+        assert x.shape[-1] == self.img_size and self.img_size % 14 == 0, "not its size"
+        return x.mean((2, 3))
+
+
+def test_a_size_that_does_not_divide_into_patches_is_rebuilt_at_the_next_multiple(monkeypatch):
+    timm = pytest.importorskip("timm")
+    monkeypatch.setattr(timm, "create_model", lambda name, pretrained=False, img_size=518: _Patches14(img_size))
+    model, note = cov.build_for_size("timm", "patch14", 32)
+    assert note == "built with img_size=42" and model.coverage_size == 42 and cov.accepts(model, 42)

@@ -151,6 +151,7 @@ def _check_one(source: str, name: str, args, tmp: str):
                         del model
                         torch.manual_seed(0)
                         model, note = cov.build_for_size(source, name, row.size)
+                        row.size = getattr(model, "coverage_size", row.size)
                         row.error = "; ".join(filter(None, [row.error, note]))
                     cov.settle_batchnorm(model)
                     cov.check_model(model, row.size, source, name, None if args.no_onnx else tmp, row)
