@@ -77,15 +77,41 @@ def _sdpa(gm: fx.GraphModule, node: fx.Node) -> None:
     if not isinstance(is_causal, bool) or not (scale is None or isinstance(scale, (int, float))):
         raise UnsupportedOpError(f"{describe_node(node)}: is_causal and scale must be compile-time constants")
     shape_q, shape_k = q.meta["shape"], k.meta["shape"]
-    if shape_q[:-2] != shape_k[:-2] or shape_k[:-1] != v.meta["shape"][:-1]:
-        raise UnsupportedOpError(f"{describe_node(node)}: attention over shapes {shape_q}, {shape_k} "
-                                 "(grouped-query attention and broadcasting are not supported)")
+    gqa = _arg(node, 7, "enable_gqa", False)
+    if not isinstance(gqa, bool):
+        raise UnsupportedOpError(f"{describe_node(node)}: enable_gqa must be a compile-time constant")
     scale = 1.0 / math.sqrt(shape_q[-1]) if scale is None else float(scale)
+    if shape_k[-2] != v.meta["shape"][-2]:
+        raise UnsupportedOpError(f"{describe_node(node)}: keys and values of different lengths")
     with gm.graph.inserting_before(node):
+        k, v = (_heads_as_query(gm.graph, node, t, tuple(shape_q[:-2]), gqa) for t in (k, v))
         mask = _additive_mask(gm, node, mask, is_causal, shape_q, shape_k)
         out, _ = _attention(gm.graph, q, k, v, scale, mask, "...ld,...sd->...ls", "...ls,...sd->...ld")
     node.replace_all_uses_with(out)
     gm.graph.erase_node(node)
+
+
+def _heads_as_query(graph: fx.Graph, node: fx.Node, t: fx.Node, lead_q: tuple, gqa: bool) -> fx.Node:
+    """Keys or values with the query's leading (batch, head) dims, written as moves whose relevance adjoint sums
+    the copies: broadcast dims (multi-query attention: one key head for all query heads, MobileNetV5) expanded,
+    and with `enable_gqa` each of G key heads repeated H/G times (`repeat_interleave` on the head dim, as
+    PyTorch's grouped-query attention does)."""
+    shape = tuple(t.meta["shape"])
+    lead, tail = shape[:-2], shape[-2:]
+    if lead == lead_q:
+        return t
+    where = f"{describe_node(node)}: attention over shapes {lead_q + tail}, {shape}"
+    if len(lead) != len(lead_q):
+        raise UnsupportedOpError(f"{where}: queries and keys of different ranks")
+    if gqa and lead[:-1] == lead_q[:-1] and lead[-1] and lead_q[-1] % lead[-1] == 0:
+        g = lead_q[-1] // lead[-1]
+        t = graph.call_function(torch.unsqueeze, (t, -3))
+        t = graph.call_method("expand", (t, *([-1] * len(lead)), g, -1, -1))
+        return graph.call_method("reshape", (t, -1, *lead_q[1:], *tail))
+    if any(a != b and a != 1 for a, b in zip(lead, lead_q)):
+        raise UnsupportedOpError(f"{where} (heads that neither match nor broadcast; grouped-query attention needs "
+                                 "enable_gqa=True)")
+    return graph.call_method("expand", (t, *[-1 if a == b else b for a, b in zip(lead, lead_q)], -1, -1))
 
 
 def _mha(gm: fx.GraphModule, node: fx.Node, m: nn.MultiheadAttention) -> None:

@@ -439,6 +439,49 @@ def test_multihead_attention_decomposed():
                 assert ((taps["input"] / taps["output"]) - 1).abs().max() <= 1e-3
 
 
+class _SharedKeyHeads(nn.Module):
+    """F.scaled_dot_product_attention over 4 query heads with keys and values of fewer heads: one head broadcast
+    (multi-query attention, MobileNetV5), two heads with enable_gqa (grouped-query), or (`explicit`) the same with
+    the keys and values repeated by hand to 4 heads, the reference."""
+
+    def __init__(self, kv_heads: int, explicit: bool = False):
+        super().__init__()
+        self.kv_heads, self.explicit = kv_heads, explicit
+        self.q, self.kv = nn.Linear(6, 16), nn.Linear(6, 8 * kv_heads)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):  # x: [N, 6, 3, 3] -> 9 tokens of 6
+        t = x.flatten(2).transpose(1, 2)
+        n, L, _ = t.shape
+        q = self.q(t).reshape(n, L, 4, 4).transpose(1, 2)
+        k, v = self.kv(t).reshape(n, L, 2 * self.kv_heads, 4).transpose(1, 2).chunk(2, dim=1)
+        if self.explicit:
+            k, v = (u.repeat_interleave(4 // self.kv_heads, dim=1) for u in (k, v))
+            o = F.scaled_dot_product_attention(q, k, v)
+        else:
+            o = F.scaled_dot_product_attention(q, k, v, enable_gqa=self.kv_heads > 1)
+        return self.head(o.transpose(1, 2).reshape(n, L, 16)[:, 0])
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2], ids=["multi-query", "grouped-query"])
+def test_keys_and_values_with_fewer_heads_than_the_queries(kv_heads, tmp_path):
+    """Keys and values shared by several query heads become moves (expand, and a repeat of each head for
+    grouped-query attention) whose adjoint sums the relevance of the copies: the same relevance as the model with
+    the heads repeated by hand, conserving, and exported with parity."""
+    torch.manual_seed(0)
+    net = _SharedKeyHeads(kv_heads).eval()
+    reference = _SharedKeyHeads(kv_heads, explicit=True).eval()
+    reference.load_state_dict(net.state_dict())
+    x = torch.randn(3, 6, 3, 3)
+    explainer = graphlrp.compile(net, x[:1], rules="cp-lrp-conserving")
+    logits, relevance = explainer(x)
+    with torch.no_grad():
+        assert rel(logits, net(x)) <= 1e-5
+    _, expected = graphlrp.compile(reference, x[:1], rules="cp-lrp-conserving")(x)
+    assert rel(relevance, expected) <= 1e-5
+    assert explainer.export_onnx(tmp_path / "gqa.onnx").max_rel_diff <= 1e-4
+
+
 def test_unsupported_attention_is_a_clear_error():
     class NotBatchFirst(nn.Module):
         def __init__(self):
