@@ -47,6 +47,10 @@ class ExportReport:
     # the error float32 rounding itself causes on this graph and batch (float64 runs with simulated rounding): the
     # allowance's base, the same on every CPU
     float32_error_expected: float | None = None
+    # the same for the logits: a forward can be ill-conditioned too (random-weight FBNetV3-D: PyTorch's float32
+    # logits 8.8% from float64), and then no float32 runtime reproduces another's logits to the tolerance
+    float32_error_logits_onnxruntime: float | None = None
+    float32_error_logits_expected: float | None = None
     # the relevance was 0 everywhere on the parity batch: the output does not depend on the input (a zero
     # classification head, as torchvision initialises a ViT's), so parity holds trivially and proves nothing
     zero_relevance: bool = False
@@ -267,12 +271,19 @@ def _float64_relevance(explainer, x: torch.Tensor, target: torch.Tensor) -> np.n
 ROUNDING_SAMPLES = 2  # float64 runs with simulated float32 rounding; the largest distance sets the allowance
 
 
-def expected_float32_error(explainer, x: torch.Tensor, target: torch.Tensor, exact_logits, exact) -> float:
-    """The relevance error a correct float32 runtime is to be allowed on (x, target): the largest distance from the
-    exact float64 run of ROUNDING_SAMPLES float64 runs with simulated float32 rounding (`_Float64Run`). The
-    targets are resolved from the exact logits first, so a near-tie cannot make a noisy run explain another class."""
+def expected_float32_errors(explainer, x: torch.Tensor, target: torch.Tensor, exact_logits, exact) -> tuple:
+    """(logits error, relevance error) a correct float32 runtime is to be allowed on (x, target): the largest
+    distances from the exact float64 run of ROUNDING_SAMPLES float64 runs with simulated float32 rounding
+    (`_Float64Run`). The targets are resolved from the exact logits first, so a near-tie cannot make a noisy run
+    explain another class."""
     resolved = torch.where(target < 0, torch.as_tensor(exact_logits).argmax(1), target)
-    return max(rel_diff(_float64_run(explainer, x, resolved, seed)[1], exact) for seed in range(ROUNDING_SAMPLES))
+    runs = [_float64_run(explainer, x, resolved, seed) for seed in range(ROUNDING_SAMPLES)]
+    return max(rel_diff(r[0], exact_logits) for r in runs), max(rel_diff(r[1], exact) for r in runs)
+
+
+def expected_float32_error(explainer, x: torch.Tensor, target: torch.Tensor, exact_logits, exact) -> float:
+    """The relevance part of `expected_float32_errors`."""
+    return expected_float32_errors(explainer, x, target, exact_logits, exact)[1]
 
 
 class _SessionForOneRun:
@@ -311,15 +322,15 @@ def check_parity(explainer, session, report: ExportReport, x, target, expected) 
 
     Passes when they agree to PARITY_TOLERANCE (max |a - b| / max |b|). An explainer can be ill-conditioned in
     float32 (a stabiliser ε = 1e-6 dividing a sum that is nearly zero amplifies rounding); then no float32 result
-    is within the tolerance of the exact one, PyTorch's included. The logits (a well-conditioned forward) must
-    still agree to the tolerance, and the relevance passes when onnxruntime is within
+    is within the tolerance of the exact one, PyTorch's included. So can the forward (random-weight FBNetV3-D:
+    PyTorch's float32 logits 8.8% from float64). Logits and relevance each pass when onnxruntime is within
     max(tolerance, CONDITIONING_MARGIN × e) of a float64 run of the same graph, where e is the error float32
     rounding causes on this graph and batch, measured by float64 runs with simulated float32 rounding
-    (`expected_float32_error`; not measured where onnxruntime is within the tolerance of the float64 run, i.e. the
-    PyTorch side was the one off). e does not depend on the CPU, its kernels, thread counts or the machine's load,
-    so neither does the verdict, beyond onnxruntime's own error moving within the 30x margin; a 1% error on a
-    well-conditioned explainer still fails. The report keeps PyTorch's float32 error, onnxruntime's and e
-    (`float32_error_pytorch`, `float32_error_onnxruntime`, `float32_error_expected`).
+    (`expected_float32_errors`; not measured where onnxruntime's logits agree with PyTorch's and its relevance is
+    within the tolerance of the float64 run, i.e. the PyTorch side was off). e does not depend on the CPU, its
+    kernels, thread counts or the machine's load, so neither does the verdict, beyond onnxruntime's own error
+    moving within the 30x margin; a 1% error on a well-conditioned explainer still fails, in the logits or in the
+    relevance. The report keeps PyTorch's float32 error, onnxruntime's and e for both (`float32_error_*`).
 
     (Verifying the translation itself in float64, a float64 ONNX model run in onnxruntime, would give a verdict
     that rounding cannot sway; onnxruntime's CPU provider has no float64 kernel for Conv, ConvTranspose,
@@ -344,21 +355,25 @@ def check_parity(explainer, session, report: ExportReport, x, target, expected) 
     tol = PARITY_TOLERANCE
     if report.max_rel_diff <= tol:
         return
-    conditioning = ""
-    if report.max_rel_diff_logits <= tol:
-        exact_logits, exact = _float64_run(explainer, x, target)
-        report.float32_error_pytorch = rel_diff(rel_pt, exact)
-        report.float32_error_onnxruntime = rel_diff(rel_rt, exact)
-        if report.float32_error_onnxruntime <= tol:  # onnxruntime is float32-exact; PyTorch's kernels were not
-            return
-        report.float32_error_expected = expected_float32_error(explainer, x, target, exact_logits, exact)
-        if report.float32_error_onnxruntime <= max(tol, CONDITIONING_MARGIN * report.float32_error_expected):
-            return
-        conditioning = (f"; against a float64 run: onnxruntime {report.float32_error_onnxruntime:.2e}, "
-                        f"PyTorch {report.float32_error_pytorch:.2e}, float32 rounding simulated "
-                        f"{report.float32_error_expected:.2e} (allowed: {CONDITIONING_MARGIN:g}x that)")
-    raise ExportError(f"onnxruntime disagrees with the PyTorch explainer: max relative difference "
-                      f"{report.max_rel_diff:.2e} > {tol:.0e}{conditioning} ({report.path})")
+    exact_logits, exact = _float64_run(explainer, x, target)
+    report.float32_error_pytorch = rel_diff(rel_pt, exact)
+    report.float32_error_onnxruntime = rel_diff(rel_rt, exact)
+    report.float32_error_logits_onnxruntime = rel_diff(logits_rt, exact_logits)
+    if report.max_rel_diff_logits <= tol and report.float32_error_onnxruntime <= tol:
+        return  # onnxruntime is float32-exact; PyTorch's kernels were not
+    e_logits, e_relevance = expected_float32_errors(explainer, x, target, exact_logits, exact)
+    report.float32_error_logits_expected, report.float32_error_expected = e_logits, e_relevance
+    logits_ok = (report.max_rel_diff_logits <= tol
+                 or report.float32_error_logits_onnxruntime <= max(tol, CONDITIONING_MARGIN * e_logits))
+    if logits_ok and report.float32_error_onnxruntime <= max(tol, CONDITIONING_MARGIN * e_relevance):
+        return
+    raise ExportError(
+        f"onnxruntime disagrees with the PyTorch explainer: max relative difference {report.max_rel_diff:.2e} > "
+        f"{tol:.0e} (logits {report.max_rel_diff_logits:.2e}, relevance {report.max_rel_diff_relevance:.2e}); "
+        f"against a float64 run: onnxruntime logits {report.float32_error_logits_onnxruntime:.2e}, relevance "
+        f"{report.float32_error_onnxruntime:.2e}, PyTorch relevance {report.float32_error_pytorch:.2e}; float32 "
+        f"rounding simulated: logits {e_logits:.2e}, relevance {e_relevance:.2e} (allowed: {CONDITIONING_MARGIN:g}x "
+        f"that) ({report.path})")
 
 
 def _infer_shapes_without_weights(model):

@@ -77,6 +77,7 @@ def test_parity_failure_is_loud(tmp_path, monkeypatch):
     torch.manual_seed(0)
     explainer = graphlrp.compile(torchvision.models.resnet18().eval(), torch.randn(1, 3, 64, 64))
     monkeypatch.setattr(export, "PARITY_TOLERANCE", 0.0)
+    monkeypatch.setattr(export, "CONDITIONING_MARGIN", 0.0)  # no allowance for float32 rounding either
     with pytest.raises(graphlrp.ExportError, match="onnxruntime disagrees"):
         explainer.export_onnx(tmp_path / "r18.onnx")
 
@@ -143,6 +144,69 @@ def test_a_one_percent_relevance_error_fails_although_the_float64_fallback_is_co
         export.check_parity(explainer, Off(), report, x, target, (logits, relevance))
     assert report.float32_error_pytorch < 1e-4 < report.float32_error_onnxruntime
     assert report.float32_error_expected < 1e-5
+
+
+def test_a_one_percent_logits_error_fails(tmp_path):
+    """The same for the logits: 1e-2 off on a well-conditioned forward fails, the relevance being exact."""
+    import graphlrp.export as export
+
+    torch.manual_seed(0)
+    explainer = graphlrp.compile(torchvision.models.resnet18().eval(), torch.randn(1, 3, 64, 64))
+    x, target = export._parity_batch(explainer)
+    with torch.no_grad():
+        logits, relevance = explainer(x, target)
+
+    class Off:
+        def run(self, names, feeds):
+            return [(logits + 1e-2 * logits.abs().max() * torch.sign(torch.randn_like(logits))).numpy(),
+                    relevance.numpy()]
+
+    report = export.ExportReport(str(tmp_path / "x.onnx"), 0.0, 0.0, 0, 17)
+    with pytest.raises(graphlrp.ExportError, match="onnxruntime logits 1"):
+        export.check_parity(explainer, Off(), report, x, target, (logits, relevance))
+    assert report.float32_error_logits_expected < 1e-5
+
+
+class _CancellingHead(nn.Module):
+    """An ill-conditioned forward: two identical copies u of a feature reach a logit with weights M and −M(1 + δ),
+    so the logit −Mδu is 1e-4 of the terms it is the difference of, and float32 rounding of those terms is ~1e-3
+    of it in any runtime."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 6), nn.Linear(6, 3)
+        with torch.no_grad():
+            self.fc1.weight[3:] = self.fc1.weight[:3]
+            self.fc1.bias[3:] = self.fc1.bias[:3]
+            self.fc2.weight[:, 3:] = -self.fc2.weight[:, :3] * (1 + 1e-4)
+            self.fc2.bias.zero_()
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def test_an_ill_conditioned_forward_is_judged_against_float64_with_simulated_rounding(tmp_path):
+    """A runtime whose logits are a correct float32 evaluation (a float64 run with simulated float32 rounding,
+    seed 7) differs from PyTorch's float32 logits by more than the tolerance; the export passes, because float32
+    rounding itself moves these logits that far (random-weight FBNetV3-D: 8.8%)."""
+    import graphlrp.export as export
+
+    torch.manual_seed(0)
+    explainer = graphlrp.compile(_CancellingHead().eval(), torch.randn(1, 8), rules="otsuki2024-conserving")
+    x, target = torch.randn(4, 8), torch.tensor([-1, -1, 0, 2])
+    with torch.no_grad():
+        logits, relevance = explainer(x, target)
+    exact_logits, _ = export._float64_run(explainer, x, target)
+    resolved = torch.where(target < 0, torch.as_tensor(exact_logits).argmax(1), target)
+    rounded = export._float64_run(explainer, x, resolved, 7)
+
+    class Float32Elsewhere:
+        def run(self, names, feeds):
+            return [np.asarray(rounded[0], np.float32), np.asarray(rounded[1], np.float32)]
+
+    report = export.ExportReport(str(tmp_path / "x.onnx"), 0.0, 0.0, 0, 17)
+    export.check_parity(explainer, Float32Elsewhere(), report, x, target, (logits, relevance))
+    assert report.max_rel_diff_logits > 1e-4 and report.float32_error_logits_expected > 1e-4
 
 
 def test_a_runtime_that_matches_the_float64_run_passes_without_the_rounding_simulation(tmp_path):
