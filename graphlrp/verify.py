@@ -197,6 +197,13 @@ def _tracer(explainer):
                     constant_pool=explainer.constant_pool).build()
 
 
+def _sample_trace(explainer, x: torch.Tensor, target: torch.Tensor, i: int) -> _NodeTrace:
+    """The conservation trace of sample i of `x`: where a per-call check failed, it names the node."""
+    with torch.no_grad():
+        _, _, sums = _tracer(explainer)(x[i:i + 1], target[i:i + 1])
+    return _NodeTrace(sums, explainer._traced, explainer.plan, float(sums["output"].double().abs().sum()))
+
+
 def certify(explainer, model: torch.nn.Module, example: torch.Tensor, allow_vanishing: bool = False) -> Certificate:
     """Run the checks above on `explainer` (compiled from `model`); raise ConservationError on a wrong explainer."""
     start = time.perf_counter()
@@ -316,11 +323,7 @@ def raise_nonfinite(explainer, x: torch.Tensor, target: torch.Tensor, relevance:
     bad = [i for i, ok in enumerate(torch.isfinite(relevance).flatten(1).all(1).tolist()) if not ok]
     if not bad:
         return
-    i = bad[0]
-    tracer = _tracer(explainer)
-    with torch.no_grad():
-        _, _, sums = tracer(x[i:i + 1], target[i:i + 1])
-    node_trace = _NodeTrace(sums, explainer._traced, explainer.plan, float(sums["output"].double().abs().sum()))
+    node_trace = _sample_trace(explainer, x, target, bad[0])
     found = node_trace.first_nonfinite()
     where = (f"; it first stops being finite at {node_trace.describe(found[0])}: ΣR arriving {found[1]:.4g}, "
              f"handed on {found[2]:.4g}") if found else ""
@@ -338,16 +341,14 @@ def raise_not_conserved(explainer, x: torch.Tensor, target: torch.Tensor, logits
     contributions cancel to rounding), and a map that does not add up must not pass as the preset's."""
     if not explainer.preset.conserving:
         return
-    flat = relevance.detach().flatten(1).double()
-    bad = departures(logits.detach().double().cpu().numpy(), flat.sum(1).cpu().numpy(), flat.abs().sum(1).cpu().numpy(),
+    flat = relevance.detach().flatten(1)
+    sums = flat.sum(1, dtype=torch.float64)  # no float64 copy of the map: two reductions
+    magnitudes = torch.linalg.vector_norm(flat, 1, dim=1, dtype=torch.float64)
+    bad = departures(logits.detach().double().cpu().numpy(), sums.cpu().numpy(), magnitudes.cpu().numpy(),
                      target.cpu().numpy(), explainer.info["output_relevance"])
     if not bad:
         return
-    i = min(bad)
-    tracer = _tracer(explainer)
-    with torch.no_grad():
-        _, _, sums = tracer(x[i:i + 1], target[i:i + 1])
-    node_trace = _NodeTrace(sums, explainer._traced, explainer.plan, float(sums["output"].double().abs().sum()))
+    node_trace = _sample_trace(explainer, x, target, min(bad))
     found = node_trace.first_departure(1 - CONSERVATION_TOLERANCE, 1 + CONSERVATION_TOLERANCE)
     found = found or _largest_row(node_trace)
     ratios = ", ".join(f"sample {k}: {v:.6g}" for k, v in sorted(bad.items()))

@@ -279,6 +279,25 @@ def test_compile_cli_names_a_preset_when_the_default_presets_certificate_fails(t
     assert "'otsuki2024-conserving' can: --rules otsuki2024-conserving" in err
 
 
+def _only_sample_1_fails_in_the_runtime_and_the_server(session, x, good_relevance, error, detail: str) -> None:
+    """The exported explainer on (good, bad): `run_each` explains sample 0 and puts `error` in sample 1's place,
+    `explain` raises it, and the server answers 200 for the good input and 422 (mentioning `detail`) for the bad."""
+    results = session.run_each(x.numpy(), np.full(2, -1, np.int64))
+    assert np.allclose(results[0].relevance, good_relevance.numpy(), rtol=1e-4, atol=1e-6)
+    assert isinstance(results[1], error)
+    with pytest.raises(error, match="sample 1"):
+        session.explain(x.numpy())
+
+    from starlette.testclient import TestClient
+    from graphlrp.server import create_app
+
+    with TestClient(create_app(session)) as client:
+        ok = client.post("/v1/explain", json={"array": x[0].tolist()})
+        bad = client.post("/v1/explain", json={"array": x[1].tolist()})
+    assert ok.status_code == 200, ok.text
+    assert bad.status_code == 422 and detail in bad.json()["detail"]
+
+
 class _ZeroDenominator(torch.nn.Module):
     """otsuki2024's conv rule keeps the bias and adds ε: z + ε = W⁺a + b + ε, exactly 0 where a = 0 and b = −ε.
     The example (all inputs positive) never gets there; an input with a negative pixel does."""
@@ -320,20 +339,8 @@ def test_relevance_that_is_not_finite_on_a_later_input_is_an_error_naming_the_no
         explainer.export_onnx(path)  # its random parity images have negative pixels
     explainer.export_onnx(path, check=False)
     session = graphlrp.load(path)
-    results = session.run_each(x.numpy(), np.full(2, -1, np.int64))
-    assert np.allclose(results[0].relevance, good_relevance[0].numpy(), rtol=1e-4, atol=1e-6)
-    assert isinstance(results[1], NonFiniteRelevanceError)
-    with pytest.raises(NonFiniteRelevanceError, match="sample 1"):
-        session.explain(x.numpy())
-
-    from starlette.testclient import TestClient
-    from graphlrp.server import create_app
-
-    with TestClient(create_app(session)) as client:
-        ok = client.post("/v1/explain", json={"array": x[0].tolist()})
-        bad = client.post("/v1/explain", json={"array": x[1].tolist()})
-    assert ok.status_code == 200, ok.text
-    assert bad.status_code == 422 and "not finite" in bad.json()["detail"]
+    _only_sample_1_fails_in_the_runtime_and_the_server(session, x, good_relevance[0], NonFiniteRelevanceError,
+                                                        "not finite")
 
 
 class _TwoLayers(nn.Module):
@@ -372,20 +379,8 @@ def test_a_conserving_explainer_that_stops_conserving_on_a_later_input_is_an_err
     explainer.export_onnx(path, check=False)
     session = graphlrp.load(path)
     assert session.conserving
-    results = session.run_each(x.numpy(), np.full(2, -1, np.int64))
-    assert np.allclose(results[0].relevance, explainer(x[:1])[1][0].numpy(), rtol=1e-4, atol=1e-6)
-    assert isinstance(results[1], NotConservedError)
-    with pytest.raises(NotConservedError, match="sample 1"):
-        session.explain(x.numpy())
-
-    from starlette.testclient import TestClient
-    from graphlrp.server import create_app
-
-    with TestClient(create_app(session)) as client:
-        ok = client.post("/v1/explain", json={"array": x[0].tolist()})
-        bad = client.post("/v1/explain", json={"array": x[1].tolist()})
-    assert ok.status_code == 200, ok.text
-    assert bad.status_code == 422 and "conserving" in bad.json()["detail"]
+    _only_sample_1_fails_in_the_runtime_and_the_server(session, x, explainer(x[:1])[1][0], NotConservedError,
+                                                        "conserving")
 
 
 def test_conservation_is_judged_against_float32_rounding_of_the_relevance_not_of_the_output():

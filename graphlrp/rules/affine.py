@@ -31,9 +31,8 @@ def epsilon_rule(ctx, epsilon=1e-6, stabilizer="signed", bias="keep", input="act
 def _epsilon_cancelled(ctx, a, b, epsilon: float, stabilizer: str, cancelled: float):
     """The ε-rule with cancelled units spread by |a_i w_ij| (see epsilon_rule)."""
     z = ctx.affine(a, ctx.weight, b)
-    a_abs = ctx.call(torch.abs, a) if not isinstance(a, str) else a
-    if isinstance(a_abs, torch.Tensor):
-        a_abs = a_abs.abs()
+    # |a|: "ones" and a constant support mask are their own magnitude (non-negative); a graph value gets an Abs
+    a_abs = a if isinstance(a, (str, torch.Tensor)) else ctx.call(torch.abs, a)
     w_abs = derive(torch.abs, ctx.weight)
     magnitude = ctx.affine(a_abs, w_abs, None if b is None else derive(torch.abs, b))
     dead = ctx.call(torch.le, ctx.call(torch.abs, z), ctx.call(torch.mul, magnitude, float(cancelled)))
