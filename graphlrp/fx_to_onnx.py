@@ -134,6 +134,8 @@ class OnnxGraph:
         self.helper, self.numpy_helper = helper, numpy_helper
         self.opset, self.batch = opset, batch
         self.nodes: list = []
+        # (name, array) pairs, written into the ModelProto once at the end (`write_initializers`): a TensorProto
+        # made here and added there would be copied by protobuf, and so would a GraphProto given to make_model
         self.initializers: list = []
         self._used_names: set = set()
         self._by_storage: dict = {}
@@ -199,7 +201,7 @@ class OnnxGraph:
         name = self._by_content.get(content)
         if name is None:
             name = self.fresh(hint)
-            self.initializers.append(self.numpy_helper.from_array(array, name))
+            self.initializers.append((name, array))
             self._by_content[content] = name
         if storage is not None:
             self._by_storage[storage] = (name, t)  # holding t: its address is not reused while we key on it
@@ -307,7 +309,9 @@ class _Lowering(fx.Interpreter):
             return Value(name, tuple(result.shape), result.dtype, True)
         if n.op == "output":
             return fx.node.map_arg(n.args[0], lambda a: self.values[a])
-        dynamic = any(a in self.dynamic for a in n.all_input_nodes)
+        # a derived weight the explainer computes from its base (`rewrite.Emitter`): written as the same ops, so the
+        # file stores the base alone, as it does for a derived weight held as a buffer with its recipe
+        dynamic = any(a in self.dynamic for a in n.all_input_nodes) or bool(n.meta.get("derived_weight"))
         if not isinstance(result, torch.Tensor):
             if dynamic and isinstance(result, (tuple, list)) and any(isinstance(r, torch.Tensor) for r in result):
                 pass  # a multi-output op (max-pool with indices, split): converted below
@@ -483,12 +487,30 @@ def lower(gm: fx.GraphModule, inputs: tuple, input_names: list, output_names: li
                 node.output[i] = renames[x]
     graph_outputs = [info(name, v) for v, name in zip(flat_values, output_names)]
     used = {i for n in g.nodes for i in n.input}
-    initializers = [i for i in g.initializers if i.name in used]
-    graph = helper.make_graph(g.nodes, "graphlrp", graph_inputs, graph_outputs, initializers)
+    graph = helper.make_graph(g.nodes, "graphlrp", graph_inputs, graph_outputs)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
                               producer_name="graphlrp")
+    del graph
     model.ir_version = min(model.ir_version, _max_ir_version(opset))
+    write_initializers(model.graph, [(name, array) for name, array in g.initializers if name in used])
     return model, [r.detach() for r in flat_results]
+
+
+def write_initializers(graph, arrays) -> None:
+    """Append each (name, numpy array) to `graph.initializer` as a TensorProto filled in place: the weights are
+    held once, in the proto, instead of once per TensorProto made on the side and again per copy protobuf makes
+    when one is added to a graph (three copies of every weight at the peak of a lowering before)."""
+    from onnx import helper, numpy_helper
+
+    for name, array in arrays:
+        tensor = graph.initializer.add()
+        if array.dtype.kind in "fiu" and array.dtype.byteorder in "=<|":
+            tensor.name = name
+            tensor.data_type = helper.np_dtype_to_tensor_dtype(array.dtype)
+            tensor.dims.extend(array.shape)
+            tensor.raw_data = array.tobytes()
+        else:  # bool and anything else: onnx's own conversion
+            tensor.CopyFrom(numpy_helper.from_array(array, name))
 
 
 def _max_ir_version(opset: int) -> int:

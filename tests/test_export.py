@@ -325,6 +325,38 @@ def test_weights_over_the_protobuf_limit_go_to_external_data_beside_the_file(tmp
     assert (model_dir / "1" / "big.onnx.data").is_file()
     ort.InferenceSession(str(model_dir / "1" / "model.onnx"))  # finds its weights beside it
 
+@pytest.mark.parametrize("preset", ["otsuki2024", "epsilon-gamma-box", "cp-lrp-conserving"])
+def test_a_large_model_computes_its_derived_weights_in_every_call(preset, tmp_path, monkeypatch):
+    """Over `DERIVED_WEIGHTS_HELD_UP_TO` bytes of weights (a 1.2 B-parameter ViT's z⁺ explainer held W, W⁺ and W⁻:
+    over 20 GB with the model), W⁺, W⁻, |W| and γ-modified weights are ops on W in the graph instead of buffers:
+    the explainer holds no more than the model's weights (and the first layer's small maps), gives the relevance of
+    the explainer that holds them (float32 rounding: z + ε folded differently), and its ONNX file is the same size
+    and passes the parity check."""
+    import graphlrp.rewrite as rewrite
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    x = torch.randn(2, 3, 64, 64)
+    model_bytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+
+    def build(limit):
+        monkeypatch.setattr(rewrite, "DERIVED_WEIGHTS_HELD_UP_TO", limit)
+        explainer = graphlrp.compile(model, x[:1], rules=preset, allow_vanishing=True)
+        held = sum(b.numel() * b.element_size() for b in explainer.graph_module.buffers())
+        report = explainer.export_onnx(tmp_path / f"{limit}.onnx")
+        computed = sum(bool(n.meta.get("derived_weight")) for n in explainer.graph_module.graph.nodes)
+        return explainer(x, torch.tensor([-1, 3])), held, computed, report
+
+    (logits, relevance), held, computed, report = build(1 << 30)
+    (logits_c, relevance_c), held_c, computed_c, report_c = build(0)
+    assert held > 1.5 * model_bytes and computed == 0  # held: W and derived copies (W⁺ of most layers, ...)
+    assert held_c < 1.1 * model_bytes and computed_c >= 20  # one or more per convolution
+    assert torch.equal(logits_c, logits)
+    assert rel_diff(relevance_c.numpy(), relevance.numpy()) < 1e-5
+    assert abs(report_c.size_bytes - report.size_bytes) < 0.01 * report.size_bytes
+    assert report_c.max_rel_diff <= 1e-4
+
+
 @pytest.mark.parametrize("preset", ["otsuki2024", "epsilon-plus-flat"])
 def test_fp16_export_halves_the_file_and_states_what_it_costs(preset, tmp_path):
     """precision="fp16": float32 input and outputs, float16 weights and graph, half the file. Checked on a new

@@ -164,25 +164,47 @@ def test_integer_inputs_and_type_promotion():
     assert_close(got, gm(logits, target))
 
 
+@pytest.mark.parametrize("compute_derived", [False, True], ids=["held", "computed"])
 @pytest.mark.parametrize("groups", [1, 2])
-def test_a_derived_weight_is_computed_from_the_stored_one(groups):
+def test_a_derived_weight_is_computed_from_the_stored_one(groups, compute_derived):
     """A constant with a recipe (W⁺, a flipped kernel of W⁺) is written as ops on the stored W, which is stored
-    once; the numbers are those of the eagerly computed constant."""
+    once; the numbers are those of the eagerly computed constant. The same when the explainer itself computes the
+    derived weights in each call (a large model's, `compute_derived`): the graph holds W alone."""
     w = torch.randn(4, 4 // groups, 3, 3, generator=torch.Generator().manual_seed(2))
     root, graph = nn.Module(), fx.Graph()
-    em = Emitter(graph, root)
+    em = Emitter(graph, root, compute_derived=compute_derived)
     x = graph.placeholder("x")
     w_pos = derive(torch.clamp, w, min=0)
     z = em.call(F.conv2d, x, w_pos, None, 1, 1, 1, groups)
     back = em.call(F.conv2d, z, derive(flipped_kernel, w_pos, groups), None, 1, 1, 1, groups)
     graph.output((em.call(torch.add, back, em.call(F.conv2d, x, w, None, 1, 1, 1, groups)),))
     gm = fx.GraphModule(root, graph)
+    assert len(list(gm.buffers())) == (1 if compute_derived else 3)
     model, _ = fx_to_onnx.lower(gm, (torch.randn(2, 4, 5, 5),), ["x"], ["y"])
     stored = [numpy_helper.to_array(i) for i in model.graph.initializer if i.dims and np.prod(i.dims) > 8]
     assert len(stored) == 1 and np.array_equal(stored[0], w.numpy())
     x = torch.randn(3, 4, 5, 5)
     (got,) = run_onnx(model, {"x": x})
+    eager = F.conv2d(F.conv2d(x, w.clamp(min=0), None, 1, 1, 1, groups), flipped_kernel(w.clamp(min=0), groups),
+                     None, 1, 1, 1, groups) + F.conv2d(x, w, None, 1, 1, 1, groups)
     assert_close(got, gm(x)[0])
+    assert_close(got, eager)
+
+
+@pytest.mark.parametrize("array", [np.arange(12, dtype=np.float32).reshape(3, 4) - 5.5,
+                                   np.array([1.5, -2.0], dtype=np.float16), np.arange(6, dtype=np.int64) - 3,
+                                   np.array([3, 200], dtype=np.uint8), np.array([True, False]),
+                                   np.zeros((0, 3), dtype=np.float32), np.array(2.5, dtype=np.float64)],
+                         ids=["float32", "float16", "int64", "uint8", "bool", "empty", "scalar"])
+def test_initializers_written_in_place_equal_onnx_own_conversion(array):
+    """The lowering fills each initializer inside the final ModelProto (no side copy); what it writes is what
+    onnx.numpy_helper.from_array writes, and reads back as the array."""
+    graph = onnx.GraphProto()
+    fx_to_onnx.write_initializers(graph, [("w", array)])
+    (written,) = graph.initializer
+    assert written == numpy_helper.from_array(array, "w")
+    back = numpy_helper.to_array(written)
+    assert back.dtype == array.dtype and back.shape == array.shape and np.array_equal(back, array)
 
 
 def test_an_op_without_converter_is_an_export_error_naming_the_node():

@@ -103,7 +103,9 @@ def main() -> int:
     todo = todo[::-1] if a.reverse else todo
     log = Path(a.log)
     done = read_log(log)
-    command = "python tools/timm_all_resumable.py"
+    command = "python tools/timm_all_resumable.py" + "".join(
+        f" {flag} {value}" for flag, value, default in (("--log", a.log, "results/timm-all.log"),
+                                                        ("-o", a.output, "results/timm-all.md")) if value != default)
     for module in todo:
         lines = done.get(module, [])
         failed = any(ln.startswith(("FAIL", "timeout")) for ln in lines)
