@@ -8,6 +8,7 @@ memory (from the kernel's rusage of that child). The report is rewritten after e
 
     python tools/cli_sweep.py -o results/cli-sweep.md            # all of torchvision
     python tools/cli_sweep.py -o results/cli-sweep.md --resume   # go on where a stopped run ended
+    python tools/cli_sweep.py -o results/cli-sweep-timm-224.md --size 224 --models timm:gcvit_base,...  # timm models
 """
 from __future__ import annotations
 
@@ -30,6 +31,13 @@ def torchvision_models() -> list[str]:
 
 
 def params_millions(name: str) -> float:
+    """Parameters in millions: torchvision's weight metadata, or a `timm:NAME` model built on the meta device."""
+    if name.startswith("timm:"):
+        import timm
+        import torch
+        with torch.device("meta"):
+            model = timm.create_model(name[len("timm:"):], pretrained=False)
+        return sum(p.numel() for p in model.parameters()) / 1e6
     import torchvision
     return torchvision.models.get_model_weights(name).DEFAULT.meta["num_params"] / 1e6
 
@@ -123,7 +131,9 @@ def report(rows: dict[str, dict], planned: list[str], command: str, limits: tupl
     normal = [r for r in done if not r.get("large")]
     over = [r["model"] for r in normal if status(r) == "ok" and (r["wall_s"] > wall_limit or r["rss_gib"] > rss_limit)]
     import torch
-    lines = ["# The main job on every torchvision classification model", "",
+    everything = planned == torchvision_models()
+    title = "every torchvision classification model" if everything else "the models listed below"
+    lines = [f"# The main job on {title}", "",
              f"`{command}` — each model `graphlrp compile NAME --weights none -o NAME.onnx` in its own process, the "
              f"CLI's default preset, torch {torch.__version__}, {platform.processor() or platform.machine()}, "
              f"{os.cpu_count()} cores.", ""]
@@ -176,7 +186,8 @@ def main(argv=None) -> int:
     planned = torchvision_models() if a.resume or not subset else subset  # the report keeps every resumed row
     rows = read_rows(a.output) if a.resume else {}
     redo = set(a.redo.split(",")) if a.redo else set()
-    command = "python tools/cli_sweep.py -o " + a.output + (f" --size {a.size}" if a.size else "")
+    command = "python tools/cli_sweep.py -o " + a.output + (f" --size {a.size}" if a.size else "") + (
+        f" --models {a.models}" if subset and not a.resume else "")
     with tempfile.TemporaryDirectory() as workdir:
         for name in subset or planned:
             if name in rows and name not in redo:
