@@ -12,7 +12,7 @@ from .errors import CompileError, GraphLRPError, PresetError
 from .labels import check_labels
 from .memory import release_freed_memory
 from .presets import CATEGORY_KINDS, Preset, RuleChoice, load_preset, parse_preset
-from .rewrite import Assignment, Plan, Rewriter
+from .rewrite import DERIVED_WEIGHTS, Assignment, Plan, Rewriter
 from .rules import SPLITS
 from .trace import Traced, trace
 from .verify import Certificate, certify, raise_nonfinite, raise_not_conserved
@@ -211,7 +211,8 @@ def compile(model: torch.nn.Module, example_input: torch.Tensor, rules="otsuki20
             include_identity: bool | None = None, overrides: dict | None = None, box=None,
             model_name: str | None = None, preprocessing=None, resize: int | None = None,
             crop_pct: float | None = None, interpolation: str | None = None, mean=None, std=None,
-            labels=None, verify: bool = True, allow_vanishing: bool = False) -> Explainer:
+            labels=None, verify: bool = True, allow_vanishing: bool = False,
+            derived_weights: str = "auto") -> Explainer:
     """Compile `model` into an explainer. `rules`: preset name, TOML path, or dict; `split` and `include_identity`
     default to the preset's; `overrides`: {glob: rule} per-layer choices on top of the preset (like Zennit name
     maps); `box`: (low, high) input bounds for the zbox rule (default: [0, 1] pixels under the model's mean/std).
@@ -227,7 +228,13 @@ def compile(model: torch.nn.Module, example_input: torch.Tensor, rules="otsuki20
     split R = Σ R_i, and a preset with `conserving = true` conserve to 1e-3; relevance of another preset must not
     vanish (ΣR_in / R_out in [0.5, 2]; `allow_vanishing=True`, or the preset's `on_vanishing = "warn"`, makes
     that a warning). A failure is a `ConservationError` naming the node where the sum departs; the figures are in
-    `explainer.certificate`. `verify=False` skips the check."""
+    `explainer.certificate`. `verify=False` skips the check.
+
+    `derived_weights`: the rule weights made from the model's (W⁺ and W⁻ of z⁺, |W| of the ε rule's guard) are
+    "held" as buffers (fastest per call; up to 3x the model's weights in memory), "computed" from W in every call
+    (the model's weights once; what an explainer built to be exported needs, as `graphlrp compile` builds it), or
+    "auto": held up to `rewrite.DERIVED_WEIGHTS_HELD_UP_TO` bytes of model weights. The results, and the ONNX
+    file, are the same either way."""
     preset = load_preset(rules)
     if overrides:
         extra = parse_preset({"overrides": overrides}, "overrides")
@@ -238,6 +245,8 @@ def compile(model: torch.nn.Module, example_input: torch.Tensor, rules="otsuki20
     split = split or preset.split
     if split not in SPLITS:
         raise PresetError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    if derived_weights not in DERIVED_WEIGHTS:
+        raise CompileError(f"derived_weights must be one of {', '.join(DERIVED_WEIGHTS)}, got {derived_weights!r}")
     if split == "signed" and preset.conserving:  # x·R/(Σx + ε): not exact where the terms cancel
         preset = Preset(**{**preset.__dict__, "conserving": False})
     include_identity = preset.include_identity if include_identity is None else bool(include_identity)
@@ -251,6 +260,7 @@ def compile(model: torch.nn.Module, example_input: torch.Tensor, rules="otsuki20
         folded = fold_batchnorm(traced) if preset.batchnorm == "fold" else None
         merges = find_merges(traced)
         plan = make_plan(traced, preset, split, include_identity, box)
+        plan.derived_weights = derived_weights
         rewriter = Rewriter(traced, merges, plan)
         gm = rewriter.build()
     except GraphLRPError:

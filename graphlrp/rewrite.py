@@ -43,6 +43,7 @@ class Plan:
     output: str  # "probability" | "logit"
     box_low: torch.Tensor | None = None
     box_high: torch.Tensor | None = None
+    derived_weights: str = "auto"  # one of DERIVED_WEIGHTS (`compute_derived_weights`)
 
 
 # model weights (bytes) up to which the explainer holds derived weights (W⁺ and W⁻ of a z⁺ rule, |W| of the
@@ -50,12 +51,26 @@ class Plan:
 # they triple a z⁺ explainer's weights: 14 GB beside the 4.6 GB of a 1.2 B-parameter ViT. Computed, they cost a
 # pass over the weights per call, small next to the forward of such a model at its own input size.
 DERIVED_WEIGHTS_HELD_UP_TO = 1 << 30
+# how an explainer gets its derived weights: "held" as buffers (fastest per call), "computed" from W in every call
+# (the least memory: what an explainer built only to be exported needs), "auto" held up to the limit above
+DERIVED_WEIGHTS = ("auto", "held", "computed")
 
 
 def derived_weights_computed(module: torch.nn.Module) -> bool:
     """Whether an explainer of `module` computes its derived weights in every call instead of holding them."""
     weights = sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
     return weights > DERIVED_WEIGHTS_HELD_UP_TO
+
+
+def compute_derived_weights(choice: str, module: torch.nn.Module) -> bool:
+    """Whether the explainer computes its derived weights in every call, for a `Plan.derived_weights` choice."""
+    if choice not in DERIVED_WEIGHTS:
+        raise ValueError(f"derived_weights must be one of {', '.join(DERIVED_WEIGHTS)}, got {choice!r}")
+    return choice == "computed" or (choice == "auto" and derived_weights_computed(module))
+
+
+def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr() and a.device == b.device
 
 
 class Emitter:
@@ -70,6 +85,10 @@ class Emitter:
         self._derived: dict = {}  # (fn, lifted base and args, kwargs) -> the node computing it
         self.dtype = dtype  # floating constants are stored in the model's dtype (float32, or float64 for checks)
         self._consts: dict = {}  # fingerprint -> [(tensor, get_attr node)]: equal constants are stored once
+        # id -> (tensor, node) of tensors lifted before whose buffer is that very storage: a weight used at every
+        # step of an unrolled LSTM is fingerprinted once, not at every step (kept alive, its id is not reused;
+        # holding it costs nothing, its buffer holds the same memory)
+        self._lifted: dict = {}
         # fingerprint -> [tensor]: constants of other graphs built from the same trace (the self-check's conservation
         # trace, the taps module); an equal constant is registered as that very tensor, so it is held once in memory
         self.pool = pool if pool is not None else {}
@@ -87,6 +106,15 @@ class Emitter:
     def const(self, tensor: torch.Tensor, hint: str = "c") -> fx.Node:
         """A get_attr node for `tensor`. A derived weight (`graphlrp.derived`) keeps its recipe in the node's meta:
         the ONNX export computes it from the stored base tensor instead of storing it a second time."""
+        seen = self._lifted.get(id(tensor))
+        if seen is not None and seen[0] is tensor:
+            return seen[1]
+        node = self._const(tensor, hint)
+        if node.op == "get_attr" and _same_storage(getattr(self.root, node.target), tensor):
+            self._lifted[id(tensor)] = (tensor, node)
+        return node
+
+    def _const(self, tensor: torch.Tensor, hint: str) -> fx.Node:
         recipe = derived.recipe(tensor)
         if recipe is not None and self.compute_derived:
             return self._derived_node(recipe)
@@ -470,7 +498,8 @@ class Rewriter:
         root = torch.nn.Module()
         dtype = next(n for n in self.traced.graph.nodes if n.op == "placeholder").meta.get("dtype")
         self.em = Emitter(graph, root, torch.float64 if dtype == torch.float64 else torch.float32, self.constant_pool,
-                          compute_derived=derived_weights_computed(self.traced.graph_module))
+                          compute_derived=compute_derived_weights(self.plan.derived_weights,
+                                                                 self.traced.graph_module))
         x, target, logits = self._copy_forward(graph)
         em = self.em
         k = next(n for n in self.traced.graph.nodes if n.op == "output").args[0].meta["shape"][-1]

@@ -6,7 +6,8 @@ for one model, sampled every 20 ms by a thread: where a large model's memory goe
 MODEL is `timm:NAME` or a torchvision name. Without --coverage: `graphlrp.compile` with the CLI's preset (or
 --rules), then `export_onnx` with its parity check, as `graphlrp compile` runs them. With --coverage: what
 `graphlrp coverage` does for one row (three presets, the export of the CLI's choice). Prints one line per stage
-(peak GiB while it ran; "X (after Y)": back in X after stage Y returned) and the overall peak.
+(peak GiB while it ran and seconds spent in it; "X (after Y)": back in X after stage Y returned) and the overall
+peak.
 """
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ class StageSampler:
 
     def __init__(self, period: float = 0.02):
         self.process, self.period = psutil.Process(), period
-        self.stage, self.peaks = "import", {}
+        self.stage, self.peaks, self.seconds = "import", {}, {}
+        self.since = time.perf_counter()
         threading.Thread(target=self._sample, daemon=True).start()
 
     def _sample(self):
@@ -37,7 +39,9 @@ class StageSampler:
 
     def enter(self, name: str):
         time.sleep(2 * self.period)  # the sampler sees the end of the previous stage under its name
-        self.stage = name
+        now = time.perf_counter()
+        self.seconds[self.stage] = self.seconds.get(self.stage, 0.0) + now - self.since
+        self.stage, self.since = name, now
 
     def wrap(self, owner, attr: str, name: str):
         """Count the time inside owner.attr as stage `name`."""
@@ -92,14 +96,15 @@ def main() -> int:
         else:
             rules = a.rules or default_preset(model)
             sampler.enter("compile")
-            explainer = graphlrp.compile(model, torch.randn(1, 3, a.size, a.size), rules=rules, allow_vanishing=True)
+            explainer = graphlrp.compile(model, torch.randn(1, 3, a.size, a.size), rules=rules, allow_vanishing=True,
+                                         derived_weights="computed")  # as the CLI builds it
             del model
             sampler.enter("export")
             report = explainer.export_onnx(os.path.join(tmp, "m.onnx"))
             print(f"{rules}: exported, parity {report.max_rel_diff:.1e}")
     sampler.enter("end")
     for stage, peak in sampler.peaks.items():
-        print(f"  {stage:32s} {peak / 2 ** 30:6.2f} GiB")
+        print(f"  {stage:32s} {peak / 2 ** 30:6.2f} GiB {sampler.seconds.get(stage, 0.0):8.1f} s")
     print(f"peak {max(sampler.peaks.values()) / 2 ** 30:.2f} GiB")
     return 0
 
