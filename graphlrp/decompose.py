@@ -235,8 +235,15 @@ def _unroll(gm: fx.GraphModule, node: fx.Node, m: nn.RNNBase) -> None:
             gm.register_buffer(f"{prefix}_{name}", make().detach().clone())
         return graph.get_attr(f"{prefix}_{name}")
 
+    joins: dict = {}  # (x_t, h) -> their concatenation: one per step, read by every gate's linear layer
+
     def linear(inputs, weights, bias, name):  # one linear layer over the concatenated inputs of a step
-        joined = inputs[0] if len(inputs) == 1 else call(torch.cat, (list(inputs), -1))
+        if len(inputs) == 1:
+            joined = inputs[0]
+        else:
+            joined = joins.get(tuple(inputs))
+            if joined is None:
+                joined = joins[tuple(inputs)] = call(torch.cat, (list(inputs), -1))
         w = constant(name, lambda: weights[0] if len(weights) == 1 else torch.cat(weights, 1))
         return call(F.linear, (joined, w, None if bias is None else constant(name + "_b", lambda: bias)))
 

@@ -42,8 +42,31 @@ def describe_node(node: fx.Node) -> str:
 
 def call_on_meta(module, args, kwargs):
     """module(*args) with its parameters and buffers on the meta device: shapes without arithmetic."""
+    if isinstance(module, torch.nn.RNNBase):
+        shapes = _rnn_shapes(module, *args, **kwargs)
+        if shapes is not None:
+            return shapes
     state = {k: v.to("meta") for k, v in list(module.named_parameters()) + list(module.named_buffers())}
     return torch.func.functional_call(module, state, tuple(args), kwargs)
+
+
+def _rnn_shapes(module: torch.nn.RNNBase, input=None, hx=None):
+    """(output, h_n) or (output, (h_n, c_n)) of an RNN on a batched meta input, as empty meta tensors: PyTorch runs
+    an LSTM on the meta device through its step-by-step decomposition (seconds per layer of an unrolled Sequencer);
+    the shapes follow from the module's sizes alone. None where the input is not a plain batched tensor."""
+    if not isinstance(input, torch.Tensor) or input.dim() != 3:
+        return None
+    batch = input.shape[0 if module.batch_first else 1]
+    steps = input.shape[1 if module.batch_first else 0]
+    directions = 2 if module.bidirectional else 1
+    out_size = getattr(module, "proj_size", 0) or module.hidden_size
+    like = dict(device="meta", dtype=input.dtype)
+    output = torch.empty((batch, steps, directions * out_size) if module.batch_first
+                         else (steps, batch, directions * out_size), **like)
+    h_n = torch.empty(directions * module.num_layers, batch, out_size, **like)
+    if isinstance(module, torch.nn.LSTM):
+        return output, (h_n, torch.empty(directions * module.num_layers, batch, module.hidden_size, **like))
+    return output, h_n
 
 
 @dataclass

@@ -474,6 +474,20 @@ def test_recurrent_layers_unrolled_conserve_and_export(kind, options, preset, tm
         assert explainer.export_onnx(tmp_path / "rnn.onnx").max_rel_diff <= 1e-4
 
 
+@pytest.mark.parametrize("module", [nn.LSTM(8, 5, num_layers=2, bidirectional=True, batch_first=True),
+                                    nn.LSTM(8, 5, proj_size=3), nn.GRU(8, 5, bidirectional=True),
+                                    nn.RNN(8, 5, num_layers=3, batch_first=True)], ids=["lstm", "lstm-proj", "gru", "rnn"])
+def test_a_recurrent_layer_on_the_meta_device_has_the_shapes_of_its_real_run(module):
+    """The trace's shape run (batch 2 on the meta device) takes an RNN's output shapes from its sizes, not from
+    PyTorch's step-by-step meta decomposition (seconds per layer of Sequencer2D): the same shapes as a real run."""
+    from graphlrp.graph import call_on_meta
+
+    x = torch.randn(4, 7, 8)
+    flat = lambda out: [tuple(t.shape) for t in (out[0], *(out[1] if isinstance(out[1], tuple) else (out[1],)))]  # noqa: E731
+    meta = call_on_meta(module, (x.to("meta"),), {})
+    assert flat(meta) == flat(module(x)) and meta[0].device.type == "meta"
+
+
 def test_a_recurrent_layer_with_a_given_state_or_read_final_state_is_refused():
     class GivenState(nn.Module):
         def __init__(self, read_state: bool):
