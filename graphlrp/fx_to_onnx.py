@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from . import derived
 from .errors import ExportError
 from .optimize import flipped_kernel
-from .graph import assign_slice, describe_node
+from .graph import MetaResults, assign_slice, describe_node
 
 MIN_OPSET = 17  # ScatterElements(reduction="add") needs 16; converters emit the opset-17 forms or newer
 
@@ -388,6 +388,7 @@ class _BatchProbe(fx.Interpreter):
         super().__init__(gm)
         self.dim0: dict = {}
         self.shapes: dict = {}  # node -> its tensor's full shape at batch + 1
+        self.remembered = MetaResults()  # an unrolled LSTM's equal steps: shapes worked out once
 
     def run_node(self, n):
         try:
@@ -421,10 +422,10 @@ class _BatchProbe(fx.Interpreter):
         return fx.node.map_aggregate(args, move), fx.node.map_aggregate(kwargs, move)
 
     def call_function(self, target, args, kwargs):
-        return super().call_function(target, *self._on_meta(args, kwargs))
+        return self.remembered(target, *self._on_meta(args, kwargs), super().call_function)
 
     def call_method(self, target, args, kwargs):
-        return super().call_method(target, *self._on_meta(args, kwargs))
+        return self.remembered(target, *self._on_meta(args, kwargs), super().call_method)
 
     def call_module(self, target, args, kwargs):
         from .graph import call_on_meta

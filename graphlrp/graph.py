@@ -5,6 +5,7 @@ the ONNX lowering all build on this module; it imports none of them.
 """
 from __future__ import annotations
 
+import operator
 import os
 from dataclasses import dataclass
 
@@ -67,6 +68,53 @@ def _rnn_shapes(module: torch.nn.RNNBase, input=None, hx=None):
     if isinstance(module, torch.nn.LSTM):
         return output, (h_n, torch.empty(directions * module.num_layers, batch, module.hidden_size, **like))
     return output, h_n
+
+
+class MetaResults:
+    """Results of ops on the meta device remembered by their inputs' metadata: there an op's output depends on
+    nothing else, and PyTorch works many meta outputs out in Python (a linear on a 3-d input: 0.5 ms), so an
+    unrolled LSTM's thousands of equal steps are worked out once. Each call returns fresh tensors."""
+
+    def __init__(self):
+        self.results: dict = {}
+
+    def __call__(self, target, args, kwargs, run):
+        """run(target, args, kwargs), or the remembered result of an earlier call with equal metadata."""
+        name = target if isinstance(target, str) else getattr(target, "__name__", "")
+        if name.endswith("_") or target is operator.setitem:  # in place: it changes its input's metadata
+            return run(target, args, kwargs)
+        try:
+            key = (target, metadata_key(args), metadata_key(kwargs))
+            hash(key)
+        except TypeError:  # an argument that is not plain metadata
+            return run(target, args, kwargs)
+        if key not in self.results:
+            self.results[key] = run(target, args, kwargs)
+        return torch.utils._pytree.tree_map(_fresh_meta, self.results[key])
+
+
+def metadata_key(value):
+    """A hashable description of an op's argument on the meta device: all its output can depend on. TypeError
+    where the argument is something else (a tensor off the meta device, an arbitrary object)."""
+    if isinstance(value, torch.Tensor):
+        if value.device.type != "meta":
+            raise TypeError("a tensor off the meta device")
+        return ("tensor", tuple(value.shape), tuple(value.stride()), value.dtype)
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__, tuple(metadata_key(v) for v in value))
+    if isinstance(value, dict):
+        return ("dict", tuple((k, metadata_key(v)) for k, v in value.items()))
+    if isinstance(value, slice):
+        return ("slice", metadata_key(value.start), metadata_key(value.stop), metadata_key(value.step))
+    if value is None or value is Ellipsis or isinstance(value, (bool, int, float, str, torch.dtype, torch.device,
+                                                                torch.memory_format, torch.layout)):
+        return (type(value).__name__, value)  # 2 and 2.0 give outputs of different dtypes
+    raise TypeError(f"not metadata: {type(value).__name__}")
+
+
+def _fresh_meta(value):
+    return (torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device="meta")
+            if isinstance(value, torch.Tensor) else value)
 
 
 @dataclass

@@ -98,8 +98,8 @@ def _number_ok(v) -> bool:
     return v >= 0 if isinstance(v, (int, float)) and not isinstance(v, bool) else True
 
 
-def nonnegative_nodes(gm: fx.GraphModule, seeds) -> set:
-    """Nodes of `gm` whose value is ≥ 0 for every input: `seeds` (forward values the rewrite knows to be ≥ 0),
+def nonnegative_nodes(graph: fx.Graph, owner: torch.nn.Module, seeds) -> set:
+    """Nodes of `graph` (its attributes and modules held by `owner`) whose value is ≥ 0 for every input: `seeds` (forward values the rewrite knows to be ≥ 0),
     constants that are, and what the ops above make of them."""
     known = set(seeds)
     constants: dict = {}
@@ -109,17 +109,17 @@ def nonnegative_nodes(gm: fx.GraphModule, seeds) -> set:
             return _number_ok(a)
         if a.op == "get_attr":  # looked at only where an op asks (weights are large)
             if a not in constants:
-                value = _attr(gm, a.target)
+                value = _attr(owner, a.target)
                 constants[a] = isinstance(value, torch.Tensor) and (value.dtype == torch.bool or
                                                                     bool((value >= 0).all()))
             return constants[a]
         return a in known
 
-    for node in gm.graph.nodes:
+    for node in graph.nodes:
         if node in known or node.op == "get_attr":
             continue
         if node.op == "call_module":
-            ok = isinstance(gm.get_submodule(node.target), torch.nn.ReLU)
+            ok = isinstance(owner.get_submodule(node.target), torch.nn.ReLU)
         elif node.op == "call_method":
             ok = node.target == "relu"
         elif node.op == "call_function" and node.target in _NONNEG_ALWAYS:
@@ -176,9 +176,19 @@ def _same_value(node: fx.Node, known: set):
 
 
 def optimize_graph(gm: fx.GraphModule, nonnegative_seeds=()) -> dict:
-    """Run the exact peephole passes on an explainer graph in place; returns how often each one fired."""
-    graph = gm.graph
-    known = nonnegative_nodes(gm, nonnegative_seeds)
+    """Run the exact peephole passes on an explainer GraphModule in place, then lint and recompile it; returns how
+    often each one fired."""
+    fired = optimize_in_place(gm.graph, gm, nonnegative_seeds)
+    gm.graph.lint()
+    gm.recompile()
+    return fired
+
+
+def optimize_in_place(graph: fx.Graph, owner: torch.nn.Module, nonnegative_seeds=()) -> dict:
+    """The peephole passes on `graph`, whose attributes `owner` holds (new folded biases are registered there),
+    without generating code: the rewrite runs them before it makes the one GraphModule (code generation is most
+    of the cost of a pass over a 100k-node graph)."""
+    known = nonnegative_nodes(graph, owner, nonnegative_seeds)
     fired = {"sign": 0, "bias": 0, "signed": 0}
     for node in list(graph.nodes):
         same = _same_value(node, known)
@@ -187,7 +197,7 @@ def optimize_graph(gm: fx.GraphModule, nonnegative_seeds=()) -> dict:
             fired["sign"] += 1
     graph.eliminate_dead_code()
     for node in list(graph.nodes):
-        fired["bias"] += _fold_constant_add(gm, node)
+        fired["bias"] += _fold_constant_add(graph, owner, node)
     for node in list(graph.nodes):
         fired["signed"] += _signed_shift(graph, node)
     fired["cse"] = _merge_repeated_arithmetic(graph)
@@ -196,13 +206,11 @@ def optimize_graph(gm: fx.GraphModule, nonnegative_seeds=()) -> dict:
     graph.eliminate_dead_code()
     fired["where_free"] = sum(_where_free_shift(graph, node) for node in list(graph.nodes))
     graph.eliminate_dead_code()
-    _drop_unused_buffers(gm)
-    graph.lint()
-    gm.recompile()
+    _drop_unused_buffers(graph, owner)
     return fired
 
 
-def _fold_constant_add(gm: fx.GraphModule, node: fx.Node) -> bool:
+def _fold_constant_add(graph: fx.Graph, owner: torch.nn.Module, node: fx.Node) -> bool:
     """add(layer(x; W, b), c) → layer(x; W, b + c), for a conv/linear whose output has no other use."""
     if node.op != "call_function" or node.target not in (torch.add, operator.add) or len(node.args) != 2 \
             or node.kwargs:
@@ -216,15 +224,15 @@ def _fold_constant_add(gm: fx.GraphModule, node: fx.Node) -> bool:
     bias_node = layer.args[2] if len(layer.args) > 2 else None
     if bias_node is not None and bias_node.op != "get_attr":
         return False
-    weight = _attr(gm, layer.args[1].target)
-    bias = _attr(gm, bias_node.target) if bias_node is not None else torch.zeros(weight.shape[0])
+    weight = _attr(owner, layer.args[1].target)
+    bias = _attr(owner, bias_node.target) if bias_node is not None else torch.zeros(weight.shape[0])
     name = f"_lrp_{layer.name}_bias"
-    gm.register_buffer(name, (bias + c).detach().clone().contiguous(), persistent=True)
-    with gm.graph.inserting_before(layer):
-        new_bias = gm.graph.get_attr(name)
+    owner.register_buffer(name, (bias + c).detach().clone().contiguous(), persistent=True)
+    with graph.inserting_before(layer):
+        new_bias = graph.get_attr(name)
     layer.args = (*layer.args[:2], new_bias, *layer.args[3:])
     node.replace_all_uses_with(layer)
-    gm.graph.erase_node(node)
+    graph.erase_node(node)
     return True
 
 
@@ -359,10 +367,10 @@ def _where_free_shift(graph: fx.Graph, node: fx.Node) -> bool:
     return True
 
 
-def _drop_unused_buffers(gm: fx.GraphModule) -> None:
-    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
-    for name in [n for n, _ in gm.named_buffers(recurse=False) if n.startswith("_lrp_") and n not in used]:
-        delattr(gm, name)
+def _drop_unused_buffers(graph: fx.Graph, owner: torch.nn.Module) -> None:
+    used = {n.target for n in graph.nodes if n.op == "get_attr"}
+    for name in [n for n, _ in owner.named_buffers(recurse=False) if n.startswith("_lrp_") and n not in used]:
+        delattr(owner, name)
 
 
 RECOMPUTE_NUMEL = 1 << 23  # per sample: 32 MB in float32
@@ -370,12 +378,11 @@ RECOMPUTE_GAP = 20  # nodes between the forward use and the relevance pass's: cl
 RECOMPUTE_CHAIN = 16  # at most this many ops computed again per value
 
 
-def recompute_large_values(gm: fx.GraphModule, numel: dict) -> int:
+def recompute_large_values(graph: fx.Graph, numel: dict) -> int:
     """Where a large value (`numel`: node -> elements per sample, for the nodes whose size is known) is read again
     RECOMPUTE_GAP nodes or more after its first reader, the later readers get a copy of the pure ops that made it,
     from inputs under RECOMPUTE_NUMEL, inserted before the first of them. The value itself is then freed after its
-    forward reader. Returns how many values were recomputed; recompiles `gm` when any was."""
-    graph = gm.graph
+    forward reader. Returns how many values were recomputed (the caller generates the code)."""
     position = {n: i for i, n in enumerate(graph.nodes)}
     done = 0
     for node in list(graph.nodes):
@@ -394,9 +401,6 @@ def recompute_large_values(gm: fx.GraphModule, numel: dict) -> int:
             reader.replace_input_with(node, copies[node])
         position = {n: i for i, n in enumerate(graph.nodes)}
         done += 1
-    if done:
-        graph.lint()
-        gm.recompile()
     return done
 
 

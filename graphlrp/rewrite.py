@@ -10,6 +10,7 @@ Graph signature: (input [N, C, H, W], target int64 [N], -1 = top-1) -> (logits, 
 """
 from __future__ import annotations
 
+
 import math
 import operator
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 from . import derived, ops, rules
 from .analyze import Merge
 from .errors import UnsupportedOpError
-from .optimize import conv_transpose, optimize_graph, recompute_large_values
+from .optimize import conv_transpose, optimize_in_place, recompute_large_values
 from .graph import Traced, describe_node
 
 
@@ -494,6 +495,25 @@ class Rewriter:
 
     # relevance ------------------------------------------------------------------------------------------
     def build(self) -> fx.GraphModule:
+        """The explainer (with taps or the conservation trace as a third output where asked for)."""
+        graph, root = self._relevance_graph()
+        return self._finish(graph, root, self._seeds(), self._numel_per_sample())
+
+    def _seeds(self) -> list:
+        """Forward values of the explainer graph the sign analysis knows to be ≥ 0."""
+        return [self.env[n] for n in self.traced.graph.nodes if self.nonnegative.get(n.name) and n in self.env]
+
+    @staticmethod
+    def _finish(graph: fx.Graph, root: torch.nn.Module, seeds, numel: dict) -> fx.GraphModule:
+        graph.owning_module = root  # the passes look up modules and attributes there
+        # exact peepholes (sign facts, ε folded into conv biases), dead nodes (forward values no rule needed) dropped
+        optimize_in_place(graph, root, seeds)
+        recompute_large_values(graph, numel)  # attention weights at long sequences: not held
+        graph.lint()
+        return fx.GraphModule(root, graph, "Explainer").eval()  # its code generated once
+
+    def _relevance_graph(self):
+        """(graph, root): the forward copied, the relevance pass appended, before the peephole passes."""
         graph = fx.Graph()
         root = torch.nn.Module()
         dtype = next(n for n in self.traced.graph.nodes if n.op == "placeholder").meta.get("dtype")
@@ -555,12 +575,7 @@ class Rewriter:
         for node in self.traced.graph.nodes:
             if node.op == "get_attr":
                 _copy_attr(self.traced.graph_module, root, node.target)
-        gm = fx.GraphModule(root, graph, "Explainer")
-        gm.graph.eliminate_dead_code()  # e.g. forward values no rule needed
-        seeds = [self.env[n] for n in self.traced.graph.nodes if self.nonnegative.get(n.name) and n in self.env]
-        optimize_graph(gm, seeds)  # exact peepholes (sign facts, ε folded into conv biases); lints, recompiles
-        recompute_large_values(gm, self._numel_per_sample())  # attention weights at long sequences: not held
-        return gm.eval()
+        return graph, root
 
     def _numel_per_sample(self) -> dict:
         """Explainer node -> elements per sample of the forward value it holds (from the trace's shapes)."""

@@ -17,7 +17,7 @@ import torch.fx as fx
 from torch.fx import _symbolic_trace
 
 from .errors import GraphLRPError, TraceError
-from .graph import Traced, assign_slice, call_on_meta, describe_node, source_line  # noqa: F401  (importable from here as before)
+from .graph import MetaResults, Traced, assign_slice, call_on_meta, describe_node, source_line  # noqa: F401  (importable from here as before)
 
 # in-place function spellings and their functional equivalents
 _FUNCTIONAL = {
@@ -408,11 +408,21 @@ class BatchDims(fx.Interpreter):
             n.meta["batch_dim"] = diff[0] if diff else None
         return result
 
+    def __init__(self, gm: fx.GraphModule):
+        super().__init__(gm)
+        self.remembered = MetaResults()
+
     def get_attr(self, target, args, kwargs):
         return _to_meta(super().get_attr(target, args, kwargs))
 
     def call_module(self, target, args, kwargs):
         return call_on_meta(self.fetch_attr(target), args, kwargs)
+
+    def call_function(self, target, args, kwargs):
+        return self.remembered(target, args, kwargs, super().call_function)
+
+    def call_method(self, target, args, kwargs):
+        return self.remembered(target, args, kwargs, super().call_method)
 
 
 def copy_model(model: torch.nn.Module) -> torch.nn.Module:

@@ -241,7 +241,7 @@ def test_graph_passes_keep_the_numbers(resnet18, preset, monkeypatch):
     x = torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
     target = torch.tensor([-1, 3])
     fast = graphlrp.compile(resnet18, x[:1], rules=preset)
-    monkeypatch.setattr(rewrite, "optimize_graph", lambda gm, seeds=(): gm.recompile())
+    monkeypatch.setattr(rewrite, "optimize_in_place", lambda graph, owner, seeds=(): {})
     plain = graphlrp.compile(resnet18, x[:1], rules=preset)
     logits, rel = fast(x, target)
     logits0, rel0 = plain(x, target)

@@ -488,6 +488,42 @@ def test_a_recurrent_layer_on_the_meta_device_has_the_shapes_of_its_real_run(mod
     assert flat(meta) == flat(module(x)) and meta[0].device.type == "meta"
 
 
+def test_the_batch_dims_of_repeated_ops_are_worked_out_once_and_are_those_of_running_each(monkeypatch):
+    """The trace's meta run remembers an op's result by its inputs' metadata (an unrolled LSTM repeats equal steps):
+    the batch dims it records are those of running every op, and 2 and 2.0 are different arguments."""
+    import graphlrp.graph as graph_module
+    import graphlrp.trace as trace_module
+
+    class Repeats(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn, self.fc = nn.LSTM(4, 6, batch_first=True, bidirectional=True), nn.Linear(12, 3)
+
+        def forward(self, x):
+            y = self.rnn(x)[0].transpose(0, 1) * 2  # the batch moves to dim 1
+            return self.fc((y.transpose(0, 1) * 2.0).mean(1))
+
+    torch.manual_seed(0)
+    x = torch.randn(1, 6, 4)
+    remembered = trace_module.trace(Repeats().eval(), x)
+    monkeypatch.setattr(graph_module.MetaResults, "__call__", lambda self, target, args, kwargs, run: run(target, args, kwargs))
+    each = trace_module.trace(Repeats().eval(), x)
+    dims = lambda t: [(n.name, n.meta.get("batch_dim", "none")) for n in t.graph.nodes]  # noqa: E731
+    assert dims(remembered) == dims(each)
+    # the export's batch probe of the explainer (the same memo) against running each op
+    from graphlrp.fx_to_onnx import _probe_batch  # noqa: PLC2701  (the probe under test)
+
+    gm = graphlrp.compile(Repeats().eval(), x, rules="otsuki2024-conserving", verify=False).graph_module
+    each_probe = _probe_batch(gm, (x, torch.tensor([-1])))
+    monkeypatch.undo()
+    remembered_probe = _probe_batch(gm, (x, torch.tensor([-1])))
+    assert remembered_probe.remembered.results  # the memo was used
+    assert {n.name: d for n, d in remembered_probe.dim0.items()} == {n.name: d for n, d in each_probe.dim0.items()}
+    assert {d for _, d in dims(each)} >= {0, 1, None}  # the batch moves, and constants have none
+    int_key, float_key = (graph_module.metadata_key(v) for v in (2, 2.0))
+    assert int_key != float_key
+
+
 def test_a_recurrent_layer_with_a_given_state_or_read_final_state_is_refused():
     class GivenState(nn.Module):
         def __init__(self, read_state: bool):

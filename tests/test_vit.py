@@ -609,18 +609,22 @@ def test_cli_compiles_and_explains_a_vit(tmp_path, capsys):
 @pytest.mark.slow
 def test_vit_b_16_cp_lrp_matches_lxt():
     """The acceptance comparison at full size: torchvision's vit_b_16 (random weights, seeded; the zero-initialised
-    head drawn randomly so that logits are not all 0), one image, LXT's patches with Zennit's ε = 1e-6."""
+    head drawn randomly so that logits are not all 0), one image, LXT's patches with Zennit's ε = 1e-6. Both run in
+    float64: in float32 the ε-rule at ε = 1e-6 amplifies rounding, and the two float32 results differ by less
+    than 1e-3 on one x86 CPU and by 2.5e-3 on another (AMD EPYC), a difference of the CPU, not of the rules."""
     from lxt_reference import lxt_cp_lrp
 
     torch.manual_seed(0)
     model = torchvision.models.vit_b_16().eval()
     nn.init.normal_(model.heads.head.weight, std=0.02)
-    x, target = torch.randn(1, 3, 224, 224), torch.tensor([281])
+    model = model.double()
+    x, target = torch.randn(1, 3, 224, 224, dtype=torch.float64), torch.tensor([281])
     _, lxt_relevance = lxt_cp_lrp(model, x, target, epsilon=1e-6)
     _, relevance = compile_random(model, x, rules="cp-lrp")(x, target)
+    assert relevance.dtype == torch.float64
     difference = rel(relevance, lxt_relevance)
-    print(f"\nvit_b_16 cp-lrp vs LXT: max |difference| / max |R_LXT| = {difference:.2e}")
-    assert difference <= 1e-3
+    print(f"\nvit_b_16 cp-lrp vs LXT, float64: max |difference| / max |R_LXT| = {difference:.2e}")
+    assert difference <= 1e-4
 
 
 @pytest.mark.parametrize("name", ["torchvision swin", "timm swin", "torchvision maxvit"])

@@ -21,6 +21,7 @@ import sys
 import tempfile
 import threading
 import time
+from pathlib import Path
 
 ROW_MARK = "<!-- row "
 
@@ -122,6 +123,16 @@ def cell(text: str, n: int = 160) -> str:
     return text if len(text) <= n else text[: n - 1] + "…"
 
 
+def cpu_name() -> str:
+    """The CPU's model name (Linux), else the machine type."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        lines = []
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    return names[0] if names else platform.processor() or platform.machine()
+
+
 def report(rows: dict[str, dict], planned: list[str], command: str, limits: tuple[float, float]) -> str:
     done = [rows[m] for m in planned if m in rows]
     counts = {}
@@ -135,8 +146,8 @@ def report(rows: dict[str, dict], planned: list[str], command: str, limits: tupl
     title = "every torchvision classification model" if everything else "the models listed below"
     lines = [f"# The main job on {title}", "",
              f"`{command}` — each model `graphlrp compile NAME --weights none -o NAME.onnx` in its own process, the "
-             f"CLI's default preset, torch {torch.__version__}, {platform.processor() or platform.machine()}, "
-             f"{os.cpu_count()} cores.", ""]
+             f"CLI's default preset, torch {torch.__version__}, {cpu_name()}, "
+             f"{os.cpu_count()} cores (times depend on the CPU: compare rows of one report only).", ""]
     if len(done) < len(planned):
         lines += [f"**partial: {len(done)} of {len(planned)} models** (run the same command with `--resume` to go on).",
                   ""]
