@@ -99,8 +99,8 @@ def _number_ok(v) -> bool:
 
 
 def nonnegative_nodes(graph: fx.Graph, owner: torch.nn.Module, seeds) -> set:
-    """Nodes of `graph` (its attributes and modules held by `owner`) whose value is ≥ 0 for every input: `seeds` (forward values the rewrite knows to be ≥ 0),
-    constants that are, and what the ops above make of them."""
+    """Nodes of `graph` (its attributes and modules held by `owner`) whose value is ≥ 0 for every input: `seeds`
+    (forward values the rewrite knows to be ≥ 0), constants that are, and what the ops above make of them."""
     known = set(seeds)
     constants: dict = {}
 

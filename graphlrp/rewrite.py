@@ -57,17 +57,15 @@ DERIVED_WEIGHTS_HELD_UP_TO = 1 << 30
 DERIVED_WEIGHTS = ("auto", "held", "computed")
 
 
-def derived_weights_computed(module: torch.nn.Module) -> bool:
-    """Whether an explainer of `module` computes its derived weights in every call instead of holding them."""
-    weights = sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
-    return weights > DERIVED_WEIGHTS_HELD_UP_TO
-
-
 def compute_derived_weights(choice: str, module: torch.nn.Module) -> bool:
-    """Whether the explainer computes its derived weights in every call, for a `Plan.derived_weights` choice."""
+    """Whether the explainer of `module` computes its derived weights in every call instead of holding them, for a
+    `Plan.derived_weights` choice."""
     if choice not in DERIVED_WEIGHTS:
         raise ValueError(f"derived_weights must be one of {', '.join(DERIVED_WEIGHTS)}, got {choice!r}")
-    return choice == "computed" or (choice == "auto" and derived_weights_computed(module))
+    if choice != "auto":
+        return choice == "computed"
+    weights = sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+    return weights > DERIVED_WEIGHTS_HELD_UP_TO
 
 
 def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -81,7 +79,7 @@ class Emitter:
                  pool: dict | None = None, compute_derived: bool = False):
         self.graph, self.root, self._count = graph, root, 0
         # derived weights (W⁺, W⁻, |W|; `graphlrp.derived`) as ops on their base weight, computed in every call,
-        # instead of buffers of their own (`derived_weights_computed`)
+        # instead of buffers of their own (`compute_derived_weights`)
         self.compute_derived = compute_derived
         self._derived: dict = {}  # (fn, lifted base and args, kwargs) -> the node computing it
         self.dtype = dtype  # floating constants are stored in the model's dtype (float32, or float64 for checks)
@@ -496,24 +494,6 @@ class Rewriter:
     # relevance ------------------------------------------------------------------------------------------
     def build(self) -> fx.GraphModule:
         """The explainer (with taps or the conservation trace as a third output where asked for)."""
-        graph, root = self._relevance_graph()
-        return self._finish(graph, root, self._seeds(), self._numel_per_sample())
-
-    def _seeds(self) -> list:
-        """Forward values of the explainer graph the sign analysis knows to be ≥ 0."""
-        return [self.env[n] for n in self.traced.graph.nodes if self.nonnegative.get(n.name) and n in self.env]
-
-    @staticmethod
-    def _finish(graph: fx.Graph, root: torch.nn.Module, seeds, numel: dict) -> fx.GraphModule:
-        graph.owning_module = root  # the passes look up modules and attributes there
-        # exact peepholes (sign facts, ε folded into conv biases), dead nodes (forward values no rule needed) dropped
-        optimize_in_place(graph, root, seeds)
-        recompute_large_values(graph, numel)  # attention weights at long sequences: not held
-        graph.lint()
-        return fx.GraphModule(root, graph, "Explainer").eval()  # its code generated once
-
-    def _relevance_graph(self):
-        """(graph, root): the forward copied, the relevance pass appended, before the peephole passes."""
         graph = fx.Graph()
         root = torch.nn.Module()
         dtype = next(n for n in self.traced.graph.nodes if n.op == "placeholder").meta.get("dtype")
@@ -575,7 +555,13 @@ class Rewriter:
         for node in self.traced.graph.nodes:
             if node.op == "get_attr":
                 _copy_attr(self.traced.graph_module, root, node.target)
-        return graph, root
+        graph.owning_module = root  # the passes look up modules and attributes there
+        seeds = [self.env[n] for n in self.traced.graph.nodes if self.nonnegative.get(n.name) and n in self.env]
+        # exact peepholes (sign facts, ε folded into conv biases), dead nodes (forward values no rule needed) dropped
+        optimize_in_place(graph, root, seeds)
+        recompute_large_values(graph, self._numel_per_sample())  # attention weights at long sequences: not held
+        graph.lint()
+        return fx.GraphModule(root, graph, "Explainer").eval()  # its code generated once
 
     def _numel_per_sample(self) -> dict:
         """Explainer node -> elements per sample of the forward value it holds (from the trace's shapes)."""
