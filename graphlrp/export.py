@@ -45,7 +45,7 @@ class ExportReport:
     float32_error_pytorch: float | None = None
     float32_error_onnxruntime: float | None = None
     # the error float32 rounding itself causes on this graph and batch (float64 runs with simulated rounding): the
-    # allowance's base, the same on every CPU
+    # allowance's base, the same on every CPU (the largest over the runs the verdict needed: each can only raise it)
     float32_error_expected: float | None = None
     # the same for the logits: a forward can be ill-conditioned too (random-weight FBNetV3-D: PyTorch's float32
     # logits 8.8% from float64), and then no float32 runtime reproduces another's logits to the tolerance
@@ -61,10 +61,34 @@ class ExportReport:
     # boundary); its check compares it with the float32 explainer instead of asking for parity (see export_onnx)
     precision: str = "fp32"
     fp16: dict | None = None
+    # PyTorch's float32 logits against the float64 run (measured with float32_error_pytorch)
+    float32_error_logits_pytorch: float | None = None
+    # which criterion the parity check passed on (PARITY_BASES); None before the check or where it failed
+    parity_basis: str | None = None
+
+    def parity_summary(self) -> str:
+        """One line for a person: how far onnxruntime is from PyTorch and, where that is over the tolerance, what
+        it was judged against instead."""
+        direct = f"onnxruntime vs PyTorch: max relative difference {self.max_rel_diff:.1e}"
+        if self.parity_basis in (None, "pytorch"):
+            return f"{direct} (limit {_exp(PARITY_TOLERANCE)})"
+        against = (f"against a float64 run of the same graph: onnxruntime {self.float32_error_onnxruntime:.1e}, "
+                   f"PyTorch float32 {self.float32_error_pytorch:.1e}")
+        if self.parity_basis == "float64":
+            return f"{direct}; {against}: onnxruntime is float32-exact (limit {_exp(PARITY_TOLERANCE)})"
+        if self.parity_basis == "no-further-than-pytorch":
+            return f"{direct} (an ill-conditioned explainer); {against}: onnxruntime is the closer of the two"
+        return (f"{direct} (an ill-conditioned explainer); {against}; float32 rounding itself moves it "
+                f"{self.float32_error_expected:.1e} (simulated; allowed {CONDITIONING_MARGIN:g}x that)")
 
     @property
     def max_rel_diff(self) -> float:
         return max(self.max_rel_diff_relevance, self.max_rel_diff_logits)
+
+
+def _exp(x: float) -> str:
+    """1e-4, not 1e-04."""
+    return f"{x:.0e}".replace("e-0", "e-").replace("e+0", "e+")
 
 
 def rel_diff(a: np.ndarray, b: np.ndarray) -> float:
@@ -286,14 +310,21 @@ def _float64_relevance(explainer, x: torch.Tensor, target: torch.Tensor) -> np.n
 ROUNDING_SAMPLES = 2  # float64 runs with simulated float32 rounding; the largest distance sets the allowance
 
 
-def expected_float32_errors(explainer, x: torch.Tensor, target: torch.Tensor, exact_logits, exact) -> tuple:
+def expected_float32_errors(explainer, x: torch.Tensor, target: torch.Tensor, exact_logits, exact,
+                            enough=None) -> tuple:
     """(logits error, relevance error) a correct float32 runtime is to be allowed on (x, target): the largest
     distances from the exact float64 run of ROUNDING_SAMPLES float64 runs with simulated float32 rounding
     (`_Float64Run`). The targets are resolved from the exact logits first, so a near-tie cannot make a noisy run
-    explain another class."""
+    explain another class. `enough(logits error, relevance error)`: stop after the first runs whose maxima
+    satisfy it (a further run can only raise them, so a verdict that passes on them passes on all)."""
     resolved = torch.where(target < 0, torch.as_tensor(exact_logits).argmax(1), target)
-    runs = [_float64_run(explainer, x, resolved, seed) for seed in range(ROUNDING_SAMPLES)]
-    return max(rel_diff(r[0], exact_logits) for r in runs), max(rel_diff(r[1], exact) for r in runs)
+    e_logits = e_relevance = 0.0
+    for seed in range(ROUNDING_SAMPLES):
+        logits, relevance = _float64_run(explainer, x, resolved, seed)
+        e_logits, e_relevance = max(e_logits, rel_diff(logits, exact_logits)), max(e_relevance, rel_diff(relevance, exact))
+        if enough is not None and enough(e_logits, e_relevance):
+            break
+    return e_logits, e_relevance
 
 
 def expected_float32_error(explainer, x: torch.Tensor, target: torch.Tensor, exact_logits, exact) -> float:
@@ -345,8 +376,11 @@ def check_parity(explainer, session, report: ExportReport, x, target, expected) 
     PyTorch's float32 logits 8.8% from float64). Logits and relevance each pass when onnxruntime is within
     max(tolerance, CONDITIONING_MARGIN × e) of a float64 run of the same graph, where e is the error float32
     rounding causes on this graph and batch, measured by float64 runs with simulated float32 rounding
-    (`expected_float32_errors`; not measured where onnxruntime's logits agree with PyTorch's and its relevance is
-    within the tolerance of the float64 run, i.e. the PyTorch side was off). e does not depend on the CPU, its
+    (`expected_float32_errors`). e is not measured where it cannot change the verdict: where onnxruntime's logits
+    agree with PyTorch's and its relevance is within the tolerance of the float64 run (the PyTorch side was off),
+    and where onnxruntime is no further from the float64 run than PyTorch's float32 explainer in both outputs (the
+    export is as exact as what it translates; on a well-conditioned graph PyTorch is float32-exact, so a
+    translation error never passes this way). e does not depend on the CPU, its
     kernels, thread counts or the machine's load, so neither does the verdict, beyond onnxruntime's own error
     moving within the 30x margin; a 1% error on a well-conditioned explainer still fails, in the logits or in the
     relevance. The report keeps PyTorch's float32 error, onnxruntime's and e for both (`float32_error_*`).
@@ -373,18 +407,35 @@ def check_parity(explainer, session, report: ExportReport, x, target, expected) 
         warnings.warn(ZERO_RELEVANCE_WARNING, stacklevel=3)
     tol = PARITY_TOLERANCE
     if report.max_rel_diff <= tol:
+        report.parity_basis = "pytorch"
         return
     exact_logits, exact = _float64_run(explainer, x, target)
     report.float32_error_pytorch = rel_diff(rel_pt, exact)
+    report.float32_error_logits_pytorch = rel_diff(logits_pt, exact_logits)
     report.float32_error_onnxruntime = rel_diff(rel_rt, exact)
     report.float32_error_logits_onnxruntime = rel_diff(logits_rt, exact_logits)
     if report.max_rel_diff_logits <= tol and report.float32_error_onnxruntime <= tol:
+        report.parity_basis = "float64"
         return  # onnxruntime is float32-exact; PyTorch's kernels were not
-    e_logits, e_relevance = expected_float32_errors(explainer, x, target, exact_logits, exact)
+    if (report.float32_error_onnxruntime <= report.float32_error_pytorch
+            and report.float32_error_logits_onnxruntime <= max(tol, report.float32_error_logits_pytorch)):
+        # onnxruntime is no further from the exact result than the explainer it translates, in both outputs: the
+        # export is as good as the PyTorch explainer, whatever the conditioning (and the two simulated-rounding
+        # float64 runs, the most expensive part of the check, are not needed; a translation error on a
+        # well-conditioned graph is far from a float32-exact PyTorch run and still goes to the allowance below)
+        report.parity_basis = "no-further-than-pytorch"
+        return
+    def allowed(e_logits, e_relevance) -> bool:
+        logits_ok = (report.max_rel_diff_logits <= tol
+                     or report.float32_error_logits_onnxruntime <= max(tol, CONDITIONING_MARGIN * e_logits))
+        return logits_ok and report.float32_error_onnxruntime <= max(tol, CONDITIONING_MARGIN * e_relevance)
+
+    # the allowance grows with each simulated-rounding run, so the runs stop once it admits onnxruntime: the verdict
+    # is the one all of them would give (nasnetalarge: one float64 run of 9 s less)
+    e_logits, e_relevance = expected_float32_errors(explainer, x, target, exact_logits, exact, enough=allowed)
     report.float32_error_logits_expected, report.float32_error_expected = e_logits, e_relevance
-    logits_ok = (report.max_rel_diff_logits <= tol
-                 or report.float32_error_logits_onnxruntime <= max(tol, CONDITIONING_MARGIN * e_logits))
-    if logits_ok and report.float32_error_onnxruntime <= max(tol, CONDITIONING_MARGIN * e_relevance):
+    if allowed(e_logits, e_relevance):
+        report.parity_basis = "rounding-allowance"
         return
     raise ExportError(
         f"onnxruntime disagrees with the PyTorch explainer: max relative difference {report.max_rel_diff:.2e} > "

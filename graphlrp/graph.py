@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import operator
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
@@ -123,13 +123,20 @@ class Traced:
 
     graph_module: fx.GraphModule
     example_input: torch.Tensor
+    # call_module targets resolved so far: the analysis asks for the same modules many times (the search behind
+    # attention weights alone made 120k lookups on iFormer-H); passes add submodules under new names, never
+    # replace one under its name
+    _modules: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def graph(self) -> fx.Graph:
         return self.graph_module.graph
 
     def module(self, node: fx.Node) -> torch.nn.Module:
-        return self.graph_module.get_submodule(node.target)
+        found = self._modules.get(node.target)
+        if found is None:
+            found = self._modules[node.target] = self.graph_module.get_submodule(node.target)
+        return found
 
     def attr(self, node: fx.Node):
         """The tensor behind a get_attr node."""

@@ -209,6 +209,42 @@ def test_an_ill_conditioned_forward_is_judged_against_float64_with_simulated_rou
     assert report.max_rel_diff_logits > 1e-4 and report.float32_error_logits_expected > 1e-4
 
 
+def test_the_rounding_runs_stop_once_the_allowance_admits_the_runtime(tmp_path, monkeypatch):
+    """Each simulated-rounding run can only raise the allowance, so the check stops at the first that admits
+    onnxruntime (the verdict all runs would give) and makes every run before it refuses."""
+    import graphlrp.export as export
+
+    torch.manual_seed(0)
+    explainer = graphlrp.compile(_CancellingHead().eval(), torch.randn(1, 8), rules="otsuki2024-conserving")
+    x, target = torch.randn(4, 8), torch.tensor([-1, -1, 0, 2])
+    with torch.no_grad():
+        logits, relevance = explainer(x, target)
+    exact_logits, _ = export._float64_run(explainer, x, target)
+    resolved = torch.where(target < 0, torch.as_tensor(exact_logits).argmax(1), target)
+    rounded = export._float64_run(explainer, x, resolved, 7)
+    seeds = []
+    real_run = export._float64_run
+    monkeypatch.setattr(export, "_float64_run", lambda e, x, t, seed=None: seeds.append(seed) or real_run(e, x, t, seed))
+
+    class Float32Elsewhere:
+        def run(self, names, feeds):
+            return [np.asarray(rounded[0], np.float32), np.asarray(rounded[1], np.float32)]
+
+    report = export.ExportReport(str(tmp_path / "x.onnx"), 0.0, 0.0, 0, 17)
+    export.check_parity(explainer, Float32Elsewhere(), report, x, target, (logits, relevance))
+    assert report.parity_basis == "rounding-allowance" and seeds == [None, 0]
+
+    class Off:  # logits 1 off: no allowance admits it, so every rounding run is made before the refusal
+        def run(self, names, feeds):
+            return [(logits + logits.abs().max()).numpy(), relevance.numpy()]
+
+    seeds.clear()
+    report = export.ExportReport(str(tmp_path / "x.onnx"), 0.0, 0.0, 0, 17)
+    with pytest.raises(graphlrp.ExportError):
+        export.check_parity(explainer, Off(), report, x, target, (logits, relevance))
+    assert seeds == [None, *range(export.ROUNDING_SAMPLES)] and report.parity_basis is None
+
+
 def test_a_runtime_that_matches_the_float64_run_passes_without_the_rounding_simulation(tmp_path):
     """Where PyTorch's float32 relevance is the one off (1e-3 here) and onnxruntime's is within the tolerance of the
     float64 run, the export passes at once: the simulated-rounding runs (float32_error_expected) are not needed."""
@@ -229,6 +265,42 @@ def test_a_runtime_that_matches_the_float64_run_passes_without_the_rounding_simu
     export.check_parity(explainer, Exact(), report, x, target, (torch.as_tensor(logits).float(), off))
     assert report.max_rel_diff_relevance > 5e-4 and report.float32_error_onnxruntime < 1e-6
     assert report.float32_error_pytorch > 5e-4 and report.float32_error_expected is None
+
+
+def test_a_runtime_no_further_from_float64_than_pytorch_passes_without_the_rounding_simulation(tmp_path):
+    """Where PyTorch's float32 relevance is 1e-3 off the float64 run and onnxruntime's 5e-4 off it (an
+    ill-conditioned explainer: the two float32 runs differ by more than the tolerance), the export is as exact as
+    the explainer it translates and passes without the simulated-rounding runs; the CLI's line says what it was
+    judged against. A runtime further from float64 than PyTorch goes on to the rounding allowance."""
+    import graphlrp.export as export
+
+    torch.manual_seed(0)
+    explainer = graphlrp.compile(torchvision.models.resnet18().eval(), torch.randn(1, 3, 64, 64))
+    x, target = export._parity_batch(explainer)
+    logits, exact = export._float64_run(explainer, x, target)
+    logits, exact = torch.as_tensor(logits).float(), torch.as_tensor(exact).float()
+    signs = torch.sign(torch.randn_like(exact))
+
+    def off_by(fraction):
+        return exact + fraction * exact.abs().max() * signs
+
+    class Runtime:
+        def __init__(self, relevance):
+            self.relevance = relevance
+
+        def run(self, names, feeds):
+            return [logits.numpy(), self.relevance.numpy()]
+
+    report = export.ExportReport(str(tmp_path / "x.onnx"), 0.0, 0.0, 0, 17)
+    export.check_parity(explainer, Runtime(off_by(5e-4)), report, x, target, (logits, off_by(-1e-3)))
+    assert report.max_rel_diff_relevance > 1e-3 and report.float32_error_expected is None
+    assert report.parity_basis == "no-further-than-pytorch"
+    assert "onnxruntime is the closer of the two" in report.parity_summary()
+
+    report = export.ExportReport(str(tmp_path / "x.onnx"), 0.0, 0.0, 0, 17)
+    with pytest.raises(graphlrp.ExportError, match="against a float64 run"):
+        export.check_parity(explainer, Runtime(off_by(2e-3)), report, x, target, (logits, off_by(-1e-3)))
+    assert report.float32_error_expected is not None and report.float32_error_expected < 1e-5
 
 
 def test_the_rounding_allowance_comes_from_simulated_float32_rounding_and_is_the_same_on_every_run():

@@ -150,7 +150,7 @@ def run(args) -> int:
               f"{f['logits_vs_fp32']:.1e} (max relative difference); ΣR_in / R_out "
               f"{_short(f['conservation_fp16'])} (float32: {_short(f['conservation_fp32'])})")
     else:
-        print(f"parity    onnxruntime vs PyTorch: max relative difference {report.max_rel_diff:.1e} (limit 1e-4)")
+        print(f"parity    {report.parity_summary()}")
     if report.zero_relevance:
         from ..export import ZERO_RELEVANCE_WARNING
 
