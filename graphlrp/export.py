@@ -33,6 +33,11 @@ METADATA_KEYS = ("graphlrp_version", "preset", "split", "include_identity", "sou
                  "preprocessing", "labels", "output_relevance", "certificate")
 
 
+# what check_parity's pass was judged on: onnxruntime within PARITY_TOLERANCE of PyTorch; of the float64 run; no
+# further from the float64 run than PyTorch's float32; within CONDITIONING_MARGIN x the simulated rounding error
+PARITY_BASES = ("pytorch", "float64", "no-further-than-pytorch", "rounding-allowance")
+
+
 @dataclass
 class ExportReport:
     path: str
@@ -63,7 +68,7 @@ class ExportReport:
     fp16: dict | None = None
     # PyTorch's float32 logits against the float64 run (measured with float32_error_pytorch)
     float32_error_logits_pytorch: float | None = None
-    # which criterion the parity check passed on (PARITY_BASES); None before the check or where it failed
+    # which criterion the parity check passed on (one of PARITY_BASES); None before the check or where it failed
     parity_basis: str | None = None
 
     def parity_summary(self) -> str:
@@ -321,7 +326,8 @@ def expected_float32_errors(explainer, x: torch.Tensor, target: torch.Tensor, ex
     e_logits = e_relevance = 0.0
     for seed in range(ROUNDING_SAMPLES):
         logits, relevance = _float64_run(explainer, x, resolved, seed)
-        e_logits, e_relevance = max(e_logits, rel_diff(logits, exact_logits)), max(e_relevance, rel_diff(relevance, exact))
+        e_logits = max(e_logits, rel_diff(logits, exact_logits))
+        e_relevance = max(e_relevance, rel_diff(relevance, exact))
         if enough is not None and enough(e_logits, e_relevance):
             break
     return e_logits, e_relevance
@@ -425,6 +431,7 @@ def check_parity(explainer, session, report: ExportReport, x, target, expected) 
         # well-conditioned graph is far from a float32-exact PyTorch run and still goes to the allowance below)
         report.parity_basis = "no-further-than-pytorch"
         return
+
     def allowed(e_logits, e_relevance) -> bool:
         logits_ok = (report.max_rel_diff_logits <= tol
                      or report.float32_error_logits_onnxruntime <= max(tol, CONDITIONING_MARGIN * e_logits))

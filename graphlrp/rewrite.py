@@ -10,7 +10,6 @@ Graph signature: (input [N, C, H, W], target int64 [N], -1 = top-1) -> (logits, 
 """
 from __future__ import annotations
 
-
 import math
 import operator
 from dataclasses import dataclass, field

@@ -185,10 +185,9 @@ class _CancellingHead(nn.Module):
         return self.fc2(torch.relu(self.fc1(x)))
 
 
-def test_an_ill_conditioned_forward_is_judged_against_float64_with_simulated_rounding(tmp_path):
-    """A runtime whose logits are a correct float32 evaluation (a float64 run with simulated float32 rounding,
-    seed 7) differs from PyTorch's float32 logits by more than the tolerance; the export passes, because float32
-    rounding itself moves these logits that far (random-weight FBNetV3-D: 8.8%)."""
+def _ill_conditioned_case():
+    """The cancelling head's explainer, a batch, PyTorch's float32 (logits, relevance) on it, and a runtime whose
+    outputs are a correct float32 evaluation: a float64 run with simulated float32 rounding (seed 7)."""
     import graphlrp.export as export
 
     torch.manual_seed(0)
@@ -204,8 +203,19 @@ def test_an_ill_conditioned_forward_is_judged_against_float64_with_simulated_rou
         def run(self, names, feeds):
             return [np.asarray(rounded[0], np.float32), np.asarray(rounded[1], np.float32)]
 
+    return explainer, x, target, (logits, relevance), Float32Elsewhere()
+
+
+def test_an_ill_conditioned_forward_is_judged_against_float64_with_simulated_rounding(tmp_path):
+    """A runtime whose logits are a correct float32 evaluation (a float64 run with simulated float32 rounding,
+    seed 7) differs from PyTorch's float32 logits by more than the tolerance; the export passes, because float32
+    rounding itself moves these logits that far (random-weight FBNetV3-D: 8.8%)."""
+    import graphlrp.export as export
+
+    explainer, x, target, (logits, relevance), float32_elsewhere = _ill_conditioned_case()
+
     report = export.ExportReport(str(tmp_path / "x.onnx"), 0.0, 0.0, 0, 17)
-    export.check_parity(explainer, Float32Elsewhere(), report, x, target, (logits, relevance))
+    export.check_parity(explainer, float32_elsewhere, report, x, target, (logits, relevance))
     assert report.max_rel_diff_logits > 1e-4 and report.float32_error_logits_expected > 1e-4
 
 
@@ -214,24 +224,13 @@ def test_the_rounding_runs_stop_once_the_allowance_admits_the_runtime(tmp_path, 
     onnxruntime (the verdict all runs would give) and makes every run before it refuses."""
     import graphlrp.export as export
 
-    torch.manual_seed(0)
-    explainer = graphlrp.compile(_CancellingHead().eval(), torch.randn(1, 8), rules="otsuki2024-conserving")
-    x, target = torch.randn(4, 8), torch.tensor([-1, -1, 0, 2])
-    with torch.no_grad():
-        logits, relevance = explainer(x, target)
-    exact_logits, _ = export._float64_run(explainer, x, target)
-    resolved = torch.where(target < 0, torch.as_tensor(exact_logits).argmax(1), target)
-    rounded = export._float64_run(explainer, x, resolved, 7)
+    explainer, x, target, (logits, relevance), float32_elsewhere = _ill_conditioned_case()
     seeds = []
     real_run = export._float64_run
     monkeypatch.setattr(export, "_float64_run", lambda e, x, t, seed=None: seeds.append(seed) or real_run(e, x, t, seed))
 
-    class Float32Elsewhere:
-        def run(self, names, feeds):
-            return [np.asarray(rounded[0], np.float32), np.asarray(rounded[1], np.float32)]
-
     report = export.ExportReport(str(tmp_path / "x.onnx"), 0.0, 0.0, 0, 17)
-    export.check_parity(explainer, Float32Elsewhere(), report, x, target, (logits, relevance))
+    export.check_parity(explainer, float32_elsewhere, report, x, target, (logits, relevance))
     assert report.parity_basis == "rounding-allowance" and seeds == [None, 0]
 
     class Off:  # logits 1 off: no allowance admits it, so every rounding run is made before the refusal
@@ -294,7 +293,7 @@ def test_a_runtime_no_further_from_float64_than_pytorch_passes_without_the_round
     report = export.ExportReport(str(tmp_path / "x.onnx"), 0.0, 0.0, 0, 17)
     export.check_parity(explainer, Runtime(off_by(5e-4)), report, x, target, (logits, off_by(-1e-3)))
     assert report.max_rel_diff_relevance > 1e-3 and report.float32_error_expected is None
-    assert report.parity_basis == "no-further-than-pytorch"
+    assert report.parity_basis == "no-further-than-pytorch" and report.parity_basis in export.PARITY_BASES
     assert "onnxruntime is the closer of the two" in report.parity_summary()
 
     report = export.ExportReport(str(tmp_path / "x.onnx"), 0.0, 0.0, 0, 17)

@@ -14,7 +14,8 @@ import os
 import tempfile
 
 
-def optimized_ops(path: str) -> collections.Counter:
+def optimized_graph(path: str):
+    """The GraphProto onnxruntime runs for the file at `path` (its optimised model, weights left out)."""
     import onnx
     import onnxruntime as ort
 
@@ -24,8 +25,11 @@ def optimized_ops(path: str) -> collections.Counter:
         options.log_severity_level = 3
         options.optimized_model_filepath = os.path.join(tmp, "optimized.onnx")
         ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-        model = onnx.load(options.optimized_model_filepath, load_external_data=False)
-    return collections.Counter(node.op_type for node in model.graph.node)
+        return onnx.load(options.optimized_model_filepath, load_external_data=False).graph
+
+
+def optimized_ops(path: str) -> collections.Counter:
+    return collections.Counter(node.op_type for node in optimized_graph(path).node)
 
 
 def main(argv=None) -> int:

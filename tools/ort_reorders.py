@@ -16,20 +16,12 @@ import argparse
 import collections
 import os
 import platform
+import sys
 import tempfile
+from pathlib import Path
 
-
-def optimized_graph(path: str):
-    import onnx
-    import onnxruntime as ort
-
-    with tempfile.TemporaryDirectory() as tmp:
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = 1
-        options.log_severity_level = 3
-        options.optimized_model_filepath = os.path.join(tmp, "optimized.onnx")
-        ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-        return onnx.load(options.optimized_model_filepath, load_external_data=False).graph
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from compare_optimized_graphs import optimized_graph  # noqa: E402
 
 
 def reorders(graph) -> dict:
