@@ -22,6 +22,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from . import ops
+from .graph import drop_dead_nodes
 from .trace import Traced, ValueProp
 
 
@@ -134,7 +135,7 @@ def fold_batchnorm(traced: Traced) -> dict:
     counts["kept"] = sum(1 for n in traced.graph.nodes
                          if (op := _describe(n, traced)) is not None and op.kind == ops.BATCHNORM)
     if counts["into_producer"] or counts["into_consumer"]:
-        traced.graph.eliminate_dead_code()
+        drop_dead_nodes(traced.graph)
         traced.graph_module.recompile()
         traced.__dict__.pop("_constants", None)
         with torch.no_grad():

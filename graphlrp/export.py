@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from .errors import ExportError
 from .memory import release_freed_memory
+from .optimize import flipped_kernel
 
 PARITY_TOLERANCE = 1e-4
 # an ill-conditioned explainer's float32 relevance is off a float64 run on every runtime; onnxruntime passes within
@@ -225,9 +226,15 @@ class _Float64Run(torch.fx.Interpreter):
         return torch.fx.node.map_aggregate(args, self._round), torch.fx.node.map_aggregate(kwargs, self._round)
 
     def call_function(self, target, args, kwargs):
+        if target in _EXACT_WEIGHT_OPS and not _any_float64((args, kwargs)):
+            # W⁺, W⁻, a flipped kernel made from float32 weights: exact in float32, so made there (half the bytes)
+            # and cast where a rounding op reads them
+            return super().call_function(target, args, kwargs)
         args, kwargs = self._rounded(target, args, kwargs)
         if target in (torch.conv2d, F.conv2d):
             return conv2d_float64(*args, **kwargs)
+        if target in (torch.conv_transpose2d, F.conv_transpose2d):
+            return conv_transpose2d_float64(*args, **kwargs)
         return super().call_function(target, args, kwargs)
 
     def call_method(self, target, args, kwargs):
@@ -236,6 +243,20 @@ class _Float64Run(torch.fx.Interpreter):
     def call_module(self, target, args, kwargs):
         module = super().fetch_attr(target)
         args, kwargs = torch.fx.node.map_aggregate(args, _as_float64), torch.fx.node.map_aggregate(kwargs, _as_float64)
+        if isinstance(module, torch.nn.Conv2d) and module.padding_mode == "zeros" and len(args) == 1 and not kwargs:
+            # its weights cast where they are read, like a functional conv's: no copy of the module (a deep copy
+            # per call was a fifth of NASNet-A-Large's float64 run)
+            weight, bias = _as_float64(module.weight), _as_float64(module.bias)
+            if self.generator is not None:
+                weight, bias, args = self._round(weight), self._round(bias), (self._round(args[0]),)
+            return conv2d_float64(args[0], weight, bias, module.stride, module.padding, module.dilation,
+                                  module.groups)
+        if (isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and not module.training
+                and module.running_mean is not None and len(args) == 1 and not kwargs):
+            stats = [_as_float64(t) for t in (module.running_mean, module.running_var, module.weight, module.bias)]
+            if self.generator is not None:
+                stats, args = [self._round(t) for t in stats], (self._round(args[0]),)
+            return F.batch_norm(args[0], *stats, False, 0.0, module.eps)
         if any(True for _ in module.parameters()) or any(True for _ in module.buffers()):
             module = copy.deepcopy(module).double()
             if self.generator is not None:
@@ -245,9 +266,6 @@ class _Float64Run(torch.fx.Interpreter):
                             t.copy_(self._round(t))
                 args, kwargs = (torch.fx.node.map_aggregate(args, self._round),
                                 torch.fx.node.map_aggregate(kwargs, self._round))
-        if isinstance(module, torch.nn.Conv2d) and module.padding_mode == "zeros" and len(args) == 1 and not kwargs:
-            return conv2d_float64(args[0], module.weight, module.bias, module.stride, module.padding,
-                                  module.dilation, module.groups)
         return module(*args, **kwargs)
 
 
@@ -276,11 +294,45 @@ def conv2d_float64(x, weight, bias=None, stride=1, padding=0, dilation=1, groups
     return out
 
 
+def conv_transpose2d_float64(s, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1):
+    """F.conv_transpose2d, with depthwise ones (one input channel per group) computed as a sum over kernel taps of
+    strided slices of the output, the adjoint of `conv2d_float64`'s: PyTorch's float64 kernel runs them group by
+    group (74,000 calls in one float64 run of NASNet-A-Large's explainer). Same sums, in float64."""
+    taps = weight.shape[2] * weight.shape[3] if weight.dim() == 4 else 0
+    if groups == 1 or weight.shape[0] != groups or taps > 64 or s.dim() != 4:
+        return F.conv_transpose2d(s, weight, bias, stride, padding, output_padding, groups, dilation)
+    pair = lambda v: (v, v) if isinstance(v, int) else tuple(v)  # noqa: E731
+    (sh, sw), (ph, pw), (oph, opw), (dh, dw) = pair(stride), pair(padding), pair(output_padding), pair(dilation)
+    n, c_in, h, w = s.shape
+    _, per_group, kh, kw = weight.shape
+    oh = (h - 1) * sh - 2 * ph + dh * (kh - 1) + oph + 1
+    ow = (w - 1) * sw - 2 * pw + dw * (kw - 1) + opw + 1
+    full = s.new_zeros(n, c_in * per_group, oh + 2 * ph, ow + 2 * pw)  # before the padding is cut off
+    for k in range(per_group):
+        out_k = full[:, k::per_group]  # output channel g·per_group + k reads input channel g
+        for i in range(kh):
+            for j in range(kw):
+                target = out_k[:, :, i * dh:i * dh + sh * (h - 1) + 1:sh, j * dw:j * dw + sw * (w - 1) + 1:sw]
+                target.addcmul_(s, weight[:, k, i, j].view(1, -1, 1, 1))
+    out = full[:, :, ph:ph + oh, pw:pw + ow]
+    return out + bias.view(1, -1, 1, 1) if bias is not None else out.contiguous()
+
+
+def _any_float64(values) -> bool:
+    found = []
+    torch.fx.node.map_aggregate(values, lambda v: found.append(
+        isinstance(v, torch.Tensor) and v.dtype == torch.float64))
+    return any(found)
+
+
 def _as_float64(v):
     if isinstance(v, torch.Tensor) and v.is_floating_point() and v.dtype != torch.float64:
         return v.double()
     return v
 
+
+# ops exact in float32 that the explainer applies to weights (W⁺ = clamp(W, min=0), W⁻, |W|, a flipped kernel)
+_EXACT_WEIGHT_OPS = {torch.clamp, torch.clamp_min, torch.clamp_max, torch.abs, torch.neg, flipped_kernel}
 
 # the ops whose float32 result is rounded (functions and Tensor method names); every other op of an explainer graph
 # (moves, comparisons, selections, max/min, ReLU, casts) is exact in float32 and sees its operands unperturbed

@@ -44,6 +44,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from .derived import derive
+from .graph import drop_dead_nodes
 
 
 def flipped_kernel(weight: torch.Tensor, groups: int) -> torch.Tensor:
@@ -195,7 +196,7 @@ def optimize_in_place(graph: fx.Graph, owner: torch.nn.Module, nonnegative_seeds
         if same is not None:
             node.replace_all_uses_with(same)
             fired["sign"] += 1
-    graph.eliminate_dead_code()
+    drop_dead_nodes(graph)
     for node in list(graph.nodes):
         fired["bias"] += _fold_constant_add(graph, owner, node)
     for node in list(graph.nodes):
@@ -203,9 +204,9 @@ def optimize_in_place(graph: fx.Graph, owner: torch.nn.Module, nonnegative_seeds
     fired["cse"] = _merge_repeated_arithmetic(graph)
     zero_where: dict = {}
     fired["relu_stabiliser"] = sum(_relu_stabiliser(graph, node, zero_where) for node in list(graph.nodes))
-    graph.eliminate_dead_code()
+    drop_dead_nodes(graph)
     fired["where_free"] = sum(_where_free_shift(graph, node) for node in list(graph.nodes))
-    graph.eliminate_dead_code()
+    drop_dead_nodes(graph)
     _drop_unused_buffers(graph, owner)
     return fired
 

@@ -559,7 +559,6 @@ class Rewriter:
         # exact peepholes (sign facts, ε folded into conv biases), dead nodes (forward values no rule needed) dropped
         optimize_in_place(graph, root, seeds)
         recompute_large_values(graph, self._numel_per_sample())  # attention weights at long sequences: not held
-        graph.lint()
         return fx.GraphModule(root, graph, "Explainer").eval()  # its code generated once
 
     def _numel_per_sample(self) -> dict:

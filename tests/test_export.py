@@ -11,6 +11,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+import torch.nn.functional as F
 import torch.nn as nn
 import torchvision
 
@@ -370,6 +371,33 @@ def test_the_float64_reference_runs_a_graph_that_makes_float32_tensors_of_its_ow
             assert out.dtype == torch.float64 and export.rel_diff(out.numpy(), expected) < 1e-5
 
 
+def test_the_float64_reference_runs_convolutions_and_batch_norms_without_copying_them():
+    """Conv2d and eval-mode BatchNorm2d run from their weights cast where they are read (no copy of the module):
+    the exact run is the float64 model's, and a rounding run moves it by about float32's rounding."""
+    import copy
+
+    import torch.fx as fx
+
+    import graphlrp.export as export
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                        nn.Conv2d(8, 8, 5, padding=2, groups=8, bias=False), nn.BatchNorm2d(8)).eval()
+    for bn in (net[1], net[4]):
+        bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2), bn.weight.data.uniform_(0.5, 2)
+    gm = fx.symbolic_trace(net)
+    x = torch.randn(2, 3, 9, 9, dtype=torch.float64)
+    before = {k: v.clone() for k, v in gm.state_dict().items()}
+    with torch.no_grad():
+        expected = copy.deepcopy(net).double()(x)
+        exact = export._Float64Run(gm).run(x)
+        rounded = export._Float64Run(gm, 3).run(x)
+    torch.testing.assert_close(exact, expected, rtol=1e-12, atol=1e-12)
+    assert 1e-9 < export.rel_diff(rounded.numpy(), exact.numpy()) < 1e-5
+    after = gm.state_dict()
+    assert all(after[k].dtype == v.dtype and torch.equal(after[k], v) for k, v in before.items())
+
+
 def test_weights_over_the_protobuf_limit_go_to_external_data_beside_the_file(tmp_path, monkeypatch):
     """An explainer whose weights pass 2 GiB (ViT-H, RegNetY-128GF) cannot be one protobuf message: the export
     writes PATH and PATH.data, checks them and runs the parity check from them; Triton's repository gets both."""
@@ -541,5 +569,27 @@ def test_float64_reference_convolution_is_pytorchs(c_in, c_out, groups, kernel, 
     with torch.no_grad():
         expected = conv(x)
         got = conv2d_float64(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("channels,multiplier,kernel,stride,padding,output_padding,dilation,bias", [
+    (8, 1, 7, 1, 3, 0, 1, True),       # the transposed pass of a depthwise 7x7
+    (8, 2, 3, 2, 1, 1, 1, False),      # a channel multiplier, strided, with output padding
+    (6, 1, 5, 2, (2, 1), (1, 0), (1, 2), True),  # uneven padding and output padding, dilated
+    (4, 1, 3, 3, 0, 2, 1, False),      # no padding, stride 3
+])
+def test_float64_reference_transposed_convolution_is_pytorchs(channels, multiplier, kernel, stride, padding,
+                                                              output_padding, dilation, bias):
+    """Depthwise transposed convolutions (the relevance pass of a depthwise conv) are summed tap by tap in the
+    float64 reference; the sums are PyTorch's conv_transpose2d's."""
+    from graphlrp.export import conv_transpose2d_float64
+
+    torch.manual_seed(0)
+    weight = torch.randn(channels, multiplier, kernel, kernel, dtype=torch.float64)
+    b = torch.randn(channels * multiplier, dtype=torch.float64) if bias else None
+    s = torch.randn(2, channels, 9, 10, dtype=torch.float64)
+    expected = F.conv_transpose2d(s, weight, b, stride, padding, output_padding, channels, dilation)
+    got = conv_transpose2d_float64(s, weight, b, stride, padding, output_padding, channels, dilation)
     assert got.shape == expected.shape
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)

@@ -251,6 +251,29 @@ def test_graph_passes_keep_the_numbers(resnet18, preset, monkeypatch):
     n_fast = sum(n.op == "call_function" for n in fast.graph_module.graph.nodes)
     n_plain = sum(n.op == "call_function" for n in plain.graph_module.graph.nodes)
     assert n_fast < n_plain
+    for explainer in (fast, plain):  # the rewrite no longer lints its graph (seconds on a 100k-node one): here it is
+        explainer.graph_module.graph.lint()
+
+
+def test_dead_nodes_go_as_fx_would_drop_them():
+    """graphlrp's dead-node pass removes exactly what fx's eliminate_dead_code removes, impure nodes kept."""
+    import torch.fx as fx
+
+    from graphlrp.graph import drop_dead_nodes
+
+    def f(x, y):
+        unused = torch.relu(x) * 2  # a dead chain
+        y.add_(1)  # whatever fx decides about a method call nobody reads, the pass decides the same
+        torch._assert(x.sum() > 0, "kept")  # a side effect: kept
+        return x + 1
+
+    graphs = [fx.symbolic_trace(f).graph for _ in range(2)]
+    before = len(graphs[0].nodes)
+    graphs[0].eliminate_dead_code()
+    assert drop_dead_nodes(graphs[1]) == before - len(graphs[0].nodes) >= 2
+    assert any(n.target is torch._assert for n in graphs[1].nodes)
+    assert [(n.op, str(n.target)) for n in graphs[0].nodes] == [(n.op, str(n.target)) for n in graphs[1].nodes]
+    graphs[1].lint()
 
 
 class _Eager:

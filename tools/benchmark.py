@@ -89,11 +89,14 @@ def ort_session(path: str, threads: int):
 
 
 def op_profile(path: str, feed: dict, threads: int, runs: int = 5) -> dict:
-    """onnxruntime's own profiler: kernel time per op type (ms per run, median-free mean over `runs` after one
-    warm-up run that is discarded — the first run allocates)."""
+    """onnxruntime's own profiler: kernel time per op type (ms per run: each node's median over `runs`, after
+    PROFILE_WARMUP discarded runs). onnxruntime settles on its second run: the first runs allocate and plan the
+    memory pattern, and their elementwise kernels write fresh pages (ResNet-50's Abs at batch 8: 8 ms on the
+    first two runs, 1.3 ms after)."""
     import collections
     import json
 
+    import numpy as np
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -102,14 +105,16 @@ def op_profile(path: str, feed: dict, threads: int, runs: int = 5) -> dict:
     options.enable_profiling = True
     options.profile_file_prefix = os.path.join(tempfile.mkdtemp(prefix="graphlrp-prof-"), "p")
     session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-    for _ in range(runs + 1):
+    for _ in range(runs + PROFILE_WARMUP):
         session.run(None, feed)
-    events = [e for e in json.load(open(session.end_profiling()))
-              if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
-    events = events[len(events) // (runs + 1):]
+    per_node, op_of = collections.defaultdict(list), {}
+    for e in json.load(open(session.end_profiling())):
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+            per_node[e["name"]].append(e["dur"] / 1000)
+            op_of[e["name"]] = e["args"]["op_name"]
     per_op = collections.defaultdict(float)
-    for e in events:
-        per_op[e["args"]["op_name"]] += e["dur"] / 1000 / runs
+    for name, durations in per_node.items():
+        per_op[op_of[name]] += float(np.median(durations[-runs:]))
     return dict(sorted(per_op.items(), key=lambda kv: -kv[1]))
 
 
@@ -376,6 +381,7 @@ def child(kind: str, arch: str, preset: str, path: str, batch: int, threads: int
 
 # ------------------------------------------------------------------------------------------ report
 PROFILE_RUNS = 5
+PROFILE_WARMUP = 2
 
 
 def write_reports(out: Path, info: dict, speed_rows: list, memory_rows: list, profiles: dict, compile_rows: list,
@@ -437,8 +443,9 @@ def write_reports(out: Path, info: dict, speed_rows: list, memory_rows: list, pr
         fwd_total = sum(tables["forward"].values())
         names = list(tables)
         lines += [f"## Where the time goes: {model}, batch {batch} (onnxruntime profiler)", "",
-                  "Kernel time per op type in ms per run (onnxruntime's own profiler, mean of "
-                  f"{PROFILE_RUNS} runs after a discarded warm-up), and its share as a multiple of the forward's "
+                  "Kernel time per op type in ms per run (onnxruntime's own profiler: each node's median over "
+                  f"{PROFILE_RUNS} runs after {PROFILE_WARMUP} discarded warm-up runs), and its share as a "
+                  "multiple of the forward's "
                   "total kernel time. Conv/ConvTranspose (CNNs) and MatMul/Einsum/Gemm (transformers) are the "
                   "multiply-accumulate floor; everything else is elementwise work (Where + GreaterOrEqual: the "
                   "ε-rule's signed stabiliser) and NCHWc layout reorders that onnxruntime inserts around ops it "

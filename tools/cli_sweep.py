@@ -179,6 +179,17 @@ def report(rows: dict[str, dict], planned: list[str], command: str, limits: tupl
     return "\n".join(lines) + "\n"
 
 
+def planned_models(subset: list[str], rows: dict) -> list[str]:
+    """The models the report is about: every torchvision classification model, unless the report (resumed: `rows`)
+    or the run (`subset`) names others; then those, the report's first, so a resumed or partly redone sweep of
+    timm models keeps every row it had."""
+    everything = torchvision_models()
+    named = list(rows) + [m for m in subset if m not in rows]
+    if not named or set(named) <= set(everything):
+        return everything if rows or not subset else subset
+    return named
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("-o", "--output", default="results/cli-sweep.md")
@@ -194,11 +205,11 @@ def main(argv=None) -> int:
     ap.add_argument("--max-rss-gib", type=float, default=12, help="stop a compile whose memory passes this (0: none)")
     a = ap.parse_args(argv)
     subset = a.models.split(",") if a.models else []
-    planned = torchvision_models() if a.resume or not subset else subset  # the report keeps every resumed row
     rows = read_rows(a.output) if a.resume else {}
+    planned = planned_models(subset, rows)
     redo = set(a.redo.split(",")) if a.redo else set()
     command = "python tools/cli_sweep.py -o " + a.output + (f" --size {a.size}" if a.size else "") + (
-        f" --models {a.models}" if subset and not a.resume else "")
+        "" if planned == torchvision_models() else f" --models {','.join(planned)}")
     with tempfile.TemporaryDirectory() as workdir:
         for name in subset or planned:
             if name in rows and name not in redo:

@@ -3,9 +3,10 @@ for one model, sampled every 20 ms by a thread: where a large model's memory goe
 
     python tools/memory_stages.py timm:aimv2_large_patch14_224 --size 64 [--rules cp-lrp] [--coverage]
 
-MODEL is `timm:NAME` or a torchvision name. Without --coverage: `graphlrp.compile` with the CLI's preset (or
---rules), then `export_onnx` with its parity check, as `graphlrp compile` runs them. With --coverage: what
-`graphlrp coverage` does for one row (three presets, the export of the CLI's choice). Prints one line per stage
+MODEL is `timm:NAME` or a torchvision name. Without --coverage: the model built as the CLI builds it (the same
+random weights), `graphlrp.compile` with the CLI's preset (or --rules), then `export_onnx` with its parity check, as `graphlrp compile` runs them. With --coverage: what
+`graphlrp coverage` does for one row (three presets, the export of the CLI's choice), with the model built as
+the coverage report builds it. Prints one line per stage
 (peak GiB while it ran and seconds spent in it; "X (after Y)": back in X after stage Y returned) and the overall
 peak.
 """
@@ -84,7 +85,16 @@ def main() -> int:
     sampler.wrap(export, "_float64_run", "export: float64 run")
     sampler.enter("build")
     source, _, name = a.model.rpartition(":")
-    model, note = coverage.build_for_size(source or "torchvision", name, a.size)
+    if a.coverage:
+        model, note = coverage.build_for_size(source or "torchvision", name, a.size)
+    else:  # as the CLI builds it: the same random weights (load_model's fixed seed), so the same parity numbers
+        from graphlrp.models import at_input_size, load_model
+
+        model, info = load_model(a.model, "none")
+        built = model
+        model = at_input_size(model, a.model, info, a.size, a.size)
+        note = "" if model is built else f"(built for {a.size} px)"
+        del built
     params = sum(p.numel() for p in model.parameters()) / 1e6
     print(f"{a.model}: {params:.1f} M parameters at {a.size} px {note}".rstrip())
     with tempfile.TemporaryDirectory() as tmp:
