@@ -269,6 +269,10 @@ class _Float64Run(torch.fx.Interpreter):
         return module(*args, **kwargs)
 
 
+def _pair(v) -> tuple:
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
 def conv2d_float64(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     """F.conv2d, with grouped convolutions of few taps per output (depthwise ones) computed as a sum over kernel
     taps of shifted slices. PyTorch's float64 CPU convolution has no fast kernel for them: it runs one small
@@ -277,8 +281,7 @@ def conv2d_float64(x, weight, bias=None, stride=1, padding=0, dilation=1, groups
     taps = weight.shape[1] * weight.shape[2] * weight.shape[3] if weight.dim() == 4 else 0
     if groups == 1 or taps > 64 or isinstance(padding, str) or x.dim() != 4:
         return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
-    pair = lambda v: (v, v) if isinstance(v, int) else tuple(v)  # noqa: E731
-    (sh, sw), (ph, pw), (dh, dw) = pair(stride), pair(padding), pair(dilation)
+    (sh, sw), (ph, pw), (dh, dw) = _pair(stride), _pair(padding), _pair(dilation)
     n, _, h, w = x.shape
     c_out, per_group, kh, kw = weight.shape
     oh, ow = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
@@ -301,8 +304,7 @@ def conv_transpose2d_float64(s, weight, bias=None, stride=1, padding=0, output_p
     taps = weight.shape[2] * weight.shape[3] if weight.dim() == 4 else 0
     if groups == 1 or weight.shape[0] != groups or taps > 64 or s.dim() != 4:
         return F.conv_transpose2d(s, weight, bias, stride, padding, output_padding, groups, dilation)
-    pair = lambda v: (v, v) if isinstance(v, int) else tuple(v)  # noqa: E731
-    (sh, sw), (ph, pw), (oph, opw), (dh, dw) = pair(stride), pair(padding), pair(output_padding), pair(dilation)
+    (sh, sw), (ph, pw), (oph, opw), (dh, dw) = _pair(stride), _pair(padding), _pair(output_padding), _pair(dilation)
     n, c_in, h, w = s.shape
     _, per_group, kh, kw = weight.shape
     oh = (h - 1) * sh - 2 * ph + dh * (kh - 1) + oph + 1

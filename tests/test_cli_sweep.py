@@ -5,7 +5,8 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-SPEC = importlib.util.spec_from_file_location("cli_sweep", Path(__file__).resolve().parents[1] / "tools" / "cli_sweep.py")
+SPEC = importlib.util.spec_from_file_location(
+    "cli_sweep", Path(__file__).resolve().parents[1] / "tools" / "cli_sweep.py")
 tool = importlib.util.module_from_spec(SPEC)
 SPEC.loader.exec_module(tool)
 

@@ -4,9 +4,9 @@ for one model, sampled every 20 ms by a thread: where a large model's memory goe
     python tools/memory_stages.py timm:aimv2_large_patch14_224 --size 64 [--rules cp-lrp] [--coverage]
 
 MODEL is `timm:NAME` or a torchvision name. Without --coverage: the model built as the CLI builds it (the same
-random weights), `graphlrp.compile` with the CLI's preset (or --rules), then `export_onnx` with its parity check, as `graphlrp compile` runs them. With --coverage: what
-`graphlrp coverage` does for one row (three presets, the export of the CLI's choice), with the model built as
-the coverage report builds it. Prints one line per stage
+random weights), `graphlrp.compile` with the CLI's preset (or --rules), then `export_onnx` with its parity check,
+as `graphlrp compile` runs them. With --coverage: what `graphlrp coverage` does for one row (three presets, the
+export of the CLI's choice), with the model built as the coverage report builds it. Prints one line per stage
 (peak GiB while it ran and seconds spent in it; "X (after Y)": back in X after stage Y returned) and the overall
 peak.
 """
