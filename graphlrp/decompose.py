@@ -230,10 +230,14 @@ def _unroll(gm: fx.GraphModule, node: fx.Node, m: nn.RNNBase) -> None:
     graph, prefix, existing = gm.graph, f"_lrp_{node.name}", set(gm.graph.nodes)
     call = graph.call_function
 
-    def constant(name, make):  # one buffer per weight, shared by every time step (stored once in the ONNX file)
-        if not hasattr(gm, f"{prefix}_{name}"):
-            gm.register_buffer(f"{prefix}_{name}", make().detach().clone())
-        return graph.get_attr(f"{prefix}_{name}")
+    constants: dict = {}
+
+    def constant(name, make):  # one buffer and one node per weight, read by every time step
+        if name not in constants:
+            if not hasattr(gm, f"{prefix}_{name}"):
+                gm.register_buffer(f"{prefix}_{name}", make().detach().clone())
+            constants[name] = graph.get_attr(f"{prefix}_{name}")
+        return constants[name]
 
     joins: dict = {}  # (x_t, h) -> their concatenation: one per step, read by every gate's linear layer
 

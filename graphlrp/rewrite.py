@@ -409,6 +409,64 @@ class RuleContext:
         return len(in_shape) - sum(isinstance(x, int) for x in index[:d])
 
 
+def _padded_slice(part, rank: int):
+    """(dim, start, right, source) of a relevance `F.pad(source, pad)` that pads one dimension only with zeros,
+    else None."""
+    if not (isinstance(part, fx.Node) and part.op == "call_function" and part.target is F.pad
+            and len(part.args) == 2 and not part.kwargs):
+        return None
+    source, pad = part.args
+    padded = [i for i in range(0, len(pad), 2) if pad[i] or pad[i + 1]]
+    if len(padded) != 1 or len(pad) > 2 * rank:
+        return None
+    i = padded[0]
+    return rank - 1 - i // 2, pad[i], pad[i + 1], source
+
+
+def gather_padded_slices(em: "Emitter", parts: list, shape) -> list:
+    """The relevance parts of a value, with the zero-padded pieces that come back from disjoint slices of one
+    dimension (x[:, t] for every step t of an unrolled LSTM, x[:, :k] and x[:, k:]) joined by one concatenation
+    instead of a padded full-size tensor per piece summed one by one: the same values (each element is one piece's
+    value plus zeros), a node and a pass over the whole tensor less per piece. Overlapping slices (both directions
+    of a bidirectional LSTM) make one concatenation per run of disjoint ones."""
+    if shape is None or len(parts) < 2:
+        return parts
+    rank = len(shape)
+    groups: dict[int, list] = {}
+    for part in parts:
+        found = _padded_slice(part, rank)
+        if found is not None:
+            groups.setdefault(found[0], []).append((found[1], shape[found[0]] - found[2], part, found[3]))
+    chains = []  # each a run of disjoint pieces of one dimension, in order (a bidirectional LSTM makes two)
+    for dim, pieces in groups.items():
+        runs: list[list] = []
+        for piece in sorted(pieces, key=lambda piece: piece[0]):
+            run = next((r for r in runs if r[-1][1] <= piece[0]), None)
+            if run is None:
+                runs.append([piece])
+            else:
+                run.append(piece)
+        chains += [(dim, run) for run in runs if len(run) > 1]
+    out = list(parts)
+    for dim, pieces in chains:
+
+        def padded(source, left, right):
+            if not (left or right):
+                return source
+            return em.call(F.pad, source, (0, 0) * (rank - 1 - dim) + (left, right))
+
+        joined = [padded(source, 0, (following[0] if following else end) - end)
+                  for (start, end, _, source), following in zip(pieces, pieces[1:] + [None])]
+        whole = em.call(torch.cat, joined, dim)
+        whole = padded(whole, pieces[0][0], shape[dim] - pieces[-1][1])
+        for _, _, part, _ in pieces:
+            out.remove(part)
+            if not part.users:
+                em.graph.erase_node(part)
+        out.append(whole)
+    return out
+
+
 class Rewriter:
     """Builds the explainer GraphModule from a traced model, its merges and a rule plan."""
 
@@ -521,6 +579,7 @@ class Rewriter:
             parts = incoming.pop(node, None)
             if not parts:
                 continue
+            parts = gather_padded_slices(em, parts, node.meta.get("shape"))
             R = parts[0]
             for p in parts[1:]:
                 R = em.call(torch.add, R, p)

@@ -479,3 +479,51 @@ def test_large_attention_weights_are_computed_again_for_the_relevance_pass_not_h
     assert torch.equal(a[0], b[0]) and torch.allclose(a[1], b[1], rtol=1e-6, atol=1e-7 * a[1].abs().max())
     assert _peak_live_bytes(recomputed.graph_module, x, target) < _peak_live_bytes(held.graph_module, x, target)
     recomputed.export_onnx(tmp_path / "recomputed.onnx")  # its own onnxruntime parity check (raises if it fails)
+
+
+class _ReadsSlices(torch.nn.Module):
+    """Reads its input in disjoint slices: one per time step (x[:, t]) and two channel ranges with gaps around
+    them (x[..., 1:3], x[..., 5:7] of 8)."""
+
+    def __init__(self, steps=5):
+        super().__init__()
+        self.steps = steps
+        self.step, self.channels, self.head = torch.nn.Linear(8, 6), torch.nn.Linear(4, 6), torch.nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.channels(torch.cat([x[..., 1:3], x[..., 5:7]], -1))).mean(1)
+        for t in range(self.steps):
+            h = h + torch.relu(self.step(x[:, t]))
+        return self.head(h)
+
+
+class _BiLSTM(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lstm, self.head = torch.nn.LSTM(4, 5, batch_first=True, bidirectional=True), torch.nn.Linear(10, 3)
+
+    def forward(self, x):
+        return self.head(self.lstm(x)[0].mean(1))
+
+
+@pytest.mark.parametrize("model", [_ReadsSlices(), _BiLSTM()], ids=["slices", "bidirectional-lstm"])
+def test_relevance_of_disjoint_slices_is_one_concatenation_not_a_sum_of_padded_copies(model, monkeypatch):
+    """Relevance coming back from slices of one dimension is joined by one cat (a padded full-size copy per slice,
+    summed one by one, made an unrolled LSTM's input relevance quadratic in its length), with the same values."""
+    torch.manual_seed(0)
+    model.eval()
+    x = torch.randn(2, 5, 8 if isinstance(model, _ReadsSlices) else 4)
+    joined = graphlrp.compile(model, x[:1], rules="otsuki2024-conserving")
+    monkeypatch.setattr(rewrite, "gather_padded_slices", lambda em, parts, shape: parts)
+    summed = graphlrp.compile(model, x[:1], rules="otsuki2024-conserving")
+
+    def count(explainer, target):
+        return sum(n.op == "call_function" and n.target is target for n in explainer.graph_module.graph.nodes)
+
+    assert count(summed, F.pad) >= 5 and count(joined, F.pad) <= 2  # the channel gaps need a pad each, at most
+    assert count(joined, torch.add) <= count(summed, torch.add) - 4
+    logits, rel = joined(x)
+    logits0, rel0 = summed(x)
+    assert torch.equal(logits, logits0)
+    assert torch.equal(rel, rel0)  # each element is one slice's value plus exact zeros (two for both directions)
+    assert rel.abs().sum() > 0
