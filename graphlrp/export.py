@@ -700,7 +700,9 @@ def export_onnx(explainer, path, opset: int = 17, check: bool = True, metadata: 
         del model
     try:
         onnx.checker.check_model(checked, full_check=True)
-    except onnx.checker.ValidationError as e:  # graphlrp wrote an invalid file: its bug, said as an ExportError
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+        # graphlrp wrote an invalid file (a node that breaks the ONNX spec, or shapes that do not fit together): its
+        # bug, said as an ExportError
         if external:
             path.unlink(missing_ok=True)
             (path.parent / location).unlink(missing_ok=True)

@@ -1358,13 +1358,16 @@ def _interpolate(g, *args, **kwargs):
         raise ExportError(f"interpolation mode {mode!r}")
     if kwargs.get("antialias"):
         raise ExportError("antialiased interpolation")
-    scales = [float(o) / float(i) for o, i in zip(g.out_shape, x.shape)]
+    # the output size itself, not scales: ONNX makes floor(in · scale) of a float32 scale, and 3 · (7 / 3) is 6.9999
+    # there (GhostNetV2 resizes its 3×3 gate to 7×7); batch and channels read from x at run time
+    size = g.op("Concat", [g.op("Slice", [g.op("Shape", [x]), g.ints([0]), g.ints([2])]),
+                           g.ints(list(g.out_shape[2:]))], axis=0)
     if mode == "nearest":
         # PyTorch's nearest: src = floor(dst * in / out) -> ONNX asymmetric + floor
         attrs = dict(mode="nearest", coordinate_transformation_mode="asymmetric", nearest_mode="floor")
     else:
         attrs = dict(mode="linear", coordinate_transformation_mode="align_corners" if align else "half_pixel")
-    return g.op("Resize", [x, "", g.tensor(torch.tensor(scales, dtype=torch.float32), "scales")], **attrs)
+    return g.op("Resize", [x, "", "", size], **attrs)
 
 
 @converts(torch.nn.modules.padding.ConstantPad2d, nn.ZeroPad2d, nn.ReflectionPad2d, nn.ReplicationPad2d)

@@ -83,6 +83,32 @@ def test_parity_failure_is_loud(tmp_path, monkeypatch):
         explainer.export_onnx(tmp_path / "r18.onnx")
 
 
+@pytest.mark.parametrize("breakage", ["unknown-op", "shapes-do-not-fit"])
+def test_an_invalid_file_is_an_export_error_and_nothing_is_written(breakage, tmp_path, monkeypatch):
+    """An ONNX graph graphlrp lowered wrongly (an op the spec does not know, or shapes that do not fit: GhostNetV2's
+    resize once came out one pixel short) is graphlrp's bug, said as an ExportError, never onnx's own exception."""
+    import graphlrp.export as export
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+    explainer = graphlrp.compile(model.eval(), torch.randn(1, 3, 8, 8))
+    lower = export._lower
+
+    def broken(*args):
+        proto, expected = lower(*args)
+        if breakage == "unknown-op":
+            proto.graph.node.append(onnx.helper.make_node("NoSuchOp", ["relevance"], ["extra"]))
+        else:  # [N, 3, 8, 8] times [5]: no broadcast fits
+            proto.graph.initializer.append(onnx.numpy_helper.from_array(np.ones(5, np.float32), "five"))
+            proto.graph.node.append(onnx.helper.make_node("Mul", ["relevance", "five"], ["extra"]))
+        return proto, expected
+
+    monkeypatch.setattr(export, "_lower", broken)
+    with pytest.raises(graphlrp.ExportError, match="is invalid"):
+        explainer.export_onnx(tmp_path / "bad.onnx")
+    assert not (tmp_path / "bad.onnx").exists()
+
+
 def graphlrp_cli(*args, check=True):
     proc = subprocess.run([sys.executable, "-m", "graphlrp.cli", *args], capture_output=True, text=True)
     if check:

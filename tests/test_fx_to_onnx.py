@@ -278,7 +278,10 @@ class ZooStructure(nn.Module):
         ps = F.pixel_unshuffle(F.pixel_shuffle(x, 2), 2)
         ex = x.mean(1, keepdim=True).expand_as(x) + x[:, :1].repeat(1, 8, 1, 1)
         pad = F.pad(x, (1, 2, 0, 1), mode="reflect") + F.pad(x, (1, 2, 0, 1), mode="replicate")
-        return a * b, c, d, e0 + e1 - e2, u, r, s, up, ps, ex, pad
+        # sizes whose ratio float32 cannot hold (GhostNetV2 resizes its 3×3 gate to 7×7: 3 · (7 / 3) < 7 there)
+        odd = (F.interpolate(F.avg_pool2d(x, 2), size=(7, 7), mode="nearest"),
+               F.interpolate(F.avg_pool2d(x, 2), size=(7, 5), mode="bilinear"))
+        return a * b, c, d, e0 + e1 - e2, u, r, s, up, ps, ex, pad, *odd
 
 
 class ZooLayers(nn.Module):
