@@ -348,6 +348,45 @@ def test_the_rounding_allowance_comes_from_simulated_float32_rounding_and_is_the
     assert 0 < first and pytorch / 30 < first < 30 * pytorch, (first, pytorch)
 
 
+def test_the_simulated_rounding_allows_what_a_term_by_term_float32_sum_does():
+    """A K-term sum rounds each partial sum on the way: for terms of either sign its error is about sqrt(K/2) times
+    that of rounding the terms alone. The simulated runs perturb a summing op's operands by that much more, so the
+    allowance they give is of the order of a float32 kernel summing term by term (numpy's float32 cumsum, computed
+    here), where perturbing the terms alone fell short by a factor of about sqrt(K/2) = 45."""
+    import graphlrp.export as export
+
+    K, rows = 4096, 256
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(rows, K, generator=g, dtype=torch.float64), torch.randn(1, K, generator=g, dtype=torch.float64)
+    x, w = x.float().double(), w.float().double()  # values float32 holds exactly
+    exact = F.linear(x, w)
+    terms = (x * w).float().numpy()  # each product rounded once, as a kernel's multiply does
+    term_by_term = np.cumsum(terms, axis=1, dtype=np.float32)[:, -1].astype(np.float64)
+    kernel_error = np.sqrt(np.mean((term_by_term - exact[:, 0].numpy()) ** 2))
+    simulated = []
+    for seed in range(4):
+        run = export._Float64Run(torch.fx.symbolic_trace(torch.nn.Identity()), rounding_seed=seed)
+        args, kwargs = run._rounded(F.linear, (x, w), {})
+        simulated.append(((F.linear(*args) - exact) ** 2).mean().sqrt().item())
+    assert export.accumulated_terms(F.linear, (x, w), {}) == K
+    assert kernel_error / 3 < np.mean(simulated) < 3 * kernel_error, (simulated, kernel_error)
+
+
+def test_accumulated_terms_of_the_summing_ops():
+    import graphlrp.export as export
+
+    a, b = torch.zeros(2, 3, 5), torch.zeros(2, 5, 7)
+    assert export.accumulated_terms(torch.matmul, (a, b), {}) == 5
+    assert export.accumulated_terms(torch.einsum, ("bij,bjk->bik", a, b), {}) == 5
+    assert export.accumulated_terms(torch.einsum, ("bij,bjk->b", [a, b]), {}) == 3 * 5 * 7
+    assert export.accumulated_terms(torch.conv2d, (torch.zeros(1, 4, 8, 8), torch.zeros(6, 2, 3, 3)), {}) == 18
+    assert export.accumulated_terms(torch.conv_transpose2d, (torch.zeros(1, 4, 8, 8), torch.zeros(4, 3, 3, 3), None,
+                                                            2), {}) == 4 * 9 // 4
+    assert export.accumulated_terms("sum", (a, (1, 2)), {}) == 15
+    assert export.accumulated_terms(torch.mean, (a,), {"dim": -1}) == 5
+    assert export.accumulated_terms(torch.mul, (a, a), {}) == 1
+
+
 def test_the_float64_reference_needs_no_copy_of_the_graph():
     """The float64 run of the parity fallback casts weights as nodes read them (no deep copy of the explainer) and
     runs one sample at a time: the same numbers as the whole graph module converted to float64 (to float64
