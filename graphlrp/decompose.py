@@ -192,8 +192,8 @@ def _own_new_nodes(graph: fx.Graph, node: fx.Node, module: nn.Module, existing: 
 
 
 def decompose_attention(gm: fx.GraphModule) -> int:
-    """Rewrite every attention in `gm` (shapes from a first value propagation) into its parts, and unroll every
-    recurrent layer; returns how many."""
+    """Rewrite every attention in `gm` (shapes from a first value propagation) into its parts, unroll every
+    recurrent layer, and make the broadcast of a product of two signals explicit; returns how many."""
     count = 0
     for node in list(gm.graph.nodes):
         if node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.MultiheadAttention):
@@ -211,9 +211,44 @@ def decompose_attention(gm: fx.GraphModule) -> int:
 
             inline_wrapped(gm, node, lambda a: value(a, Traced(gm, None)))
             count += 1
+        elif _broadcast_product(node):
+            _expand_operands(gm.graph, node)
+            count += 1
     if count:
         gm.recompile()
     return count
+
+
+def _broadcast_product(node: fx.Node) -> bool:
+    """A matmul of two input-dependent tensors of one rank whose batch dimensions broadcast (timm's lambda layer:
+    q [B, heads, M, 1, K] @ position_lam [B, 1, M, K, V])."""
+    if not ((node.op == "call_function" and node.target in (torch.matmul, operator.matmul))
+            or (node.op == "call_method" and node.target == "matmul")) or len(node.args) != 2:
+        return False
+    a, b = node.args
+    if not all(isinstance(t, fx.Node) and t.meta.get("dynamic") and t.meta.get("shape") for t in (a, b)):
+        return False
+    sa, sb = tuple(a.meta["shape"]), tuple(b.meta["shape"])
+    return (len(sa) == len(sb) >= 3 and sa[:-2] != sb[:-2]
+            and all(x == y or 1 in (x, y) for x, y in zip(sa[:-2], sb[:-2])))
+
+
+def _expand_operands(graph: fx.Graph, node: fx.Node) -> None:
+    """The broadcast made explicit: each operand expanded to the common batch dimensions, so the product's rule
+    sees equal batch dimensions and the expand's rule sums an operand's relevance over the copies it was read as
+    (-1 keeps a dimension, the batch dimension included, so the graph runs at any batch size)."""
+    a, b = node.args
+    batch = [max(x, y) for x, y in zip(a.meta["shape"][:-2], b.meta["shape"][:-2])]
+    operands = []
+    with graph.inserting_before(node):
+        for t in (a, b):
+            own = list(t.meta["shape"][:-2])
+            if own == batch:
+                operands.append(t)
+                continue
+            sizes = [n if d != n else -1 for d, n in zip(own, batch)] + [-1, -1]
+            operands.append(graph.call_method("expand", (t, *sizes)))
+    node.args = tuple(operands)
 
 
 # ------------------------------------------------------------------------------------------------ recurrent layers

@@ -184,6 +184,33 @@ def test_matmul_of_two_signals_is_half_the_z_rule_of_the_bilinear_map():
     assert rel_diff(taps["input"], taps["output"]) <= 1e-12
 
 
+class BroadcastBilinear(nn.Module):
+    """a @ bᵀ where b broadcasts over a's heads (timm's lambda layer: q [B, heads, M, 1, K] @ [B, 1, M, K, V])."""
+
+    def forward(self, x):  # x: [N, 2, 3, 4, 5]
+        a, b = x[:, 0, :, :2], x[:, 1, :1]  # [N, 3 heads, 2, 5] and [N, 1 head, 4, 5]
+        return (a @ b.transpose(-1, -2)).flatten(1)
+
+
+def test_a_broadcast_matmul_of_two_signals_sums_the_shared_operands_half_back():
+    """The broadcast is made explicit (an expand of b to every head) before the rules apply: b's half of the
+    bilinear z-rule is summed over the heads it was read by, as autograd sums its gradient."""
+    torch.manual_seed(2)
+    x, target = torch.randn(3, 2, 3, 4, 5, dtype=torch.float64), torch.tensor([0, 7, 23])
+    logits, rel, taps = graphlrp.compile(BroadcastBilinear().eval(), x[:1], rules=EXACT).explain_with_taps(x, target)
+
+    a = x[:, 0, :, :2].clone().requires_grad_(True)
+    b = x[:, 1, :1].clone().requires_grad_(True)
+    z = a @ b.transpose(-1, -2)
+    R = start_relevance(z.detach().flatten(1), target).view_as(z)
+    ga, gb = torch.autograd.grad(((R / z).detach() * z).sum(), (a, b))
+    expected = torch.zeros_like(x)
+    expected[:, 0, :, :2] = 0.5 * a.detach() * ga
+    expected[:, 1, :1] = 0.5 * b.detach() * gb
+    assert rel_diff(rel, expected) <= 1e-12
+    assert rel_diff(taps["input"], taps["output"]) <= 1e-12
+
+
 @pytest.mark.parametrize("einsum", [False, True])
 @pytest.mark.parametrize("rules", ["uniform", "constant_weights"])
 def test_linear_attention_gets_the_uniform_rule_and_conserves(einsum, rules):
@@ -515,7 +542,8 @@ def test_max_over_the_batch_or_everything_is_refused():
 
 # ------------------------------------------------------------------ ONNX export
 class Everything(nn.Module):
-    """SwiGLU, linear attention, StarReLU's relu(x)², abs and a max over a dim in one model."""
+    """SwiGLU, linear attention, a matmul broadcast over heads, StarReLU's relu(x)², abs and a max over a dim in one
+    model."""
 
     def __init__(self, d=8):
         super().__init__()
@@ -528,6 +556,8 @@ class Everything(nn.Module):
         t = self.stem(x).flatten(2).transpose(1, 2)
         t = t + self.w1(t) * F.silu(self.w2(t))
         t = t + self.att(t.transpose(1, 2).unsqueeze(-1)).view_as(t)
+        heads = t.unflatten(-1, (2, -1)).transpose(1, 2)  # [N, 2, T, d/2]
+        t = t + (heads @ heads[:, :1].transpose(-1, -2) @ heads[:, 1:]).transpose(1, 2).flatten(2) / t.shape[1]
         t = F.relu(t) ** 2 + t.abs()
         return self.fc(torch.cat([t.amax(1), t.max(dim=1).values], 1))
 
