@@ -247,7 +247,10 @@ def _expand_operands(graph: fx.Graph, node: fx.Node) -> None:
                 operands.append(t)
                 continue
             sizes = [n if d != n else -1 for d, n in zip(own, batch)] + [-1, -1]
-            operands.append(graph.call_method("expand", (t, *sizes)))
+            expanded = graph.call_method("expand", (t, *sizes))
+            # the product's source line and module: an error or an override that names them reaches the expand too
+            expanded.meta.update({k: node.meta[k] for k in ("stack_trace", "nn_module_stack") if k in node.meta})
+            operands.append(expanded)
     node.args = tuple(operands)
 
 
