@@ -233,7 +233,7 @@ class _Float64Run(torch.fx.Interpreter):
         args, kwargs = torch.fx.node.map_aggregate(args, _as_float64), torch.fx.node.map_aggregate(kwargs, _as_float64)
         if self.generator is None or target not in _ROUNDING_OPS:
             return args, kwargs
-        scale = max(1.0, math.sqrt(accumulated_terms(target, args, kwargs) / 2))
+        scale = summation_scale(accumulated_terms(target, args, kwargs))
         rounded = lambda v: self._round(v, scale)  # noqa: E731
         return torch.fx.node.map_aggregate(args, rounded), torch.fx.node.map_aggregate(kwargs, rounded)
 
@@ -260,7 +260,7 @@ class _Float64Run(torch.fx.Interpreter):
             # per call was a fifth of NASNet-A-Large's float64 run)
             weight, bias = _as_float64(module.weight), _as_float64(module.bias)
             if self.generator is not None:
-                scale = max(1.0, math.sqrt(module.weight[0].numel() / 2))
+                scale = summation_scale(accumulated_terms(torch.conv2d, (args[0], weight), {}))
                 weight, bias, args = (self._round(weight, scale), self._round(bias, scale),
                                       (self._round(args[0], scale),))
             return conv2d_float64(args[0], weight, bias, module.stride, module.padding, module.dilation,
@@ -275,7 +275,7 @@ class _Float64Run(torch.fx.Interpreter):
             module = copy.deepcopy(module).double()
             if self.generator is not None:
                 # a linear layer sums in_features terms per output; other leaf modules are taken as not summing
-                scale = max(1.0, math.sqrt(module.in_features / 2)) if isinstance(module, torch.nn.Linear) else 1.0
+                scale = summation_scale(module.in_features if isinstance(module, torch.nn.Linear) else 1)
                 rounded = lambda v: self._round(v, scale)  # noqa: E731
                 with torch.no_grad():
                     for t in list(module.parameters()) + list(module.buffers()):
@@ -351,6 +351,12 @@ def _as_float64(v):
 
 
 # ops exact in float32 that the explainer applies to weights (W⁺ = clamp(W, min=0), W⁻, |W|, a flipped kernel)
+def summation_scale(terms: int) -> float:
+    """How much larger than the rounding of its terms alone the error of a float32 sum of `terms` terms of either
+    sign is (its partial sums rounded on the way): sqrt(K/2), at least 1."""
+    return max(1.0, math.sqrt(terms / 2))
+
+
 def accumulated_terms(target, args, kwargs) -> int:
     """How many terms a float32 kernel adds up into one output of `target` (matmuls, linear layers, convolutions,
     einsum, sums and means; 1 for any other op): the partial sums it rounds on the way."""
