@@ -1,6 +1,8 @@
 """The public entry points: `compile` (trace → analyze → rewrite) and `inspect`, and the `Explainer` they return."""
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.fx as fx
 
@@ -279,7 +281,13 @@ def compile(model: torch.nn.Module, example_input: torch.Tensor, rules="otsuki20
                                     explainer.num_classes, strict=labels is not None)
     if verify:
         try:
-            explainer.certificate = certify(explainer, model, example_input, allow_vanishing=allow_vanishing)
+            def float64_twin():  # the same compile in float64: tells a rule's leak from float32's rounding
+                twin = copy.deepcopy(model).double()
+                return compile(twin, example_input.double(), rules=preset, split=split,
+                               include_identity=include_identity, box=box, verify=False)
+
+            explainer.certificate = certify(explainer, model, example_input, allow_vanishing=allow_vanishing,
+                                            float64_twin=float64_twin)
         except GraphLRPError:
             raise
         except Exception as e:  # nothing but graphlrp's own errors leaves compile()

@@ -585,9 +585,8 @@ class Rewriter:
                 R = em.call(torch.add, R, p)
             if self.node_sums is not None:  # accumulated in float64: relevance can cancel over many elements
                 self.node_sums[f"node:{node.name}"] = em.call(torch.sum, R, dtype=torch.float64)
-                if node.name in self.merges:  # the scale of a merge's rounding: Σ|R|
-                    self.node_sums[f"mass:{node.name}"] = em.call(torch.sum, em.call(torch.abs, R),
-                                                                  dtype=torch.float64)
+                # Σ|R|: the scale of a merge's rounding, and where relevance of both signs starts to cancel
+                self.node_sums[f"mass:{node.name}"] = em.call(torch.sum, em.call(torch.abs, R), dtype=torch.float64)
             if node.op == "placeholder":
                 relevance = R
                 continue

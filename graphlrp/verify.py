@@ -132,6 +132,7 @@ class _NodeTrace:
             node = nodes.get(name)
             if node is not None and node.op != "placeholder":
                 self.rows.append((node, total, shares.get(name, 0.0)))
+        self.masses = {key[len("mass:"):]: float(value) for key, value in sums.items() if key.startswith("mass:")}
         self.plan, self.scale = plan, max(output_total, 1e-30)
 
     def kind(self, node) -> str:
@@ -162,6 +163,14 @@ class _NodeTrace:
         for node, arriving, handed_on in self.rows:
             if math.isfinite(arriving) and not math.isfinite(handed_on):
                 return node, arriving, handed_on
+        return None
+
+    def first_growth(self, factor: float):
+        """(node, Σ|R| / |R_out|) of the first node in relevance order whose Σ|R| exceeds `factor` × |R_out|."""
+        for node, _arriving, _handed_on in self.rows:
+            mass = self.masses.get(node.name, 0.0) / self.scale
+            if mass > factor:
+                return node, mass
         return None
 
     def first_departure(self, low: float, high: float):
@@ -204,8 +213,11 @@ def _sample_trace(explainer, x: torch.Tensor, target: torch.Tensor, i: int) -> _
     return _NodeTrace(sums, explainer._traced, explainer.plan, float(sums["output"].double().abs().sum()))
 
 
-def certify(explainer, model: torch.nn.Module, example: torch.Tensor, allow_vanishing: bool = False) -> Certificate:
-    """Run the checks above on `explainer` (compiled from `model`); raise ConservationError on a wrong explainer."""
+def certify(explainer, model: torch.nn.Module, example: torch.Tensor, allow_vanishing: bool = False,
+            float64_twin=None) -> Certificate:
+    """Run the checks above on `explainer` (compiled from `model`); raise ConservationError on a wrong explainer.
+    `float64_twin`: a function returning the same explainer compiled in float64 (unchecked); where a conserving
+    preset departs, its ratio tells the user whether the rules leak or float32 cannot hold the map's sum."""
     start = time.perf_counter()
     traced, plan, preset = explainer._traced, explainer.plan, explainer.preset
     allow_vanishing = allow_vanishing or preset.on_vanishing == "warn"
@@ -253,7 +265,8 @@ def certify(explainer, model: torch.nn.Module, example: torch.Tensor, allow_vani
             raise ConservationError(
                 f"{name} declares itself conserving, but on this model ΣR_in / R_out = "
                 f"{', '.join(f'{r:.6g}' for r in ratio)} (limit |ratio − 1| ≤ {CONSERVATION_TOLERANCE:g})"
-                f"{_departure(found, node_trace)}{_leak_list(cert.leaks)}")
+                f"{_departure(found, node_trace)}{_leak_list(cert.leaks)}"
+                f"{_cancellation(node_trace, x, target, float64_twin)}")
         return cert
     low, high = VANISHING_BOUNDS
     if all(math.isnan(r) or low <= r <= high for r in ratio):
@@ -267,6 +280,43 @@ def certify(explainer, model: torch.nn.Module, example: torch.Tensor, allow_vani
                "A conserving preset (otsuki2024-conserving, cp-lrp-conserving) keeps it; with random weights "
                "features can reach the head at ~1e-14, where any ε absorbs them")
     return _vanished(cert, message, allow_vanishing)
+
+
+CANCELLING = 100.0  # Σ|R| / |R_out| from which relevance of both signs cancels enough for float32 to show
+
+
+def _cancellation(node_trace: _NodeTrace, x: torch.Tensor, target: torch.Tensor, float64_twin) -> str:
+    """Why a conserving preset departs. Where Σ|R| stays within CANCELLING × |R_out|, float32 rounding cannot
+    reach 1e-3 and a rule leaks. Where relevance of both signs grew past it, the same explainer in float64 tells:
+    within 1e-3 there, the rules conserve and float32 rounding of a sum of ±Σ|R| values is what departs."""
+    growth = node_trace.first_growth(CANCELLING)
+    if growth is None:
+        return (f". Σ|R| stays within {CANCELLING:g}× |R_out| at every node, so float32 rounding cannot explain "
+                "the departure: a rule leaks")
+    node, _ = growth
+    peak = max(node_trace.masses.values()) / node_trace.scale
+    givers = ", ".join(f"{user.name!r} ({node_trace.kind(user)}, rule {node_trace.rule(user)})" for user in node.users
+                       if user.op != "output")
+    text = (f". Relevance of both signs cancels: Σ|R| grows past {CANCELLING:g}× |R_out| in the relevance "
+            f"{'handed by ' + givers + ' ' if givers else ''}to {node_trace.describe(node)}, and reaches {peak:.2g}×")
+    if float64_twin is None:
+        return text
+    try:
+        twin = float64_twin()
+        with torch.no_grad():
+            _, _, twin_sums = _per_sample(_tracer(twin), x.double(), target)
+        out = twin_sums["output"].double()
+        ratio = [float(r) for r in (twin_sums["input"].double() / out).where(out != 0, torch.nan)]
+    except Exception:  # noqa: BLE001 - the float64 twin is a diagnosis; without it the error stands as it is
+        return text
+    finite = [abs(r - 1) for r in ratio if math.isfinite(r)]
+    shown = ", ".join(f"{r:.6g}" for r in ratio)
+    if finite and max(finite) <= CONSERVATION_TOLERANCE:
+        return (f"{text}. In float64 the same explainer conserves (ΣR_in / R_out = {shown}): its rules hold, and "
+                "float32 cannot round sums of values this large to the output. The rules amplify relevance of both "
+                "signs on this model; compile it in float64 (model.double() and a float64 example) for an exact "
+                "map, or use otsuki2024-conserving (z⁺: relevance of one sign)")
+    return f"{text}. In float64 it departs too (ΣR_in / R_out = {shown}): a rule leaks"
 
 
 def _vanished(cert: Certificate, message: str, allowed: bool) -> Certificate:
@@ -341,11 +391,9 @@ def raise_not_conserved(explainer, x: torch.Tensor, target: torch.Tensor, logits
     contributions cancel to rounding), and a map that does not add up must not pass as the preset's."""
     if not explainer.preset.conserving:
         return
-    flat = relevance.detach().flatten(1)
-    sums = flat.sum(1, dtype=torch.float64)  # no float64 copy of the map: two reductions
-    magnitudes = torch.linalg.vector_norm(flat, 1, dim=1, dtype=torch.float64)
-    bad = departures(logits.detach().double().cpu().numpy(), sums.cpu().numpy(), magnitudes.cpu().numpy(),
-                     target.cpu().numpy(), explainer.info["output_relevance"])
+    sums = relevance.detach().flatten(1).sum(1, dtype=torch.float64)  # no float64 copy of the map
+    bad = departures(logits.detach().double().cpu().numpy(), sums.cpu().numpy(), target.cpu().numpy(),
+                     explainer.info["output_relevance"])
     if not bad:
         return
     node_trace = _sample_trace(explainer, x, target, min(bad))
@@ -355,5 +403,6 @@ def raise_not_conserved(explainer, x: torch.Tensor, target: torch.Tensor, logits
     raise NotConservedError(
         f"preset {explainer.preset.name!r} declares itself conserving, but on this input ΣR_in / R_out = {ratios} "
         f"(limit |ratio − 1| ≤ {CONSERVATION_TOLERANCE:g}; it conserved on the compile example)"
-        f"{_departure(found, node_trace)}{_leak_list(node_trace.largest())}. The map would not add up to the "
-        "prediction, so none is returned")
+        f"{_departure(found, node_trace)}{_leak_list(node_trace.largest())}"
+        f"{_cancellation(node_trace, x, target, None)}. The map would not add up to the prediction, so none is "
+        "returned")
