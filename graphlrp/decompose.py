@@ -220,13 +220,15 @@ def decompose_attention(gm: fx.GraphModule) -> int:
 
 
 def _broadcast_product(node: fx.Node) -> bool:
-    """A matmul of two input-dependent tensors of one rank whose batch dimensions broadcast (timm's lambda layer:
-    q [B, heads, M, 1, K] @ position_lam [B, 1, M, K, V])."""
+    """A matmul of tensors of one rank, at least one input-dependent, whose batch dimensions broadcast (timm's
+    lambda layer: q [B, heads, M, 1, K] @ position_lam [B, 1, M, K, V], and the constant relative-position
+    embedding [B, M, K, M] @ v [B, 1, M, V])."""
     if not ((node.op == "call_function" and node.target in (torch.matmul, operator.matmul))
             or (node.op == "call_method" and node.target == "matmul")) or len(node.args) != 2:
         return False
     a, b = node.args
-    if not all(isinstance(t, fx.Node) and t.meta.get("dynamic") and t.meta.get("shape") for t in (a, b)):
+    if not (all(isinstance(t, fx.Node) and t.meta.get("shape") for t in (a, b))
+            and any(t.meta.get("dynamic") for t in (a, b))):
         return False
     sa, sb = tuple(a.meta["shape"]), tuple(b.meta["shape"])
     return (len(sa) == len(sb) >= 3 and sa[:-2] != sb[:-2]

@@ -211,6 +211,46 @@ def test_a_broadcast_matmul_of_two_signals_sums_the_shared_operands_half_back():
     assert rel_diff(taps["input"], taps["output"]) <= 1e-12
 
 
+class ConstantMix(nn.Module):
+    """A constant matrix times a signal: a linear map written as a matmul (timm's lambda layer: the relative-
+    position embedding @ the values), in three spellings."""
+
+    def __init__(self, spelling: str):
+        super().__init__()
+        self.spelling, self.embed = spelling, nn.Linear(6, 5, bias=False)
+        self.register_buffer("mix", torch.randn(3, 4))
+        self.head = nn.Linear(15, 7, bias=False)
+
+    def forward(self, x):  # x: [N, 4, 6]
+        h = self.embed(x)  # [N, 4, 5]
+        if self.spelling == "matmul":  # [3, 4] @ [N, 4, 5]: the constant has no batch dimension
+            y = self.mix @ h
+        elif self.spelling == "einsum":
+            y = torch.einsum("km,nmc->nkc", self.mix, h)
+        else:  # [1, 3, 4] @ [N, 4, 5]: a batch dimension of size 1 against N (expanded at trace time)
+            y = self.mix[None] @ h
+        return self.head(torch.relu(y).flatten(1))
+
+
+@pytest.mark.parametrize("spelling", ["matmul", "einsum", "broadcast"])
+@pytest.mark.parametrize("preset", [EXACT, HELD_CONSTANT_BASE], ids=["uniform", "constant_weights"])
+def test_a_matmul_with_a_constant_is_a_linear_map_all_relevance_to_the_signal(spelling, preset):
+    """A constant operand takes no relevance, whatever the preset's rule for products of signals (half to a
+    constant would leak): the product is the ε-rule of the linear map it is. In a bias-free ReLU network with
+    ε = 0 that is Gradient×Input exactly, in float64."""
+    torch.manual_seed(6)
+    model = ConstantMix(spelling).double().eval()
+    x, target = torch.randn(3, 4, 6, dtype=torch.float64), torch.tensor([0, 3, 6])
+    rules = {**preset, "rules": {**preset["rules"], "activation": "pass"}}
+    explainer = graphlrp.compile(model, x[:1], rules=rules)
+    logits, rel, taps = explainer.explain_with_taps(x, target)
+    assert list(kinds(model, x[:1]).values()).count(ops.MATMUL) == 1
+    xr = x.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(model(xr).gather(1, target[:, None]).sum(), xr)
+    assert rel_diff(rel, x * g) <= 1e-12
+    assert rel_diff(taps["input"], taps["output"]) <= 1e-12
+
+
 @pytest.mark.parametrize("einsum", [False, True])
 @pytest.mark.parametrize("rules", ["uniform", "constant_weights"])
 def test_linear_attention_gets_the_uniform_rule_and_conserves(einsum, rules):

@@ -72,8 +72,10 @@ _LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 @describes(functions=[torch.matmul, operator.matmul, torch.bmm, torch.einsum], methods=["matmul", "bmm"])
 def _matmul(node, traced):
-    """A product of two input-dependent tensors as an einsum equation. A product with a constant operand is a
-    layer, not a product of signals: it has no rule here (write it as nn.Linear or F.linear)."""
+    """A product of two tensors, at least one input-dependent, as an einsum equation. A constant operand
+    (`constant_operand`: its index) makes the product a linear map of the other, whose relevance rule treats the
+    constant as weights (timm's lambda layer: a relative-position embedding @ the values); two signals are a
+    product of signals, where one may be attention weights (`attention_weights`)."""
     if node.target is torch.einsum:
         equation, operands = value(node.args[0], traced), list(node.args[1:])
         if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
@@ -82,17 +84,23 @@ def _matmul(node, traced):
         operands, equation = list(node.args[:2]), None
     if len(operands) == 1 and is_dynamic_tensor(operands[0]):  # one operand: a reorder or diagonal is a MOVE
         return move_op(node, traced)
-    if len(operands) != 2 or not all(is_dynamic_tensor(t) for t in operands):
-        raise UnsupportedOpError(f"{describe_node(node)}: only products of two input-dependent tensors have a rule "
-                                 "(a product with a constant is a layer; write it as nn.Linear or F.linear)")
+    if len(operands) != 2 or not all(is_tensor(t) for t in operands) or not any(is_dynamic_tensor(t) for t in operands):
+        raise UnsupportedOpError(f"{describe_node(node)}: a product of {len(operands)} operands, none of them or not "
+                                 "all of them tensors that depend on the input (only two tensors, at least one "
+                                 "input-dependent, have a rule)")
     a, b = operands
+    constant = next((i for i, t in enumerate(operands) if not is_dynamic_tensor(t)), None)
     if equation is None:
-        sa, sb = a.meta["shape"], b.meta["shape"]
-        if len(sa) != len(sb) or len(sa) < 2 or sa[:-2] != sb[:-2]:
-            raise UnsupportedOpError(f"{describe_node(node)}: matmul of shapes {sa} and {sb} (only equal batch "
-                                     "dimensions, no broadcasting)")
-        batch = _LETTERS[:len(sa) - 2]
-        equation = f"{batch}xy,{batch}yz->{batch}xz"
+        sa, sb = tuple(a.meta["shape"]), tuple(b.meta["shape"])
+        rank = max(len(sa), len(sb)) - 2
+        # batch dimensions aligned from the right (a constant [K, M] @ a signal [B, M, N]); they must be equal
+        # where both have them (decompose expands a broadcast of size 1 between operands of one rank)
+        if min(len(sa), len(sb)) < 2 or any(x != y for x, y in zip(reversed(sa[:-2]), reversed(sb[:-2]))):
+            raise UnsupportedOpError(f"{describe_node(node)}: matmul of shapes {list(sa)} and {list(sb)} (only "
+                                     "batch dimensions equal where both operands have them)")
+        batch = _LETTERS[:rank]
+        ba, bb = batch[rank - (len(sa) - 2):], batch[rank - (len(sb) - 2):]
+        equation = f"{ba}xy,{bb}yz->{batch}xz"
     equation = equation.replace(" ", "")
     lhs, _, out = equation.partition("->")
     ins = lhs.split(",")
@@ -105,6 +113,9 @@ def _matmul(node, traced):
     for i, term in enumerate(ins):
         if any(c not in out and c not in ins[1 - i] for c in term.replace("...", "")):
             raise UnsupportedOpError(f"{describe_node(node)}: einsum {equation!r} sums an index of one operand alone")
+    if constant is not None:  # a linear map of the other operand: the constant is held like attention weights
+        return Op(MATMUL, node, (a, b), dict(equation=equation, inputs=tuple(ins), output=out,
+                                             attention_weights=constant, constant_operand=constant))
     weights = [_attention_weights(t, traced) for t in (a, b)]
     return Op(MATMUL, node, (a, b), dict(equation=equation, inputs=tuple(ins), output=out,
                                          attention_weights=weights.index(True) if any(weights) else None))

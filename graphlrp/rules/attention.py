@@ -109,7 +109,12 @@ def uniform_rule(ctx, epsilon=1e-8, stabilizer="signed", dead_units="drop"):
     a·b that is exactly R/2 to each factor (summed back where it broadcasts): no ε, conserving.
 
     dead_units='spread' (matmul): outputs with |z| ≤ ε give R/2 to each factor spread evenly over the terms of
-    their sum, and every other output divides by 2z itself, with no ε: relevance is conserved."""
+    their sum, and every other output divides by 2z itself, with no ε: relevance is conserved.
+
+    A matmul with a constant operand is a linear map of the other, not a product of signals: the constant takes
+    no relevance, all of it goes to the signal as `constant_weights` sends it (half to a constant would leak)."""
+    if ctx.op.params.get("constant_operand") is not None:
+        return constant_weights_rule(ctx, epsilon, stabilizer, dead_units=dead_units)
     if ctx.op.kind == ops.PRODUCT:
         half = ctx.call(torch.mul, ctx.R, 0.5)
         return [ctx.to_input_shape(half, i) for i in range(len(ctx.op.inputs))]
@@ -151,7 +156,9 @@ def constant_weights_rule(ctx, epsilon=1e-6, stabilizer="signed", otherwise="err
 
     dead_units='spread': outputs with |z| ≤ ε send their relevance back in proportion to the weights alone
     (R_i·A_ij / Σ_j A_ij), and every other output divides by z itself, with no ε: relevance is conserved however
-    small the values are (random-weight models reach attention with values ~1e-7, where ε = 1e-9 drops 0.5%)."""
+    small the values are (random-weight models reach attention with values ~1e-7, where ε = 1e-9 drops 0.5%).
+
+    A constant operand (a matmul that is a linear map of its other operand) is held the same way."""
     held = ctx.op.params.get("attention_weights")
     if held is None and otherwise == "uniform":
         return uniform_rule(ctx, epsilon, stabilizer, dead_units)
