@@ -582,8 +582,8 @@ def test_max_over_the_batch_or_everything_is_refused():
 
 # ------------------------------------------------------------------ ONNX export
 class Everything(nn.Module):
-    """SwiGLU, linear attention, a matmul broadcast over heads, StarReLU's relu(x)², abs and a max over a dim in one
-    model."""
+    """SwiGLU, linear attention, a matmul broadcast over heads, a constant @ signal matmul, StarReLU's relu(x)², abs
+    and a max over a dim in one model."""
 
     def __init__(self, d=8):
         super().__init__()
@@ -591,9 +591,11 @@ class Everything(nn.Module):
         self.w1, self.w2 = nn.Linear(d, d), nn.Linear(d, d)
         self.att = LinearAttention(d)
         self.fc = nn.Linear(2 * d, 5)
+        self.register_buffer("mix", torch.randn(36, 36) / 6)
 
     def forward(self, x):
         t = self.stem(x).flatten(2).transpose(1, 2)
+        t = t + self.mix @ t  # [T, T] @ [N, T, d]
         t = t + self.w1(t) * F.silu(self.w2(t))
         t = t + self.att(t.transpose(1, 2).unsqueeze(-1)).view_as(t)
         heads = t.unflatten(-1, (2, -1)).transpose(1, 2)  # [N, 2, T, d/2]
