@@ -128,14 +128,14 @@ def accepts(model: nn.Module, size: int) -> bool:
 def build_for_size(source: str, name: str, size: int) -> tuple[nn.Module, str]:
     """The model built as `build` does; where it refuses size² (a transformer with a fixed image size), rebuilt
     for that size where its builder takes one (timm's img_size, torchvision ViT's image_size), or for the
-    smallest multiple of a usual patch size (8, 14, 16, 32) above it where the size itself does not divide into
+    smallest multiple of a usual patch size (PATCH_MULTIPLES) above it where the size itself does not divide into
     patches (a 14-pixel patch: 42 for 32). Returns the model (eval mode) and a note saying so ("" when built as
     usual); a rebuilt model's `coverage_size` attribute is the size it takes."""
     model = build(source, name).eval()
     if accepts(model, size):
         return model, ""
     key = "img_size" if source == "timm" else "image_size"
-    for candidate in sorted({size, *(-(-size // p) * p for p in (8, 14, 16, 32))}):
+    for candidate in nearby_sizes(size):
         try:
             if source == "timm":
                 import timm
@@ -382,16 +382,25 @@ def check_preset(model: nn.Module, x: torch.Tensor, reference: torch.Tensor, pre
     return res, explainer
 
 
+PATCH_MULTIPLES = (8, 14, 16, 24, 32, 48)  # what patch sizes (and a patch times a pooling kernel: 16 × 3) divide
+
+
+def nearby_sizes(size: int) -> list[int]:
+    """`size` and the smallest multiple of each usual patch size at or above it, smallest first."""
+    return sorted({size, *(-(-size // p) * p for p in PATCH_MULTIPLES)})
+
+
 def input_sizes(model: nn.Module, size: int) -> list[int]:
-    """Sizes to try, smallest first: the one asked for, then the model's own (timm's pretrained_cfg, a
-    torchvision ViT's image_size), then 224."""
-    own = []
+    """Sizes to try, smallest first: the one asked for and the multiples of a patch size just above it, then the
+    model's own and 224 (timm's pretrained_cfg, a torchvision ViT's image_size), so a model that needs a multiple
+    of 48 runs at 96, not at its own 768."""
+    own = [224]
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
     if isinstance(cfg, dict) and cfg.get("input_size"):
         own.append(int(cfg["input_size"][-1]))
     if isinstance(getattr(model, "image_size", None), int):
         own.append(model.image_size)
-    return list(dict.fromkeys([size, *sorted(own), 224]))
+    return list(dict.fromkeys([*nearby_sizes(size), *sorted(own)]))
 
 
 def check_model(model: nn.Module, size: int, source: str = "", name: str = "", onnx_dir: str | None = None,

@@ -268,3 +268,20 @@ def test_a_size_that_does_not_divide_into_patches_is_rebuilt_at_the_next_multipl
     monkeypatch.setattr(timm, "create_model", lambda name, pretrained=False, img_size=518: _Patches14(img_size))
     model, note = cov.build_for_size("timm", "patch14", 32)
     assert note == "built with img_size=42" and model.coverage_size == 42 and cov.accepts(model, 42)
+
+
+class _Multiples48(nn.Module):
+    """Takes any multiple of 48 pixels (16-pixel patches pooled 3×3: timm's Gemma 4 encoder); its own size 768."""
+
+    pretrained_cfg = {"input_size": (3, 768, 768)}
+
+    def forward(self, x):
+        assert x.shape[-1] % 48 == 0, "not a multiple of 48"
+        return x.mean((2, 3))
+
+
+def test_a_model_that_takes_multiples_of_48_runs_at_96_not_at_its_own_768():
+    # 64, then the next multiples of 14, 24 and 48 (those of 8, 16 and 32 are 64 itself), then 224 and its own
+    assert cov.input_sizes(_Multiples48(), 64) == [64, 70, 72, 96, 224, 768]
+    row = cov.check_model(_Multiples48(), 64)
+    assert row.size == 96
