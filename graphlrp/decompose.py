@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import UnsupportedOpError
-from .graph import describe_node
+from .graph import SIZE_ONLY, describe_node
 
 
 def _arg(node: fx.Node, index: int, name: str, default=None):
@@ -362,11 +362,6 @@ _DUNDER = {"__add__": operator.add, "__radd__": operator.add, "__mul__": operato
            "__getitem__": operator.getitem, "__neg__": operator.neg}
 
 
-# results that depend on an input-dependent tensor's size only, which is fixed at compile time
-_SIZE_ONLY = {"new_zeros", "new_ones", "new_full", "new_empty", "zeros_like", "ones_like", "full_like",
-              "empty_like", "size", "dim", "numel"}
-
-
 def is_wrapped_function(target) -> bool:
     """A function registered with torch.fx.wrap: fx keeps it as one opaque call (torchvision's Swin attention)."""
     from torch.fx import _symbolic_trace
@@ -415,7 +410,7 @@ class _Recorder(torch.overrides.TorchFunctionMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         name = getattr(func, "__name__", "")
-        if name in _SIZE_ONLY or not (self._touches_input(args) or self._touches_input(kwargs)):
+        if name in SIZE_ONLY or not (self._touches_input(args) or self._touches_input(kwargs)):
             return out  # a constant: computed now
         if not isinstance(out, (torch.Tensor, tuple, list)) or (
                 isinstance(out, (tuple, list)) and not any(isinstance(o, torch.Tensor) for o in out)):

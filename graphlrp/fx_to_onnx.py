@@ -923,6 +923,39 @@ def _ones_like(g, x, *args, **kwargs):
     return g.op("Where", [g.scalar(True, torch.bool), g.scalar(1, dtype), g.cast(x, dtype)])
 
 
+def _new_tensor(g, x, sizes, fill, dtype=None):
+    """x.new_ones(sizes) and kin: a tensor of the given sizes filled with `fill`; a first size equal to the batch
+    of a batched x is the input's batch size at run time."""
+    sizes = list(sizes[0] if len(sizes) == 1 and isinstance(sizes[0], (tuple, list, torch.Size)) else sizes)
+    dtype = dtype or x.dtype
+    value = g.helper.make_tensor("value", onnx_type(dtype), [1], [fill])
+    if x.batched and sizes and sizes[0] == g.batch:
+        shape = g.op("Concat", [g.batch_size(), g.ints(sizes[1:])], axis=0)
+    else:
+        shape = g.ints(sizes)
+    return g.op("ConstantOfShape", [shape], value=value)
+
+
+@converts("new_ones")
+def _new_ones(g, x, *sizes, dtype=None, device=None, requires_grad=False, **_):
+    return _new_tensor(g, x, sizes, 1, dtype)
+
+
+@converts("new_zeros")
+def _new_zeros(g, x, *sizes, dtype=None, device=None, requires_grad=False, **_):
+    return _new_tensor(g, x, sizes, 0, dtype)
+
+
+@converts("new_empty")
+def _new_empty(g, x, *sizes, dtype=None, device=None, requires_grad=False, **_):
+    return _new_tensor(g, x, sizes, 0, dtype)
+
+
+@converts("new_full")
+def _new_full(g, x, size, fill_value, dtype=None, device=None, requires_grad=False, **_):
+    return _new_tensor(g, x, (size,), fill_value, dtype)
+
+
 @converts(torch.scatter_add, "scatter_add")
 def _scatter_add(g, x, dim, index, src):
     if x.dtype == torch.float16:  # onnxruntime's CPU provider has no float16 ScatterElements(add): sum in float32

@@ -16,6 +16,17 @@ import torch.fx as fx
 _TRACE_FILE = os.path.join(os.path.dirname(__file__), "trace.py")
 
 
+# calls whose result depends on their first operand's size only (fixed at compile time), not on its values: the
+# result of one on an input-dependent tensor is a constant
+SIZE_ONLY = frozenset({"new_zeros", "new_ones", "new_full", "new_empty", "zeros_like", "ones_like", "full_like",
+                       "empty_like", "size", "dim", "numel"})
+
+
+def reads_size_only(node: fx.Node) -> bool:
+    """Whether `node` (a call) reads its first operand's size only (`y.new_ones(...)`, `torch.zeros_like(y)`)."""
+    return node.op in ("call_method", "call_function") and getattr(node.target, "__name__", node.target) in SIZE_ONLY
+
+
 def source_line(node: fx.Node) -> str:
     """The user's source line fx recorded for `node` ("file, line N, in fn: code"), or "" when unknown.
     Frames inside torch itself (and graphlrp's tracer) are skipped: the last frame outside torch is the user's."""

@@ -16,7 +16,7 @@ import torch
 import torch.fx as fx
 
 from .errors import GraphLRPError, TraceError
-from .graph import MetaResults, Traced, assign_slice, call_on_meta, describe_node, source_line  # noqa: F401  (importable from here as before)
+from .graph import MetaResults, Traced, assign_slice, call_on_meta, describe_node, reads_size_only, source_line  # noqa: F401  (importable from here as before)
 
 # in-place function spellings and their functional equivalents
 _FUNCTIONAL = {
@@ -223,6 +223,8 @@ class _Tracer(fx.Tracer):
             kwargs = fx.node.map_arg(node.kwargs, val)
             if unknown:
                 return _UNKNOWN
+            if i:  # the batch-of-2 run is on the meta device: `x.to(device)`, `arange(..., device=d)` stay there
+                args, kwargs = _on_meta(args), _on_meta(kwargs)
             with torch.no_grad():
                 if node.op == "call_function":
                     return node.target(*args, **kwargs)
@@ -234,6 +236,22 @@ class _Tracer(fx.Tracer):
         except Exception:  # the value stays unknown; ValueProp reports a failure that matters
             return _UNKNOWN
         return _UNKNOWN
+
+
+_META = torch.device("meta")
+
+
+def _on_meta(obj):
+    """`obj` with every torch.device in it (the example's, read off a tensor while tracing) the meta device."""
+    if isinstance(obj, torch.device):
+        return _META
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # a named tuple
+        return type(obj)._make(_on_meta(o) for o in obj)
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_on_meta(o) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _on_meta(v) for k, v in obj.items()}
+    return obj
 
 
 def _functionalize(gm: fx.GraphModule) -> None:
@@ -396,6 +414,9 @@ class ValueProp(fx.Interpreter):
         elif not _holds_tensor(result):
             n.meta["value"] = result
         inputs = [a for a in n.all_input_nodes]
+        if reads_size_only(n) and n.args and isinstance(n.args[0], fx.Node):  # `y.new_ones(...)`: not y's values
+            inputs = []
+            fx.node.map_arg((n.args[1:], n.kwargs), inputs.append)
         n.meta["dynamic"] = n.op == "placeholder" or (
             _holds_tensor(result) and any(a.meta.get("dynamic", False) for a in inputs))
         return result

@@ -120,6 +120,24 @@ class VarargFactory(nn.Module):
         return self.fc((F.relu(y).flatten(2) * valid[:, None]).mean(2))
 
 
+class DeviceMove(nn.Module):
+    """Gemma 4's ViT pools by positions: a tensor moved `.to(x.device)`, then a size of a later tensor in a Python
+    `if` (which traces only while every size is known at the batch of 2 too, run on the meta device)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        y = self.conv(x).flatten(2)  # [B, 4, HW]
+        weights = y.new_ones(y.shape[0], y.shape[2], 1).to(y.device) / y.shape[2]
+        pooled = y @ weights  # [B, 4, 1]
+        if pooled.shape[1] % 2 != 0:
+            raise ValueError("odd channels")
+        return self.fc(F.relu(pooled.squeeze(-1)))
+
+
 def _reproduces_conserves_and_exports(model, x, tmp_path):
     """cp-lrp-conserving compiled at one sample, run at batch 3: the forward, conservation and the export's parity."""
     explainer = graphlrp.compile(model, x[:1], rules="cp-lrp-conserving")
@@ -137,6 +155,11 @@ def test_a_tensor_made_from_the_batch_size_alone_exports(tmp_path):
 def test_factories_given_the_batch_size_as_an_argument_trace_and_export(tmp_path):
     torch.manual_seed(0)
     _reproduces_conserves_and_exports(VarargFactory().eval(), torch.randn(3, 3, 5, 6), tmp_path)
+
+
+def test_a_tensor_moved_to_the_inputs_device_keeps_later_sizes_known(tmp_path):
+    torch.manual_seed(0)
+    _reproduces_conserves_and_exports(DeviceMove().eval(), torch.randn(3, 3, 5, 6), tmp_path)
 
 
 def test_item_assignment_traces_out_of_place(tmp_path):
