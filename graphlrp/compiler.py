@@ -209,6 +209,9 @@ class Explainer(torch.nn.Module):
                            precision=precision, **preprocessing)
 
 
+FLOAT64_TWIN_MAX_BYTES = 4 * 2**30  # the float64 diagnosis of a departure (verify) for models up to 512 M parameters
+
+
 def compile(model: torch.nn.Module, example_input: torch.Tensor, rules="otsuki2024", split: str | None = None,
             include_identity: bool | None = None, overrides: dict | None = None, box=None,
             model_name: str | None = None, preprocessing=None, resize: int | None = None,
@@ -282,6 +285,8 @@ def compile(model: torch.nn.Module, example_input: torch.Tensor, rules="otsuki20
     if verify:
         try:
             def float64_twin():  # the same compile in float64: tells a rule's leak from float32's rounding
+                if sum(p.numel() for p in model.parameters()) * 8 > FLOAT64_TWIN_MAX_BYTES:
+                    return None  # a model this large in float64 could take the memory the user has left
                 twin = copy.deepcopy(model).double()
                 return compile(twin, example_input.double(), rules=preset, split=split,
                                include_identity=include_identity, box=box, verify=False)
