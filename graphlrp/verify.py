@@ -393,9 +393,11 @@ def raise_not_conserved(explainer, x: torch.Tensor, target: torch.Tensor, logits
     contributions cancel to rounding), and a map that does not add up must not pass as the preset's."""
     if not explainer.preset.conserving:
         return
-    sums = relevance.detach().flatten(1).sum(1, dtype=torch.float64)  # no float64 copy of the map
-    bad = departures(logits.detach().double().cpu().numpy(), sums.cpu().numpy(), target.cpu().numpy(),
-                     explainer.info["output_relevance"])
+    flat = relevance.detach().flatten(1)
+    sums = flat.sum(1, dtype=torch.float64)  # no float64 copy of the map: two reductions
+    magnitudes = torch.linalg.vector_norm(flat, 1, dim=1, dtype=torch.float64)
+    bad = departures(logits.detach().double().cpu().numpy(), sums.cpu().numpy(), magnitudes.cpu().numpy(),
+                     target.cpu().numpy(), explainer.info["output_relevance"])
     if not bad:
         return
     node_trace = _sample_trace(explainer, x, target, min(bad))

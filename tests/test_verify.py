@@ -406,18 +406,24 @@ def test_a_conserving_explainer_that_stops_conserving_on_a_later_input_is_an_err
                                                         "conserving")
 
 
-def test_conservation_is_judged_against_the_predictions_output_not_the_relevances_own_magnitude():
-    """A chosen class whose logit is ~0 is held to 1e-3 of the prediction's logit (its map's relevance of both
-    signs sums to ~0); the predicted class to 1e-3 of its own; a map whose relevance grew to 10⁶× the output is
-    not excused by its magnitude (a 2% departure is one, whatever Σ|R| is)."""
+def test_conservation_allows_rounding_only_where_the_chosen_class_output_is_small():
+    """The predicted class: |ΣR_in / R_out − 1| ≤ 1e-3, whatever Σ|R_in| is (a map whose relevance grew to 10⁶×
+    the output rounds its sum percents away: not excused). A chosen class whose logit is ~0: float32 rounding of
+    its map's relevance of both signs (1e-6·Σ|R_in|) passes, capped at 1e-3 of the prediction's output."""
     from graphlrp.conservation import array_departures, output_relevance
 
     logits = np.array([[1e-7, 2.0], [3.0, 0.5], [3.0, 0.5], [3.0, 0.5]])
     relevance = np.array([[5.0, -5.0 + 1e-6], [1.5, 1.5], [1.5, 1.0], [3e6 + 3.06, -3e6]])
     assert array_departures(logits, relevance, np.array([0, -1, -1, -1]), "logit") == {
         2: pytest.approx(2.5 / 3), 3: pytest.approx(3.06 / 3)}
-    assert array_departures(logits[:1], np.array([[5.0, -5.0 + 3e-3]]), np.array([0]), "logit") == {
-        0: pytest.approx(3e-3 / 1e-7)}  # 3e-3 > 1e-3 · 2
+    # the chosen class's departure beyond rounding of Σ|R_in| (1e-5 here) is reported
+    assert array_departures(logits[:1], np.array([[5.0, -5.0 + 3e-5]]), np.array([0]), "logit") == {
+        0: pytest.approx(3e-5 / 1e-7)}
+    # a chosen class of probability 1.7e-5 whose map sums to 50× that (8e-4, under 1e-3 of the prediction's 1.0):
+    # one sign, so no rounding to excuse it
+    few = np.array([[3.0, -8.0]])
+    p = output_relevance(few, np.array([1]), "probability")[0]
+    assert array_departures(few, np.array([[25 * p, 25 * p]]), np.array([1]), "probability") == {0: pytest.approx(50)}
     logits = np.array([[1e-7, -2.0], [3.0, 0.5], [3.0, 0.5]])
     p = output_relevance(logits, np.array([1, 1, 0]), "probability")
     assert np.allclose(p, [np.exp(-2) / (np.exp(-2) + np.exp(1e-7)), 1 / (1 + np.exp(2.5)), 1 / (1 + np.exp(-2.5))])
