@@ -283,6 +283,7 @@ def certify(explainer, model: torch.nn.Module, example: torch.Tensor, allow_vani
 
 
 CANCELLING = 100.0  # Σ|R| / |R_out| from which relevance of both signs cancels enough for float32 to show
+FLOAT64_HOLDS = 1e12  # Σ|R| / |R_out| beyond which float64's own rounding (~1e-16 of Σ|R|) nears 1e-3 of R_out
 
 
 def _cancellation(node_trace: _NodeTrace, x: torch.Tensor, target: torch.Tensor, float64_twin) -> str:
@@ -318,6 +319,12 @@ def _cancellation(node_trace: _NodeTrace, x: torch.Tensor, target: torch.Tensor,
                 "float32 cannot round sums of values this large to the output. The rules amplify relevance of both "
                 "signs on this model; compile it in float64 (model.double() and a float64 example) for an exact "
                 "map, or use otsuki2024-conserving (z⁺: relevance of one sign)")
+    if peak > FLOAT64_HOLDS:
+        return (f"{text}. In float64 it departs too (ΣR_in / R_out = {shown}): relevance {peak:.1g}× the output is "
+                "beyond what float64 sums to 1e-3 either. The rules amplify relevance of both signs without bound "
+                "here (an ε-rule with biases left out divides by a bias-free z that can be ~0 where the unit's "
+                "input with its bias or batch-norm shift is not); otsuki2024-conserving (z⁺: relevance of one "
+                "sign) conserves on such models")
     return f"{text}. In float64 it departs too (ΣR_in / R_out = {shown}): a rule leaks"
 
 

@@ -6,6 +6,7 @@ import dataclasses
 import math
 import json
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -427,3 +428,26 @@ def test_conservation_allows_rounding_only_where_the_chosen_class_output_is_smal
     logits = np.array([[1e-7, -2.0], [3.0, 0.5], [3.0, 0.5]])
     p = output_relevance(logits, np.array([1, 1, 0]), "probability")
     assert np.allclose(p, [np.exp(-2) / (np.exp(-2) + np.exp(1e-7)), 1 / (1 + np.exp(2.5)), 1 / (1 + np.exp(-2.5))])
+
+
+ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
+
+
+@pytest.mark.skipif(not (ASSETS / "cifar10-resnet" / "resnet20.pt").is_file(), reason="needs ../shared/assets")
+def test_relevance_amplified_beyond_float64_is_refused_with_the_cause_and_the_preset_that_conserves():
+    """The trained CIFAR ResNet-20 under cp-lrp-conserving: its ε-rule leaves biases (batch-norm shifts) out, so
+    it divides by bias-free z that is ~0 where the unit's real input is not, and Σ|R| grows to ~10¹⁵× the output.
+    Refused, saying that float64 cannot hold it either and that otsuki2024-conserving (z⁺) conserves, which it
+    does, to 1e-3, on the same model and input."""
+    from graphlrp.zoo.cifar import resnet20
+
+    model = resnet20().eval()
+    model.load_state_dict(torch.load(ASSETS / "cifar10-resnet" / "resnet20.pt", weights_only=True))
+    x = torch.from_numpy(np.load(ASSETS / "cifar10-test-dev.npz")["images"][:1]).permute(0, 3, 1, 2).float() / 255
+    with pytest.raises(ConservationError) as err:
+        graphlrp.compile(model, x, rules="cp-lrp-conserving")
+    message = str(err.value)
+    assert "Σ|R| grows past 100× |R_out|" in message and "beyond what float64 sums to 1e-3 either" in message
+    assert "otsuki2024-conserving (z⁺" in message
+    explainer = graphlrp.compile(model, x, rules="otsuki2024-conserving")
+    assert max(abs(r - 1) for r in explainer.certificate.ratio) <= CONSERVATION_TOLERANCE
