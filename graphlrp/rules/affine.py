@@ -18,14 +18,47 @@ def epsilon_rule(ctx, epsilon=1e-6, stabilizer="signed", bias="keep", input="act
     cancelled > 0: a unit whose contributions cancel, |z| ≤ cancelled · Σ_i |a_i w_ij| (+ |b_j|), hands its
     relevance on in proportion to |a_i w_ij| instead of dividing by a z that is float32 rounding noise: a tiny ε
     keeps the rule conserving, but R·a_i w_ij / z at such a unit is ±10⁵·R and its rounding leaks ~1% of the
-    total (volo's first convolution on a random input). Costs one more layer pass and one transposed pass."""
+    total (volo's first convolution on a random input). Costs one more layer pass and one transposed pass.
+    bias='spread': z keeps the bias, and the bias's share of the relevance, R·b/z, goes to the inputs in proportion
+    to |a_i w_ij|: conserving like bias='zero', but dividing by the unit's real z, which is not ~0 where
+    relevance arrives through a ReLU (bias='zero' divides by the bias-free z, ~0 wherever the bias, a folded
+    batch-norm shift, makes up the unit's input: relevance then grows without bound)."""
     a = input_of(ctx, input)
+    if bias == "spread":
+        return _epsilon_bias_spread(ctx, a, epsilon, stabilizer, cancelled)
     if cancelled > 0:
         return _epsilon_cancelled(ctx, a, bias_mode(ctx.bias, bias), epsilon, stabilizer, cancelled)
     if a is ctx.a and bias == "keep" and ctx.forward_output is not None:
         s = ctx.call(torch.div, ctx.R, stabilize(ctx, ctx.forward_output, epsilon, stabilizer))
         return [ctx.call(torch.mul, a, ctx.affine_transpose(s, ctx.weight))]
     return affine_rule(ctx, [[Term(a, ctx.weight, bias_mode(ctx.bias, bias))]], epsilon, stabilizer)
+
+
+def _epsilon_bias_spread(ctx, a, epsilon: float, stabilizer: str, cancelled: float):
+    """The ε-rule with the bias kept in z and its share of the relevance spread by |a_i w_ij| (see epsilon_rule);
+    cancelled units (|z| ≤ cancelled · (Σ_i |a_i w_ij| + |b_j|)) spread all their relevance the same way."""
+    b = ctx.bias
+    z = ctx.affine(a, ctx.weight, b)
+    a_abs = a if isinstance(a, (str, torch.Tensor)) else ctx.call(torch.abs, a)
+    w_abs = derive(torch.abs, ctx.weight)
+    magnitude = ctx.affine(a_abs, w_abs, None)
+    s = ctx.call(torch.div, ctx.R, stabilize(ctx, z, epsilon, stabilizer))
+    shaped = None if b is None else (b if ctx.op.kind == ops.LINEAR else b.reshape(1, -1, 1, 1)).detach()
+    share = None if b is None else ctx.call(torch.mul, s, shaped)
+    if cancelled > 0:
+        bound = magnitude if b is None else ctx.call(torch.add, magnitude, shaped.abs())
+        dead = ctx.call(torch.le, ctx.call(torch.abs, z), ctx.call(torch.mul, bound, float(cancelled)))
+        s = ctx.call(torch.where, dead, 0.0, s)
+        share = ctx.call(torch.where, dead, ctx.R, 0.0 if share is None else share)
+    back = ctx.affine_transpose(s, ctx.weight)
+    if not isinstance(a, str):
+        back = ctx.call(torch.mul, a, back)
+    if share is None:
+        return [back]
+    back_abs = ctx.affine_transpose(ctx.call(torch.div, share, ctx.call(torch.clamp, magnitude, min=TINY)), w_abs)
+    if not isinstance(a, str):
+        back_abs = ctx.call(torch.mul, a_abs, back_abs)
+    return [ctx.call(torch.add, back, back_abs)]
 
 
 def _epsilon_cancelled(ctx, a, b, epsilon: float, stabilizer: str, cancelled: float):

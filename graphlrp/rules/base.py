@@ -66,6 +66,7 @@ PARAM_CHOICES = {
 # where one rule's parameter takes other values than the shared choices above
 RULE_PARAM_CHOICES = {
     ("avg2x2", "otherwise"): ("error", "window_average"),
+    ("epsilon", "bias"): ("keep", "zero", "positive", "negative", "spread"),
 }
 NONNEGATIVE_PARAMS = ("epsilon", "gamma", "alpha", "beta", "cancelled")
 TINY = 1e-30  # a normal float32 (smallest normal ≈ 1.2e-38) that keeps a denominator away from 0
