@@ -694,11 +694,11 @@ def test_split_of_relevance_where_both_operands_are_zero_is_even(split):
 
 
 def test_epsilon_with_the_bias_share_spread_conserves_on_trained_batchnorm_resnets():
-    """cp-lrp-conserving leaves biases out of z (bias = "zero"): on the trained CIFAR ResNet-20, with batch norm
+    """An ε-rule that leaves biases out of z (bias = "zero"): on the trained CIFAR ResNet-20, with batch norm
     passed, it divides by bias-free z that is ~0 where the unit's input is not, and Σ|R| reaches 10¹⁵× the output
-    (the compile refuses it). The same preset with batch norm folded into the convolutions and bias = "spread"
-    (z keeps the folded shift, whose share of R goes to the inputs by |a w|) conserves to 1e-6 with Σ|R| about
-    10× the output."""
+    (the compile refuses it). With batch norm folded into the convolutions and bias = "spread" on every layer
+    (z keeps the folded shift, whose share of R goes to the inputs by |a w|) it conserves to 1e-6 with Σ|R| about
+    10× the output. (cp-lrp-conserving spreads at its convolutions, not at the first layer: ~300×.)"""
     from pathlib import Path
 
     import numpy as np

@@ -435,19 +435,28 @@ ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
 
 @pytest.mark.skipif(not (ASSETS / "cifar10-resnet" / "resnet20.pt").is_file(), reason="needs ../shared/assets")
 def test_relevance_amplified_beyond_float64_is_refused_with_the_cause_and_the_preset_that_conserves():
-    """The trained CIFAR ResNet-20 under cp-lrp-conserving: its ε-rule leaves biases (batch-norm shifts) out, so
-    it divides by bias-free z that is ~0 where the unit's real input is not, and Σ|R| grows to ~10¹⁵× the output.
-    Refused, saying that float64 cannot hold it either and that otsuki2024-conserving (z⁺) conserves, which it
-    does, to 1e-3, on the same model and input."""
+    """The trained CIFAR ResNet-20 under an ε-rule that leaves biases (batch-norm shifts) out everywhere
+    (cp-lrp-conserving before its convolutions kept theirs): it divides by bias-free z that is ~0 where the unit's
+    real input is not, and Σ|R| grows to ~10¹⁵× the output. Refused, saying that float64 cannot hold it either and
+    that otsuki2024-conserving (z⁺) conserves, which it does, to 1e-3, on the same model and input; so does
+    cp-lrp-conserving as shipped."""
+    import tomllib
+
+    from graphlrp.presets import preset_dir
     from graphlrp.zoo.cifar import resnet20
+
+    bias_free = tomllib.loads((preset_dir() / "cp-lrp-conserving.toml").read_text())
+    bias_free["batchnorm"] = "pass"
+    bias_free["rules"]["conv"] = {**bias_free["rules"]["conv"], "bias": "zero"}
 
     model = resnet20().eval()
     model.load_state_dict(torch.load(ASSETS / "cifar10-resnet" / "resnet20.pt", weights_only=True))
     x = torch.from_numpy(np.load(ASSETS / "cifar10-test-dev.npz")["images"][:1]).permute(0, 3, 1, 2).float() / 255
     with pytest.raises(ConservationError) as err:
-        graphlrp.compile(model, x, rules="cp-lrp-conserving")
+        graphlrp.compile(model, x, rules=bias_free)
     message = str(err.value)
     assert "Σ|R| grows past 100× |R_out|" in message and "beyond what float64 sums to 1e-3 either" in message
     assert "otsuki2024-conserving (z⁺" in message
-    explainer = graphlrp.compile(model, x, rules="otsuki2024-conserving")
-    assert max(abs(r - 1) for r in explainer.certificate.ratio) <= CONSERVATION_TOLERANCE
+    for preset in ("otsuki2024-conserving", "cp-lrp-conserving"):
+        explainer = graphlrp.compile(model, x, rules=preset)
+        assert max(abs(r - 1) for r in explainer.certificate.ratio) <= CONSERVATION_TOLERANCE
