@@ -38,7 +38,8 @@ def _epsilon_bias_spread(ctx, a, epsilon: float, stabilizer: str, cancelled: flo
     """The ε-rule with the bias kept in z and its share of the relevance spread by |a_i w_ij| (see epsilon_rule);
     cancelled units (|z| ≤ cancelled · (Σ_i |a_i w_ij| + |b_j|)) spread all their relevance the same way."""
     b = ctx.bias
-    z = ctx.affine(a, ctx.weight, b)
+    # z with its bias is the layer's own output: reused from the forward, not computed again
+    z = ctx.forward_output if a is ctx.a and ctx.forward_output is not None else ctx.affine(a, ctx.weight, b)
     a_abs = a if isinstance(a, (str, torch.Tensor)) else ctx.call(torch.abs, a)
     w_abs = derive(torch.abs, ctx.weight)
     magnitude = ctx.affine(a_abs, w_abs, None)
