@@ -60,6 +60,11 @@ def drop_dead_nodes(graph: fx.Graph) -> int:
 def describe_node(node: fx.Node) -> str:
     """`name (op target)` plus the source line where fx knows it; used in every user-facing error."""
     target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+    if node.op == "call_module":  # the module's class says what it is where its attribute name does not
+        try:
+            target = f"{target}: {type(node.graph.owning_module.get_submodule(node.target)).__name__}"
+        except AttributeError:  # a graph without its module (owning_module None) or a stale target
+            pass
     text = f"node '{node.name}' ({node.op} {target})"
     where = source_line(node)
     return f"{text} at {where}" if where else text

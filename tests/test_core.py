@@ -182,6 +182,23 @@ def test_unsupported_op_names_node_op_and_line():
     assert "cumsum" in message and "test_core.py" in message and "y = torch.cumsum" in message
 
 
+def test_a_module_without_a_rule_is_named_by_its_class():
+    """A module graphlrp has no rule for (a 3-d convolution) is refused with its class, attribute name and line."""
+    class Volumetric(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.volume = nn.Conv3d(3, 4, 3, padding=1)
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.volume(x)).mean((2, 3, 4)))
+
+    with pytest.raises(graphlrp.UnsupportedOpError) as err:
+        graphlrp.compile(Volumetric().eval(), torch.randn(1, 3, 4, 4, 4))
+    message = str(err.value)
+    assert "(call_module volume: Conv3d)" in message and "test_core.py" in message, message
+
+
 def test_untraceable_model_is_a_clear_error():
     class DataDependent(nn.Module):
         def __init__(self):

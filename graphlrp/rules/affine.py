@@ -24,30 +24,36 @@ def epsilon_rule(ctx, epsilon=1e-6, stabilizer="signed", bias="keep", input="act
     relevance arrives through a ReLU (bias='zero' divides by the bias-free z, ~0 wherever the bias, a folded
     batch-norm shift, makes up the unit's input: relevance then grows without bound)."""
     a = input_of(ctx, input)
-    if bias == "spread":
-        return _epsilon_bias_spread(ctx, a, epsilon, stabilizer, cancelled)
-    if cancelled > 0:
-        return _epsilon_cancelled(ctx, a, bias_mode(ctx.bias, bias), epsilon, stabilizer, cancelled)
+    if bias == "spread" or cancelled > 0:
+        b = ctx.bias if bias == "spread" else bias_mode(ctx.bias, bias)
+        return _epsilon_by_magnitude(ctx, a, b, epsilon, stabilizer, cancelled, spread_bias=bias == "spread")
     if a is ctx.a and bias == "keep" and ctx.forward_output is not None:
         s = ctx.call(torch.div, ctx.R, stabilize(ctx, ctx.forward_output, epsilon, stabilizer))
         return [ctx.call(torch.mul, a, ctx.affine_transpose(s, ctx.weight))]
     return affine_rule(ctx, [[Term(a, ctx.weight, bias_mode(ctx.bias, bias))]], epsilon, stabilizer)
 
 
-def _epsilon_bias_spread(ctx, a, epsilon: float, stabilizer: str, cancelled: float):
-    """The ε-rule with the bias kept in z and its share of the relevance spread by |a_i w_ij| (see epsilon_rule);
-    cancelled units (|z| ≤ cancelled · (Σ_i |a_i w_ij| + |b_j|)) spread all their relevance the same way."""
-    b = ctx.bias
-    # z with its bias is the layer's own output: reused from the forward, not computed again
-    z = ctx.forward_output if a is ctx.a and ctx.forward_output is not None else ctx.affine(a, ctx.weight, b)
+def _epsilon_by_magnitude(ctx, a, b, epsilon: float, stabilizer: str, cancelled: float, spread_bias: bool):
+    """The ε-rule (z with bias b) where part of the relevance goes to the inputs in proportion to |a_i w_ij|
+    instead of a_i w_ij / z (see epsilon_rule): with `spread_bias`, the bias's share R·b/z; with cancelled > 0, all
+    the relevance of a unit whose contributions cancel, |z| ≤ cancelled · (Σ_i |a_i w_ij| + |b_j|)."""
+    # z with the layer's own bias is its forward output: reused, not computed again
+    reuse = a is ctx.a and b is ctx.bias and ctx.forward_output is not None
+    z = ctx.forward_output if reuse else ctx.affine(a, ctx.weight, b)
+    # |a|: "ones" and a constant support mask are their own magnitude (non-negative); a graph value gets an Abs
     a_abs = a if isinstance(a, (str, torch.Tensor)) else ctx.call(torch.abs, a)
     w_abs = derive(torch.abs, ctx.weight)
-    magnitude = ctx.affine(a_abs, w_abs, None)
     s = ctx.call(torch.div, ctx.R, stabilize(ctx, z, epsilon, stabilizer))
-    shaped = None if b is None else (b if ctx.op.kind == ops.LINEAR else b.reshape(1, -1, 1, 1)).detach()
-    share = None if b is None else ctx.call(torch.mul, s, shaped)
+    share = None
+    if spread_bias:  # all of the bias's share goes to the inputs: divided by their part of the magnitude alone
+        magnitude = bound = ctx.affine(a_abs, w_abs, None)
+        if b is not None:
+            unit_bias = _per_unit(ctx, b)
+            share = ctx.call(torch.mul, s, unit_bias)
+            bound = ctx.call(torch.add, magnitude, unit_bias.abs())
+    else:  # a kept bias takes its |b| part of a cancelled unit's relevance
+        magnitude = bound = ctx.affine(a_abs, w_abs, None if b is None else derive(torch.abs, b))
     if cancelled > 0:
-        bound = magnitude if b is None else ctx.call(torch.add, magnitude, shaped.abs())
         dead = ctx.call(torch.le, ctx.call(torch.abs, z), ctx.call(torch.mul, bound, float(cancelled)))
         s = ctx.call(torch.where, dead, 0.0, s)
         share = ctx.call(torch.where, dead, ctx.R, 0.0 if share is None else share)
@@ -62,22 +68,11 @@ def _epsilon_bias_spread(ctx, a, epsilon: float, stabilizer: str, cancelled: flo
     return [ctx.call(torch.add, back, back_abs)]
 
 
-def _epsilon_cancelled(ctx, a, b, epsilon: float, stabilizer: str, cancelled: float):
-    """The ε-rule with cancelled units spread by |a_i w_ij| (see epsilon_rule)."""
-    z = ctx.affine(a, ctx.weight, b)
-    # |a|: "ones" and a constant support mask are their own magnitude (non-negative); a graph value gets an Abs
-    a_abs = a if isinstance(a, (str, torch.Tensor)) else ctx.call(torch.abs, a)
-    w_abs = derive(torch.abs, ctx.weight)
-    magnitude = ctx.affine(a_abs, w_abs, None if b is None else derive(torch.abs, b))
-    dead = ctx.call(torch.le, ctx.call(torch.abs, z), ctx.call(torch.mul, magnitude, float(cancelled)))
-    live = ctx.call(torch.where, dead, 0.0, ctx.call(torch.div, ctx.R, stabilize(ctx, z, epsilon, stabilizer)))
-    spread = ctx.call(torch.where, dead, ctx.call(torch.div, ctx.R, ctx.call(torch.clamp, magnitude, min=TINY)), 0.0)
-    back = ctx.affine_transpose(live, ctx.weight)
-    back_abs = ctx.affine_transpose(spread, w_abs)
-    if not isinstance(a, str):
-        back = ctx.call(torch.mul, a, back)
-        back_abs = ctx.call(torch.mul, a_abs, back_abs)
-    return [ctx.call(torch.add, back, back_abs)]
+def _per_unit(ctx, b: torch.Tensor) -> torch.Tensor:
+    """A layer's bias shaped to broadcast over its output (features last for linear, channels first for conv)."""
+    if ctx.op.kind == ops.LINEAR:
+        return b.detach()
+    return b.detach().reshape(1, -1, *[1] * (len(ctx.op.out_shape) - 2))
 
 
 @rule("zero", AFFINE)
