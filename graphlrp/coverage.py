@@ -22,6 +22,7 @@ comment block at the end of the report, so a run can be resumed (`read_rows`).
 from __future__ import annotations
 
 import fnmatch
+import functools
 import json
 import math
 import os
@@ -241,6 +242,7 @@ CONSERVATION_BOUND = 1e-3
 DATA_BEGIN = "<!-- graphlrp coverage rows (one JSON object per line; read back by --resume)"
 DATA_END = "-->"
 ROW_STATUSES = ("ok", "refused", "WRONG", "CRASH", "timeout", "memory", "model-error", "skipped")
+PRESET_STATUSES = ("conserves", "ok", "refused", "WRONG", "CRASH", "timeout")
 MEMORY_FRACTION = 0.85  # the default --max-memory: this share of the machine's memory
 KILL_GRACE = 60.0  # seconds past --timeout after which a model's process is stopped (a long kernel ignores SIGALRM)
 
@@ -252,7 +254,7 @@ class ModelTimeout(BaseException):
 @dataclass
 class PresetResult:
     preset: str
-    status: str = "timeout"  # conserves | ok | refused | WRONG | CRASH | timeout
+    status: str = "timeout"  # see PRESET_STATUSES
     ratio: list = field(default_factory=list)  # ΣR_in / R_out per sample, measured here
     forward_diff: float | None = None
     error: str = ""
@@ -286,6 +288,7 @@ class Row:
     seconds: float = 0.0
     error: str = ""  # model-error / skipped / timeout / memory: why
     peak_gb: float | None = None  # the peak resident size of the model's process (run with --max-memory)
+    code: str = ""  # the code that produced the row (`code_version`); "" in rows written before it was recorded
 
     def to_json(self) -> str:
         data = {k: v for k, v in self.__dict__.items() if k != "presets"}
@@ -566,6 +569,59 @@ def isolated(fn, args: tuple, row: Row, limit_bytes: float, timeout: float, poll
     return row
 
 
+@functools.lru_cache(maxsize=None)
+def code_version() -> str:
+    """The code a row is produced by: graphlrp's git commit, with "+changes" where its sources differ from the
+    commit, or graphlrp's version outside a git checkout. A report resumed across commits says which rows are whose."""
+    import subprocess
+
+    from .version import __version__
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        commit = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        changed = subprocess.run(["git", "-C", root, "status", "--porcelain", "--", "graphlrp", "rules"],
+                                 capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return f"graphlrp {__version__}"
+    return f"{commit}+changes" if changed else commit
+
+
+def code_summary(rows: list[Row]) -> str:
+    """One line: how many rows each version of the code produced (rows of older reports have no record)."""
+    counts = Counter(r.code for r in rows)
+    parts = [f"{n} at {code}" for code, n in counts.most_common() if code]
+    if counts.get(""):
+        parts.append(f"{counts['']} before rows recorded it")
+    return "Rows by the code that produced them: " + ("; ".join(parts) or "none") + "."
+
+
+def retry_selection(text: str) -> tuple[set, set]:
+    """`--retry` entries: row statuses ("refused") and preset-column statuses ("cp-lrp-conserving:refused").
+    Raises ValueError naming an unknown entry."""
+    rows, columns, unknown = set(), set(), []
+    for entry in filter(None, (e.strip() for e in text.split(","))):
+        column, _, status = entry.rpartition(":")
+        if not column and status in ROW_STATUSES:
+            rows.add(status)
+        elif column in PRESET_COLUMNS and status in PRESET_STATUSES:
+            columns.add((column, status))
+        else:
+            unknown.append(entry)
+    if unknown:
+        raise ValueError(f"unknown --retry entr{'y' if len(unknown) == 1 else 'ies'} {', '.join(unknown)} (row "
+                         f"statuses: {', '.join(ROW_STATUSES)}; or COLUMN:STATUS with a column of "
+                         f"{', '.join(PRESET_COLUMNS)} and a status of {', '.join(PRESET_STATUSES)})")
+    return rows, columns
+
+
+def to_retry(row: Row, statuses: set, column_statuses: set) -> bool:
+    """Whether `--retry` asks for this row again: its status, or one of its presets' status, is listed."""
+    return row.status in statuses or any(p.status == status for column, status in column_statuses
+                                         if (p := row.presets.get(column)) is not None)
+
+
 def read_rows(path: str) -> list[Row]:
     """The rows stored in a report written by `report`; [] for a missing file or one without the data block."""
     if not os.path.exists(path):
@@ -605,7 +661,7 @@ def report(rows: list[Row], command: str, planned: list[tuple[str, str]] | None 
         sel = [r for r in rows if s == "all" or r.source == s]
         lines.append(f"| {s} | {len(sel)} | " + " | ".join(str(sum(r.status == st for r in sel))
                                                         for st in ROW_STATUSES) + f" | {sum(r.large for r in sel)} |")
-    preset_statuses = ("conserves", "ok", "refused", "WRONG", "CRASH", "timeout")
+    preset_statuses = PRESET_STATUSES
     lines += ["", "| source | preset | " + " | ".join(preset_statuses) + " |",
               "|---|---|" + "---:|" * len(preset_statuses)]
     for s in sources:
@@ -616,6 +672,7 @@ def report(rows: list[Row], command: str, planned: list[tuple[str, str]] | None 
             lines.append(f"| {s} | {label} | " + " | ".join(str(sum(p.status == st for p in results))
                                                          for st in preset_statuses) + " |")
     lines.append("")
+    lines += [code_summary(rows), ""]
     for s in sources:
         sel = [r for r in rows if r.source == s]
         exported = sum(r.onnx_parity is not None for r in sel)

@@ -171,6 +171,29 @@ def test_resume_runs_skipped_rows_again_without_skip_large_and_retry_names_statu
     assert cli.main(["coverage", "--no-onnx", "-o", str(out), "--resume", "--retry", "bogus"]) == 2
 
 
+def test_retry_a_preset_columns_status_and_each_row_records_its_code(zoo, tmp_path):
+    """`--retry COLUMN:STATUS` runs again the rows where that preset column has the status (after a change to
+    the preset); each row says which code produced it, and the report counts rows per code version."""
+    zoo.fake()
+    out = tmp_path / "a.md"
+    _run(out)
+    rows = cov.read_rows(str(out))
+    assert {r.code for r in rows} == {cov.code_version()} and cov.code_version()
+    assert rows[0].presets["cp-lrp-conserving"].status == "refused"  # as an older version of the preset left it
+    rows[1].presets["cp-lrp-conserving"].status = "conserves"
+    rows[1].code = ""  # a row from before rows recorded their code
+    out.write_text(cov.report(rows, "graphlrp coverage"))
+    assert f"Rows by the code that produced them: 1 at {cov.code_version()}; 1 before rows recorded it." \
+        in out.read_text()
+    zoo.checked.clear()
+    _run(out, "--resume", "--retry", "cp-lrp-conserving:refused")
+    assert [n for n, _ in zoo.checked] == [rows[0].name]
+    _run(out, "--resume", "--retry", "otsuki2024-conserving:conserves,refused")
+    assert sorted(n for n, _ in zoo.checked) == sorted([rows[0].name] + [r.name for r in rows])
+    for bad in ("cp-lrp-conserving:fine", "nopreset:refused", "conserves"):
+        assert cli.main(["coverage", "--no-onnx", "-o", str(out), "--resume", "--retry", bad]) == 2
+
+
 def test_rows_outside_this_runs_list_are_kept_whatever_their_status(zoo, tmp_path):
     """A run over part of the list (--no-torchvision, other timm patterns) with --retry or without --skip-large
     keeps the rows of the models it does not plan, skipped ones included; it runs only its own."""

@@ -34,7 +34,8 @@ def register(sub) -> None:
                    help="keep the rows already in the report (-o) and run only the models not there yet "
                         "('skipped' rows are run again unless --skip-large is given)")
     p.add_argument("--retry", default="", metavar="STATUS,...",
-                   help="with --resume: run the rows of these statuses again (e.g. refused,timeout)")
+                   help="with --resume: run again the rows of these statuses (e.g. refused,timeout) or whose "
+                        "preset column has this status (e.g. cp-lrp-conserving:refused)")
     p.add_argument("--rules", help=argparse_suppress())
     p.add_argument("-o", "--output", default="results/coverage.md", help="report path (default results/coverage.md)")
     p.set_defaults(func=run)
@@ -70,14 +71,14 @@ def run(args) -> int:
               "otsuki2024-conserving and cp-lrp-conserving", file=sys.stderr)
     todo = planned_models(args)
     rows = cov.read_rows(args.output) if args.resume else []
-    again = {s for s in args.retry.split(",") if s} | (set() if args.skip_large else {"skipped"})
-    unknown = again - set(cov.ROW_STATUSES)
-    if unknown:
-        print(f"graphlrp coverage: --retry: unknown status {', '.join(sorted(unknown))} "
-              f"(known: {', '.join(cov.ROW_STATUSES)})", file=sys.stderr)
+    try:
+        again, again_columns = cov.retry_selection(args.retry)
+    except ValueError as e:
+        print(f"graphlrp coverage: {e}", file=sys.stderr)
         return 2
+    again |= set() if args.skip_large else {"skipped"}
     planned = set(todo)  # rows of models outside this run's list (--no-torchvision, other patterns) are kept as they are
-    rows = [r for r in rows if r.status not in again or (r.source, r.name) not in planned]
+    rows = [r for r in rows if not cov.to_retry(r, again, again_columns) or (r.source, r.name) not in planned]
     if args.resume and not rows and os.path.exists(args.output):
         print(f"graphlrp coverage: {args.output} holds no resumable rows; starting from the beginning",
               file=sys.stderr)
@@ -102,7 +103,7 @@ def run(args) -> int:
                                limit, args.timeout)
         else:
             row = _check_one(source, name, args, tmp)
-        row.seconds = time.time() - t
+        row.seconds, row.code = time.time() - t, cov.code_version()
         rows.append(row)
         print(f"[{i + 1}/{len(left)}] {source}:{name} {row.status} {row.error}", file=sys.stderr, flush=True)
         write_report()
