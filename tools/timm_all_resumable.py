@@ -16,8 +16,10 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -41,9 +43,12 @@ def read_log(log: Path) -> dict[str, list[str]]:
 
 def run_module(module: str, timeout: int) -> tuple[list[str], float]:
     t = time.time()
+    # the acceptance script writes each explainer into a fresh temporary folder and keeps it (up to ~0.5 GB a
+    # model, ~100 GB over all modules): the module's process gets a temporary folder of its own, removed after it
+    scratch = tempfile.mkdtemp(prefix=f"timm-all-{module}-")
     try:
         p = subprocess.run([sys.executable, str(ACCEPTANCE), "--modules", module], capture_output=True, text=True,
-                           timeout=timeout)
+                           timeout=timeout, env={**os.environ, "TMPDIR": scratch})
         out = [ln for ln in p.stdout.splitlines() if ln.startswith(("ok ", "FAIL ", "skip "))]
         # the last 'ok/FAIL N of M modules' line is the per-run share; keep only the module's own verdict
         out = [ln for ln in out if " timm modules compile" not in ln]
@@ -54,6 +59,8 @@ def run_module(module: str, timeout: int) -> tuple[list[str], float]:
         out.append(f"covered {int(covered)}")
     except subprocess.TimeoutExpired:
         out = [f"timeout {module}: over {timeout} s", "covered 0"]
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     return out, time.time() - t
 
 
