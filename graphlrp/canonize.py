@@ -33,13 +33,15 @@ def _describe(node: fx.Node, traced: Traced):
 
 
 def _affine_module(kind: str, p: dict, weight: torch.Tensor, bias: torch.Tensor) -> nn.Module:
-    # skip_init: no random initialisation, so compiling leaves the global RNG alone
+    # skip_init: no random initialisation, so compiling leaves the global RNG alone; the model's dtype and device
+    # (a float64 model's folded layer in float32 would not run)
+    where = {"dtype": weight.dtype, "device": weight.device}
     if kind == ops.CONV:
         layer = nn.utils.skip_init(nn.Conv2d, weight.shape[1] * p["groups"], weight.shape[0],
                                    tuple(weight.shape[-2:]), p["stride"], p["padding"], p["dilation"], p["groups"],
-                                   bias=True)
+                                   bias=True, **where)
     else:
-        layer = nn.utils.skip_init(nn.Linear, weight.shape[1], weight.shape[0], bias=True)
+        layer = nn.utils.skip_init(nn.Linear, weight.shape[1], weight.shape[0], bias=True, **where)
     with torch.no_grad():
         layer.weight.copy_(weight)
         layer.bias.copy_(bias)

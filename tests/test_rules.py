@@ -2,6 +2,8 @@
 rules, per-layer overrides, non-merge adds, and clear errors for malformed presets."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -384,6 +386,21 @@ def test_batchnorm_folding_is_exact_and_reported():
         assert rel_diff(folded(x), model(x)) <= 1e-5
     by_hand = compile_random(folded, x[:1], rules={**preset, "batchnorm": "pass"})(x)[1]
     assert rel_diff(relevance, by_hand) <= 1e-4
+
+
+def test_batchnorm_folding_keeps_a_float64_models_dtype():
+    """A float64 model compiles with batch norm folded (the folded layers are float64 too: the float64 twin that
+    tells a leak from rounding, and the advice to compile in float64, rely on it), and explains like float32."""
+    torch.manual_seed(6)
+    model = BNConsumers().eval()
+    x = torch.randn(3, 3, 10, 10)
+    preset = {"output": "logit", "batchnorm": "fold", "rules": {"first_layer": "epsilon", "conv": "epsilon",
+                                                                "linear": "epsilon", "avgpool": "z"}}
+    single = compile_random(model, x[:1], rules=preset)(x)[1]
+    double = compile_random(copy.deepcopy(model).double(), x[:1].double(), rules=preset)
+    assert double.info["batchnorm_folded"] == {"into_producer": 1, "into_consumer": 2, "kept": 1}
+    relevance = double(x.double())[1]
+    assert relevance.dtype == torch.float64 and rel_diff(relevance.float(), single) <= 1e-4
 
 
 def test_batchnorm_pass_keeps_every_bn():
