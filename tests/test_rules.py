@@ -741,3 +741,71 @@ def test_epsilon_with_the_bias_share_spread_conserves_on_trained_batchnorm_resne
     logits, relevance, taps = explainer.explain_with_taps(x)
     assert ((taps["input"] / taps["output"] - 1).abs() <= 1e-6).all()
     assert (relevance.flatten(1).abs().sum(1) / taps["output"].abs() <= 100).all()
+
+
+class _DeadWindows(nn.Module):
+    """A depthwise convolution fed by a ReLU that is mostly 0, then batch norm (folded into it as a bias): many of
+    its units see only zeros in their 3×3 window, so their output is their bias alone, and relevance reaches them."""
+
+    def __init__(self, bias: bool):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 32, 3, padding=1)
+        self.c2 = nn.Conv2d(32, 32, 3, padding=1, groups=32, bias=bias)
+        self.bn = nn.BatchNorm2d(32)
+        self.fc = nn.Linear(32, 5)
+        with torch.no_grad():
+            self.bn.running_mean.uniform_(-1, 1)
+            self.bn.running_var.uniform_(0.5, 2)
+            self.bn.weight.uniform_(0.5, 2)
+            self.bn.bias.uniform_(-1, 1)
+            self.c1.bias.fill_(-1.0)  # most of the ReLU's outputs are 0
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.bn(self.c2(torch.relu(self.c1(x))))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("bias", ["spread", "zero"])
+def test_epsilon_hands_on_the_relevance_of_units_that_see_only_zeros(bias):
+    """The conserving ε variants (bias share spread; bias left out with cancelled units spread) divide by
+    Σ_i |a_i w_ij|, which is 0 for a unit whose whole window is 0. Such a unit still hands its relevance on, to its
+    window by |w| alone: the sum is conserved (it lost ~65% here before), and every window position gets its share
+    by the weights (checked against a hand computation for one unit)."""
+    torch.manual_seed(0)
+    model = _DeadWindows(bias=True).eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        a = torch.relu(model.c1(x))
+        window_sums = F.conv2d(a, torch.ones(32, 1, 3, 3), padding=1, groups=32)
+    assert (window_sums == 0).float().mean() > 0.05  # the case is there: units whose window is all 0
+    rule = {"rule": "epsilon", "epsilon": 1e-9, "stabilizer": "signed", "bias": bias, "cancelled": 1e-4}
+    preset = {"output": "logit", "split": "ratio", "conserving": True, "batchnorm": "fold",
+              "rules": {"first_layer": {**rule, "bias": "spread"}, "conv": rule, "linear": {**rule, "bias": "zero"},
+                        "activation": "pass",
+                        "avgpool": {"rule": "z", "epsilon": 1e-6, "stabilizer": "signed", "dead_units": "spread"}}}
+    explainer = graphlrp.compile(model, x[:1], rules=preset)
+    _, _, taps = explainer.explain_with_taps(x)
+    assert ((taps["input"] / taps["output"] - 1).abs() <= 1e-5).all(), taps["input"] / taps["output"]
+
+
+def test_spreading_by_weights_follows_the_weights_and_skips_padding():
+    """A unit whose window is all 0 sends R_j·|w_ij| / Σ_i |w_ij| to each input of its window; at a border the sum
+    runs over the positions inside the image only (padding gets nothing)."""
+    conv = nn.Conv2d(1, 1, 3, padding=1, bias=True)
+    fc = nn.Linear(9, 1, bias=False)
+    with torch.no_grad():
+        conv.weight.copy_(torch.arange(1.0, 10.0).view(1, 1, 3, 3) * torch.tensor([1, -1, 1] * 3).view(1, 1, 3, 3))
+        conv.bias.fill_(0.5)
+        fc.weight.zero_()
+        fc.weight[0, 0] = 1.0  # only the corner unit (0, 0) gets relevance
+    model = nn.Sequential(nn.ReLU(), conv, nn.Flatten(), fc).eval()
+    x = -torch.ones(1, 1, 3, 3)  # the ReLU makes every input 0: the corner unit's output is its bias alone
+    rule = {"rule": "epsilon", "epsilon": 1e-9, "stabilizer": "signed", "bias": "spread"}
+    preset = {"output": "logit", "conserving": True, "rules": {"first_layer": rule, "conv": rule,
+                                                               "linear": "epsilon", "activation": "pass"}}
+    explainer = graphlrp.compile(model, x, rules=preset, allow_vanishing=True)
+    _, relevance = explainer(x)
+    w = conv.weight.detach().abs()[0, 0]
+    field = w[1:, 1:]  # the corner unit's window inside the image: kernel taps (1..2, 1..2) over pixels (0..1, 0..1)
+    expected = torch.zeros(3, 3)
+    expected[:2, :2] = 0.5 * field / field.sum()
+    assert torch.allclose(relevance[0, 0], expected, atol=1e-7), relevance

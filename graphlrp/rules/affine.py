@@ -36,7 +36,10 @@ def epsilon_rule(ctx, epsilon=1e-6, stabilizer="signed", bias="keep", input="act
 def _epsilon_by_magnitude(ctx, a, b, epsilon: float, stabilizer: str, cancelled: float, spread_bias: bool):
     """The ε-rule (z with bias b) where part of the relevance goes to the inputs in proportion to |a_i w_ij|
     instead of a_i w_ij / z (see epsilon_rule): with `spread_bias`, the bias's share R·b/z; with cancelled > 0, all
-    the relevance of a unit whose contributions cancel, |z| ≤ cancelled · (Σ_i |a_i w_ij| + |b_j|)."""
+    the relevance of a unit whose contributions cancel, |z| ≤ cancelled · (Σ_i |a_i w_ij| + |b_j|). Where the rule
+    conserves (the bias's share spread, or the bias left out), a unit none of whose inputs contributes
+    (Σ_i |a_i w_ij| = 0: every input in its field is 0, so its output is its bias alone) still hands its
+    relevance on, to its field by |w_ij| alone (`_spread_by_weights`): dividing by |a w| would lose it."""
     # z with the layer's own bias is its forward output: reused, not computed again
     reuse = a is ctx.a and b is ctx.bias and ctx.forward_output is not None
     z = ctx.forward_output if reuse else ctx.affine(a, ctx.weight, b)
@@ -57,6 +60,10 @@ def _epsilon_by_magnitude(ctx, a, b, epsilon: float, stabilizer: str, cancelled:
         dead = ctx.call(torch.le, ctx.call(torch.abs, z), ctx.call(torch.mul, bound, float(cancelled)))
         s = ctx.call(torch.where, dead, 0.0, s)
         share = ctx.call(torch.where, dead, ctx.R, 0.0 if share is None else share)
+    empty = None
+    if (spread_bias or b is None) and share is not None and not isinstance(a, str):
+        empty = ctx.call(torch.eq, magnitude, 0.0)
+        share = ctx.call(torch.where, empty, 0.0, share)
     back = ctx.affine_transpose(s, ctx.weight)
     if not isinstance(a, str):
         back = ctx.call(torch.mul, a, back)
@@ -65,7 +72,10 @@ def _epsilon_by_magnitude(ctx, a, b, epsilon: float, stabilizer: str, cancelled:
     back_abs = ctx.affine_transpose(ctx.call(torch.div, share, ctx.call(torch.clamp, magnitude, min=TINY)), w_abs)
     if not isinstance(a, str):
         back_abs = ctx.call(torch.mul, a_abs, back_abs)
-    return [ctx.call(torch.add, back, back_abs)]
+    total = ctx.call(torch.add, back, back_abs)
+    if empty is not None:
+        total = ctx.call(torch.add, total, _spread_by_weights(ctx, empty, w_abs))
+    return [total]
 
 
 def _per_unit(ctx, b: torch.Tensor) -> torch.Tensor:
@@ -105,26 +115,34 @@ def zplus_rule(ctx, epsilon=1e-6, stabilizer="signed", bias="positive", input="a
         if not isinstance(t.input, str):
             back = ctx.call(torch.mul, t.input, back)
         total = back if total is None else ctx.call(torch.add, total, back)
-    w_pos = positive(ctx.weight)
+    total = ctx.call(torch.add, total, _spread_by_weights(ctx, dead, positive(ctx.weight)))
+    return [total]
+
+
+def _spread_by_weights(ctx, units, w: torch.Tensor):
+    """The relevance of `units` (a graph mask over the layer's outputs) sent back to their receptive fields in
+    proportion to the weights w ≥ 0 alone, as if every input were one (uniformly where a field holds no positive
+    weight); positions of explicit padding get none. Conserving for every unit whose field holds an input: where
+    the rule's own proportions have nothing to divide by."""
     support = ctx.input_support()  # None, or 0 at explicit padding: spreading must not reach it
     ones = "ones" if support is None else support
     masked = (lambda n: n) if support is None else (lambda n: ctx.call(torch.mul, n, support))  # noqa: E731
     with torch.no_grad():
-        z_ones = ctx.affine_value(ones, w_pos, None)
+        z_ones = ctx.affine_value(ones, w, None)
     inverse = broadcast_compact(torch.where(z_ones > 0, 1.0 / z_ones.clamp_min(1e-30), torch.zeros_like(z_ones)))
-    spread = ctx.call(torch.where, dead, ctx.call(torch.mul, ctx.R, inverse), 0.0)
-    total = ctx.call(torch.add, total, masked(ctx.affine_transpose(spread, w_pos)))
+    spread = ctx.call(torch.where, units, ctx.call(torch.mul, ctx.R, inverse), 0.0)
+    total = masked(ctx.affine_transpose(spread, w))
     if bool((z_ones <= 0).any()):
         # units whose receptive field holds no positive weight at all (e.g. a border position of a first-layer
         # filter whose positive taps all fall on the padding): spread uniformly over the receptive field (flat)
-        ones_w = torch.ones_like(ctx.weight)
+        ones_w = torch.ones_like(w)
         with torch.no_grad():
             count = ctx.affine_value(ones, ones_w, None)
         flat_inverse = broadcast_compact(torch.where((z_ones <= 0) & (count > 0), 1.0 / count.clamp_min(1e-30),
                                                      torch.zeros_like(count)))
-        flat = ctx.call(torch.where, dead, ctx.call(torch.mul, ctx.R, flat_inverse), 0.0)
+        flat = ctx.call(torch.where, units, ctx.call(torch.mul, ctx.R, flat_inverse), 0.0)
         total = ctx.call(torch.add, total, masked(ctx.affine_transpose(flat, ones_w)))
-    return [total]
+    return total
 
 
 @rule("alpha_beta", AFFINE)
