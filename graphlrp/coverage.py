@@ -661,16 +661,15 @@ def report(rows: list[Row], command: str, planned: list[tuple[str, str]] | None 
         sel = [r for r in rows if s == "all" or r.source == s]
         lines.append(f"| {s} | {len(sel)} | " + " | ".join(str(sum(r.status == st for r in sel))
                                                         for st in ROW_STATUSES) + f" | {sum(r.large for r in sel)} |")
-    preset_statuses = PRESET_STATUSES
-    lines += ["", "| source | preset | " + " | ".join(preset_statuses) + " |",
-              "|---|---|" + "---:|" * len(preset_statuses)]
+    lines += ["", "| source | preset | " + " | ".join(PRESET_STATUSES) + " |",
+              "|---|---|" + "---:|" * len(PRESET_STATUSES)]
     for s in sources:
         sel = [r for r in rows if r.source == s]
         for column in PRESET_COLUMNS:
             results = [r.presets[column] for r in sel if column in r.presets]
             label = "CLI choice" if column == "cli" else column
             lines.append(f"| {s} | {label} | " + " | ".join(str(sum(p.status == st for p in results))
-                                                         for st in preset_statuses) + " |")
+                                                         for st in PRESET_STATUSES) + " |")
     lines.append("")
     lines += [code_summary(rows), ""]
     for s in sources:
