@@ -74,6 +74,8 @@ def _fold_into_producer(traced: Traced, node: fx.Node, bn: ops.Op) -> bool:
     prod = _describe(producer, traced)
     if prod is None or prod.kind not in (ops.CONV, ops.LINEAR) or len(producer.users) != 1:
         return False
+    if prod.kind == ops.LINEAR and prod.params["weight"].dim() != 2:  # side-by-side layers (grouped_linear)
+        return False
     scale, shift = bn.params["scale"], bn.params["shift"]
     weight, bias = prod.params["weight"], prod.params.get("bias")
     if weight.shape[0] != scale.numel():
@@ -97,7 +99,7 @@ def _fold_into_consumer(traced: Traced, node: fx.Node, bn: ops.Op) -> bool:
     p = cons.params
     if cons.kind == ops.CONV and any(p["padding"]):
         return False  # the border would read BN(0) = t instead of the padding zero: not exact
-    if cons.kind == ops.LINEAR and len(node.meta.get("shape", ())) != 2:
+    if cons.kind == ops.LINEAR and (len(node.meta.get("shape", ())) != 2 or p["weight"].dim() != 2):
         return False
     scale, shift = bn.params["scale"], bn.params["shift"]
     weight, bias = p["weight"], p.get("bias")

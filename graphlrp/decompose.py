@@ -11,6 +11,8 @@ time: each step becomes a linear layer over [x_t, h_{t-1}], sigmoid gates, tanh 
 The gates are recognised as gates (a [0, 1] gate times a tanh signal gates the signal), so relevance follows the
 signal path and the gates are held constant, as in Arras et al. (2017, "Explaining recurrent neural network
 predictions in sentiment analysis"); the linear layers and the sums get the preset's rules.
+Both directions of a bidirectional layer, and independent layers of one configuration, are unrolled side by side
+(`side_by_side`, `grouped_linear`): a step of all of them is one node per gate.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ import torch.nn.functional as F
 
 from .errors import UnsupportedOpError
 from .graph import SIZE_ONLY, describe_node
+from .ops.layers import grouped_linear
 
 
 def _arg(node: fx.Node, index: int, name: str, default=None):
@@ -181,10 +184,14 @@ def _mha(gm: fx.GraphModule, node: fx.Node, m: nn.MultiheadAttention) -> None:
     graph.erase_node(node)
 
 
-def _own_new_nodes(graph: fx.Graph, node: fx.Node, module: nn.Module, existing: set) -> dict:
+def _own_new_nodes(graph: fx.Graph, node, module, existing: set) -> dict:
     """The nodes written in place of a leaf module belong to it (overrides that name the module reach them): each
-    gets the module's nn_module_stack. Returns that stack."""
-    stack = {**(node.meta.get("nn_module_stack") or {}), node.target: (node.target, type(module))}
+    gets the module's nn_module_stack. Returns that stack. Nodes written for several modules at once (recurrent
+    layers unrolled side by side) belong to each of them: an override naming any of them reaches them all."""
+    nodes, modules = (node, module) if isinstance(node, list) else ([node], [module])
+    stack = dict(nodes[0].meta.get("nn_module_stack") or {})
+    for n, m in zip(nodes, modules):
+        stack[n.target] = (n.target, type(m))
     for part in graph.nodes:
         if part not in existing:
             part.meta["nn_module_stack"] = stack
@@ -195,12 +202,14 @@ def decompose_attention(gm: fx.GraphModule) -> int:
     """Rewrite every attention in `gm` (shapes from a first value propagation) into its parts, unroll every
     recurrent layer, and make the broadcast of a product of two signals explicit; returns how many."""
     count = 0
+    recurrent = [n for n in gm.graph.nodes
+                 if n.op == "call_module" and isinstance(gm.get_submodule(n.target), (nn.LSTM, nn.GRU, nn.RNN))]
+    for group in side_by_side(gm, recurrent) if recurrent else []:
+        _unroll(gm, group, gm.get_submodule(group[0].target))
+        count += len(group)
     for node in list(gm.graph.nodes):
         if node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.MultiheadAttention):
             _mha(gm, node, gm.get_submodule(node.target))
-            count += 1
-        elif node.op == "call_module" and isinstance(gm.get_submodule(node.target), (nn.LSTM, nn.GRU, nn.RNN)):
-            _unroll(gm, node, gm.get_submodule(node.target))
             count += 1
         elif node.op == "call_function" and node.target is F.scaled_dot_product_attention:
             _sdpa(gm, node)
@@ -257,18 +266,32 @@ def _expand_operands(graph: fx.Graph, node: fx.Node) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ recurrent layers
-def _unroll(gm: fx.GraphModule, node: fx.Node, m: nn.RNNBase) -> None:
-    """nn.LSTM / nn.GRU / nn.RNN over a batch of sequences, unrolled step by step (see the module docstring)."""
-    x, hx = _arg(node, 0, "input"), _arg(node, 1, "hx")
+def _unroll(gm: fx.GraphModule, nodes: list, m: nn.RNNBase) -> None:
+    """nn.LSTM / nn.GRU / nn.RNN over a batch of sequences, unrolled step by step (see the module docstring).
+
+    `nodes` are calls of recurrent layers of one configuration on inputs of one shape that read no output of one
+    another (`side_by_side`); `m` is the first one's module. Each (call, direction) is a lane. One lane is unrolled
+    with F.linear. Several run side by side in one unroll: their sequences stacked [N, T, lanes, C] (a reverse
+    direction reads its sequence flipped), each step one `grouped_linear` per gate, so the graph has a node per
+    step rather than per step and lane (Sequencer2D-L: 2,816 steps became 704). The value, and each unit's rule,
+    are those of the lanes unrolled one by one."""
+    modules = [gm.get_submodule(n.target) for n in nodes]
     kind = type(m).__name__
-    if hx is not None:
-        raise UnsupportedOpError(f"{describe_node(node)}: {kind} with a given initial state (only the zero state)")
-    if getattr(m, "proj_size", 0):
-        raise UnsupportedOpError(f"{describe_node(node)}: {kind} with proj_size")
-    if not isinstance(x, fx.Node) or len(x.meta.get("shape", ())) != 3:
-        raise UnsupportedOpError(f"{describe_node(node)}: {kind} on an unbatched or packed sequence")
-    graph, prefix, existing = gm.graph, f"_lrp_{node.name}", set(gm.graph.nodes)
+    inputs = []
+    for node in nodes:
+        x, hx = _arg(node, 0, "input"), _arg(node, 1, "hx")
+        if hx is not None:
+            raise UnsupportedOpError(f"{describe_node(node)}: {kind} with a given initial state (only the zero state)")
+        if getattr(m, "proj_size", 0):
+            raise UnsupportedOpError(f"{describe_node(node)}: {kind} with proj_size")
+        if not isinstance(x, fx.Node) or len(x.meta.get("shape", ())) != 3:
+            raise UnsupportedOpError(f"{describe_node(node)}: {kind} on an unbatched or packed sequence")
+        inputs.append(x)
+    graph, prefix, existing = gm.graph, f"_lrp_{nodes[0].name}", set(gm.graph.nodes)
     call = graph.call_function
+    directions = 2 if m.bidirectional else 1
+    lanes = len(nodes) * directions
+    affine = F.linear if lanes == 1 else grouped_linear
 
     constants: dict = {}
 
@@ -288,42 +311,115 @@ def _unroll(gm: fx.GraphModule, node: fx.Node, m: nn.RNNBase) -> None:
             joined = joins.get(tuple(inputs))
             if joined is None:
                 joined = joins[tuple(inputs)] = call(torch.cat, (list(inputs), -1))
-        w = constant(name, lambda: weights[0] if len(weights) == 1 else torch.cat(weights, 1))
-        return call(F.linear, (joined, w, None if bias is None else constant(name + "_b", lambda: bias)))
+        w = constant(name, lambda: weights[0] if len(weights) == 1 else torch.cat(weights, -1))
+        return call(affine, (joined, w, None if bias is None else constant(name + "_b", lambda: bias)))
 
+    def lane_weights(layer, name):  # per gate, the lanes' weights stacked ([lanes, H, C]; [H, C] for one lane)
+        per_lane = [getattr(mod, name + f"_l{layer}" + ("_reverse" if d else "")).chunk(gates)
+                    for mod in modules for d in range(directions)]
+        return [parts[0] if lanes == 1 else torch.stack(parts) for parts in zip(*per_lane)]
+
+    x = inputs[0]
     steps = x.meta["shape"][1 if m.batch_first else 0]
     gates = {"LSTM": 4, "GRU": 3}.get(kind, 1)
-    with graph.inserting_before(node):
-        seq = x if m.batch_first else call(torch.transpose, (x, 0, 1))
+    with graph.inserting_before(nodes[0]):
+        seqs = [x if m.batch_first else call(torch.transpose, (x, 0, 1)) for x in inputs]
         for layer in range(m.num_layers):
-            outputs = []
-            for direction in range(2 if m.bidirectional else 1):
-                sfx = f"_l{layer}" + ("_reverse" if direction else "")
-                w_ih = getattr(m, "weight_ih" + sfx).chunk(gates)
-                w_hh = getattr(m, "weight_hh" + sfx).chunk(gates)
-                b_ih = getattr(m, "bias_ih" + sfx).chunk(gates) if m.bias else (None,) * gates
-                b_hh = getattr(m, "bias_hh" + sfx).chunk(gates) if m.bias else (None,) * gates
-                name = f"l{layer}{'r' if direction else ''}"
-                h = c = None
-                hs = [None] * steps
-                for t in (reversed(range(steps)) if direction else range(steps)):
-                    x_t = call(operator.getitem, (seq, (slice(None), t)))
-                    h, c = _cell(kind, m, call, linear, constant, x_t, h, c, w_ih, w_hh, b_ih, b_hh, name)
-                    hs[t] = graph.call_method("reshape", (h, (-1, 1, m.hidden_size)))
-                outputs.append(call(torch.cat, (hs, 1)))
-            seq = outputs[0] if len(outputs) == 1 else call(torch.cat, (outputs, -1))
-        out = seq if m.batch_first else call(torch.transpose, (seq, 0, 1))
-    _own_new_nodes(graph, node, m, existing)
-    for user in list(node.users):
-        if user.op != "call_function" or user.target is not operator.getitem:
-            raise UnsupportedOpError(f"{describe_node(user)}: uses {kind}'s output tuple as a whole")
-        if user.args[1] == 0:
-            user.replace_all_uses_with(out)
-        elif user.users:
-            raise UnsupportedOpError(f"{describe_node(user)}: reads {kind}'s final state (only its outputs have a "
-                                     "rule)")
-        graph.erase_node(user)
-    graph.erase_node(node)
+            w_ih, w_hh = lane_weights(layer, "weight_ih"), lane_weights(layer, "weight_hh")
+            b_ih = lane_weights(layer, "bias_ih") if m.bias else (None,) * gates
+            b_hh = lane_weights(layer, "bias_hh") if m.bias else (None,) * gates
+            name = f"l{layer}"
+            if lanes == 1:
+                sequence = seqs[0]
+            else:  # [N, T, lanes, C]: lane (call i, direction d) at 2i + d, a reverse direction's sequence flipped
+                sequence = call(torch.stack, ([s if d == 0 else call(torch.flip, (s, (1,)))
+                                               for s in seqs for d in range(directions)], 2))
+            h = c = None
+            hs = []
+            for t in range(steps):
+                x_t = call(operator.getitem, (sequence, (slice(None), t)))
+                h, c = _cell(kind, m, call, linear, constant, x_t, h, c, w_ih, w_hh, b_ih, b_hh, name)
+                hs.append(graph.call_method("reshape", (h, (-1, 1, m.hidden_size) if lanes == 1
+                                                        else (-1, 1, lanes, m.hidden_size))))
+            out = call(torch.cat, (hs, 1))
+            if lanes == 1:
+                seqs = [out]
+                continue
+            per_lane = [call(operator.getitem, (out, (slice(None), slice(None), k))) for k in range(lanes)]
+            per_lane = [y if k % directions == 0 else call(torch.flip, (y, (1,))) for k, y in enumerate(per_lane)]
+            seqs = [per_lane[i * directions] if directions == 1
+                    else call(torch.cat, (per_lane[i * directions:(i + 1) * directions], -1))
+                    for i in range(len(nodes))]
+        outs = [seq if m.batch_first else call(torch.transpose, (seq, 0, 1)) for seq in seqs]
+    _own_new_nodes(graph, nodes, modules, existing)
+    for node, out in zip(nodes, outs):
+        for user in list(node.users):
+            if user.op != "call_function" or user.target is not operator.getitem:
+                raise UnsupportedOpError(f"{describe_node(user)}: uses {kind}'s output tuple as a whole")
+            if user.args[1] == 0:
+                user.replace_all_uses_with(out)
+            elif user.users:
+                raise UnsupportedOpError(f"{describe_node(user)}: reads {kind}'s final state (only its outputs "
+                                         "have a rule)")
+            graph.erase_node(user)
+        graph.erase_node(node)
+
+
+def _recurrent_key(gm: fx.GraphModule, node: fx.Node):
+    """What recurrent layers must share to run side by side: kind, sizes, options and input shape."""
+    m = gm.get_submodule(node.target)
+    x = _arg(node, 0, "input")
+    shape = tuple(x.meta.get("shape", ())) if isinstance(x, fx.Node) else None
+    return (type(m), m.input_size, m.hidden_size, m.num_layers, m.bias, m.batch_first, m.bidirectional,
+            getattr(m, "nonlinearity", None), getattr(m, "proj_size", 0), m.weight_ih_l0.dtype, shape,
+            isinstance(x, fx.Node) and x.meta.get("batch_dim", 0) == 0, _arg(node, 1, "hx") is None)
+
+
+def _movable(ancestors: set, members: list) -> bool:
+    """Whether a recurrent call whose input needs `ancestors` (those after the group's first member) can join the
+    group: it reads no member's output, and moving those nodes before the first member changes no value (none
+    of them writes in place)."""
+    def in_place(n):
+        name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
+        return n.op in ("call_method", "call_function") and name.endswith("_") and not name.endswith("__")
+
+    return not any(m in ancestors for m in members) and not any(in_place(n) for n in ancestors)
+
+
+def side_by_side(gm: fx.GraphModule, nodes: list) -> list:
+    """The recurrent-layer calls `nodes` (in graph order) in groups that can be unrolled as one: equal
+    `_recurrent_key`, and none reading another's output (Sequencer2D's vertical and horizontal LSTMs of a block).
+    Each later member's input is computed before the first member (those of its ancestors that come after the
+    first member are moved there, in order; none of them depends on it), so the joint unroll goes there."""
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+
+    def ancestors_after(node, first):  # ancestors of `node` placed after `first` in the graph
+        seen, stack = set(), [node]
+        while stack:
+            n = stack.pop()
+            for a in n.all_input_nodes:
+                if a not in seen and order[a] > order[first]:
+                    seen.add(a)
+                    stack.append(a)
+        return seen
+
+    groups: list = []
+    for node in nodes:
+        key = _recurrent_key(gm, node)
+        home = None
+        if key[-1] and key[-2] and key[-3] is not None:
+            home = next((g for g in groups if g[0] == key and _movable(ancestors_after(node, g[1][0]), g[1])), None)
+        if home is None:
+            groups.append((key, [node]))
+        else:
+            home[1].append(node)
+    for _, members in groups:
+        first = members[0]
+        order.update({n: i for i, n in enumerate(gm.graph.nodes)})  # earlier groups' moves changed it
+        for later in members[1:]:
+            for n in sorted(ancestors_after(later, first) - {later}, key=order.__getitem__):
+                first.prepend(n)
+    return [members for _, members in groups]
 
 
 def _cell(kind, m, call, linear, constant_of, x_t, h, c, w_ih, w_hh, b_ih, b_hh, name):

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from . import derived
 from .errors import ExportError
 from .optimize import flipped_kernel
+from .ops.layers import grouped_linear, grouped_linear_transposed
 from .graph import MetaResults, assign_slice, describe_node
 
 MIN_OPSET = 17  # ScatterElements(reduction="add") needs 16; converters emit the opset-17 forms or newer
@@ -1038,6 +1039,17 @@ def _linear(g, input, weight, bias=None):  # F.linear's own parameter names: eve
         return g.op("Gemm", [x, weight] + ([bias] if bias is not None else []), transB=1)
     out = g.op("MatMul", [x, g.op("Transpose", [weight], perm=[1, 0])])
     return g.op("Add", [out, bias]) if bias is not None else out
+
+
+@converts(grouped_linear)
+def _grouped_linear(g, input, weight, bias=None):
+    out = g.op("Einsum", [input, weight], equation="...gi,goi->...go")
+    return g.op("Add", [out, bias]) if bias is not None else out
+
+
+@converts(grouped_linear_transposed)
+def _grouped_linear_transposed(g, s, weight):
+    return g.op("Einsum", [s, weight], equation="...go,goi->...gi")
 
 
 @converts(nn.Linear)

@@ -220,13 +220,15 @@ class RuleContext:
 
     def _affine_call(self, x, weight, bias):
         if self.op.kind == ops.LINEAR:
-            return (F.linear, x, weight, bias)
+            return (F.linear if weight.dim() == 2 else ops.grouped_linear, x, weight, bias)
         p = self.op.params
         return (F.conv2d, x, weight, bias, p["stride"], p["padding"], p["dilation"], p["groups"])
 
     def affine_transpose(self, s: fx.Node, weight: torch.Tensor) -> fx.Node:
         """layerᵀ(s; weight): the input-side map of this op's linear part, shaped like the op's input."""
         if self.op.kind == ops.LINEAR:  # s @ W: no transposed copy of the weight is kept beside W
+            if weight.dim() == 3:  # side-by-side layers (ops.grouped_linear): s_g @ W_g per group
+                return self.call(ops.grouped_linear_transposed, s, weight)
             return self.call(torch.matmul, s, weight)
         return self.rw.em_conv_transpose(s, weight, self.op)
 

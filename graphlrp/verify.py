@@ -28,6 +28,7 @@ from . import ops
 from .conservation import CONSERVATION_TOLERANCE, departures
 from .errors import ConservationError, NonFiniteRelevanceError, NotConservedError, VanishingRelevanceError
 from .graph import describe_node
+from .memory import release_freed_memory
 from .rewrite import Rewriter
 
 FORWARD_TOLERANCE = 1e-4
@@ -192,6 +193,7 @@ def _per_sample(module, x: torch.Tensor, target: torch.Tensor):
     with torch.no_grad():
         for i in range(x.shape[0]):
             parts.append(module(x[i:i + 1], target[i:i + 1]))
+            release_freed_memory()  # the next sample starts from the live memory, not this one's freed heap
     logits, relevance = (torch.cat([p[k] for p in parts]) for k in (0, 1))
     sums = {name: torch.cat([p[2][name] for p in parts]) if parts[0][2][name].dim()  # per sample [N]
             else sum(p[2][name] for p in parts)  # a node's sum over the batch

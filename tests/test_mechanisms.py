@@ -415,12 +415,11 @@ class Recurrent(nn.Module):
         return self.fc((y if self.batch_first else y.transpose(0, 1)).flatten(1))
 
 
-def arras_lstm_relevance(lstm: nn.LSTM, fc: nn.Linear, x: torch.Tensor, eps: float) -> torch.Tensor:
-    """LRP for a one-layer LSTM written step by step (Arras et al., 2017), in float64: the gates i, f, o take no
-    relevance; c_t = f·c_{t-1} + i·g splits R_c in proportion to the two terms; g = tanh(W·[x_t, h_{t-1}] + b) passes
-    R to the linear layer, whose bias-free ε-rule hands it to x_t and h_{t-1}; the head's too."""
-    W_ih, W_hh = lstm.weight_ih_l0.double(), lstm.weight_hh_l0.double()
-    b = (lstm.bias_ih_l0 + lstm.bias_hh_l0).double()
+def arras_forward(lstm: nn.LSTM, x: torch.Tensor, suffix: str = "") -> tuple:
+    """One direction of a one-layer LSTM in float64 over x [n, T, C] in x's order: (every step's h_t [n, T, H],
+    the per-step values the relevance pass needs)."""
+    W_ih, W_hh = getattr(lstm, "weight_ih_l0" + suffix).double(), getattr(lstm, "weight_hh_l0" + suffix).double()
+    b = (getattr(lstm, "bias_ih_l0" + suffix) + getattr(lstm, "bias_hh_l0" + suffix)).double()
     x = x.double()
     n, T, _ = x.shape
     H = lstm.hidden_size
@@ -433,12 +432,18 @@ def arras_lstm_relevance(lstm: nn.LSTM, fc: nn.Linear, x: torch.Tensor, eps: flo
         c = f * c + i * g
         h = o * c.tanh()
         steps.append((h_prev, c_prev, f, i, g))
-    hs = torch.stack([s[0] for s in steps[1:]] + [h], 1)  # every step's output h_t
-    logits = hs.flatten(1) @ fc.weight.double().T + fc.bias.double()
-    target = logits.argmax(1)
-    w = fc.weight.double()[target]  # [n, T·H]
-    z_head = (hs.flatten(1) * w).sum(1, keepdim=True)
-    R_h = (hs.flatten(1) * w * logits.gather(1, target[:, None]) / (z_head + eps)).view(n, T, H)
+    hs = torch.stack([s[0] for s in steps[1:]] + [h], 1)
+    return hs, (x, W_ih, W_hh, steps)
+
+
+def arras_backward(lstm: nn.LSTM, state: tuple, R_h: torch.Tensor, eps: float) -> torch.Tensor:
+    """LRP for one direction of a one-layer LSTM written step by step (Arras et al., 2017), in float64, from the
+    relevance R_h [n, T, H] of every step's output: the gates i, f, o take no relevance; c_t = f·c_{t-1} + i·g
+    splits R_c in proportion to the two terms; g = tanh(W·[x_t, h_{t-1}] + b) passes R to the linear layer, whose
+    bias-free ε-rule hands it to x_t and h_{t-1}. Returns R_x [n, T, C]."""
+    x, W_ih, W_hh, steps = state
+    n, T, C = x.shape
+    H = lstm.hidden_size
     R_x = torch.zeros_like(x)
     R_c = torch.zeros(n, H, dtype=torch.float64)
     carry = torch.zeros(n, H, dtype=torch.float64)  # relevance of h_t from step t+1's linear layer
@@ -451,8 +456,25 @@ def arras_lstm_relevance(lstm: nn.LSTM, fc: nn.Linear, x: torch.Tensor, eps: flo
         inputs = torch.cat([x[:, t], h_prev], 1)
         z_g = inputs @ w_g.T
         R_in = inputs * ((R_g / (z_g + eps)) @ w_g)
-        R_x[:, t], carry, R_c = R_in[:, :x.shape[2]], R_in[:, x.shape[2]:], R_prev
+        R_x[:, t], carry, R_c = R_in[:, :C], R_in[:, C:], R_prev
     return R_x
+
+
+def epsilon_head(features: torch.Tensor, fc: nn.Linear, eps: float) -> tuple:
+    """The logits of a linear head over flat features, and its bias-free ε-rule relevance of the features (the
+    target: each sample's top logit)."""
+    logits = features @ fc.weight.double().T + fc.bias.double()
+    target = logits.argmax(1)
+    w = fc.weight.double()[target]
+    z = (features * w).sum(1, keepdim=True)
+    return logits, features * w * logits.gather(1, target[:, None]) / (z + eps)
+
+
+def arras_lstm_relevance(lstm: nn.LSTM, fc: nn.Linear, x: torch.Tensor, eps: float) -> torch.Tensor:
+    """Arras' LRP of a one-layer LSTM read out by a linear head over every step's output, in float64."""
+    hs, state = arras_forward(lstm, x)
+    _, R = epsilon_head(hs.flatten(1), fc, eps)
+    return arras_backward(lstm, state, R.view(hs.shape), eps)
 
 
 def test_lstm_unrolled_is_arras_lrp_with_the_gates_held_constant():
@@ -470,6 +492,98 @@ def test_lstm_unrolled_is_arras_lrp_with_the_gates_held_constant():
         assert rel_diff(logits, model(x)) <= 1e-5
         expected = arras_lstm_relevance(model.rnn, model.fc, x, 1e-12)
     assert rel_diff(rel, expected) <= 1e-4
+    assert ((taps["input"] / taps["output"]) - 1).abs().max() <= 1e-4
+
+
+class RowsAndColumns(nn.Module):
+    """Sequencer2D's mixing: a bidirectional LSTM down the columns and one along the rows of an [n, S, S, C] grid,
+    concatenated, read out by a linear head over every position (`chained`: the row LSTM reads the column LSTM's
+    output instead, so the two cannot run side by side)."""
+
+    def __init__(self, side: int = 4, channels: int = 3, hidden: int = 5, chained: bool = False):
+        super().__init__()
+        self.chained = chained
+        self.v = nn.LSTM(channels, hidden, batch_first=True, bidirectional=True)
+        self.h = nn.LSTM(2 * hidden if chained else channels, hidden, batch_first=True, bidirectional=True)
+        self.fc = nn.Linear(side * side * (2 if chained else 4) * hidden, 3)
+
+    def forward(self, x):
+        n, rows, cols, c = x.shape
+        v = self.v(x.permute(0, 2, 1, 3).reshape(-1, rows, c))[0]
+        v = v.reshape(n, cols, rows, -1).permute(0, 2, 1, 3)
+        if self.chained:
+            return self.fc(self.h(v.reshape(-1, cols, v.shape[-1]))[0].flatten(1).reshape(n, -1))
+        h = self.h(x.reshape(-1, cols, c))[0].reshape(n, rows, cols, -1)
+        return self.fc(torch.cat([v, h], -1).flatten(1))
+
+
+def arras_rows_and_columns(model: RowsAndColumns, x: torch.Tensor, eps: float) -> torch.Tensor:
+    """The reference for RowsAndColumns: each LSTM direction by `arras_forward` / `arras_backward` on its own
+    sequences (a reverse direction on them flipped), the head's ε-rule between, relevance summed back on the grid."""
+    n, S, _, C = x.shape
+    H = model.v.hidden_size
+    x = x.double()
+    sequences = {"v": x.permute(0, 2, 1, 3).reshape(-1, S, C), "h": x.reshape(-1, S, C)}
+    lanes = {}
+    for name, seq in sequences.items():
+        lstm = getattr(model, name)
+        fwd, fwd_state = arras_forward(lstm, seq)
+        rev, rev_state = arras_forward(lstm, seq.flip(1), "_reverse")
+        lanes[name] = (torch.cat([fwd, rev.flip(1)], -1), fwd_state, rev_state)
+    v_grid = lanes["v"][0].reshape(n, S, S, 2 * H).permute(0, 2, 1, 3)
+    h_grid = lanes["h"][0].reshape(n, S, S, 2 * H)
+    _, R = epsilon_head(torch.cat([v_grid, h_grid], -1).flatten(1), model.fc, eps)
+    R = R.view(n, S, S, 4 * H)
+    R_seq = {"v": R[..., :2 * H].permute(0, 2, 1, 3).reshape(-1, S, 2 * H), "h": R[..., 2 * H:].reshape(-1, S, 2 * H)}
+    R_x = {}
+    for name in ("v", "h"):
+        lstm, (_, fwd_state, rev_state) = getattr(model, name), lanes[name]
+        R_x[name] = (arras_backward(lstm, fwd_state, R_seq[name][..., :H], eps)
+                     + arras_backward(lstm, rev_state, R_seq[name][..., H:].flip(1), eps).flip(1))
+    return R_x["v"].reshape(n, S, S, C).permute(0, 2, 1, 3) + R_x["h"].reshape(n, S, S, C)
+
+
+def _count(explainer, target) -> int:
+    return sum(n.op == "call_function" and n.target is target for n in explainer._traced.graph.nodes)
+
+
+def test_independent_lstms_and_both_directions_run_side_by_side_with_arras_relevance(tmp_path):
+    """Both directions of a bidirectional LSTM, and two LSTMs that read no output of one another (Sequencer2D's
+    vertical and horizontal ones), are unrolled as one: each step one grouped linear layer per gate for all four
+    lanes, so the graph grows with the steps, not with steps × lanes. Each unit's rule is unchanged. Reference:
+    Arras' LSTM LRP per lane, in float64."""
+    torch.manual_seed(0)
+    model = RowsAndColumns().eval()
+    x = torch.randn(2, 4, 4, 3)
+    eps = {"rule": "epsilon", "epsilon": 1e-12, "stabilizer": "add", "bias": "zero"}
+    rules = {"output": "logit", "split": "signed",
+             "rules": {"first_layer": eps, "linear": eps, "merge": {"rule": "split", "epsilon": 1e-12}}}
+    explainer = graphlrp.compile(model, x[:1], rules=rules)
+    steps, gates = 4, 4
+    assert _count(explainer, graphlrp.ops.grouped_linear) == steps * gates - 1  # no forget gate at the zero state
+    assert _count(explainer, F.linear) == 0  # no lane unrolled on its own (the head is the module fc)
+    logits, rel, taps = explainer.explain_with_taps(x)
+    with torch.no_grad():
+        assert rel_diff(logits, model(x)) <= 1e-5
+        expected = arras_rows_and_columns(model, x, 1e-12)
+    assert rel_diff(rel, expected) <= 1e-4
+    assert ((taps["input"] / taps["output"]) - 1).abs().max() <= 1e-4
+    pytest.importorskip("onnxruntime")
+    conserving = graphlrp.compile(model, x[:1], rules="otsuki2024-conserving")
+    assert conserving.export_onnx(tmp_path / "lanes.onnx").max_rel_diff <= 1e-4
+
+
+def test_an_lstm_reading_another_ones_output_is_not_run_beside_it():
+    """Only independent recurrent layers run side by side: an LSTM over another's output is unrolled after it
+    (its two directions still side by side), and the explainer reproduces the model and conserves."""
+    torch.manual_seed(0)
+    model = RowsAndColumns(chained=True).eval()
+    x = torch.randn(2, 4, 4, 3)
+    explainer = graphlrp.compile(model, x[:1], rules="otsuki2024-conserving")
+    assert _count(explainer, graphlrp.ops.grouped_linear) == 2 * (4 * 4 - 1)  # two unrolls of two lanes each
+    logits, rel, taps = explainer.explain_with_taps(x)
+    with torch.no_grad():
+        assert rel_diff(logits, model(x)) <= 1e-5
     assert ((taps["input"] / taps["output"]) - 1).abs().max() <= 1e-4
 
 

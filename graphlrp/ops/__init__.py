@@ -10,5 +10,6 @@ from .base import (AVGPOOL, BATCHNORM, BIAS_ADD, CAT, CONST_CAT, MATMUL, SOFTMAX
                    PAD, PRODUCT, MAX_REDUCE, REDUCE, RESHAPE, SCALE, SLICE, UNSUPPORTED, ACTIVATION, Op, arg, describe, describes,
                    dynamic_tensor_inputs, evaluate_constant, is_dynamic_tensor, is_tensor, pair, value)
 from . import layers, elementwise, merges, pooling, norms, structure, attention  # noqa: E402,F401  (registration)
+from .layers import grouped_linear, grouped_linear_transposed  # noqa: E402,F401  (written by decompose, lowered by fx_to_onnx)
 
 _arg, _pair, _evaluate_constant = arg, pair, evaluate_constant  # older private names

@@ -50,6 +50,34 @@ def _linear_module(node, traced):
               dict(weight=m.weight.detach(), bias=None if m.bias is None else m.bias.detach()))
 
 
+def grouped_linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Linear layers side by side: input [..., G, I], weight [G, O, I], bias [G, O] -> [..., G, O], group g's
+    outputs reading group g's inputs alone. The compiler writes it where it runs independent recurrent layers as
+    one (both directions of a bidirectional LSTM, Sequencer2D's vertical and horizontal LSTMs): one step of all of
+    them is one node, so an unrolled graph has a node per step, not per step and layer. Its rules are the linear
+    layer's, applied per group, so each unit's relevance is what G separate layers would give."""
+    if input.dim() == 3:  # [N, G, I]: one batched matmul over strided views, no copy of input or weight
+        out = torch.bmm(input.transpose(0, 1), weight.transpose(1, 2)).transpose(0, 1)
+    else:
+        out = torch.einsum("...gi,goi->...go", input, weight)
+    return out if bias is None else out + bias
+
+
+def grouped_linear_transposed(s: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The input-side map of `grouped_linear`: s [..., G, O] -> [..., G, I], s_g @ W_g per group (the relevance
+    pass of its rules)."""
+    if s.dim() == 3:
+        return torch.bmm(s.transpose(0, 1), weight).transpose(0, 1)
+    return torch.einsum("...go,goi->...gi", s, weight)
+
+
+@describes(functions=[grouped_linear])
+def _grouped_linear(node, traced):
+    bias = value(arg(node, 2, "bias"), traced)
+    return Op(LINEAR, node, (arg(node, 0, "input"),),
+              dict(weight=value(arg(node, 1, "weight"), traced).detach(), bias=None if bias is None else bias.detach()))
+
+
 @describes(functions=[F.linear])
 def _linear_function(node, traced):
     bias = value(arg(node, 2, "bias"), traced)  # BEiT: F.linear(input=x, weight=w, bias=cat((q_bias, 0, v_bias)))
