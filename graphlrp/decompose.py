@@ -169,17 +169,26 @@ def _mha(gm: fx.GraphModule, node: fx.Node, m: nn.MultiheadAttention) -> None:
     for proj in projections:
         path = f"{node.target}.out_proj" if proj is projections[-1] else f"{node.target}.in_proj"
         proj.meta["nn_module_stack"] = {**stack, path: (path, nn.Linear)}
+    def weights(user):
+        if not need_weights:
+            raise UnsupportedOpError(f"{describe_node(user)}: reads attention weights with need_weights=False")
+        with graph.inserting_before(user):
+            return graph.call_method("mean", (attn, 1)) if average else attn
+
+    _replace_output_tuple(graph, node, out, "nn.MultiheadAttention", weights)
+
+
+def _replace_output_tuple(graph: fx.Graph, node: fx.Node, out: fx.Node, kind: str, other) -> None:
+    """A leaf module's call replaced by its decomposition: reads of element 0 of its output tuple read `out`,
+    a read of another element that is used reads `other(user)` (which raises where it has no value), and the
+    call goes."""
     for user in list(node.users):
         if user.op != "call_function" or user.target is not operator.getitem:
-            raise UnsupportedOpError(f"{describe_node(user)}: uses nn.MultiheadAttention's output tuple as a whole")
+            raise UnsupportedOpError(f"{describe_node(user)}: uses {kind}'s output tuple as a whole")
         if user.args[1] == 0:
             user.replace_all_uses_with(out)
         elif user.users:
-            if not need_weights:
-                raise UnsupportedOpError(f"{describe_node(user)}: reads attention weights with need_weights=False")
-            with graph.inserting_before(user):
-                mean = graph.call_method("mean", (attn, 1)) if average else attn
-            user.replace_all_uses_with(mean)
+            user.replace_all_uses_with(other(user))
         graph.erase_node(user)
     graph.erase_node(node)
 
@@ -352,17 +361,11 @@ def _unroll(gm: fx.GraphModule, nodes: list, m: nn.RNNBase) -> None:
                     for i in range(len(nodes))]
         outs = [seq if m.batch_first else call(torch.transpose, (seq, 0, 1)) for seq in seqs]
     _own_new_nodes(graph, nodes, modules, existing)
+    def final_state(user):
+        raise UnsupportedOpError(f"{describe_node(user)}: reads {kind}'s final state (only its outputs have a rule)")
+
     for node, out in zip(nodes, outs):
-        for user in list(node.users):
-            if user.op != "call_function" or user.target is not operator.getitem:
-                raise UnsupportedOpError(f"{describe_node(user)}: uses {kind}'s output tuple as a whole")
-            if user.args[1] == 0:
-                user.replace_all_uses_with(out)
-            elif user.users:
-                raise UnsupportedOpError(f"{describe_node(user)}: reads {kind}'s final state (only its outputs "
-                                         "have a rule)")
-            graph.erase_node(user)
-        graph.erase_node(node)
+        _replace_output_tuple(graph, node, out, kind, final_state)
 
 
 def _recurrent_key(gm: fx.GraphModule, node: fx.Node):
