@@ -289,6 +289,7 @@ class Row:
     error: str = ""  # model-error / skipped / timeout / memory: why
     peak_gb: float | None = None  # the peak resident size of the model's process (run with --max-memory)
     code: str = ""  # the code that produced the row (`code_version`); "" in rows written before it was recorded
+    queued: bool = False  # picked by a `--retry` run that has not reached it yet: the result is the earlier one
 
     def to_json(self) -> str:
         data = {k: v for k, v in self.__dict__.items() if k != "presets"}
@@ -648,12 +649,15 @@ def report(rows: list[Row], command: str, planned: list[tuple[str, str]] | None 
     planned = planned or []
     order = {key: i for i, key in enumerate(planned)}
     rows = sorted(rows, key=lambda r: order.get((r.source, r.name), len(order)))
-    done = sum((r.source, r.name) in order for r in rows)
+    done = sum((r.source, r.name) in order and not r.queued for r in rows)
+    queued = sum(r.queued for r in rows)
     lines = ["# Coverage", "",
              f"`{command}` — random weights, batch 2 of different random inputs, torch {torch.__version__}.", ""]
     if planned and done < len(planned):
-        lines += [f"**partial: {done} of {len(planned)} planned models** (the report is rewritten after each model; "
-                  "run the same command with `--resume` to go on).", ""]
+        waiting = (f"; {queued} rows queued for `--retry` still show their earlier result (marked queued)"
+                   if queued else "")
+        lines += [f"**partial: {done} of {len(planned)} planned models run{waiting}** (the report is rewritten "
+                  "after each model; run `--resume` to go on).", ""]
     sources = list(dict.fromkeys(r.source for r in rows))
     lines += ["| source | models | " + " | ".join(ROW_STATUSES) + " | large |",
               "|---|---:|" + "---:|" * (len(ROW_STATUSES) + 1)]
@@ -708,7 +712,8 @@ def report(rows: list[Row], command: str, planned: list[tuple[str, str]] | None 
         else:
             onnx = _escape(r.onnx_error)
         size = f"{r.size} L" if r.large and r.status != "skipped" else f"{r.size}"
-        note = _escape(r.error)
+        note = _escape("; ".join(filter(None, ["queued for --retry: the earlier result" if r.queued else "",
+                                                r.error])))
         lines.append(f"| {r.source} | {r.name} | {size} | {r.status} | " + " | ".join(cells)
                      + f" | {_e(max(diffs)) if diffs else ''} | {merges} | {onnx} | {r.seconds:.1f} | "
                      + (f"{r.peak_gb:.1f}" if r.peak_gb is not None else "") + f" | {note} |")

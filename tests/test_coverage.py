@@ -89,7 +89,7 @@ def test_a_report_short_of_the_plan_says_partial_and_counts_per_preset(zoo):
                                                                                     "conserves", [1.0, 1.0], 0.0)},
                     cli_preset="cp-lrp").settle()]
     text = cov.report(rows, "graphlrp coverage", [("timm", "a"), ("timm", "b"), ("timm", "c")])
-    assert "**partial: 1 of 3 planned models**" in text
+    assert "**partial: 1 of 3 planned models run**" in text
     assert "| timm | CLI choice | 0 | 1 | 0 | 0 | 0 | 0 |" in text
     assert "| timm | otsuki2024-conserving | 0 | 0 | 1 | 0 | 0 | 0 |" in text
     assert "| timm | cp-lrp-conserving | 1 | 0 | 0 | 0 | 0 | 0 |" in text
@@ -192,6 +192,58 @@ def test_retry_a_preset_columns_status_and_each_row_records_its_code(zoo, tmp_pa
     assert sorted(n for n, _ in zoo.checked) == sorted([rows[0].name] + [r.name for r in rows])
     for bad in ("cp-lrp-conserving:fine", "nopreset:refused", "conserves"):
         assert cli.main(["coverage", "--no-onnx", "-o", str(out), "--resume", "--retry", bad]) == 2
+
+
+def test_a_stopped_retry_keeps_its_queued_rows_and_resuming_goes_on_with_its_queue(zoo, tmp_path, monkeypatch):
+    """A `--retry` run stopped part way loses no row: those not rerun yet keep their earlier result, marked queued,
+    and the report says it is partial; `--resume` reruns only them, not the rows the stopped run already redid."""
+    zoo.names = ["net_a", "net_b", "net_c"]
+    zoo.fake()
+    out = tmp_path / "a.md"
+    _run(out)
+    assert len(cov.read_rows(str(out))) == 3
+    zoo.checked.clear()
+    real_check = cov.check_model
+
+    def stop_at_net_b(model, size, source="", name="", onnx_dir=None, row=None):
+        if name == "net_b":
+            raise KeyboardInterrupt  # the session ends here
+        return real_check(model, size, source, name, onnx_dir, row)
+
+    monkeypatch.setattr(cov, "check_model", stop_at_net_b)
+    assert cli.main(["coverage", "--no-onnx", "--max-memory", "0", "-o", str(out), "--resume", "--retry",
+                     "cp-lrp-conserving:refused"]) == 130  # "interrupted"
+    rows = {r.name: r for r in cov.read_rows(str(out))}
+    assert sorted(rows) == ["net_a", "net_b", "net_c"]  # nothing dropped
+    assert not rows["net_a"].queued and rows["net_b"].queued and rows["net_c"].queued
+    text = out.read_text()
+    assert "**partial: 1 of 3 planned models run; 2 rows queued for `--retry` still show their earlier result" in text
+    assert "| torchvision | net_c | 64 | ok |" in text and "queued for --retry: the earlier result" in text
+
+    monkeypatch.setattr(cov, "check_model", real_check)
+    zoo.checked.clear()
+    text = _run(out, "--resume", "--retry", "cp-lrp-conserving:refused")  # net_a still matches: not run again
+    assert [n for n, _ in zoo.checked] == ["net_b", "net_c"]
+    assert "**partial" not in text and "queued for --retry" not in text
+    assert not any(r.queued for r in cov.read_rows(str(out)))
+    zoo.checked.clear()
+    _run(out, "--resume", "--retry", "cp-lrp-conserving:refused")  # the queue is done: a new retry selects again
+    assert [n for n, _ in zoo.checked] == ["net_a", "net_b", "net_c"]
+
+
+def test_the_run_removes_its_temporary_folder_whether_it_ends_or_is_stopped(zoo, tmp_path, monkeypatch):
+    import tempfile
+
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    zoo.fake()
+    _run(tmp_path / "a.md")
+    assert list(scratch.iterdir()) == []
+    zoo.fake(fail="net_b")
+    monkeypatch.setattr(cov, "_crash", lambda e: (_ for _ in ()).throw(KeyboardInterrupt()))  # stopped mid-run
+    assert cli.main(["coverage", "--no-onnx", "--max-memory", "0", "-o", str(tmp_path / "b.md")]) == 130
+    assert list(scratch.iterdir()) == []
 
 
 def test_rows_outside_this_runs_list_are_kept_whatever_their_status(zoo, tmp_path):

@@ -35,7 +35,8 @@ def register(sub) -> None:
                         "('skipped' rows are run again unless --skip-large is given)")
     p.add_argument("--retry", default="", metavar="STATUS,...",
                    help="with --resume: run again the rows of these statuses (e.g. refused,timeout) or whose "
-                        "preset column has this status (e.g. cp-lrp-conserving:refused)")
+                        "preset column has this status (e.g. cp-lrp-conserving:refused); they stay in the report, "
+                        "marked queued, until rerun, and a stopped retry goes on with its queue on --resume")
     p.add_argument("--rules", help=argparse_suppress())
     p.add_argument("-o", "--output", default="results/coverage.md", help="report path (default results/coverage.md)")
     p.set_defaults(func=run)
@@ -56,6 +57,7 @@ def planned_models(args) -> list[tuple[str, str]]:
 
 def run(args) -> int:
     import os
+    import shutil
     import sys
     import tempfile
     import time
@@ -78,11 +80,21 @@ def run(args) -> int:
         return 2
     again |= set() if args.skip_large else {"skipped"}
     planned = set(todo)  # rows of models outside this run's list (--no-torchvision, other patterns) are kept as they are
-    rows = [r for r in rows if not cov.to_retry(r, again, again_columns) or (r.source, r.name) not in planned]
     if args.resume and not rows and os.path.exists(args.output):
         print(f"graphlrp coverage: {args.output} holds no resumable rows; starting from the beginning",
               file=sys.stderr)
-    done = {(r.source, r.name) for r in rows}
+    # Rows to run again stay in the report, marked queued, until their new result replaces them: a stopped run
+    # loses nothing, and resuming it goes on with its queue rather than selecting again (rows it already ran
+    # would match once more).
+    stopped_queue = [r for r in rows if r.queued and (r.source, r.name) in planned]
+    if stopped_queue:
+        print(f"graphlrp coverage: going on with the retry a stopped run left: {len(stopped_queue)} rows queued"
+              + (f" (--retry {args.retry} is not applied again until they are done)" if args.retry else ""),
+              file=sys.stderr)
+    else:
+        for r in rows:
+            r.queued = (r.source, r.name) in planned and cov.to_retry(r, again, again_columns)
+    done = {(r.source, r.name) for r in rows if not r.queued}
     command = "graphlrp coverage " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["coverage"] else "graphlrp coverage"
     tmp = tempfile.mkdtemp()
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
@@ -96,17 +108,20 @@ def run(args) -> int:
         print(f"resuming: {len(todo) - len(left)} of {len(todo)} planned models already in {args.output}",
               file=sys.stderr)
     limit = args.max_memory * 2**30 if args.max_memory else 0
-    for i, (source, name) in enumerate(left):
-        t = time.time()
-        if limit and cov.can_isolate():
-            row = cov.isolated(_check_one, (source, name, args, tmp), cov.Row(source, name, args.size),
-                               limit, args.timeout)
-        else:
-            row = _check_one(source, name, args, tmp)
-        row.seconds, row.code = time.time() - t, cov.code_version()
-        rows.append(row)
-        print(f"[{i + 1}/{len(left)}] {source}:{name} {row.status} {row.error}", file=sys.stderr, flush=True)
-        write_report()
+    try:
+        for i, (source, name) in enumerate(left):
+            t = time.time()
+            if limit and cov.can_isolate():
+                row = cov.isolated(_check_one, (source, name, args, tmp), cov.Row(source, name, args.size),
+                                   limit, args.timeout)
+            else:
+                row = _check_one(source, name, args, tmp)
+            row.seconds, row.code = time.time() - t, cov.code_version()
+            rows = [r for r in rows if (r.source, r.name) != (source, name)] + [row]  # replaces a queued row
+            print(f"[{i + 1}/{len(left)}] {source}:{name} {row.status} {row.error}", file=sys.stderr, flush=True)
+            write_report()
+    finally:  # the exported files of the last model, and the folder, whether the run ends or is stopped
+        shutil.rmtree(tmp, ignore_errors=True)
     write_report()
     counts = {s: sum(r.status == s for r in rows) for s in cov.ROW_STATUSES}
     others = ", ".join(f"{v} {k}" for k, v in counts.items() if v and k != "ok")
