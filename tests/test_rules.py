@@ -348,20 +348,13 @@ class BNConsumers(nn.Module):
         return self.fc(self.bn3(x.mean((2, 3))))
 
 
-def test_batchnorm_folding_is_exact_and_reported():
-    torch.manual_seed(6)
-    model = BNConsumers().eval()
-    x = torch.randn(3, 3, 10, 10)
-    preset = {"output": "logit", "batchnorm": "fold", "rules": {"first_layer": "epsilon", "conv": "epsilon",
-                                                                "linear": "epsilon", "avgpool": "z"}}
-    explainer = compile_random(model, x[:1], rules=preset)
-    assert explainer.info["batchnorm_folded"] == {"into_producer": 1, "into_consumer": 2, "kept": 1}
-    logits, relevance = explainer(x)
-    with torch.no_grad():
-        assert rel_diff(logits, model(x)) <= 1e-6
-    # the same model with the BNs folded by hand gives the same explanation
-    folded = BNConsumers().eval()
-    folded.load_state_dict(model.state_dict())
+FOLDING_PRESET = {"output": "logit", "batchnorm": "fold", "rules": {"first_layer": "epsilon", "conv": "epsilon",
+                                                                    "linear": "epsilon", "avgpool": "z"}}
+
+
+def folded_by_hand(model: BNConsumers) -> BNConsumers:
+    """The same model with the foldable BNs folded by hand into their producer or consumer (the reference)."""
+    folded = copy.deepcopy(model)
     with torch.no_grad():
         for conv, bn, before in [(folded.conv0, folded.bn0, True), (folded.conv1, folded.bn1, False),
                                  (folded.fc, folded.bn3, False)]:
@@ -382,25 +375,41 @@ def test_batchnorm_folding_is_exact_and_reported():
                 getattr(bn, name).zero_()
             bn.running_var.fill_(1.0 - bn.eps)
             bn.weight.fill_(1.0)
+    return folded
+
+
+def test_batchnorm_folding_is_exact_and_reported():
+    """Folding reports what it folded, keeps the logits, and explains exactly as the model folded by hand. The
+    comparison runs in float64: this ε-rule graph cancels most of its relevance (ΣR ≈ -0.03 of the largest
+    entries), so float32 rounding alone moves it by ~1e-4 and would hide, or fake, a folding error."""
+    torch.manual_seed(6)
+    model = BNConsumers().eval()
+    x = torch.randn(3, 3, 10, 10)
+    explainer = compile_random(model, x[:1], rules=FOLDING_PRESET)
+    assert explainer.info["batchnorm_folded"] == {"into_producer": 1, "into_consumer": 2, "kept": 1}
     with torch.no_grad():
-        assert rel_diff(folded(x), model(x)) <= 1e-5
-    by_hand = compile_random(folded, x[:1], rules={**preset, "batchnorm": "pass"})(x)[1]
-    assert rel_diff(relevance, by_hand) <= 1e-4
+        assert rel_diff(explainer(x)[0], model(x)) <= 1e-6
+    double = copy.deepcopy(model).double()
+    by_hand = folded_by_hand(double)
+    with torch.no_grad():
+        assert rel_diff(by_hand(x.double()), double(x.double())) <= 1e-12
+    relevance = compile_random(double, x[:1].double(), rules=FOLDING_PRESET)(x.double())[1]
+    expected = compile_random(by_hand, x[:1].double(), rules={**FOLDING_PRESET, "batchnorm": "pass"})(x.double())[1]
+    assert rel_diff(relevance, expected) <= 1e-10
 
 
 def test_batchnorm_folding_keeps_a_float64_models_dtype():
     """A float64 model compiles with batch norm folded (the folded layers are float64 too: the float64 twin that
-    tells a leak from rounding, and the advice to compile in float64, rely on it), and explains like float32."""
+    tells a leak from rounding, and the advice to compile in float64, rely on it), and explains like float32 up to
+    float32's rounding on this cancelling graph (3.7e-4 on an AMD EPYC; the exact check is the test above)."""
     torch.manual_seed(6)
     model = BNConsumers().eval()
     x = torch.randn(3, 3, 10, 10)
-    preset = {"output": "logit", "batchnorm": "fold", "rules": {"first_layer": "epsilon", "conv": "epsilon",
-                                                                "linear": "epsilon", "avgpool": "z"}}
-    single = compile_random(model, x[:1], rules=preset)(x)[1]
-    double = compile_random(copy.deepcopy(model).double(), x[:1].double(), rules=preset)
+    single = compile_random(model, x[:1], rules=FOLDING_PRESET)(x)[1]
+    double = compile_random(copy.deepcopy(model).double(), x[:1].double(), rules=FOLDING_PRESET)
     assert double.info["batchnorm_folded"] == {"into_producer": 1, "into_consumer": 2, "kept": 1}
     relevance = double(x.double())[1]
-    assert relevance.dtype == torch.float64 and rel_diff(relevance.float(), single) <= 1e-4
+    assert relevance.dtype == torch.float64 and rel_diff(relevance.float(), single) <= 5e-3
 
 
 def test_batchnorm_pass_keeps_every_bn():
