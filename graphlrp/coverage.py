@@ -506,6 +506,9 @@ def _in_child(send, fn, args) -> None:
     import resource
     import sys
 
+    from .memory import return_large_blocks_to_the_system
+
+    return_large_blocks_to_the_system()  # the model's own process: its peak is its tensors, not glibc's heap
     row = fn(*args)
     maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # bytes on macOS, KiB elsewhere
     row.peak_gb = maxrss / (2**30 if sys.platform == "darwin" else 2**20)

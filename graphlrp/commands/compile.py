@@ -89,7 +89,10 @@ def run(args) -> int:
     import torch
 
     import graphlrp
+    from ..memory import return_large_blocks_to_the_system
     from ..models import at_input_size, load_model
+
+    return_large_blocks_to_the_system()  # this process is graphlrp's: its freed tensors go back to the system
 
     from ..preprocessing import read_labels
 
