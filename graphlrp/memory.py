@@ -11,7 +11,7 @@ import gc
 import os
 
 M_MMAP_THRESHOLD = -3  # mallopt's parameter number in glibc's malloc.h
-LARGE_BLOCK_BYTES = 2 * 1024 * 1024  # measured: 1 MiB saves little more memory and costs 10% time
+LARGE_BLOCK_BYTES = 2 * 1024 * 1024  # 1 MiB held Sequencer2D-L lower still, but slower (results/sequencer-stages.md)
 
 
 def release_freed_memory() -> None:
@@ -28,10 +28,10 @@ def return_large_blocks_to_the_system(threshold: int = LARGE_BLOCK_BYTES) -> boo
 
     glibc starts at 128 KiB but raises its threshold to the largest block freed so far (up to 32 MiB); after that a
     compile's large temporaries come from the heap, and small live objects between them keep its pages with the
-    process. Sequencer2D-L's `graphlrp compile` at 224 px peaked at 5.0-5.4 GB resident, 3.4 GB with this (47 s, 49 s
-    without); ResNet-50 10.1 s instead of 9.2 s (results/sequencer-stages.md). Only for processes
-    graphlrp owns (its CLI, its coverage workers): a library does not change its host's allocator. Returns whether
-    it was set; a no-op where there is no glibc, or where the user chose a threshold (MALLOC_MMAP_THRESHOLD_)."""
+    process. Sequencer2D-L's `graphlrp compile` at 224 px: median peak 2.72 GiB with this, 4.47 GiB without (49.9 s,
+    43.4 s); ResNet-50 10.5 s instead of 9.3 s (results/sequencer-stages.md). Only for processes graphlrp owns
+    (its CLI, its coverage workers): a library does not change its host's allocator. Returns whether it was set;
+    a no-op where there is no glibc, or where the user chose a threshold (MALLOC_MMAP_THRESHOLD_)."""
     if os.environ.get("MALLOC_MMAP_THRESHOLD_"):
         return False
     try:

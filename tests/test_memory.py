@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ctypes
+import os
 import subprocess
 import sys
 import textwrap
@@ -32,7 +33,7 @@ RETAINED = textwrap.dedent("""
 
 
 def retained_mib(mode: str) -> float:
-    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("MALLOC_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
     out = subprocess.run([sys.executable, "-c", RETAINED, mode], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr
     return float(out.stdout.split()[-1])

@@ -91,11 +91,9 @@ def run(args) -> int:
     import graphlrp
     from ..memory import return_large_blocks_to_the_system
     from ..models import at_input_size, load_model
-
-    return_large_blocks_to_the_system()  # this process is graphlrp's: its freed tensors go back to the system
-
     from ..preprocessing import read_labels
 
+    return_large_blocks_to_the_system()  # this process is graphlrp's: its freed tensors go back to the system
     t0 = time.perf_counter()
     labels = read_labels(args.labels) if args.labels else None  # a bad file fails before the slow work
     model, info = load_model(args.model, args.weights)
