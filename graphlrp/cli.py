@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import signal
 import sys
 
 from .errors import GraphLRPError, missing_compile_extra
@@ -36,6 +38,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a batch scheduler's or CI's time limit, `kill`), raised where the command is, so that its `finally`
+    blocks run as for Ctrl-C: a coverage run's worker is stopped, its temporary folder removed, its report kept."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def sigterm_raises():
+    """While the command runs, SIGTERM raises `Terminated`; the host's own handler comes back afterwards. Outside
+    the main thread (where Python cannot set handlers) SIGTERM keeps its default."""
+    try:
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -43,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args.func(args) or 0)
+        with sigterm_raises():
+            return int(args.func(args) or 0)
     except GraphLRPError as e:
         print(f"graphlrp {args.command}: error: {e}", file=sys.stderr)
         return 2
@@ -53,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"graphlrp {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except Terminated:
+        print("terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -535,10 +535,10 @@ def isolated(fn, args: tuple, row: Row, limit_bytes: float, timeout: float, poll
     receive, send = ctx.Pipe(duplex=False)
     process = ctx.Process(target=_in_child, args=(send, fn, args), daemon=True)
     start = time.time()
-    process.start()
-    send.close()
     peak = 0
-    try:
+    try:  # from the start: SIGTERM (raised as cli.Terminated) or Ctrl-C at any point stops the model's process
+        process.start()
+        send.close()
         watched = psutil.Process(process.pid)
         while True:
             if receive.poll(poll):
@@ -566,9 +566,10 @@ def isolated(fn, args: tuple, row: Row, limit_bytes: float, timeout: float, poll
                 row.error = f"over the time limit of {timeout:g} s (stopped {KILL_GRACE:g} s later)"
                 break
     finally:
-        if process.is_alive():
-            process.kill()
-        process.join()
+        if process.pid is not None:  # started
+            if process.is_alive():
+                process.kill()
+            process.join()
     row.peak_gb = peak / 2**30
     return row
 

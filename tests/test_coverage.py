@@ -3,6 +3,9 @@ limit per model, --per-module selection and --resume. Fast: tiny models, and a f
 itself is not under test."""
 from __future__ import annotations
 
+import os
+import signal
+import threading
 import time
 
 import pytest
@@ -244,6 +247,72 @@ def test_the_run_removes_its_temporary_folder_whether_it_ends_or_is_stopped(zoo,
     monkeypatch.setattr(cov, "_crash", lambda e: (_ for _ in ()).throw(KeyboardInterrupt()))  # stopped mid-run
     assert cli.main(["coverage", "--no-onnx", "--max-memory", "0", "-o", str(tmp_path / "b.md")]) == 130
     assert list(scratch.iterdir()) == []
+
+
+def test_sigterm_stops_a_run_as_ctrl_c_does_and_the_hosts_handler_comes_back(zoo, tmp_path, monkeypatch):
+    """Batch schedulers, Ray and CI time limits stop a run with SIGTERM: it stops where it is with exit status 143,
+    the rows done stay in the report, the temporary folder goes, and the handler the host had is set again."""
+    import tempfile
+
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    zoo.names = ["net_a", "net_b", "net_c"]
+    zoo.fake()
+    fake_check = cov.check_model
+
+    def terminated_at_net_b(model, size, source="", name="", onnx_dir=None, row=None):
+        if name == "net_b":
+            os.kill(os.getpid(), signal.SIGTERM)
+        return fake_check(model, size, source, name, onnx_dir, row)
+
+    monkeypatch.setattr(cov, "check_model", terminated_at_net_b)
+    received = []
+
+    def hosts_handler(signum, frame):  # had the command not handled it, the test would see it here
+        received.append(signum)
+
+    previous = signal.signal(signal.SIGTERM, hosts_handler)
+    try:
+        out = tmp_path / "a.md"
+        assert cli.main(["coverage", "--no-onnx", "--max-memory", "0", "-o", str(out)]) == 143
+        assert received == [] and signal.getsignal(signal.SIGTERM) is hosts_handler
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert [r.name for r in cov.read_rows(str(out))] == ["net_a"]
+    assert "**partial: 1 of 3 planned models run" in out.read_text()
+    assert [p.name for p in scratch.iterdir() if p.name.startswith("tmp")] == []  # mkdtemp's; torch caches aside
+
+
+def _sleeping_row(pid_file: str, seconds: float) -> cov.Row:
+    """A model check that writes its process id, then takes `seconds`."""
+    with open(pid_file, "w") as f:
+        f.write(str(os.getpid()))
+    time.sleep(seconds)
+    return cov.Row("torchvision", "sleeps", 64).settle()
+
+
+def test_sigterm_while_a_model_runs_in_its_own_process_stops_that_process(tmp_path):
+    psutil = pytest.importorskip("psutil")
+    pid_file = tmp_path / "worker.pid"
+
+    def terminate_once_the_worker_runs():
+        deadline = time.monotonic() + 120
+        while not (pid_file.exists() and pid_file.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)  # were it not raised, the test fails
+    try:
+        with cli.sigterm_raises():
+            threading.Thread(target=terminate_once_the_worker_runs, daemon=True).start()
+            with pytest.raises(cli.Terminated):
+                cov.isolated(_sleeping_row, (str(pid_file), 60.0), cov.Row("torchvision", "sleeps", 64), 2**40,
+                             timeout=0)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    worker = int(pid_file.read_text())
+    assert not psutil.pid_exists(worker) or psutil.Process(worker).status() == psutil.STATUS_ZOMBIE
 
 
 def test_rows_outside_this_runs_list_are_kept_whatever_their_status(zoo, tmp_path):
