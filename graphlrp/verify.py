@@ -10,6 +10,10 @@ The explainer runs once on the example (its first sample) and on a perturbed cop
   * for any other preset, not lose or multiply the relevance: ΣR_in / R_out within VANISHING_BOUNDS (relevance
     that vanishes is an explanation of nothing, e.g. ε absorbing features that reach the head at 1e-14).
 
+It also measures how far relevance of both signs grows, Σ|R| / |R_out| at the input (the map's own mass) and at
+its peak over the relevance pass; past MASS_WARNING the sum holds only to float32's rounding of that mass and the
+map shows mostly relevance that cancels, so the compile warns and says where.
+
 A failure is a `ConservationError` naming the first node in relevance order where the sum departs: the
 conservation trace (`Rewriter(trace_nodes=True)`: the total relevance arriving at every node and handed on by it)
 locates it. The measured figures (`Certificate`) go into the compile summary, `Explainer.certificate`, the
@@ -36,6 +40,7 @@ MERGE_TOLERANCE = 1e-5  # Σ(R − Σ R_i) at a merge, relative to Σ|R| there (
 VANISHING_BOUNDS = (0.5, 2.0)
 PERTURBATION = 0.1  # the second sample: the example plus this fraction of its std in Gaussian noise
 LEAKS_REPORTED = 5
+MASS_WARNING = 1e4  # Σ|R| / |R_out| from which float32 rounding (6e-8 of Σ|R|) nears the 1e-3 conservation limit
 
 
 @dataclass
@@ -61,6 +66,11 @@ class Certificate:
     leaks: list = field(default_factory=list)  # the largest per-node leaks, largest first
     vanished: str = ""  # where relevance vanished, when that was allowed (compile(allow_vanishing=True))
     seconds: float = 0.0
+    input_mass: float = float("nan")  # Σ|R_in| / |R_out|: 1 where the map has one sign, more where signs cancel
+    peak_mass: float = float("nan")  # the largest Σ|R| / |R_out| at any node of the relevance pass
+    peak_mass_at: str = ""  # that node, described
+    grown: str = ""  # the warning given where peak_mass passes MASS_WARNING
+
 
     @property
     def worst_ratio_error(self) -> float:
@@ -76,11 +86,15 @@ class Certificate:
         if self.leaks and not self.conserving:
             top = self.leaks[0]
             text += f"; largest leak {top.fraction:+.2%} at {top.node} ({top.op}, rule {top.rule})"
+        if math.isfinite(self.input_mass):
+            text += f"; Σ|R| / |R_out| {self.input_mass:.3g} at the input, {self.peak_mass:.3g} at most"
         return text
 
     def to_dict(self) -> dict:
         data = asdict(self)
         data["ratio"] = [None if math.isnan(r) else r for r in self.ratio]
+        for key in ("input_mass", "peak_mass"):  # JSON has no NaN
+            data[key] = None if math.isnan(data[key]) else data[key]
         return data
 
 
@@ -233,6 +247,7 @@ def certify(explainer, model: torch.nn.Module, example: torch.Tensor, allow_vani
     node_trace = _NodeTrace(sums, traced, plan, float(out.abs().sum()))
     cert = Certificate(conserving=preset.conserving, ratio=ratio, forward_error=float("nan"), merge_gap=None,
                        leaks=node_trace.largest())
+    _measure_mass(cert, node_trace)
     name = f"preset {preset.name!r}"
 
     if tuple(reference.shape) != tuple(logits.shape):
@@ -269,10 +284,10 @@ def certify(explainer, model: torch.nn.Module, example: torch.Tensor, allow_vani
                 f"{', '.join(f'{r:.6g}' for r in ratio)} (limit |ratio − 1| ≤ {CONSERVATION_TOLERANCE:g})"
                 f"{_departure(found, node_trace)}{_leak_list(cert.leaks)}"
                 f"{_cancellation(node_trace, x, target, float64_twin)}")
-        return cert
+        return _warn_if_grown(cert, name)
     low, high = VANISHING_BOUNDS
     if all(math.isnan(r) or low <= r <= high for r in ratio):
-        return cert
+        return _warn_if_grown(cert, name)
     found = node_trace.first_departure(low, high) or _largest_row(node_trace)
     vanishes = "vanishes" if min(r for r in ratio if not math.isnan(r)) < low else "grows"
     message = (f"{name}: the relevance {vanishes} on this model, ΣR_in / R_out = "
@@ -282,6 +297,37 @@ def certify(explainer, model: torch.nn.Module, example: torch.Tensor, allow_vani
                "A conserving preset (otsuki2024-conserving, cp-lrp-conserving) keeps it; with random weights "
                "features can reach the head at ~1e-14, where any ε absorbs them")
     return _vanished(cert, message, allow_vanishing)
+
+
+def _measure_mass(cert: Certificate, node_trace: _NodeTrace) -> None:
+    """Σ|R| / |R_out| (over the example pair) at the input and at its largest node: how much of the map is
+    relevance of both signs that cancels."""
+    placeholders = {n.name for n in node_trace.traced.graph.nodes if n.op == "placeholder"}
+    masses = {name: value / node_trace.scale for name, value in node_trace.masses.items()}
+    inputs = [masses[name] for name in placeholders if name in masses]
+    if not inputs or node_trace.scale <= 1e-30:
+        return
+    cert.input_mass = sum(inputs)
+    peak = max(masses, key=masses.get)
+    cert.peak_mass = masses[peak]
+    node = next((n for n in node_trace.traced.graph.nodes if n.name == peak), None)
+    cert.peak_mass_at = node_trace.describe(node) if node is not None else peak
+
+
+def _warn_if_grown(cert: Certificate, name: str) -> Certificate:
+    """Relevance of both signs grown past MASS_WARNING × the output's: the map's values hold only to float32's
+    rounding of that mass (and where the map itself is that large, it shows mostly relevance that cancels). A
+    warning, kept in the certificate; float64 computes such a map exactly."""
+    if not cert.peak_mass > MASS_WARNING:
+        return cert
+    in_map = (f"; the map itself holds {cert.input_mass:.2g}× the output's relevance, mostly of both signs that "
+              "cancel" if cert.input_mass > MASS_WARNING else "")
+    cert.grown = (f"{name}: relevance of both signs grows to {cert.peak_mass:.2g}× the output's in the relevance "
+                  f"arriving at {cert.peak_mass_at}, so in float32 the map's values hold only to "
+                  f"~{cert.peak_mass * 6e-8:.0e} of the output{in_map}. Compile in float64 (model.double() and a "
+                  "float64 example) for exact values")
+    warnings.warn(cert.grown, stacklevel=3)
+    return cert
 
 
 CANCELLING = 100.0  # Σ|R| / |R_out| from which relevance of both signs cancels enough for float32 to show

@@ -156,6 +156,55 @@ def test_non_conserving_presets_report_ratio_and_largest_leaks(net, x):
     assert "largest leak" in cert.summary()
 
 
+def _cancelling_mlp() -> nn.Module:
+    """Two bias-free linear layers: the second weighs two copies of x₀ by 10⁴ and −(10⁴ − 1), so z = x₀ and the
+    ε-rule hands on +10⁴ R and −(10⁴ − 1) R, which cancel again at x₀: 2·10⁴× the output's relevance inside,
+    about 1× in the map, whatever the input."""
+    model = nn.Sequential(nn.Linear(4, 2, bias=False), nn.Linear(2, 3, bias=False)).eval()
+    with torch.no_grad():
+        model[0].weight.zero_()
+        model[0].weight[:, 0] = 1.0
+        model[1].weight.zero_()
+        model[1].weight[0] = torch.tensor([1e4, -1e4 + 1])
+        model[1].weight[1:, 0] = torch.tensor([0.1, -0.1])
+    return model
+
+
+def _mass_of_the_map(explainer, x) -> float:
+    """Σ|R_in| / |R_out| over the certificate's example pair, from the explainer's own outputs: R_out is the
+    chosen class's logit or, where the preset puts the probability on the output, its softmax."""
+    pair = example_pair(x)
+    with torch.no_grad():
+        logits, relevance = explainer(pair)
+    outputs = logits.softmax(1) if explainer.info["output_relevance"] == "probability" else logits
+    r_out = outputs.gather(1, logits.argmax(1, keepdim=True))
+    return float(relevance.double().abs().sum() / r_out.double().abs().sum())
+
+
+def test_relevance_of_both_signs_grown_past_the_float32_limit_is_a_warning_naming_where(recwarn):
+    x = torch.randn(1, 4)
+    x[0, 0] = 3.0
+    explainer = graphlrp.compile(_cancelling_mlp(), x, rules="cp-lrp")
+    cert = explainer.certificate
+    assert cert.peak_mass == pytest.approx(2e4 - 1, rel=1e-3)  # (10⁴ + 10⁴ − 1) · |R| at the copies of x₀
+    assert cert.input_mass == pytest.approx(_mass_of_the_map(explainer, x), rel=1e-4)
+    assert cert.input_mass < 2
+    assert "node '_0'" in cert.peak_mass_at
+    assert "relevance of both signs grows to 2e+04× the output's" in cert.grown and "float64" in cert.grown
+    assert "the map itself" not in cert.grown  # the map is ~1×: only the precision of its values is at stake
+    assert any(cert.grown == str(w.message) for w in recwarn.list)
+    assert "Σ|R| / |R_out| 1 at the input, 2e+04 at most" in cert.summary()
+    assert json.loads(json.dumps(cert.to_dict()))["peak_mass"] == pytest.approx(cert.peak_mass)
+
+
+def test_a_map_of_one_sign_has_mass_one_and_no_warning(net, x, recwarn):
+    explainer = graphlrp.compile(net, x, rules="otsuki2024")  # z⁺ everywhere but the first layer's z^B
+    cert = explainer.certificate
+    assert cert.grown == "" and not [w for w in recwarn.list if "both signs" in str(w.message)]
+    assert cert.input_mass == pytest.approx(_mass_of_the_map(explainer, x), rel=1e-4)
+    assert 0.5 <= cert.input_mass <= cert.peak_mass < 10
+
+
 def test_the_certificate_is_in_the_export_report_and_the_onnx_metadata(net, x, tmp_path):
     explainer = graphlrp.compile(net, x, rules="otsuki2024-conserving")
     report = explainer.export_onnx(tmp_path / "e.onnx")

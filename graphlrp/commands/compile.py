@@ -113,8 +113,9 @@ def run(args) -> int:
                    # this explainer is only exported: W⁺, W⁻, |W| computed from W, not held beside it (the file is
                    # the same; 0.8 GB less at the onnxruntime check for a 100 M-parameter CNN)
                    derived_weights="computed")
-    with warnings.catch_warnings():  # a vanishing-relevance warning is printed below, in the command's own words
+    with warnings.catch_warnings():  # vanishing or grown relevance is printed below, in the command's own words
         warnings.filterwarnings("ignore", message="preset .*: the relevance (vanishes|grows)")
+        warnings.filterwarnings("ignore", message="preset .*: relevance of both signs grows")
         try:
             explainer = graphlrp.compile(model, example, rules=rules, **options)
         except (graphlrp.PresetError, graphlrp.UnsupportedOpError, graphlrp.ConservationError) as e:
@@ -138,8 +139,9 @@ def run(args) -> int:
     if explainer.certificate is not None:
         cert = explainer.certificate
         print(f"checked   {cert.summary()} ({cert.seconds:.1f} s)")
-        if cert.vanished:
-            print(f"warning   {cert.vanished}", file=sys.stderr)
+        for warning in (cert.vanished, cert.grown):
+            if warning:
+                print(f"warning   {warning}", file=sys.stderr)
     with warnings.catch_warnings():  # the zero-relevance warning is printed below, in the command's own words
         warnings.filterwarnings("ignore", message="the relevance is 0 everywhere")
         report = explainer.export_onnx(args.output, opset=args.opset, metadata={"source_model": info.name},
