@@ -480,10 +480,17 @@ class _SessionForOneRun:
         return [np.concatenate(outputs) for outputs in zip(*runs)]
 
 
-ZERO_RELEVANCE_WARNING = (
-    "the relevance is 0 everywhere on the parity images: the model's output does not depend on its input (a "
-    "zero-initialised head, as in torchvision's ViT with random weights?), so the explainer explains nothing and "
-    "the parity check proves nothing")
+ZERO_RELEVANCE_WARNING = ("the relevance is 0 everywhere on the parity images, so the explainer explains nothing on "
+                          "them and the parity check compares the logits only")
+
+
+def zero_relevance_warning(explainer) -> str:
+    """The export's zero-relevance warning, with its cause where the compile's check found it (a zero head, or
+    the node where an ε absorbed the relevance) rather than a guess."""
+    cert = getattr(explainer, "certificate", None)
+    if cert is not None and cert.vanished:
+        return f"{ZERO_RELEVANCE_WARNING}; the compile's check found why: {cert.vanished}"
+    return ZERO_RELEVANCE_WARNING
 
 
 def check_parity(explainer, session, report: ExportReport, x, target, expected) -> None:
@@ -524,7 +531,7 @@ def check_parity(explainer, session, report: ExportReport, x, target, expected) 
     report.max_rel_diff_logits = rel_diff(logits_rt, logits_pt)
     report.zero_relevance = not np.any(rel_pt)
     if report.zero_relevance:
-        warnings.warn(ZERO_RELEVANCE_WARNING, stacklevel=3)
+        warnings.warn(zero_relevance_warning(explainer), stacklevel=3)
     tol = PARITY_TOLERANCE
     if report.max_rel_diff <= tol:
         report.parity_basis = "pytorch"

@@ -205,6 +205,26 @@ def test_a_map_of_one_sign_has_mass_one_and_no_warning(net, x, recwarn):
     assert 0.5 <= cert.input_mass <= cert.peak_mass < 10
 
 
+def test_export_says_why_the_relevance_is_zero_from_the_compiles_check_not_a_guess(x, tmp_path):
+    """Features that reach the head as exact zeros (as torchvision's random EfficientNets bring them to ~1e-14):
+    the head's output is its bias, the z⁺ rule hands on R·0/(0 + ε) = 0. The export's warning takes its cause
+    from the compile's check, which names the head, rather than guessing a zero-initialised head."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(4, 3)).eval()
+    with torch.no_grad():
+        model[0].weight.zero_()
+        model[0].bias.zero_()
+        model[4].bias.copy_(torch.tensor([0.5, -0.2, 0.1]))
+    with pytest.warns(UserWarning, match="the relevance vanishes on this model"):
+        explainer = graphlrp.compile(model, x, rules="otsuki2024", allow_vanishing=True)
+    with pytest.warns(UserWarning, match="relevance is 0 everywhere") as caught:
+        report = explainer.export_onnx(tmp_path / "zero.onnx")
+    assert report.zero_relevance
+    message = next(str(w.message) for w in caught if "relevance is 0 everywhere" in str(w.message))
+    assert "the compile's check found why: preset 'otsuki2024': the relevance vanishes" in message
+    assert "node '_4' (call_module 4: Linear)" in message and "zero-initialised head" not in message
+
+
 def test_the_certificate_is_in_the_export_report_and_the_onnx_metadata(net, x, tmp_path):
     explainer = graphlrp.compile(net, x, rules="otsuki2024-conserving")
     report = explainer.export_onnx(tmp_path / "e.onnx")

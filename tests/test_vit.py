@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 
+import warnings
+
 import pytest
 import torch
 import torch.nn as nn
@@ -562,7 +564,8 @@ def test_a_zero_head_is_reported_not_passed_as_parity(tmp_path, capsys):
                                                  hidden_dim=32, mlp_dim=64, num_classes=10).eval()
     with pytest.warns(UserWarning, match="relevance put on the output is 0"):  # compile's own check says so too
         explainer = compile_random(model, torch.randn(1, 3, 32, 32), rules="cp-lrp", allow_vanishing=True)
-    with pytest.warns(UserWarning, match="relevance is 0 everywhere"):
+    with pytest.warns(UserWarning, match="relevance is 0 everywhere.*the compile's check found why: preset "
+                                         "'cp-lrp': the relevance put on the output is 0 for every sample"):
         report = explainer.export_onnx(tmp_path / "zero.onnx")
     assert report.zero_relevance
     nn.init.normal_(model.heads.head.weight, std=0.3)
@@ -574,8 +577,13 @@ def test_a_zero_head_is_reported_not_passed_as_parity(tmp_path, capsys):
         "def make():\n"
         "    return torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=1, num_heads=2,\n"
         "                                                hidden_dim=32, mlp_dim=64, num_classes=10)\n")
-    assert main(["compile", f"{factory}:make", "--input-size", "32", "-o", str(tmp_path / "cli.onnx")]) == 0
-    assert "relevance is 0 everywhere" in capsys.readouterr().err
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="preset ")  # the command says it in its own words, once,
+        warnings.filterwarnings("error", message="the relevance is 0")  # not as a Python warning too
+        assert main(["compile", f"{factory}:make", "--input-size", "32", "-o", str(tmp_path / "cli.onnx")]) == 0
+    err = capsys.readouterr().err
+    assert "warning   preset 'cp-lrp': the relevance put on the output is 0 for every sample" in err
+    assert "relevance is 0 everywhere on the parity images" in err and "the warning above says why" in err
 
 
 def test_cli_compiles_and_explains_a_vit(tmp_path, capsys):

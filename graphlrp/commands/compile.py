@@ -116,6 +116,7 @@ def run(args) -> int:
     with warnings.catch_warnings():  # vanishing or grown relevance is printed below, in the command's own words
         warnings.filterwarnings("ignore", message="preset .*: the relevance (vanishes|grows)")
         warnings.filterwarnings("ignore", message="preset .*: relevance of both signs grows")
+        warnings.filterwarnings("ignore", message="preset .*: the relevance put on the output is 0")
         try:
             explainer = graphlrp.compile(model, example, rules=rules, **options)
         except (graphlrp.PresetError, graphlrp.UnsupportedOpError, graphlrp.ConservationError) as e:
@@ -157,7 +158,9 @@ def run(args) -> int:
     if report.zero_relevance:
         from ..export import ZERO_RELEVANCE_WARNING
 
-        print(f"warning   {ZERO_RELEVANCE_WARNING}", file=sys.stderr)
+        cert = explainer.certificate
+        why = "; the warning above says why" if cert is not None and cert.vanished else ""
+        print(f"warning   {ZERO_RELEVANCE_WARNING}{why}", file=sys.stderr)
     print(f"wrote     {report.path} ({report.size_bytes / 2**20:.1f} MiB, opset {report.opset})")
     print(f"time      {t2 - t0:.1f} s (compile {t1 - t0:.1f} s, export + check {t2 - t1:.1f} s)")
     return 0
