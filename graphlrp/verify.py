@@ -71,7 +71,6 @@ class Certificate:
     peak_mass_at: str = ""  # that node, described
     grown: str = ""  # the warning given where peak_mass passes MASS_WARNING
 
-
     @property
     def worst_ratio_error(self) -> float:
         finite = [abs(r - 1) for r in self.ratio if not math.isnan(r)]
