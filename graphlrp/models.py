@@ -5,6 +5,7 @@ Used by every command that takes MODEL. Nothing here downloads silently forever:
 """
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import os
 import sys
@@ -41,6 +42,15 @@ class ModelInfo:
     @property
     def std(self) -> tuple[float, ...]:
         return self.preprocessing.std
+
+
+def _timm_has(name: str) -> bool:
+    """Whether timm (if installed) knows `name`: a torchvision miss is often a timm model typed without `timm:`."""
+    try:
+        import timm
+    except ImportError:
+        return False
+    return name in timm.list_models()
 
 
 def _torchvision_model_names() -> list[str]:
@@ -167,8 +177,11 @@ def _load_model(spec: str, weights: str) -> tuple[torch.nn.Module, ModelInfo]:
         except ImportError as e:
             raise ModelSpecError("timm models need timm: pip install timm") from e
         name = spec[len("timm:"):]
-        if name not in timm.list_models() and name.split(".")[0] not in timm.list_models():
-            raise ModelSpecError(f"timm has no model named {name!r}")
+        known = timm.list_models()
+        if name not in known and name.split(".")[0] not in known:
+            close = difflib.get_close_matches(name, known, n=5, cutoff=0.75)
+            hint = f" Did you mean one of: {', '.join('timm:' + n for n in close)}?" if close else ""
+            raise ModelSpecError(f"timm has no model named {name!r}.{hint}")
         try:
             model = timm.create_model(name, pretrained=use_pretrained)
         except Exception as e:
@@ -185,6 +198,8 @@ def _load_model(spec: str, weights: str) -> tuple[torch.nn.Module, ModelInfo]:
         if spec not in names:
             close = [n for n in names if spec.lower() in n][:8]
             hint = f" Did you mean one of: {', '.join(close)}?" if close else ""
+            if not close and _timm_has(spec):
+                hint = f" timm has it: timm:{spec}"
             raise ModelSpecError(
                 f"unknown model {spec!r}: not a torchvision classification model, `timm:NAME` or `file.py:factory`.{hint}"
             )

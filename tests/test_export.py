@@ -145,6 +145,18 @@ def test_cli_errors_are_clear(args, message, tmp_path):
     assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize("spec, message", [
+    ("resnet50d", "timm has it: timm:resnet50d"),  # a timm model typed without its prefix
+    ("timm:resnet5", "Did you mean one of: timm:resnet50"),  # a misspelt timm name
+])
+def test_an_unknown_model_name_is_answered_with_the_name_that_works(spec, message, tmp_path):
+    pytest.importorskip("timm")
+    proc = subprocess.run([sys.executable, "-m", "graphlrp.cli", "compile", spec, "-o", "x.onnx"],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "x.onnx").exists()
+
+
 def test_cli_inspect_needs_no_weights():
     proc = graphlrp_cli("inspect", "resnet50", "--input-size", "64")
     assert "16 merges: 12 identity, 4 projection, 0 other" in proc.stdout
