@@ -8,6 +8,8 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import os
+import pickle
+import re
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -90,8 +92,22 @@ def state_dict_from_file(path: str | os.PathLike) -> dict:
             sd = load_file(str(path))
         else:
             sd = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        refused = re.search(r"GLOBAL ([\w.]+)", str(e))
+        if refused is None:  # torch's reason is its unpickler's line, not its advice to drop weights_only
+            reason = re.search(r"WeightsUnpickler error: ([^\n]+)", str(e))
+            raise WeightsError(f"could not read weights from {path} (a .pt/.pth written by torch.save, or a "
+                               f".safetensors file): {reason.group(1) if reason else 'not a weights file'}") from e
+        # torch.save(model) pickles the model's classes: unpickling them would run the file's code
+        raise WeightsError(
+            f"{path} holds pickled Python objects ({refused.group(1)}, for one), not only tensors: a whole model saved "
+            "with torch.save(model) is one. graphlrp loads weights with weights_only=True, so that a weights file "
+            "cannot run code. Save the state dict instead (torch.save(model.state_dict(), PATH)), or build the "
+            "model in a file.py:factory that loads it."
+        ) from e
     except Exception as e:
-        raise WeightsError(f"could not read weights from {path}: {type(e).__name__}: {e}") from e
+        raise WeightsError(f"could not read weights from {path} (a .pt/.pth written by torch.save, or a "
+                           f".safetensors file): {type(e).__name__}: {_first_line(e)}") from e
     for key in ("state_dict", "model_state_dict", "model"):
         if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
             sd = sd[key]
@@ -104,11 +120,45 @@ def state_dict_from_file(path: str | os.PathLike) -> dict:
 
 def load_state_dict_into(model: torch.nn.Module, path: str | os.PathLike) -> None:
     sd = state_dict_from_file(path)
+    mismatch = state_dict_mismatch(model.state_dict(), sd)
+    if mismatch:
+        raise WeightsError(f"weights in {path} do not fit the model: {mismatch}")
     try:
         model.load_state_dict(sd, strict=True)
     except RuntimeError as e:
-        first = str(e).splitlines()
-        raise WeightsError(f"weights in {path} do not fit the model: {' '.join(first[:3])[:600]}") from e
+        raise WeightsError(f"weights in {path} do not fit the model: {_first_line(e)}") from e
+
+
+def state_dict_mismatch(expected: dict, given: dict, shown: int = 3) -> str:
+    """What keeps `given` from loading where `expected` is: counts of keys each side lacks and of shapes that
+    differ, a few of each by name ("" when they fit). torch's own message lists every key, hundreds for a
+    different architecture."""
+    def few(names):
+        names = sorted(names)
+        more = f", … {len(names) - shown} more" if len(names) > shown else ""
+        return ", ".join(names[:shown]) + more
+
+    missing = expected.keys() - given.keys()
+    unexpected = given.keys() - expected.keys()
+    shapes = [f"{k}: file {list(given[k].shape)}, model {list(expected[k].shape)}"
+              for k in sorted(expected.keys() & given.keys()) if given[k].shape != expected[k].shape]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} tensors the model has are not in the file ({few(missing)})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} tensors in the file are not in the model ({few(unexpected)})")
+    if shapes:
+        more = f"; … {len(shapes) - shown} more" if len(shapes) > shown else ""
+        parts.append(f"{len(shapes)} shapes differ ({'; '.join(shapes[:shown])}{more})")
+    if not parts:
+        return ""
+    return "; ".join(parts) + ". Were they saved from another architecture, or with another number of classes?"
+
+
+def _first_line(e: Exception) -> str:
+    line = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+    return re.sub(r"\x1b\[[0-9;]*m", "", line).strip()[:300]
+
 
 
 def _download_error(name: str, e: Exception) -> WeightsError:

@@ -157,6 +157,31 @@ def test_an_unknown_model_name_is_answered_with_the_name_that_works(spec, messag
     assert not (tmp_path / "x.onnx").exists()
 
 
+def test_weights_that_do_not_load_say_why_in_a_line(tmp_path):
+    """A pickled whole model, another class count, another architecture and a file that is no weights file: each a
+    WeightsError that says what is wrong in a line, never torch's page of keys or its unpickler's advice."""
+    from graphlrp.errors import WeightsError
+    from graphlrp.models import load_state_dict_into
+
+    model = torchvision.models.resnet18()
+    cases = {
+        "whole.pt": (lambda f: torch.save(model, f),
+                     ["pickled Python objects (torchvision.models.resnet.ResNet", "torch.save(model.state_dict()"]),
+        "classes.pt": (lambda f: torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), f),
+                       ["2 shapes differ (fc.bias: file [10], model [1000]; fc.weight: file [10, 512], model [1000, 512])"]),
+        "resnet34.pt": (lambda f: torch.save(torchvision.models.resnet34().state_dict(), f),
+                        ["96 tensors in the file are not in the model (layer1.2.bn1.bias", "… 93 more)"]),
+        "notes.pt": (lambda f: f.write_text("not weights"), ["could not read weights from", "torch.save"]),
+    }
+    for name, (write, said) in cases.items():
+        write(tmp_path / name)
+        with pytest.raises(WeightsError) as caught:
+            load_state_dict_into(torchvision.models.resnet18(), tmp_path / name)
+        message = str(caught.value)
+        assert all(part in message for part in said), message
+        assert "\n" not in message and "\x1b" not in message and len(message) < 600, message
+
+
 def test_cli_inspect_needs_no_weights():
     proc = graphlrp_cli("inspect", "resnet50", "--input-size", "64")
     assert "16 merges: 12 identity, 4 projection, 0 other" in proc.stdout
