@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from .version import __version__  # noqa: F401
 
-from .errors import (CompileError, ConservationError, ExportError, GraphLRPError, MissingExtraError,  # noqa: F401
+from .errors import (CompileError, ConservationError, ExportError, GraphLRPError, InputError, MissingExtraError,  # noqa: F401
                      ModelSpecError, NonFiniteRelevanceError, NotConservedError, PresetError, RelevanceCheckError,
                      TraceError, UnsupportedOpError, VanishingRelevanceError, WeightsError, missing_compile_extra)
 

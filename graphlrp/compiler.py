@@ -10,7 +10,7 @@ from . import ops
 from .analyze import Merge, find_merges, merge_table
 from .canonize import fold_batchnorm
 from . import preprocessing as prep
-from .errors import CompileError, GraphLRPError, PresetError
+from .errors import CompileError, GraphLRPError, InputError, PresetError
 from .labels import check_labels
 from .memory import release_freed_memory
 from .presets import CATEGORY_KINDS, Preset, RuleChoice, load_preset, parse_preset
@@ -162,17 +162,48 @@ class Explainer(torch.nn.Module):
         return self.graph_module.code
 
     def _target(self, x: torch.Tensor, target) -> torch.Tensor:
+        """The call's inputs checked (InputError, as `graphlrp.load(...).prepare` raises in onnxruntime) and its
+        target as int64 [N]: the graph would broadcast a wrong-length target and explain nothing for an unknown
+        class without a word."""
+        self._check_input(x)
+        n = x.shape[0]
         if target is None:
-            return torch.full((x.shape[0],), -1, dtype=torch.long, device=x.device)
-        target = torch.as_tensor(target, dtype=torch.long, device=x.device)
+            return torch.full((n,), -1, dtype=torch.long, device=x.device)
+        given = torch.as_tensor(target)
+        if given.is_floating_point() or given.is_complex() or given.dtype == torch.bool or given.dim() > 1 \
+                or (given.dim() == 1 and len(given) != n):
+            raise InputError(f"target must be an integer class or {n} of them (one per sample), got {target!r}")
+        target = given.to(dtype=torch.long, device=x.device)
         if target.dim() == 0:
-            target = target.expand(x.shape[0])
+            target = target.expand(n)
+        classes = self.num_classes
+        bad = target[(target < -1) | (target >= classes)] if classes else target[target < -1]
+        if len(bad):
+            raise InputError(f"unknown target class {int(bad[0])}: this explainer has {classes} classes "
+                             f"(0..{(classes or 0) - 1}); use -1 for the predicted class")
         return target
+
+    def _check_input(self, x) -> None:
+        size = [int(d) for d in self.info["input_size"]]
+        if not isinstance(x, torch.Tensor):
+            raise InputError(f"input must be a torch.Tensor [N, {', '.join(map(str, size))}], got {type(x).__name__}")
+        if x.dim() != len(size) + 1 or list(x.shape[1:]) != size:
+            raise InputError(f"input has shape {list(x.shape)}; this explainer takes [N, {', '.join(map(str, size))}] "
+                             "(its rules are specialised to the compile example's size: compile again for another)")
+        if not x.is_floating_point():
+            return  # token ids: the graph's own embedding says what it takes
+        held = next((t for t in self.graph_module.state_dict().values() if t.is_floating_point()), None)
+        if held is not None and (x.dtype, x.device) != (held.dtype, held.device):
+            raise InputError(f"input is {x.dtype} on {x.device}; this explainer computes in {held.dtype} on "
+                             f"{held.device}: pass x.to({held.dtype}) on that device, or move the explainer")
+        if not bool(torch.isfinite(x).all()):
+            raise InputError("input contains NaN or infinite values")
 
     def forward(self, x: torch.Tensor, target=None):
         """(logits, relevance). Every call checks its relevance (one sum per sample): relevance that is NaN or
         infinite for a sample raises NonFiniteRelevanceError, and with a conserving preset a sample whose ΣR_in
-        departs from R_out by more than 1e-3 raises NotConservedError; each names the node where it happens."""
+        departs from R_out by more than 1e-3 raises NotConservedError; each names the node where it happens.
+        Inputs that do not fit (shape, dtype, device, NaN, an unknown or wrong-length target) raise InputError."""
         target = self._target(x, target)
         with torch.no_grad():
             logits, relevance = self.graph_module(x, target)

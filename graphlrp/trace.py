@@ -510,7 +510,13 @@ def trace(model: torch.nn.Module, example_input: torch.Tensor) -> Traced:
     _conv1d_as_conv2d(gm)
     _conv_transpose_as_conv(gm)
     with torch.no_grad():
-        out = ValueProp(gm).run(x1)
+        try:
+            out = ValueProp(gm).run(x1)
+        except TraceError as e:
+            if example_input.dim() == 3:  # its first dim was taken for the batch: say so beside the failing node
+                raise TraceError(f"is the example one image [C, H, W] = {list(example_input.shape)}? compile takes "
+                                 f"a batch, example[None]: {e}") from e
+            raise
     from .decompose import decompose_attention  # needs the shapes just recorded
 
     if decompose_attention(gm):

@@ -214,6 +214,32 @@ def test_untraceable_model_is_a_clear_error():
         graphlrp.compile(DataDependent(), torch.randn(1, 3, 8, 8))
 
 
+@pytest.mark.parametrize("x, target, said", [
+    (torch.randn(2, 3, 32, 32), None, r"input has shape \[2, 3, 32, 32\]; this explainer takes \[N, 3, 16, 16\]"),
+    (torch.randn(3, 16, 16), None, r"input has shape \[3, 16, 16\]"),
+    (torch.randn(2, 3, 16, 16).double(), None, "input is torch.float64 on cpu; this explainer computes in torch.float32"),
+    (torch.full((2, 3, 16, 16), float("nan")), None, "input contains NaN or infinite values"),
+    (torch.randn(2, 3, 16, 16).numpy(), None, "input must be a torch.Tensor"),
+    (torch.randn(2, 3, 16, 16), torch.tensor([5, 0]), r"unknown target class 5: this explainer has 5 classes \(0..4\)"),
+    (torch.randn(2, 3, 16, 16), -2, "unknown target class -2"),
+    (torch.randn(2, 3, 16, 16), torch.tensor([1]), "target must be an integer class or 2 of them"),
+    (torch.randn(2, 3, 16, 16), torch.tensor([0.5, 1.0]), "target must be an integer class or 2 of them"),
+])
+def test_a_call_that_does_not_fit_the_explainer_is_an_input_error(x, target, said):
+    """The graph would broadcast a one-element target over the batch and give an unknown class's relevance as
+    zeros without a word; the explainer says what does not fit, as the onnxruntime session does."""
+    explainer = graphlrp.compile(Nested().eval(), torch.randn(1, 3, 16, 16))
+    with pytest.raises(graphlrp.InputError, match=said):
+        explainer(x, target)
+    with pytest.raises(graphlrp.InputError, match=said):
+        explainer.explain_with_taps(x, target)
+
+
+def test_an_example_without_its_batch_dimension_is_named():
+    with pytest.raises(graphlrp.TraceError, match=r"is the example one image \[C, H, W\] = \[3, 16, 16\]\?"):
+        graphlrp.compile(Nested().eval(), torch.randn(3, 16, 16))
+
+
 def test_unknown_preset_and_split_are_clear_errors():
     model = Nested().eval()
     with pytest.raises(graphlrp.PresetError, match="unknown preset 'nope'"):
