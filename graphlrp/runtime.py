@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Union
@@ -277,13 +278,17 @@ def open_image(source: ImageSource) -> Image.Image:
         return source
     name = "uploaded image" if isinstance(source, (bytes, bytearray)) else str(source)
     try:
-        im = Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source)
+        with warnings.catch_warnings():  # PIL's warning for a large image: the size check below refuses it instead
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source)
         if Image.MAX_IMAGE_PIXELS and im.width * im.height > Image.MAX_IMAGE_PIXELS:
             raise ImageError(f"{name}: {im.width}x{im.height} pixels is too large to explain")
         im.load()
     except UnidentifiedImageError:
         raise ImageError(f"{name}: not a readable image (unknown or corrupt format)") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    except Image.DecompressionBombError as e:  # over twice PIL's limit: it refuses before the size is known here
+        raise ImageError(f"{name}: too large to explain ({e})") from None
+    except (OSError, SyntaxError, ValueError) as e:
         raise ImageError(f"{name}: cannot read image ({getattr(e, 'strerror', None) or e})") from None
     return im
 

@@ -1,8 +1,10 @@
 """graphlrp.load / ExplainerSession / heatmaps: onnxruntime-only use of an exported explainer."""
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import onnx
@@ -109,6 +111,19 @@ def test_unreadable_image_is_an_image_error_naming_the_file(session, images, nam
     with pytest.raises(ImageError, match=name):
         session.explain_images([images["wide.png"], path])
     assert issubclass(ImageError, GraphLRPError)
+
+
+@pytest.mark.parametrize("side, said", [(10_000, "10000x10000 pixels is too large to explain"),  # over PIL's limit
+                                        (15_000, "too large to explain (Image size (225000000 pixels)")])  # over 2x
+def test_an_image_too_large_to_decode_is_refused_without_a_warning(session, side, said, tmp_path):
+    """A 1-bit PNG of 10⁸ pixels is 12 kB on disk and 300 MB decoded as RGB: refused before decoding, with
+    PIL's DecompressionBombWarning kept off the user's terminal."""
+    path = tmp_path / "large.png"
+    Image.new("1", (side, side)).save(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ImageError, match=re.escape(said)):
+            session.preprocess(str(path))
 
 
 @pytest.mark.parametrize("x, target, message", [
