@@ -310,3 +310,18 @@ def test_a_labels_file_names_the_classes_in_every_worker(tiny_onnx, png, monkeyp
     p = subprocess.run([sys.executable, "-m", "graphlrp.cli", "serve", tiny_onnx, "--labels", str(names)],
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and "1 labels given for a model with 10 classes" in p.stderr
+
+
+def test_a_port_in_use_or_out_of_range_is_a_one_line_error_before_serving(tiny_onnx):
+    """uvicorn would log a bind error after the start banner (and a port over 65535 was an OverflowError
+    traceback); serve says so in one line and exits 2."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        in_use = taken.getsockname()[1]
+        for port, said in [(in_use, f"cannot listen on 127.0.0.1:{in_use}: Address already in use"),
+                           (70000, "must be a TCP port, 0..65535")]:
+            p = subprocess.run([sys.executable, "-m", "graphlrp.cli", "serve", tiny_onnx, "--port", str(port)],
+                               capture_output=True, text=True, timeout=120)
+            assert p.returncode == 2 and said in p.stderr and "Traceback" not in p.stderr, p.stderr
+            assert "graphlrp serve: " not in p.stdout  # no start banner for a server that never started

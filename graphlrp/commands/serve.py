@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 
 from ..errors import GraphLRPError
-from ._types import non_negative_float, positive_int
+from ._types import non_negative_float, port, positive_int
 
 
 def register(sub) -> None:
@@ -14,7 +15,7 @@ def register(sub) -> None:
                        description="POST /v1/explain, GET /v1/metadata, /healthz, /metrics, and a web page at /.")
     p.add_argument("model", help="explainer ONNX file from `graphlrp compile`")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 for all)")
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--port", type=port, default=8000, help="port (default 8000; 0: any free one)")
     p.add_argument("--workers", type=positive_int, default=1, metavar="N",
                    help="server processes, each with its own model session and metrics (default 1)")
     p.add_argument("--max-batch", type=positive_int, default=8, metavar="B",
@@ -44,6 +45,7 @@ def run(args) -> int:
     session = load(args.model, providers=args.provider, threads=threads)  # fail here, clearly, on a bad file
     if args.labels:
         session.set_labels(args.labels)  # likewise a labels file that does not fit
+    check_can_listen(args.host, args.port)
     settings = dict(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_body_mb=args.max_body_mb)
     print(f"graphlrp serve: {args.model} on http://{args.host}:{args.port} ({', '.join(session.providers)}, "
           f"workers {args.workers}, max batch {args.max_batch})", flush=True)
@@ -56,3 +58,16 @@ def run(args) -> int:
         uvicorn.run("graphlrp.server:app_from_env", factory=True, host=args.host, port=args.port,
                     workers=args.workers)
     return 0
+
+
+def check_can_listen(host: str, port: int) -> None:
+    """Bind once before the model is served, as uvicorn will (SO_REUSEADDR): a port in use or an address that is
+    not this machine's is a one-line error, not uvicorn's log lines after the start banner."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+    except OSError as e:
+        raise GraphLRPError(f"cannot listen on {host}:{port}: {e.strerror or e}; choose another --port or --host") \
+            from None
