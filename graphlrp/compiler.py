@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 
 import torch
 import torch.fx as fx
@@ -192,7 +193,8 @@ class Explainer(torch.nn.Module):
                              "(its rules are specialised to the compile example's size: compile again for another)")
         if not x.is_floating_point():
             return  # token ids: the graph's own embedding says what it takes
-        held = next((t for t in self.graph_module.state_dict().values() if t.is_floating_point()), None)
+        held = next((t for t in itertools.chain(self.graph_module.parameters(), self.graph_module.buffers())
+                     if t.is_floating_point()), None)
         if held is not None and (x.dtype, x.device) != (held.dtype, held.device):
             raise InputError(f"input is {x.dtype} on {x.device}; this explainer computes in {held.dtype} on "
                              f"{held.device}: pass x.to({held.dtype}) on that device, or move the explainer")
