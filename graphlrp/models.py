@@ -120,13 +120,11 @@ def state_dict_from_file(path: str | os.PathLike) -> dict:
 
 def load_state_dict_into(model: torch.nn.Module, path: str | os.PathLike) -> None:
     sd = state_dict_from_file(path)
-    mismatch = state_dict_mismatch(model.state_dict(), sd)
-    if mismatch:
-        raise WeightsError(f"weights in {path} do not fit the model: {mismatch}")
     try:
-        model.load_state_dict(sd, strict=True)
+        model.load_state_dict(sd, strict=True)  # torch decides (it fills in what old versions lacked, e.g. BN counts)
     except RuntimeError as e:
-        raise WeightsError(f"weights in {path} do not fit the model: {_first_line(e)}") from e
+        said = state_dict_mismatch(model.state_dict(), sd) or _first_line(e)
+        raise WeightsError(f"weights in {path} do not fit the model: {said}") from e
 
 
 def state_dict_mismatch(expected: dict, given: dict, shown: int = 3) -> str:
@@ -158,7 +156,6 @@ def state_dict_mismatch(expected: dict, given: dict, shown: int = 3) -> str:
 def _first_line(e: Exception) -> str:
     line = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
     return re.sub(r"\x1b\[[0-9;]*m", "", line).strip()[:300]
-
 
 
 def _download_error(name: str, e: Exception) -> WeightsError:
