@@ -214,6 +214,12 @@ def test_untraceable_model_is_a_clear_error():
         graphlrp.compile(DataDependent(), torch.randn(1, 3, 8, 8))
 
 
+@pytest.fixture(scope="module")
+def nested_explainer():
+    torch.manual_seed(0)  # the weights and the example, whatever ran before
+    return graphlrp.compile(Nested().eval(), torch.randn(1, 3, 16, 16), rules="otsuki2024-conserving")
+
+
 @pytest.mark.parametrize("x, target, said", [
     (torch.randn(2, 3, 32, 32), None, r"input has shape \[2, 3, 32, 32\]; this explainer takes \[N, 3, 16, 16\]"),
     (torch.randn(3, 16, 16), None, r"input has shape \[3, 16, 16\]"),
@@ -225,10 +231,10 @@ def test_untraceable_model_is_a_clear_error():
     (torch.randn(2, 3, 16, 16), torch.tensor([1]), "target must be an integer class or 2 of them"),
     (torch.randn(2, 3, 16, 16), torch.tensor([0.5, 1.0]), "target must be an integer class or 2 of them"),
 ])
-def test_a_call_that_does_not_fit_the_explainer_is_an_input_error(x, target, said):
+def test_a_call_that_does_not_fit_the_explainer_is_an_input_error(nested_explainer, x, target, said):
     """The graph would broadcast a one-element target over the batch and give an unknown class's relevance as
     zeros without a word; the explainer says what does not fit, as the onnxruntime session does."""
-    explainer = graphlrp.compile(Nested().eval(), torch.randn(1, 3, 16, 16))
+    explainer = nested_explainer
     with pytest.raises(graphlrp.InputError, match=said):
         explainer(x, target)
     with pytest.raises(graphlrp.InputError, match=said):
