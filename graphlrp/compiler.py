@@ -195,9 +195,14 @@ class Explainer(torch.nn.Module):
             return  # token ids: the graph's own embedding says what it takes
         held = next((t for t in itertools.chain(self.graph_module.parameters(), self.graph_module.buffers())
                      if t.is_floating_point()), None)
-        if held is not None and (x.dtype, x.device) != (held.dtype, held.device):
-            raise InputError(f"input is {x.dtype} on {x.device}; this explainer computes in {held.dtype} on "
-                             f"{held.device}: pass x.to({held.dtype}) on that device, or move the explainer")
+        # the example's dtype (a float32 model may be compiled with a float64 example), or the weights' (an
+        # explainer moved to float64 after its compile)
+        example = next(n for n in self._traced.graph.nodes if n.op == "placeholder").meta.get("dtype")
+        takes = [d for d in (example, None if held is None else held.dtype) if d is not None]
+        if takes and x.dtype not in takes:
+            raise InputError(f"input is {x.dtype}; this explainer computes in {takes[0]}: pass x.to({takes[0]})")
+        if held is not None and x.device != held.device:
+            raise InputError(f"input is on {x.device}, this explainer on {held.device}: move one of them")
         if not bool(torch.isfinite(x).all()):
             raise InputError("input contains NaN or infinite values")
 

@@ -223,7 +223,7 @@ def nested_explainer():
 @pytest.mark.parametrize("x, target, said", [
     (torch.randn(2, 3, 32, 32), None, r"input has shape \[2, 3, 32, 32\]; this explainer takes \[N, 3, 16, 16\]"),
     (torch.randn(3, 16, 16), None, r"input has shape \[3, 16, 16\]"),
-    (torch.randn(2, 3, 16, 16).double(), None, "input is torch.float64 on cpu; this explainer computes in torch.float32"),
+    (torch.randn(2, 3, 16, 16).double(), None, "input is torch.float64; this explainer computes in torch.float32"),
     (torch.full((2, 3, 16, 16), float("nan")), None, "input contains NaN or infinite values"),
     (torch.randn(2, 3, 16, 16).numpy(), None, "input must be a torch.Tensor"),
     (torch.randn(2, 3, 16, 16), torch.tensor([5, 0]), r"unknown target class 5: this explainer has 5 classes \(0..4\)"),
